@@ -265,8 +265,7 @@ class TrainConfig:
     max_steps: int = 60
     prompts_per_step: int = 8
     num_generations: int = 8
-    micro_batch_size: int = 16          # completions per forward/backward
-    gradient_accumulation_steps: int = 1  # derived check only; micro-batching follows micro_batch_size
+    micro_batch_size: int = 16          # completions per forward/backward; the rest is accumulated
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -291,8 +290,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         k = "train"
         for n in ("max_steps", "prompts_per_step", "num_iterations", "save_steps", "log_every",
-                  "max_completion_length", "max_prompt_tokens", "micro_batch_size",
-                  "gradient_accumulation_steps"):
+                  "max_completion_length", "max_prompt_tokens", "micro_batch_size"):
             _check_range(f"{k}.{n}", getattr(self, n), 1)
         _check_range(f"{k}.num_generations", self.num_generations, 2)
         _check_range(f"{k}.learning_rate", self.learning_rate, 0, lo_open=True)
@@ -317,6 +315,11 @@ class TrainConfig:
     @property
     def completions_per_step(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches accumulated into one optimizer step."""
+        return self.completions_per_step // self.micro_batch_size
 
 
 @dataclass(frozen=True)
