@@ -1,0 +1,163 @@
+"""The GRPO maths against hand computations (vlgrpo.grpo)."""
+import math
+
+import pytest
+import torch
+
+from vlgrpo import grpo
+
+NAN = float("nan")
+
+
+def test_total_rewards_ignores_none_and_marks_unscorable():
+    per = torch.tensor([[1.0, 0.5], [NAN, 1.0], [NAN, NAN]])
+    r = grpo.total_rewards(per, torch.tensor([1.0, 0.1]))
+    assert r[0].item() == pytest.approx(1.05)
+    assert r[1].item() == pytest.approx(0.1)
+    assert math.isnan(r[2].item())
+
+
+def test_group_advantages_by_hand():
+    # group 1: rewards 1, 0 → mean 0.5, sample std sqrt(0.5) ; group 2: all 2 → std 0, advantage 0
+    r = torch.tensor([1.0, 0.0, 2.0, 2.0])
+    adv, std = grpo.group_advantages(r, num_generations=2, scale_rewards="group")
+    s = math.sqrt(0.5)
+    assert adv.tolist() == pytest.approx([0.5 / (s + 1e-4), -0.5 / (s + 1e-4), 0.0, 0.0])
+    assert std.tolist() == pytest.approx([s, s, 0.0, 0.0])
+    assert grpo.frac_zero_std(std) == 0.5
+
+
+def test_group_advantages_batch_and_none():
+    r = torch.tensor([1.0, 0.0, 2.0, 2.0])
+    adv, std = grpo.group_advantages(r, 2, "batch")
+    bstd = torch.tensor([1.0, 0.0, 2.0, 2.0]).std().item()        # Bessel-corrected, 0.9574
+    assert std.tolist() == pytest.approx([bstd] * 4)
+    assert adv.tolist() == pytest.approx([0.5 / (bstd + 1e-4), -0.5 / (bstd + 1e-4), 0.0, 0.0])
+    adv, _ = grpo.group_advantages(r, 2, "none")
+    assert adv.tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])
+
+
+def test_group_advantages_ignore_nan_rewards():
+    # group of 3 with one None: mean/std over the two others; the None completion gets advantage 0
+    r = torch.tensor([3.0, NAN, 1.0])
+    adv, std = grpo.group_advantages(r, 3, "group")
+    s = math.sqrt(2.0)                                             # std of (3, 1) with Bessel
+    assert adv.tolist() == pytest.approx([1 / (s + 1e-4), 0.0, -1 / (s + 1e-4)])
+    assert std[0].item() == pytest.approx(s)
+
+
+def test_group_advantages_rejects_ragged():
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        grpo.group_advantages(torch.zeros(5), 2)
+
+
+def test_selective_log_softmax_and_entropy():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [1.0, 1.0]]])    # (1, 2, 2)
+    idx = torch.tensor([[1, 0]])
+    lp = grpo.selective_log_softmax(logits, idx)
+    assert lp.tolist()[0] == pytest.approx([math.log(0.75), math.log(0.5)])
+    # temperature 2 halves the logits: p = softmax(0, log(3)/2) = (1, √3) / (1 + √3)
+    lp2 = grpo.selective_log_softmax(logits, idx, temperature=2.0)
+    assert lp2[0, 0].item() == pytest.approx(math.log(math.sqrt(3) / (1 + math.sqrt(3))))
+    h = grpo.entropy_from_logits(logits)
+    assert h.tolist()[0] == pytest.approx([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2.0)])
+
+
+def test_clipped_surrogate_by_hand():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    old = torch.zeros(1, 3)                                         # ρ = 1.5, 0.5, 1.1
+    loss, ratio = grpo.clipped_surrogate(logp, old, torch.tensor([2.0]), 0.2, 0.3)
+    # A > 0: min(ρA, clip(ρ)A) = A·min(ρ, clip(ρ)) → 1.3·2, 0.5·2, 1.1·2
+    assert loss.tolist()[0] == pytest.approx([-2.6, -1.0, -2.2])
+    loss, _ = grpo.clipped_surrogate(logp, old, torch.tensor([-1.0]), 0.2, 0.3)
+    # A < 0: −min(−ρ, −clip(ρ)) = max(ρ, clip(ρ)) → 1.5, 0.8, 1.1
+    assert loss.tolist()[0] == pytest.approx([1.5, 0.8, 1.1])
+    assert ratio.tolist()[0] == pytest.approx([1.5, 0.5, 1.1])
+
+
+def test_clipped_surrogate_on_policy_gradient_is_minus_advantage():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = grpo.clipped_surrogate(logp, logp.detach(), torch.tensor([0.7]), 0.2, 0.2)
+    loss.sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-0.7, -0.7])
+
+
+def test_k3_kl_by_hand_and_clamp():
+    logp = torch.tensor([[math.log(0.5), math.log(0.5), 0.0]])
+    ref = torch.tensor([[math.log(0.5), math.log(0.25), -100.0]])
+    kl = grpo.k3_kl(logp, ref)
+    d = math.log(0.5)                                               # ref − logp for token 2
+    assert kl[0, 0].item() == pytest.approx(0.0)
+    assert kl[0, 1].item() == pytest.approx(math.exp(d) - d - 1)
+    assert kl[0, 2].item() == pytest.approx(math.exp(-20) + 20 - 1)  # clamped to −20
+
+
+def test_per_token_loss_adds_beta_kl_and_requires_ref():
+    logp = torch.tensor([[math.log(0.5)]])
+    ref = torch.tensor([[math.log(0.25)]])
+    loss, ratio, kl = grpo.per_token_loss(logp, None, ref, torch.tensor([1.0]), 0.2, 0.2, beta=0.1)
+    d = math.log(0.5)
+    assert loss.item() == pytest.approx(-1.0 + 0.1 * (math.exp(d) - d - 1))
+    assert ratio.item() == 1.0
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo.per_token_loss(logp, None, None, torch.tensor([1.0]), 0.2, 0.2, beta=0.1)
+    _, _, kl0 = grpo.per_token_loss(logp, None, None, torch.tensor([1.0]), 0.2, 0.2, beta=0.0)
+    assert kl0 is None
+
+
+# token losses of 2 sequences: seq 0 has 3 real tokens (1, 2, 3), seq 1 has 1 real token (4) and 2 pads
+TL = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    ("grpo", (2.0 + 4.0) / 2),        # mean of the per-sequence means
+    ("bnpo", 10.0 / 4),               # token mean
+    ("dr_grpo", 10.0 / (2 * 5)),      # / (B × max_completion_length=5)
+    ("dapo", 10.0 / 20),              # / tokens in the whole generation batch (20, given)
+])
+def test_aggregation_by_hand(loss_type, expected):
+    norm = grpo.loss_normalizer(loss_type, num_sequences=2, num_tokens=4, global_num_tokens=20,
+                                max_completion_length=5)
+    assert grpo.aggregate_loss(TL, MASK, loss_type, norm).item() == pytest.approx(expected)
+
+
+def test_dapo_normalizer_divides_by_processes():
+    # DDP averages gradients over processes, so each process divides by global/num_processes
+    assert grpo.loss_normalizer("dapo", num_sequences=1, num_tokens=1, global_num_tokens=40,
+                                max_completion_length=1, num_processes=2) == 20.0
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_micro_batches_sum_to_full_batch(loss_type):
+    kw = dict(num_sequences=2, num_tokens=4, global_num_tokens=4, max_completion_length=3)
+    norm = grpo.loss_normalizer(loss_type, **kw)
+    full = grpo.aggregate_loss(TL, MASK, loss_type, norm)
+    parts = sum(grpo.aggregate_loss(TL[i:i + 1], MASK[i:i + 1], loss_type, norm) for i in range(2))
+    assert parts.item() == pytest.approx(full.item())
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.loss_numerator(TL, MASK, "ppo")
+
+
+def test_clip_indicators_and_masked_means():
+    ratio = torch.tensor([[0.5, 1.5, 1.0], [0.5, 1.5, 1.0]])
+    adv = torch.tensor([-1.0, 1.0])
+    ind = grpo.clip_indicators(ratio, adv, 0.2, 0.2)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # low: only (0,0) [ρ<0.8, A<0]; high: only (1,1) [ρ>1.2, A>0]; 5 real tokens
+    assert grpo.masked_sum_count(ind["clip_ratio/low_mean"], mask) == (1.0, 5.0)
+    assert grpo.masked_sum_count(ind["clip_ratio/high_mean"], mask) == (1.0, 5.0)
+    assert grpo.masked_sum_count(ind["clip_ratio/region_mean"], mask) == (2.0, 5.0)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert grpo.warmup_steps_for(60, 0.05) == 3
+    assert [grpo.lr_multiplier(s, 10, 3) for s in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert grpo.lr_multiplier(3, 10, 3) == pytest.approx(1.0)
+    # halfway through the decay: ½(1 + cos(π/2)) = 0.5 ; at the end: 0
+    assert grpo.lr_multiplier(3 + 7 / 2, 10, 3) == pytest.approx(0.5)
+    assert grpo.lr_multiplier(10, 10, 3) == pytest.approx(0.0)
+    assert grpo.lr_multiplier(0, 10, 0) == pytest.approx(1.0)

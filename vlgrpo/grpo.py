@@ -1,0 +1,233 @@
+"""The GRPO maths as small pure tensor functions (DESIGN.md §4).
+
+Notation: a step samples G completions o_1..o_G for each prompt q; N = P*G completions in all, each of at most
+T completion tokens; ``mask`` (N, T) is 1 on real completion tokens and 0 on padding.
+
+    r_i     = Σ_k w_k R_k(q, o_i)                       rewards that are None are left out of the sum
+    A_i     = (r_i − mean_group(r)) / (std_group(r) + 1e-4)
+    ρ_i,t   = exp(logπθ(o_i,t) − logπold(o_i,t))
+    ℓ_i,t   = −min(ρ·A_i, clip(ρ, 1−ε_low, 1+ε_high)·A_i) + β·KL_i,t
+    KL_i,t  = exp(ref − logp) − (ref − logp) − 1        (k3 estimator; ref − logp clamped to ±20)
+
+and the per-token losses are aggregated by ``loss_type`` (see :func:`loss_numerator` / :func:`loss_normalizer`).
+
+How this departs from the textbook: nothing in the maths; the one engineering choice is that every
+aggregation is written as ``numerator(micro-batch) / normalizer(whole step)``, so the gradient of k
+accumulated micro-batches is exactly the gradient of the whole batch (the normaliser is a count over the
+step, passed in, never recomputed per micro-batch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+STD_EPS = 1e-4        # added to the std before dividing (TRL and the DeepSeekMath paper use the same)
+KL_LOG_CLAMP = 20.0   # |ref − logp| is clamped here so exp() cannot overflow in low precision
+
+
+# --------------------------------------------------------------------------------------------- rewards
+
+
+def total_rewards(per_reward: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """r_i = Σ_k w_k R_ik over the rewards that apply (NaN = None = not applicable).
+
+    per_reward: (N, K) with NaN where a reward returned None; weights: (K,). Returns (N,); a completion for which
+    no reward applies gets NaN (it is then left out of the group statistics and gets advantage 0).
+    """
+    applicable = ~torch.isnan(per_reward)                                  # (N, K)
+    r = torch.where(applicable, per_reward * weights, torch.zeros_like(per_reward)).sum(dim=1)  # (N,)
+    return torch.where(applicable.any(dim=1), r, torch.full_like(r, float("nan")))
+
+
+def nan_std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sample standard deviation (Bessel-corrected, like TRL's ``nanstd``) ignoring NaN; 0 below two values."""
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    n = (~torch.isnan(x)).sum(dim=dim, keepdim=True)                       # values that count
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    sq = torch.nan_to_num((x - mean) ** 2, nan=0.0).sum(dim=dim, keepdim=True)
+    var = torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq))
+    return var.sqrt().squeeze(dim)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: ScaleRewards = "group",
+                     eps: float = STD_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_i = (r_i − mean_group(r)) / (std(r) + eps); returns (advantages (N,), std used per completion (N,)).
+
+    rewards: (N,) ordered group by group (completions of prompt p are rows p*G .. p*G+G-1); NaN rewards are
+    ignored in the mean and std and their advantage is 0. ``scale_rewards``: ``group`` divides by the group's
+    std, ``batch`` by the std of the whole batch, ``none`` does not divide (Dr. GRPO). The returned std is the
+    group std for ``group``/``none`` (used to count zero-std groups) and the batch std for ``batch``.
+    """
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards must be (N,) with N a multiple of num_generations={num_generations}, "
+                         f"got shape {tuple(rewards.shape)}")
+    grouped = rewards.view(-1, num_generations)                            # (P, G)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)  # (N,)
+    if scale_rewards == "batch":
+        std = nan_std(rewards).expand_as(rewards)                          # (N,)
+    elif scale_rewards in ("group", "none"):
+        std = nan_std(grouped, dim=1).repeat_interleave(num_generations)  # (N,)
+    else:
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
+    adv = rewards - mean
+    if scale_rewards != "none":
+        adv = adv / (std + eps)
+    return torch.nan_to_num(adv, nan=0.0), std
+
+
+def frac_zero_std(std: torch.Tensor) -> float:
+    """Fraction of completions whose group had all-equal rewards (zero advantage: no learning signal)."""
+    return torch.isclose(std, torch.zeros_like(std)).float().mean().item()
+
+
+# ------------------------------------------------------------------------------------- token log-probs
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[index], without keeping the (B, T, V) log-softmax around.
+
+    logits: (B, T, V); index: (B, T) token ids. Returns (B, T). logsumexp is taken row by row over the batch so
+    the peak memory is one (T, V) slice rather than the whole (B, T, V) tensor a second time.
+    """
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    picked = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])          # (B, T)
+    return picked - lse
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H_t = −Σ_v p_v log p_v of softmax(logits / temperature); (B, T, V) → (B, T)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------------ per-token losses
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """−min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) per token; returns (loss (N, T), ρ (N, T)).
+
+    logp / old_logp: (N, T); advantages: (N,). With one optimisation pass per generation (num_iterations 1)
+    old_logp is logp.detach(), so ρ = 1 in value but its gradient is ∇logp.
+    """
+    ratio = torch.exp(logp - old_logp)                                     # ρ (N, T)
+    a = advantages.unsqueeze(1)                                            # (N, 1)
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * a
+    return -torch.min(unclipped, clipped), ratio
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = KL_LOG_CLAMP) -> torch.Tensor:
+    """KL ≈ exp(ref − logp) − (ref − logp) − 1 per token (k3: unbiased, always ≥ 0); (N, T) → (N, T)."""
+    d = torch.clamp(ref_logp - logp, -clamp, clamp)
+    return torch.exp(d) - d - 1.0
+
+
+def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                   advantages: torch.Tensor, epsilon_low: float, epsilon_high: float, beta: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ℓ = clipped surrogate + β·KL; returns (ℓ (N, T), ρ (N, T), KL (N, T) or None when β = 0)."""
+    if old_logp is None:                                                   # on-policy: ρ ≡ 1 in value
+        old_logp = logp.detach()
+    loss, ratio = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    kl = None
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference model's log-probs (ref_logp)")
+        kl = k3_kl(logp, ref_logp)
+        loss = loss + beta * kl
+    return loss, ratio, kl
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+
+
+def loss_numerator(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossType) -> torch.Tensor:
+    """The part of the loss a micro-batch contributes before dividing by the step's normaliser.
+
+    grpo: Σ_i (Σ_t ℓ_it m_it / Σ_t m_it)   (each sequence's token mean, summed over sequences)
+    bnpo, dr_grpo, dapo: Σ_i Σ_t ℓ_it m_it (all tokens summed)
+    """
+    m = mask.to(token_loss.dtype)
+    if loss_type == "grpo":
+        return ((token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum()
+    if loss_type in ("bnpo", "dr_grpo", "dapo"):
+        return (token_loss * m).sum()
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+
+
+def loss_normalizer(loss_type: LossType, *, num_sequences: int, num_tokens: float, global_num_tokens: float,
+                    max_completion_length: int, num_processes: int = 1) -> float:
+    """What the summed numerators of one optimizer step are divided by.
+
+    num_sequences / num_tokens: completions / completion tokens of this process's step batch (all its
+    micro-batches); global_num_tokens: completion tokens of the whole generation batch over all processes.
+        grpo:    num_sequences                        → mean over sequences of the per-sequence mean
+        bnpo:    num_tokens                           → token mean over the local batch
+        dr_grpo: num_sequences × max_completion_length → a constant: no length bias
+        dapo:    global_num_tokens / num_processes    → token mean over the whole generation batch (DDP
+                                                        averages the processes' gradients, hence the ÷)
+    """
+    if loss_type == "grpo":
+        return float(num_sequences)
+    if loss_type == "bnpo":
+        return max(float(num_tokens), 1.0)
+    if loss_type == "dr_grpo":
+        return float(num_sequences * max_completion_length)
+    if loss_type == "dapo":
+        return max(float(global_num_tokens), 1.0) / num_processes
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+
+
+def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossType,
+                   normalizer: float) -> torch.Tensor:
+    """Loss of one micro-batch = numerator / step normaliser; summing it over micro-batches gives the step loss."""
+    return loss_numerator(token_loss, mask, loss_type) / normalizer
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+def masked_sum_count(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(Σ x·m, Σ m): token means are accumulated as sums and counts so micro-batches and processes combine."""
+    m = mask.to(torch.float32)
+    return float((x.detach().float() * m).sum()), float(m.sum())
+
+
+def clip_indicators(ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+                    epsilon_high: float) -> dict[str, torch.Tensor]:
+    """Tokens where clipping removed the gradient, named as TRL logs them (means over completion tokens).
+
+    low: ρ < 1−ε_low with A < 0; high: ρ > 1+ε_high with A > 0; region: either.
+    """
+    a = advantages.unsqueeze(1)                                            # (N, 1)
+    low = (ratio < 1.0 - epsilon_low) & (a < 0)
+    high = (ratio > 1.0 + epsilon_high) & (a > 0)
+    return {"clip_ratio/low_mean": low.float(), "clip_ratio/high_mean": high.float(),
+            "clip_ratio/region_mean": (low | high).float()}
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def warmup_steps_for(max_steps: int, warmup_ratio: float) -> int:
+    return math.ceil(max_steps * warmup_ratio)
+
+
+def lr_multiplier(step: int, max_steps: int, warmup_steps: int) -> float:
+    """Linear warmup to 1 over ``warmup_steps`` then cosine decay to 0 at ``max_steps`` (step counts from 0).
+
+        s < W:  (s + 1) / (W + 1)        never exactly 0, so the first step already learns
+        s ≥ W:  ½ (1 + cos(π (s − W) / (S − W)))
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
