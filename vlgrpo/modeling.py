@@ -1,0 +1,463 @@
+"""Load a Qwen-VL policy + processor from a path, or build the tiny offline Qwen2.5-VL; encode and generate.
+
+Everything here goes through the real transformers classes, so the tiny default and a real
+``Qwen/Qwen2.5-VL-3B-Instruct`` directory share one code path:
+
+    model, processor = build_tiny(texts, TinyModelConfig(), seed=0)   # offline default
+    save_model(model, processor, "models/base")
+    model, processor = load_model("models/base")                      # or a hub id / real checkpoint
+    batch = encode_prompts(processor, items, manifest_dir, min_pixels, max_pixels)
+    completions = generate_answers(model, processor, items, manifest_dir, batch_size=32, ...)
+
+Prompts are built as Qwen chat messages, images go through ``qwen_vl_utils.process_vision_info`` (which
+applies the per-image ``min_pixels``/``max_pixels``) and the processor expands each ``<|image_pad|>`` into
+one token per merged 28x28 patch (112x112 -> 16 tokens). Padding is on the LEFT so that generated tokens
+start at the same column for every row of a batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from vlgrpo.config import TinyModelConfig
+from vlgrpo.data.manifest import IMAGE_TAG, Item
+from vlgrpo.io import atomic_dir
+
+# The Qwen2/2.5-VL special tokens, in the order Qwen's own vocabulary lists them. Keeping the names lets
+# a prompt rendered for the tiny model read exactly like one rendered for a real checkpoint.
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+IGNORE_INDEX = -100          # label value the loss skips (prompt and padding positions)
+PATCH_SIZE = 14
+SPATIAL_MERGE = 2
+TEMPORAL_PATCH = 2
+
+# A Qwen-style chat template written for this project: every turn is `<|im_start|>role\n...<|im_end|>\n`,
+# an image item renders as `<|vision_start|><|image_pad|><|vision_end|>` (the processor expands the pad),
+# and `add_generation_prompt` opens the assistant turn. No default system prompt: the tiny model's
+# context is short and a constant prefix teaches it nothing.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint path/id that cannot be loaded; the message names the path and the reason."""
+
+
+# ------------------------------------------------------------------------------------------- tiny build
+
+
+def _train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE trained on ``texts``; the Qwen special tokens come first (ids 0..13)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    # Split before byte-level mapping so merges never cross a word, a digit or a punctuation run; each
+    # digit stands alone so "12" is never one token that the model must learn separately from "1","2".
+    split = Regex(r"'(?:s|t|re|ve|m|ll|d)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(split, behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _wrap_tokenizer(tok) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        padding_side="left", model_max_length=4096, clean_up_tokenization_spaces=False,
+        extra_special_tokens=None)
+    hf.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS
+                                                          if t not in ("<|endoftext|>", "<|im_end|>")]})
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def _tiny_config(cfg: TinyModelConfig, tokenizer) -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections; Qwen's ratio is
+    # 16:24:24 of 64. Keep the same proportions for any head_dim.
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    mrope = [t, h, half - t - h]
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    vision = dict(
+        depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size, num_heads=cfg.vision_num_heads,
+        intermediate_size=2 * cfg.vision_hidden_size, out_hidden_size=cfg.hidden_size,
+        patch_size=PATCH_SIZE, spatial_merge_size=SPATIAL_MERGE, temporal_patch_size=TEMPORAL_PATCH,
+        window_size=PATCH_SIZE * SPATIAL_MERGE * 4,      # 112 px windows: one window per default image
+        fullatt_block_indexes=[cfg.vision_depth - 1],   # the last block attends over the whole image
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+    )
+
+
+def _tiny_processor(tokenizer) -> Any:
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    kw = dict(patch_size=PATCH_SIZE, merge_size=SPATIAL_MERGE, temporal_patch_size=TEMPORAL_PATCH)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw),
+                               video_processor=Qwen2VLVideoProcessor(**kw),
+                               tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny(texts: Iterable[str], cfg: TinyModelConfig, seed: int) -> tuple[Any, Any]:
+    """Build the tiny offline Qwen2.5-VL and its processor (tokenizer trained on ``texts``)."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _wrap_tokenizer(_train_tokenizer(texts, cfg.vocab_size))
+    processor = _tiny_processor(tokenizer)
+    config = _tiny_config(cfg, tokenizer)
+    with _seeded(seed):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.eval()
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad, do_sample=False)
+    return model, processor
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run the block under ``torch.manual_seed(seed)`` without disturbing the caller's RNG stream."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+# -------------------------------------------------------------------------------------- save / load
+
+
+def save_model(model, processor, out_dir: str | Path) -> Path:
+    """Write safetensors + config + generation config + processor + tokenizer + chat template, atomically."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return out_dir
+
+
+def _is_local(path_or_id: str | Path) -> bool:
+    """A path when it exists or cannot be a hub id (``owner/name``); otherwise a hub id."""
+    s = str(path_or_id)
+    if Path(s).expanduser().exists() or s.startswith((".", "/", "~")):
+        return True
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", s) is None
+
+
+def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local dir or hub id) with the Auto classes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    local = _is_local(path_or_id)
+    src = str(Path(path_or_id).expanduser()) if local else str(path_or_id)
+    if local:
+        p = Path(src)
+        if not p.is_dir():
+            raise ModelLoadError(f"{src}: model directory not found")
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{src}: no config.json - not a transformers checkpoint directory "
+                                 f"(expected config.json, *.safetensors, tokenizer and processor files)")
+    kw = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, **kw)
+        processor = AutoProcessor.from_pretrained(src, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        where = "local directory" if local else "hub id (not a local directory; hub access may be offline)"
+        raise ModelLoadError(f"{src}: cannot load model/processor from {where}: {e}") from e
+    model.eval()
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:  # some checkpoints ship without one; eos is the conventional stand-in
+        tok.pad_token = tok.eos_token
+    return model, processor
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -------------------------------------------------------------------------------------------- prompts
+
+
+def build_messages(item: Item, image_paths: Sequence[Path | str | Image.Image], min_pixels: int,
+                   max_pixels: int) -> list[dict]:
+    """Qwen chat messages for one item: each ``<image>`` tag in the question becomes an image part.
+
+    Images without a tag in the question go first (the common "image then question" layout).
+    """
+    if item.question.count(IMAGE_TAG) > len(image_paths):
+        raise ValueError(f"item {item.id}: question has {item.question.count(IMAGE_TAG)} {IMAGE_TAG} tags "
+                         f"but only {len(image_paths)} images")
+
+    def image_part(img) -> dict:
+        ref = img if isinstance(img, Image.Image) else str(img)
+        return {"type": "image", "image": ref, "min_pixels": min_pixels, "max_pixels": max_pixels}
+
+    pieces = item.question.split(IMAGE_TAG)
+    untagged = len(image_paths) - (len(pieces) - 1)
+    content: list[dict] = [image_part(img) for img in image_paths[:untagged]]
+    for i, text in enumerate(pieces):
+        if i > 0:
+            content.append(image_part(image_paths[untagged + i - 1]))
+        if text:
+            content.append({"type": "text", "text": text})
+    messages = []
+    if item.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": item.system}]})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+class _ImageCache:
+    """Decoded RGB images by path (LRU). The trainer re-encodes the same images every step."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._d: OrderedDict[str, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> Image.Image:
+        key = str(path)
+        with self._lock:
+            img = self._d.get(key)
+            if img is not None:
+                self._d.move_to_end(key)
+                return img
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read image: {e}") from e
+        with self._lock:
+            self._d[key] = img
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+        return img
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+
+IMAGE_CACHE = _ImageCache()
+
+
+def _item_images(item: Item, manifest_dir: Path) -> list[Image.Image]:
+    return [IMAGE_CACHE.get(Path(manifest_dir) / rel) for rel in item.images]
+
+
+def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: int, max_pixels: int):
+    """(prompt text, resized images) for one item, through process_vision_info and the chat template."""
+    from qwen_vl_utils import process_vision_info
+
+    messages = build_messages(item, list(images), min_pixels, max_pixels)
+    patch = getattr(processor.image_processor, "patch_size", PATCH_SIZE)
+    vision, _ = process_vision_info(messages, image_patch_size=patch)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, vision or []
+
+
+def _encode(processor, texts: list[str], images: list[Image.Image]):
+    tok = processor.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old
+
+
+def encode_prompts(processor, items: Sequence[Item], manifest_dir: Path, min_pixels: int, max_pixels: int,
+                   images: Sequence[Sequence[Image.Image]] | None = None):
+    """Left-padded prompts ending in the assistant header -> BatchFeature.
+
+    Keys: ``input_ids`` / ``attention_mask`` (B, T); ``pixel_values`` (sum of patches, C*2*14*14);
+    ``image_grid_thw`` (n_images, 3), rows in item order. ``images`` overrides the item's files (e.g.
+    augmented copies), one list per item.
+    """
+    if images is not None and len(images) != len(items):
+        raise ValueError(f"images: got {len(images)} lists for {len(items)} items")
+    texts, flat = [], []
+    for i, it in enumerate(items):
+        imgs = images[i] if images is not None else _item_images(it, manifest_dir)
+        text, vision = _render(processor, it, imgs, min_pixels, max_pixels)
+        texts.append(text)
+        flat.extend(vision)
+    return _encode(processor, texts, flat)
+
+
+def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_pixels: int, max_pixels: int,
+                     answers: Sequence[str] | None = None,
+                     images: Sequence[Sequence[Image.Image]] | None = None):
+    """Prompt + answer + ``<|im_end|>``; ``labels`` are IGNORE_INDEX on the prompt and the padding.
+
+    ``answers`` defaults to each item's solution (or its first reference for captions).
+    """
+    tok = processor.tokenizer
+    if answers is None:
+        answers = [it.solution or (it.references[0] if it.references else "") for it in items]
+    if len(answers) != len(items):
+        raise ValueError(f"answers: got {len(answers)} for {len(items)} items")
+    texts, flat, n_answer = [], [], []
+    for i, (it, ans) in enumerate(zip(items, answers)):
+        if not ans:
+            raise ValueError(f"item {it.id}: no solution or reference to supervise on")
+        imgs = images[i] if images is not None else _item_images(it, manifest_dir)
+        prompt, vision = _render(processor, it, imgs, min_pixels, max_pixels)
+        full = prompt + ans + "<|im_end|>"
+        # Count answer tokens as they are tokenised in context (a merge could cross the boundary):
+        # the prompt's ids must be a prefix of the full ids, else the labels would be misaligned.
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        f_ids = tok(full, add_special_tokens=False)["input_ids"]
+        if f_ids[:len(p_ids)] != p_ids:
+            raise ValueError(f"item {it.id}: answer {ans!r} merges with the prompt's last token")
+        texts.append(full)
+        flat.extend(vision)
+        n_answer.append(len(f_ids) - len(p_ids))   # answer tokens + <|im_end|>
+    batch = _encode(processor, texts, flat)
+    ids = batch["input_ids"]                       # (B, T), left-padded, so answers end at column T-1
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    T = ids.shape[1]
+    for r, n in enumerate(n_answer):
+        labels[r, T - n:] = ids[r, T - n:]
+    batch["labels"] = labels
+    return batch
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+@dataclass
+class Completion:
+    text: str                 # decoded, special tokens stripped, whitespace stripped
+    token_ids: list[int]      # generated ids up to and including the terminating token, no padding
+    terminated: bool          # ended with eos / <|im_end|> (not cut at max_new_tokens)
+
+
+def stop_token_ids(processor, model=None) -> list[int]:
+    """Ids that end an assistant turn: <|im_end|>, the tokenizer's eos, and the generation config's."""
+    tok = processor.tokenizer
+    ids = set()
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i >= 0 and i != tok.unk_token_id:
+            ids.add(i)
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    if model is not None:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return sorted(ids)
+
+
+def split_completions(processor, sequences: torch.Tensor, stop_ids: Sequence[int]) -> list[Completion]:
+    """Cut each row of generated ids (B, L) at its first stop token; decode the rest."""
+    tok = processor.tokenizer
+    stops = set(stop_ids)
+    out = []
+    for row in sequences.tolist():
+        ids, terminated = [], False
+        for t in row:
+            ids.append(t)
+            if t in stops:
+                terminated = True
+                break
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        out.append(Completion(text=text, token_ids=ids, terminated=terminated))
+    return out
+
+
+def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path, *, batch_size: int,
+                     max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                     top_p: float = 1.0, num_return_sequences: int = 1, min_pixels: int, max_pixels: int,
+                     progress: bool = False, desc: str = "generate") -> list[Completion]:
+    """Answers for ``items`` in order (``num_return_sequences`` consecutive completions per item)."""
+    from tqdm.auto import tqdm
+
+    stops = stop_token_ids(processor, model)
+    pad = processor.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[Completion] = []
+    gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  num_return_sequences=num_return_sequences, eos_token_id=stops,
+                                  pad_token_id=pad)
+    if do_sample:
+        gen_kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kw.update(temperature=None, top_p=None, top_k=None)
+    bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                batch = encode_prompts(processor, chunk, manifest_dir, min_pixels, max_pixels).to(device)
+                out = model.generate(**batch, **gen_kw)       # (B*n, T + new)
+                new = out[:, batch["input_ids"].shape[1]:]
+                results.extend(split_completions(processor, new, stops))
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results
