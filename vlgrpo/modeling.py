@@ -17,6 +17,7 @@ start at the same column for every row of a batch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import threading
 from collections import OrderedDict
@@ -160,7 +161,9 @@ def build_tiny(texts: Iterable[str], cfg: TinyModelConfig, seed: int) -> tuple[A
     """Build the tiny offline Qwen2.5-VL and its processor (tokenizer trained on ``texts``)."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = _wrap_tokenizer(_train_tokenizer(texts, cfg.vocab_size))
+    # The chat template's role names are in every prompt: train on them too so each is one token.
+    roles = ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n"] * 8
+    tokenizer = _wrap_tokenizer(_train_tokenizer(itertools.chain(roles, texts), cfg.vocab_size))
     processor = _tiny_processor(tokenizer)
     config = _tiny_config(cfg, tokenizer)
     with _seeded(seed):
