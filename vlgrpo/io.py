@@ -82,3 +82,36 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+class LockBusy(RuntimeError):
+    """Another vlgrpo process holds the project lock."""
+
+
+@contextlib.contextmanager
+def project_lock(root: str | Path, what: str = "pipeline") -> Iterator[Path]:
+    """Hold an exclusive, non-blocking lock on ``<root>/.vlgrpo.lock`` for the block.
+
+    Two pipeline runs on one project would race on data/, models/ and the registry; the second refuses at
+    once with the holder's pid and command instead of queueing. The OS drops the lock when the holder dies
+    (even on kill -9), so a crash never leaves the project locked.
+    """
+    import fcntl
+
+    path = Path(root) / ".vlgrpo.lock"
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            raise LockBusy(f"another vlgrpo run holds {path} ({holder}); wait for it to finish "
+                           f"or stop it - refusing to run a second {what} on the same project") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}: {what}\n")
+        f.flush()
+        yield path
+    finally:
+        f.close()

@@ -1,0 +1,1 @@
+import tasks  # noqa: F401  (offline defaults before any tool is imported)

@@ -1,0 +1,25 @@
+"""`base` stage flow: load the configured Qwen-VL checkpoint, or build and warm-start the tiny offline one.
+
+Run: `vlgrpo base`; under DVC: `dvc repro base`. Writes models/base/ and reports/base.json.
+"""
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.common import load, manifest_path, write_report
+from tasks.model import base_task
+from tasks.tracking import log_report, stage_run
+
+
+@flow(name="base", log_prints=True)
+def base_flow(params: str = "params.yaml") -> dict:
+    cfg, root = load(params)
+    with stage_run("base", cfg, root) as run_id:
+        report = base_task(cfg, root, manifest_path(cfg, root))
+        log_report(write_report(root, "base", {**report, "mlflow_run_id": run_id}))
+    print(f"base: val accuracy {report.get('val_accuracy')}")
+    return report
+
+
+if __name__ == "__main__":
+    base_flow()

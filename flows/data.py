@@ -1,0 +1,27 @@
+"""`data` stage flow: build data/manifest.jsonl and the image cache from params.yaml `data`.
+
+Run: `vlgrpo data` (or `python -m flows.data`); under DVC: `dvc repro data`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.common import load, write_report
+from tasks.data import build_dataset_task
+from tasks.tracking import log_report, stage_run
+
+
+@flow(name="data", log_prints=True)
+def data_flow(params: str = "params.yaml") -> dict:
+    cfg, root = load(params)
+    with stage_run("data", cfg, root) as run_id:
+        summary = build_dataset_task(cfg, root)
+        log_report(write_report(root, "data", {**summary, "mlflow_run_id": run_id}))
+    print(f"data: {summary}")
+    return summary
+
+
+if __name__ == "__main__":
+    data_flow()

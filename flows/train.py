@@ -1,0 +1,48 @@
+"""`train` stage flow: full-scale GRPO from models/base to models/candidate.
+
+Run: `vlgrpo train [--force]`; under DVC: `dvc repro train`. Refuses to start unless reports/pilot.json
+says the pilot passed (`--force` overrides; recorded in reports/train.json and the MLflow run). With
+`pilot.auto_adjust: true` the pilot's remedies are applied and recorded. A killed run resumes from its
+last complete checkpoint.
+"""
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.common import StageFailed, load, manifest_path, read_report, report_path, write_report
+from tasks.model import grpo_task
+from tasks.tracking import StreamForwarder, log_report, stage_run
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
+    import mlflow
+
+    from vlgrpo.gates import PilotDecision, apply_adjustments
+
+    cfg, root = load(params)
+    pilot = read_report(root, "pilot")
+    if not force and not (pilot and pilot.get("passed")):
+        why = "no pilot report (run `vlgrpo pilot` first)" if pilot is None else \
+            "the pilot did not pass: " + "; ".join(pilot.get("reasons", []))
+        raise StageFailed(f"train refuses to start: {why}. Fix it, or pass --force to override (recorded).")
+    train_cfg, changes = cfg.train, []
+    if cfg.pilot.auto_adjust and pilot:
+        known = {f for f in PilotDecision.__dataclass_fields__}
+        train_cfg, changes = apply_adjustments(cfg.train, PilotDecision(**{k: v for k, v in pilot.items()
+                                                                          if k in known}))
+    metrics = report_path(root, "train_metrics", ".jsonl")
+    with stage_run("train", cfg, root) as run_id:
+        mlflow.set_tags({"forced": str(force), "auto_adjust_changes": "; ".join(map(str, changes)) or "none"})
+        with StreamForwarder(metrics, run_id):
+            summary = grpo_task(cfg, train_cfg, root, manifest_path(cfg, root), root / cfg.base.out_dir,
+                                root / train_cfg.out_dir, metrics, "train-progress")
+        report = {**summary, "forced": force, "pilot_passed": bool(pilot and pilot.get("passed")),
+                  "auto_adjust_changes": changes, "mlflow_run_id": run_id}
+        log_report(write_report(root, "train", report))
+    print(f"train: {summary.get('steps')} steps; final reward {summary.get('final_reward')}")
+    return report
+
+
+if __name__ == "__main__":
+    train_flow()

@@ -1,0 +1,35 @@
+"""Tasks of the `data` and `validate` stages: thin adapters over vlgrpo.data and vlgrpo.validation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import StageFailed
+from vlgrpo.config import Config
+
+
+# File I/O can hit a transient failure (full disk being cleaned, NFS hiccup): retry with backoff.
+@task(name="build-dataset", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def build_dataset_task(cfg: Config, root: Path) -> dict[str, Any]:
+    from vlgrpo.data.build import build_dataset
+
+    return build_dataset(cfg, root)
+
+
+@task(name="validate-dataset", cache_policy=NO_CACHE)
+def validate_task(cfg: Config, data: Path, report: Path, docs: Path) -> dict[str, Any]:
+    """Run the suite, publish the summary table as a Prefect artifact, fail the stage when invalid."""
+    from vlgrpo.validation import format_summary, validate_file
+
+    result = validate_file(data, cfg, report_path=report, data_docs_dir=docs)
+    rows = [{"check": check, "count": n} for check, n in sorted(result.counts.items())]
+    create_table_artifact(table=rows or [{"check": "(no findings)", "count": 0}],
+                          key="validation-summary", description=f"Validation of {data}")
+    summary = format_summary(result)
+    if not result.ok:
+        raise StageFailed(f"validation failed for {data}:\n{summary}\nsee {report}")
+    return {"summary": summary, "report": str(report)}

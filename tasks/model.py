@@ -1,0 +1,95 @@
+"""Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.base / trainer / gates."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from vlgrpo.config import Config, TrainConfig
+
+
+# Training is never retried: a retry would silently double the compute and hide the failure.
+@task(name="warm-start-base", retries=0, cache_policy=NO_CACHE)
+def base_task(cfg: Config, root: Path, manifest: Path) -> dict[str, Any]:
+    from vlgrpo.base import run_base
+
+    return run_base(cfg, root, manifest, progress=True)
+
+
+@task(name="grpo", retries=0, cache_policy=NO_CACHE)
+def grpo_task(cfg: Config, train_cfg: TrainConfig, root: Path, manifest: Path, init_dir: Path,
+              out_dir: Path, metrics: Path, artifact_key: str) -> dict[str, Any]:
+    from vlgrpo.trainer import train_grpo
+
+    with ProgressWatcher(metrics, train_cfg.max_steps, artifact_key):
+        return train_grpo(cfg, train_cfg, root, manifest, init_model_dir=init_dir, out_dir=out_dir,
+                          metrics_path=metrics, progress=True)
+
+
+class ProgressWatcher:
+    """Mirror the trainer's metrics stream into a Prefect progress artifact (percent of steps done).
+
+    The core knows nothing of Prefect; it appends a JSON line per step, and this thread reads the tail.
+    """
+
+    def __init__(self, stream: Path, total_steps: int, key: str, interval: float = 3.0):
+        self.stream, self.total, self.key, self.interval = Path(stream), total_steps, key, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._artifact_id = None
+
+    def _step(self) -> int:
+        try:
+            lines = self.stream.read_text(encoding="utf-8").split("\n")[:-1]
+            return int(json.loads(lines[-1]).get("step", 0)) if lines else 0
+        except (FileNotFoundError, ValueError, IndexError):
+            return 0
+
+    def _update(self) -> None:
+        pct = min(100.0, 100.0 * self._step() / max(1, self.total))
+        update_progress_artifact(artifact_id=self._artifact_id, progress=pct)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._update()
+            except Exception:  # noqa: BLE001 - a progress display must never stop training
+                pass
+
+    def __enter__(self) -> "ProgressWatcher":
+        self._artifact_id = create_progress_artifact(progress=0.0, key=self.key,
+                                                     description=f"GRPO steps done of {self.total}")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="progress-artifact")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        try:
+            self._update()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def pilot_markdown(decision: dict[str, Any]) -> str:
+    lines = [f"# Pilot: {'PASSED' if decision['passed'] else 'FAILED'}", ""]
+    lines += [f"- {r}" for r in decision.get("reasons", [])]
+    if decision.get("diagnoses"):
+        lines += ["", "| problem | evidence | remedy |", "|---|---|---|"]
+        lines += [f"| {d['problem']} | {d['evidence']} | {d['remedy']} |" for d in decision["diagnoses"]]
+    if decision.get("estimated_full_seconds") is not None:
+        lines += ["", f"Throughput {decision.get('throughput', 0):.2f} samples/s; estimated full run "
+                      f"{decision['estimated_full_seconds'] / 60:.1f} min."]
+    return "\n".join(lines)
+
+
+def publish_pilot(decision: dict[str, Any]) -> None:
+    create_markdown_artifact(markdown=pilot_markdown(decision), key="pilot-diagnosis",
+                             description="Pilot gate decision and diagnoses")

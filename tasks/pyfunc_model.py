@@ -1,0 +1,66 @@
+"""MLflow pyfunc wrapper around a vlgrpo Hugging Face checkpoint ("models from code").
+
+`register` logs this file with the checkpoint as an artifact, so
+`mlflow models serve -m models:/<name>@champion --env-manager local` answers requests like
+
+    {"dataframe_records": [{"image": "<base64 PNG/JPEG>", "question": "How many red circles are there?"}]}
+
+with one answer string per row. `image` may also be a local file path.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class VLGRPOPyfunc(PythonModel):
+    def load_context(self, context):  # noqa: D401 - MLflow hook
+        from vlgrpo.modeling import load_model
+
+        self.model, self.processor = load_model(context.artifacts["checkpoint"])
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):
+        from PIL import Image
+
+        from vlgrpo.data.manifest import IMAGE_TAG, Item
+        from vlgrpo.modeling import generate_answers
+
+        params = params or {}
+        records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else model_input
+        with tempfile.TemporaryDirectory() as tmp:
+            items = []
+            for i, rec in enumerate(records):
+                img = _decode_image(rec["image"])
+                name = f"img{i}.png"
+                img.convert("RGB").save(Path(tmp) / name)
+                q = str(rec["question"])
+                items.append(Item(id=str(i), split="test", task=str(rec.get("task", "vqa")),
+                                  question=q if IMAGE_TAG in q else IMAGE_TAG + q, images=[name]))
+            outs = generate_answers(self.model, self.processor, items, Path(tmp),
+                                    batch_size=int(params.get("batch_size", 8)),
+                                    max_new_tokens=int(params.get("max_new_tokens", 32)))
+        return [o.text for o in outs]
+
+
+def _decode_image(value):
+    from PIL import Image
+
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    text = str(value)
+    if Path(text).is_file():
+        return Image.open(text)
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("image must be base64-encoded image bytes or a readable file path") from e
+
+
+mlflow.models.set_model(VLGRPOPyfunc())

@@ -1,0 +1,93 @@
+"""The MLflow model registry: register the candidate, move aliases, load the champion.
+
+Promotion is by alias (stages are deprecated): every registered version gets alias ``candidate``; alias
+``champion`` moves only when ``gates.should_promote()`` said so, or by hand with ``vlgrpo promote``. Each
+move is recorded as version tags (reason, who, when, previous champion). The alias is set only after the
+version reports READY, so it never points at a half-registered version.
+"""
+from __future__ import annotations
+
+import getpass
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tasks.tracking import retry
+
+CHAMPION, CANDIDATE = "champion", "candidate"
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException:  # no such model or no such alias: there is no champion yet
+        return None
+
+
+def champion_loader(name: str) -> Callable[[], Any] | None:
+    """A loader for the current champion's HF checkpoint (None when there is none); the core calls it."""
+    client = MlflowClient()
+    version = retry(lambda: champion_version(client, name), what="read champion alias")
+    if version is None:
+        return None
+
+    def load():
+        from vlgrpo.modeling import load_model
+
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
+        return load_model(Path(local) / "artifacts" / "checkpoint")
+
+    load.version = version  # type: ignore[attr-defined]
+    return load
+
+
+def log_candidate(root: Path, checkpoint: Path) -> Any:
+    """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo."""
+    root = Path(root)
+    return retry(lambda: mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(root / "tasks" / "pyfunc_model.py"),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(root / "vlgrpo")],
+        input_example=None,
+    ), what="log pyfunc model")
+
+
+def register_version(client: MlflowClient, name: str, model_uri: str, run_id: str,
+                     tags: dict[str, str], timeout_s: float = 300) -> str:
+    """Create the registered model version, wait until READY, then alias it ``candidate``."""
+    try:
+        retry(lambda: client.create_registered_model(name), what="create registered model", attempts=1)
+    except RuntimeError as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
+            raise
+    mv = retry(lambda: client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags),
+               what="create model version")
+    deadline = time.monotonic() + timeout_s
+    while mv.status != "READY":
+        if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise RuntimeError(f"model version {name}/{mv.version} did not become READY ({mv.status})")
+        time.sleep(0.5)
+        mv = retry(lambda: client.get_model_version(name, mv.version), what="poll model version")
+    retry(lambda: client.set_registered_model_alias(name, CANDIDATE, mv.version), what="set candidate alias")
+    return str(mv.version)
+
+
+def promote(client: MlflowClient, name: str, version: str, reason: str, by: str | None = None) -> dict:
+    """Move ``champion`` to ``version`` and record why on the version (and who, when, what it replaced)."""
+    mv = retry(lambda: client.get_model_version(name, version), what="read model version")
+    if mv.status != "READY":
+        raise RuntimeError(f"refusing to promote {name}/{version}: registration status is {mv.status}")
+    previous = champion_version(client, name)
+    record = {"promotion.reason": reason, "promotion.by": by or getpass.getuser(),
+              "promotion.at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "promotion.previous_champion": previous or "none"}
+    for k, v in record.items():
+        retry(lambda k=k, v=v: client.set_model_version_tag(name, version, k, v), what="tag version")
+    retry(lambda: client.set_registered_model_alias(name, CHAMPION, version), what="set champion alias")
+    return {"version": version, **record}

@@ -1,0 +1,238 @@
+"""MLflow tracking for the stages: one parent run per pipeline execution, a nested run per stage.
+
+The core writes metrics as a local JSONL stream; this module forwards that stream to MLflow. Forwarding is
+idempotent (a sidecar file remembers how many lines reached which run), so a tracking-server outage loses
+nothing and doubles nothing: what could not be sent is sent on the next flush.
+
+Default tracking URI: ``sqlite:///<project>/mlflow.db`` (absolute; MLflow 3 refuses a bare ./mlruns store);
+``MLFLOW_TRACKING_URI`` overrides it. ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from vlgrpo.config import Config
+
+log = logging.getLogger("vlgrpo.tracking")
+PARENT_ENV = "VLGRPO_PARENT_RUN_ID"
+T = TypeVar("T")
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root).resolve() / 'mlflow.db')}"
+
+
+def setup(root: Path, experiment: str) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient()
+    exp = retry(lambda: client.get_experiment_by_name(experiment), what="get experiment")
+    if exp is not None:
+        return exp.experiment_id
+    # A local store keeps artifacts beside mlflow.db; a server decides its own artifact root.
+    location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.5) -> T:
+    """Call ``fn`` with exponential backoff; re-raise with a clear message after the last attempt."""
+    attempts = attempts or int(os.environ.get("VLGRPO_MLFLOW_RETRIES", "5"))
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - network and server errors come in many types
+            if i == attempts - 1:
+                raise RuntimeError(f"MLflow {what} failed after {attempts} attempts: {e}") from e
+            delay = base_delay * 2**i
+            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = json.dumps(obj) if isinstance(obj, (list, tuple)) else str(obj)
+
+    walk("", cfg.to_dict())
+    return out
+
+
+def _git_commit(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags(root: Path) -> dict[str, str]:
+    """Which code, data and pipeline state produced this run."""
+    tags = {"git_commit": _git_commit(root)}
+    lock = Path(root) / "dvc.lock"
+    if lock.exists():
+        tags["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+        tags["data_md5"] = _data_md5(lock)
+    return tags
+
+
+def _data_md5(lock: Path) -> str:
+    import yaml
+
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for out in stages.get("data", {}).get("outs", []):
+        if out.get("path", "").endswith("manifest.jsonl"):
+            return out.get("md5", "unknown")
+    return "unknown"
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: Config, root: Path) -> Iterator[str]:
+    """Open the stage's MLflow run (nested under the pipeline run when there is one); yield its id."""
+    exp_id = setup(root, cfg.register.experiment)
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"vlgrpo.stage": stage, **provenance_tags(root)}
+    with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent, nested=bool(parent),
+                          tags=tags, log_system_metrics=stage in ("base", "pilot", "train")) as run:
+        mlflow.log_params(flat_params(cfg))
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
+    """The parent run of one pipeline execution; stage runs started inside it (same or child process) nest."""
+    exp_id = setup(root, cfg.register.experiment)
+    with mlflow.start_run(experiment_id=exp_id, run_name="pipeline",
+                          tags={"vlgrpo.stage": "pipeline", **provenance_tags(root)}) as run:
+        old = os.environ.get(PARENT_ENV)
+        os.environ[PARENT_ENV] = run.info.run_id
+        try:
+            yield run.info.run_id
+        finally:
+            if old is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = old
+
+
+def log_report(path: Path, run_id: str | None = None) -> None:
+    """Log a report JSON's numeric leaves as metrics and the file itself as an artifact."""
+    data = json.loads(Path(path).read_text())
+    metrics = {k: v for k, v in _numeric_leaves(data).items()}
+    client = MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    now = int(time.time() * 1000)
+    batch = [Metric(_metric_key(k), float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(batch), 500):
+        retry(lambda b=batch[i:i + 500]: client.log_batch(run_id, metrics=b), what="log report metrics")
+    retry(lambda: client.log_artifact(run_id, str(path), "reports"), what="log report artifact")
+
+
+def _numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, bool):
+        out[prefix] = float(obj)
+    elif isinstance(obj, (int, float)) and obj == obj and abs(obj) != float("inf"):
+        out[prefix] = float(obj)
+    return out
+
+
+def _metric_key(k: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . space : / ; map anything else to _.
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in k)[:250]
+
+
+class StreamForwarder:
+    """Forward a metrics JSONL stream (one object per step) to an MLflow run, exactly once per line.
+
+    ``flush()`` sends lines not yet acknowledged and records the count in ``<stream>.mlflow-<run>``; a
+    failure (server down) leaves the count where it was, so the next flush resends from there. A background
+    thread flushes every ``interval`` seconds while training runs.
+    """
+
+    def __init__(self, stream: Path, run_id: str, prefix: str = "", interval: float = 5.0):
+        self.stream, self.run_id, self.prefix, self.interval = Path(stream), run_id, prefix, interval
+        self.sidecar = self.stream.with_name(f".{self.stream.name}.mlflow-{run_id}")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _sent(self) -> int:
+        try:
+            return int(self.sidecar.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def flush(self) -> int:
+        """Send pending complete lines; returns how many were sent now. Raises if the server is down."""
+        with self._lock:
+            if not self.stream.exists():
+                return 0
+            lines = self.stream.read_text(encoding="utf-8").split("\n")[:-1]  # drop the partial tail
+            sent = self._sent()
+            pending = lines[sent:]
+            if not pending:
+                return 0
+            client = MlflowClient()
+            batch: list[Metric] = []
+            for line in pending:
+                row = json.loads(line)
+                step = int(row.get("step", 0))
+                ts = int(row.get("timestamp", time.time()) * 1000)
+                for k, v in row.items():
+                    if k in ("step", "timestamp") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                        continue
+                    if v != v or abs(v) == float("inf"):
+                        continue
+                    batch.append(Metric(_metric_key(self.prefix + k), float(v), ts, step))
+            for i in range(0, len(batch), 1000):
+                client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            from vlgrpo.io import atomic_write_text
+
+            atomic_write_text(self.sidecar, str(sent + len(pending)))
+            return len(pending)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 - an outage must not stop training; next flush resends
+                log.warning("metrics forwarding to MLflow deferred: %s", e)
+
+    def __enter__(self) -> "StreamForwarder":
+        self._thread = threading.Thread(target=self._loop, name="mlflow-forwarder", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        # Final flush: retry with backoff so a server that comes back in time receives everything.
+        retry(self.flush, what="metrics flush", attempts=int(os.environ.get("VLGRPO_MLFLOW_RETRIES", "8")))
