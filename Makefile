@@ -25,9 +25,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $@
 
+# `vlgrpo repro` = `dvc repro` under one MLflow parent run and the project lock; prints where results are.
 pipeline: $(STAMP)
-	$(BIN)/dvc repro
-	@$(BIN)/vlgrpo where
+	$(BIN)/vlgrpo repro
 
 test: $(STAMP)
 	$(BIN)/pytest -q --timeout=1500
