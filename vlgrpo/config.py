@@ -345,7 +345,11 @@ class PilotConfig:
         """The train config with this pilot's overrides applied (re-checked)."""
         raw = {f.name: getattr(train, f.name) for f in dataclasses.fields(train)}
         raw.update(self.overrides)
-        return _build(TrainConfig, raw, "pilot.overrides")
+        try:
+            return _build(TrainConfig, raw, "pilot.overrides")
+        except ConfigError as e:  # TrainConfig's own checks say "train.<key>"; the culprit is the override
+            raise ConfigError(str(e).replace("params.yaml: train.", "params.yaml: pilot.overrides.", 1)
+                              + " (pilot.overrides applied over train)") from None
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def __post_init__(self) -> None:
+        self.pilot.train_config(self.train)  # the pilot's merged config must be valid too
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -1,0 +1,76 @@
+"""params.yaml → typed frozen config: defaults load, and bad values fail naming the key and what is allowed."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vlgrpo.config import Config, ConfigError, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_project_params_load_and_are_frozen():
+    cfg = load_config(ROOT / "params.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.data.source == "synthetic" and cfg.train.loss_type == "grpo"
+    assert cfg.train.gradient_accumulation_steps == cfg.train.completions_per_step // cfg.train.micro_batch_size
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.learning_rate = 1.0
+
+
+@pytest.mark.parametrize("raw, key, allowed", [
+    ({"train": {"lr": 1e-3}}, "train.lr", "allowed keys in 'train'"),
+    ({"trian": {}}, "trian", "allowed keys in 'top level'"),
+    ({"train": {"learning_rate": "fast"}}, "train.learning_rate", "must be a number"),
+    ({"train": {"max_steps": 2.5}}, "train.max_steps", "must be an integer"),
+    ({"train": {"max_steps": True}}, "train.max_steps", "must be an integer"),
+    ({"train": {"loss_type": "ppo"}}, "train.loss_type", "'grpo', 'bnpo', 'dr_grpo', 'dapo'"),
+    ({"train": {"learning_rate": 0}}, "train.learning_rate", "must be > 0"),
+    ({"train": {"num_generations": 1}}, "train.num_generations", "must be >= 2"),
+    ({"train": {"micro_batch_size": 7}}, "train.micro_batch_size", "must be divisible by micro_batch_size"),
+    ({"train": {"top_p": 1.5}}, "train.top_p", "must be <= 1"),
+    ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision", "'bf16', 'fp16', 'no'"),
+    ({"data": {"source": "laion"}}, "data.source", "'synthetic', 'jsonl', 'coco', 'flickr30k'"),
+    ({"data": {"source": "jsonl"}}, "data.path", "is required"),
+    ({"data": {"task_mix": {"ocr": 1.0}}}, "data.task_mix.ocr", "allowed: count, color"),
+    ({"data": {"synthetic": {"shapes": ["circle", "hexagon"]}}}, "data.synthetic.shapes", "unknown shape"),
+    ({"data": {"synthetic": {"min_object_size": 50, "max_object_size": 40}}},
+     "data.synthetic.max_object_size", "must be >= 50"),
+    ({"data": {"max_pixels": 1000}}, "data.max_pixels", "must be >="),
+    ({"pilot": {"overrides": {"max_stepz": 3}}}, "pilot.overrides.max_stepz", "not a train key"),
+    ({"pilot": {"overrides": {"max_steps": 0}}}, "pilot.overrides.max_steps", "must be >= 1"),
+    ({"rewards": {"on_error": "ignore"}}, "rewards.on_error", "'raise', 'skip'"),
+    ({"base": {"tiny": {"hidden_size": 130}}}, "base.tiny.hidden_size", "divisible by num_attention_heads"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(raw, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    assert f"{key}:" in str(e.value)
+    assert allowed in str(e.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("train: {learning_rate: [1, 2]}\n")
+    with pytest.raises(ConfigError, match=rf"{p}: train.learning_rate: must be a number"):
+        load_config(p)
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_pilot_overrides_apply_over_train():
+    cfg = config_from_dict({"train": {"max_steps": 100, "learning_rate": 0.01},
+                            "pilot": {"overrides": {"max_steps": 5, "subset": 16}}})
+    pilot = cfg.pilot.train_config(cfg.train)
+    assert (pilot.max_steps, pilot.subset, pilot.learning_rate) == (5, 16, 0.01)
+    assert cfg.train.max_steps == 100  # the original is untouched
+
+
+def test_int_accepted_where_float_expected_and_to_dict_round_trips():
+    cfg = config_from_dict({"train": {"learning_rate": 1}})
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
