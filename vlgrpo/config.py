@@ -362,9 +362,16 @@ class EvaluateConfig:
     bootstrap: int = 1000
     max_items: int | None = None
     seed: int = 0
+    max_new_tokens: int | None = None   # None = train.max_completion_length (what the policy was tuned at)
+    report_samples: int = 12            # items shown (thumbnail, question, answers) in reports/evaluate.md
 
     def __post_init__(self) -> None:
         _check_range("evaluate.batch_size", self.batch_size, 1)
+        if self.max_items is not None:
+            _check_range("evaluate.max_items", self.max_items, 1)
+        if self.max_new_tokens is not None:
+            _check_range("evaluate.max_new_tokens", self.max_new_tokens, 1)
+        _check_range("evaluate.report_samples", self.report_samples, 0)
         _check_range("evaluate.samples_k", self.samples_k, 0)
         _check_range("evaluate.bootstrap", self.bootstrap, 100)
         for name, v in self.guard_metrics.items():
