@@ -1,0 +1,534 @@
+"""Reward registry (outcome reward models): name -> ``fn(prompts, completions, **columns) -> list[float|None]``.
+
+A reward scores a batch of completions. ``columns`` are per-completion lists built from
+``Item.columns()`` (``id``, ``task``, ``solution``, ``references``, ``scene``, ``images`` and the item's extra
+keys) plus ``terminated`` (True when the completion ended with EOS instead of hitting the length limit).
+``None`` means "not applicable to this item" (e.g. ``accuracy`` on a caption); the combined reward skips it.
+
+    from vlgrpo.rewards import compute_rewards
+    out = compute_rewards({"accuracy": 1.0, "format": 0.1}, prompts, completions, columns)
+    out.total, out.per_reward["accuracy"]
+
+Adding a reward: decorate a function with ``@register("name")`` in a Python file and list the file under
+``rewards.plugins`` in params.yaml; ``load_plugins`` imports it. Parameterised rewards come from factories
+(``make_fluency``, ``make_reference``, ``make_clip_score``) whose result keeps a stable ``__name__``: the
+name is the metric name everywhere (logs, reports, MLflow).
+
+Built in: ``accuracy``, ``format``, ``detail_f1``, ``reference`` (CIDEr-D), ``fluency``; ``clip_score``
+needs a local CLIP checkpoint (``rewards.clip_model``) and is built by :func:`resolve_rewards`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import re
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+from vlgrpo.answers import WORD_TO_DIGIT, normalize_answer
+
+RewardFn = Callable[..., list]
+REWARDS: dict[str, RewardFn] = {}
+VERIFIABLE_TASKS = ("count", "color", "shape", "exists")
+MAX_SHORT_ANSWER_WORDS = 3
+
+
+class RewardError(RuntimeError):
+    """A reward failed or returned a bad value; the message names the reward and the item id."""
+
+
+class PluginError(ImportError):
+    """A reward plugin file could not be imported; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make ``fn`` available as reward ``name``.
+
+    Registering the same function again (same module and qualified name, e.g. a plugin loaded twice)
+    replaces it; a *different* function under a taken name is an error, so two plugins cannot silently
+    shadow each other.
+    """
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise ValueError(f"reward name {name!r}: use letters, digits, '_', '-' or '.'")
+
+    def deco(fn: RewardFn) -> RewardFn:
+        old = REWARDS.get(name)
+        if old is not None and (_origin(old) != _origin(fn)):
+            raise ValueError(f"reward {name!r} is already registered by {_origin(old)[0]}.{_origin(old)[1]}")
+        REWARDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _origin(fn: Any) -> tuple[str, str]:
+    return getattr(fn, "__module__", "?"), getattr(fn, "__qualname__", repr(fn))
+
+
+def get_reward(name: str) -> RewardFn:
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise KeyError(f"unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}"
+                       + ("; clip_score is built by resolve_rewards from rewards.clip_model"
+                          if name == "clip_score" else "")) from None
+
+
+def load_plugins(paths: Iterable[str | Path]) -> list[str]:
+    """Import each Python file (which calls :func:`register`); return the reward names it added."""
+    added: list[str] = []
+    for p in paths:
+        path = Path(p).resolve()
+        if not path.is_file():
+            raise PluginError(f"reward plugin {p}: file not found")
+        before = dict(REWARDS)
+        # A stable, path-derived module name: loading the same file twice re-registers, not duplicates.
+        mod_name = f"vlgrpo_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        try:
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError("not a Python source file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            sys.modules.pop(mod_name, None)
+            REWARDS.clear()
+            REWARDS.update(before)  # a half-imported plugin must not leave half its rewards behind
+            raise PluginError(f"reward plugin {p}: {type(e).__name__}: {e}") from e
+        added += [n for n in REWARDS if REWARDS[n] is not before.get(n)]
+    return added
+
+
+# -------------------------------------------------------------------------------------- small helpers
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _terminated(columns: Mapping[str, Any], n: int) -> list[bool]:
+    # Without the column (e.g. scoring stored texts) every completion is taken as finished.
+    return list(columns.get("terminated") or [True] * n)
+
+
+def _col(columns: Mapping[str, Any], key: str, n: int) -> list[Any]:
+    return list(columns.get(key) or [None] * n)
+
+
+def _is_short_answer_item(task: Any, solution: Any) -> bool:
+    return task in VERIFIABLE_TASKS or bool(solution)
+
+
+# -------------------------------------------------------------------------------------- built-ins
+
+
+@register("accuracy")
+def accuracy(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
+    """1.0 when the normalised completion *equals* the normalised solution; None when there is no solution."""
+    sols = _col(columns, "solution", len(completions))
+    out: list[float | None] = []
+    for c, s in zip(completions, sols):
+        gold = normalize_answer(s)
+        out.append(None if not gold else float(normalize_answer(c) == gold))
+    return out
+
+
+@register("format")
+def format_reward(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+    """1.0 for a finished, non-empty, single answer: <= 3 words on one line for short-answer items,
+    one paragraph for free text (captions); 0.0 otherwise."""
+    n = len(completions)
+    tasks, sols, term = _col(columns, "task", n), _col(columns, "solution", n), _terminated(columns, n)
+    out = []
+    for c, task, sol, done in zip(completions, tasks, sols, term):
+        text = c.strip()
+        if not text or not done:
+            out.append(0.0)
+        elif _is_short_answer_item(task, sol):
+            out.append(float("\n" not in text and len(_words(text)) <= MAX_SHORT_ANSWER_WORDS))
+        else:
+            out.append(float("\n\n" not in text))
+    return out
+
+
+# ---- detail_f1: facts a caption states, checked against the scene graph
+
+_GENERIC_NOUNS = {"shape", "shapes", "object", "objects", "thing", "things", "item", "items"}
+_ONE = {"a": 1, "an": 1, "one": 1, "single": 1, "no": 0}
+
+
+def _vocab() -> tuple[dict[str, str], set[str]]:
+    from vlgrpo.data.synthetic import COLORS, PLURALS
+    shapes = {s: s for s in PLURALS} | {p: s for s, p in PLURALS.items()}
+    return shapes, set(COLORS)
+
+
+def _number(tok: str) -> int | None:
+    if tok in _ONE:
+        return _ONE[tok]
+    if tok.isdigit():
+        return int(tok)
+    return int(WORD_TO_DIGIT[tok]) if tok in WORD_TO_DIGIT else None
+
+
+Fact = tuple
+
+
+def caption_facts(text: str) -> set[Fact]:
+    """The facts a caption states about a scene of coloured shapes.
+
+    - ``("count", colour|None, shape|None, n)`` for "<number> [colour] <shape|shapes|objects>"
+      ("two red circles", "three shapes", "a blue square", "no green triangles" -> n=0);
+    - ``("color", c)`` / ``("shape", s)`` for every colour / shape word outside an n=0 phrase
+      (mentioning "red" claims a red object exists).
+    Repeating a fact states it once (a set), so repetition cannot raise the score.
+    """
+    shapes, colors = _vocab()
+    toks = re.findall(r"[a-z]+|\d+", text.lower())
+    facts: set[Fact] = set()
+    negated: set[int] = set()  # token positions inside "no ..." phrases: they claim absence
+    for i, tok in enumerate(toks):
+        n = _number(tok)
+        if n is None:
+            continue
+        j = i + 1
+        color = toks[j] if j < len(toks) and toks[j] in colors else None
+        j += color is not None
+        if j < len(toks) and (toks[j] in shapes or toks[j] in _GENERIC_NOUNS):
+            facts.add(("count", color, shapes.get(toks[j]), n))
+            if n == 0:
+                negated.update(range(i, j + 1))
+    for i, tok in enumerate(toks):
+        if i in negated:
+            continue
+        if tok in colors:
+            facts.add(("color", tok))
+        elif tok in shapes:
+            facts.add(("shape", shapes[tok]))
+    return facts
+
+
+def _fact_true(fact: Fact, scene: Mapping[str, Any]) -> bool:
+    from vlgrpo.data.synthetic import count_objects
+    if fact[0] == "count":
+        return count_objects(scene, fact[1], fact[2]) == fact[3]
+    if fact[0] == "color":
+        return count_objects(scene, color=fact[1]) > 0
+    return count_objects(scene, shape=fact[1]) > 0
+
+
+def scene_facts(scene: Mapping[str, Any]) -> set[Fact]:
+    """What a complete caption covers: the count of every colour+shape present, every colour, every shape."""
+    groups = Counter((o["color"], o["shape"]) for o in scene["objects"])
+    facts: set[Fact] = {("count", c, s, n) for (c, s), n in groups.items()}
+    facts |= {("color", c) for c, _ in groups} | {("shape", s) for _, s in groups}
+    return facts
+
+
+def detail_f1_score(text: str, scene: Mapping[str, Any]) -> float:
+    """F1 of stated facts: precision = true stated / stated, recall = covered scene facts / scene facts.
+
+    Stated true facts that are not in the canonical set (a total count, "two red shapes") raise precision
+    but not recall.
+    """
+    stated = caption_facts(text)
+    truth = scene_facts(scene)
+    if not truth:
+        return 1.0 if not stated else 0.0
+    if not stated:
+        return 0.0
+    precision = sum(_fact_true(f, scene) for f in stated) / len(stated)
+    recall = len(stated & truth) / len(truth)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+@register("detail_f1")
+def detail_f1(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
+    """Caption detail F1 against the scene graph; None without a scene or for short-answer tasks."""
+    n = len(completions)
+    scenes, tasks, sols = _col(columns, "scene", n), _col(columns, "task", n), _col(columns, "solution", n)
+    return [None if not sc or _is_short_answer_item(t, s) else detail_f1_score(c, sc)
+            for c, sc, t, s in zip(completions, scenes, tasks, sols)]
+
+
+# ---- reference: CIDEr-D against the item's reference captions
+
+
+def _cider_tokens(text: str) -> str:
+    # The COCO PTB tokenizer needs Java; lower-cased alphanumeric words are what it keeps for these texts.
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _cider_d(pairs: list[tuple[str, list[str]]], corpus: list[list[str]]) -> list[float]:
+    """CIDEr-D (pycocoevalcap's scorer: tf-idf n-grams 1..4, clipping, length penalty, x10) per pair.
+
+    Document frequencies come from ``corpus`` (one entry per image: its reference list), not from
+    ``pairs``: in GRPO a batch holds G completions of the same image and counting its references G
+    times would distort the idf.
+    """
+    import numpy as np
+    from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
+
+    df: defaultdict = defaultdict(float)
+    for refs in corpus:
+        for ngram in {g for ref in cook_refs([_cider_tokens(r) for r in refs]) for g in ref}:
+            df[ngram] += 1
+    log_n = float(np.log(float(max(len(corpus), 1))))
+
+    class _FixedCorpus(CiderScorer):
+        # compute_cider() sets ref_len = log(#pairs); keep the corpus size instead.
+        ref_len = property(lambda self: log_n, lambda self, value: None)
+
+    scorer = _FixedCorpus()
+    scorer.document_frequency = df
+    scorer.crefs = [cook_refs([_cider_tokens(r) for r in refs]) for _, refs in pairs]
+    scorer.ctest = [cook_test(_cider_tokens(h)) for h, _ in pairs]
+    return [float(s) for s in scorer.compute_cider()]
+
+
+def make_reference(corpus: Sequence[Sequence[str]] | None = None) -> RewardFn:
+    """CIDEr-D reward. ``corpus`` (reference lists, one per image, e.g. the train split's) fixes the
+    document frequencies; without it they come from the batch's *distinct* reference lists. With one
+    distinct image in a batch every n-gram has idf 0 and the score is 0: pass a corpus in that setting.
+    """
+    fixed = [list(r) for r in corpus] if corpus is not None else None
+
+    def reference(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
+        refs = _col(columns, "references", len(completions))
+        idx = [i for i, r in enumerate(refs) if r]
+        out: list[float | None] = [None] * len(completions)
+        if not idx:
+            return out
+        docs = fixed if fixed is not None else list({tuple(refs[i]): list(refs[i]) for i in idx}.values())
+        scores = _cider_d([(completions[i], list(refs[i])) for i in idx], docs)
+        for i, s in zip(idx, scores):
+            out[i] = s
+        return out
+
+    reference.__name__ = reference.__qualname__ = "reference"
+    return reference
+
+
+register("reference")(make_reference())
+
+
+# ---- fluency
+
+
+def make_fluency(min_words: int = 1, max_words: int = 30, ngram: int = 2,
+                 unterminated_factor: float = 0.5) -> RewardFn:
+    """Fluency in [0, 1] = distinct-n ratio x length factor x (1 or ``unterminated_factor``).
+
+    distinct-n: unique n-grams / n-grams (texts shorter than n use unigrams), so "red red red" scores 1/3;
+    length factor: 1 inside [min_words, max_words], else words/min_words or max_words/words.
+    """
+    if not 0 <= min_words <= max_words:
+        raise ValueError(f"fluency: need 0 <= min_words <= max_words, got {min_words}, {max_words}")
+
+    def fluency(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        term = _terminated(columns, len(completions))
+        return [fluency_score(c, done, min_words, max_words, ngram, unterminated_factor)
+                for c, done in zip(completions, term)]
+
+    fluency.__name__ = fluency.__qualname__ = "fluency"
+    return fluency
+
+
+def fluency_score(text: str, terminated: bool, min_words: int, max_words: int, ngram: int = 2,
+                  unterminated_factor: float = 0.5) -> float:
+    words = [w.strip(".,!?;:").lower() for w in _words(text)]
+    words = [w for w in words if w]
+    if not words:
+        return 0.0 if min_words > 0 else (1.0 if terminated else unterminated_factor)
+    k = ngram if len(words) >= ngram else 1
+    grams = [tuple(words[i:i + k]) for i in range(len(words) - k + 1)]
+    distinct = len(set(grams)) / len(grams)
+    n = len(words)
+    length = 1.0 if min_words <= n <= max_words else (n / min_words if n < min_words else max_words / n)
+    return distinct * length * (1.0 if terminated else unterminated_factor)
+
+
+register("fluency")(make_fluency())
+
+
+# ---- clip_score
+
+
+def make_clip_score(path: str | Path, root: str | Path = ".", device: str = "cpu") -> RewardFn:
+    """Cosine similarity in [-1, 1] between a completion and its (first) image under a local CLIP.
+
+    ``path``: a directory with a transformers ``CLIPModel`` and ``CLIPProcessor`` (never downloaded);
+    ``root``: the folder the ``images`` column is relative to (the manifest's folder).
+    """
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"clip_score: rewards.clip_model {path} is not a local directory")
+    model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    max_len = model.config.text_config.max_position_embeddings
+    root = Path(root)
+
+    def _features(out: Any) -> "torch.Tensor":
+        # transformers 5 returns a model output whose pooler_output is the projected embedding.
+        feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def clip_score(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
+        from PIL import Image
+
+        images = _col(columns, "images", len(completions))
+        idx = [i for i, im in enumerate(images) if im]
+        out: list[float | None] = [None] * len(completions)
+        if not idx:
+            return out
+        files = sorted({images[i][0] for i in idx})   # G completions share one image: embed it once
+        pics = []
+        for f in files:
+            with Image.open(root / f) as im:
+                pics.append(im.convert("RGB"))
+        img_in = processor(images=pics, return_tensors="pt").to(device)
+        img = _features(model.get_image_features(pixel_values=img_in["pixel_values"]))      # (F, D)
+        txt_in = processor(text=[completions[i] for i in idx], return_tensors="pt", padding=True,
+                           truncation=True, max_length=max_len).to(device)
+        txt = _features(model.get_text_features(input_ids=txt_in["input_ids"],
+                                                attention_mask=txt_in["attention_mask"]))     # (N, D)
+        row = {f: k for k, f in enumerate(files)}
+        sims = (txt * img[[row[images[i][0]] for i in idx]]).sum(-1)                         # (N,)
+        for i, s in zip(idx, sims.tolist()):
+            out[i] = float(s)
+        return out
+
+    clip_score.__name__ = clip_score.__qualname__ = "clip_score"
+    return clip_score
+
+
+# ------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".") -> dict[str, RewardFn]:
+    """Reward functions for ``names``, building the configured ones from ``cfg`` (a ``RewardsConfig``):
+    ``fluency`` uses its word window, ``clip_score`` its ``clip_model`` (a local path)."""
+    out: dict[str, RewardFn] = {}
+    for name in names:
+        if name == "clip_score" and name not in REWARDS:
+            model = getattr(cfg, "clip_model", None)
+            if not model:
+                raise KeyError("reward 'clip_score' needs rewards.clip_model (a local CLIP directory)")
+            out[name] = make_clip_score(model, root=root)
+        elif name == "fluency" and cfg is not None:
+            out[name] = make_fluency(cfg.fluency_min_words, cfg.fluency_max_words)
+        else:
+            out[name] = get_reward(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ combining
+
+
+class RewardBatch(NamedTuple):
+    per_reward: dict[str, list[float | None]]
+    total: list[float]
+
+
+def combine(rewards_by_name: Mapping[str, Sequence[float | None]], weights: Mapping[str, float]) -> list[float]:
+    """``total_i = sum_k w_k r_ki`` over the rewards that apply to item i (None skipped; none apply -> 0)."""
+    missing = [k for k in weights if k not in rewards_by_name]
+    if missing:
+        raise KeyError(f"combine: no scores for weighted reward(s) {', '.join(missing)}")
+    lengths = {len(v) for v in rewards_by_name.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"combine: rewards have different lengths {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+    return [sum(w * rewards_by_name[k][i] for k, w in weights.items() if rewards_by_name[k][i] is not None)
+            for i in range(n)]
+
+
+def _item_id(columns: Mapping[str, Any], i: int) -> str:
+    ids = columns.get("id")
+    return str(ids[i]) if ids is not None and i < len(ids) else f"#{i}"
+
+
+def _check_values(name: str, values: Any, n: int, columns: Mapping[str, Any]) -> list[float | None]:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise RewardError(f"reward {name!r} returned {got} values for {n} completions")
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+            raise RewardError(f"reward {name!r} returned {v!r} for item {_item_id(columns, i)}: not a number")
+        f = float(v)
+        if not math.isfinite(f):
+            raise RewardError(f"reward {name!r} returned {f} for item {_item_id(columns, i)}")
+        out.append(f)
+    return out
+
+
+def _run_one(name: str, fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
+             columns: Mapping[str, Any], on_error: str) -> list[float | None]:
+    n = len(completions)
+    try:
+        return _check_values(name, fn(list(prompts), list(completions), **columns), n, columns)
+    except RewardError:
+        raise
+    except Exception as batch_error:  # noqa: BLE001 - narrowed to the failing item(s) below
+        first = batch_error
+    # The batch call failed: score item by item to name the culprit (and, for "skip", keep the rest).
+    # Batch-level statistics (e.g. CIDEr's document frequencies) are then per item: a degraded fallback.
+    out: list[float | None] = []
+    for i in range(n):
+        cols_i = {k: [v[i]] for k, v in columns.items()}
+        try:
+            got = fn([prompts[i]], [completions[i]], **cols_i)
+            out += _check_values(name, got, 1, {"id": [_item_id(columns, i)]})
+        except RewardError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if on_error == "raise":
+                raise RewardError(f"reward {name!r} failed on item {_item_id(columns, i)}: "
+                                  f"{type(e).__name__}: {e}") from e
+            out.append(None)
+    if on_error == "raise":  # every item alone succeeds: the failure is in the batch handling itself
+        raise RewardError(f"reward {name!r} failed on the batch of items {_item_id(columns, 0)}.."
+                          f"{_item_id(columns, n - 1)} (each item alone succeeds): "
+                          f"{type(first).__name__}: {first}") from first
+    return out
+
+
+def compute_rewards(names_weights: Mapping[str, float], prompts: Sequence[str], completions: Sequence[str],
+                    columns: Mapping[str, Sequence[Any]], on_error: str = "raise",
+                    rewards: Mapping[str, RewardFn] | None = None) -> RewardBatch:
+    """Score every completion with every weighted reward and combine them.
+
+    ``columns``: per-completion lists (all of length ``len(completions)``). ``rewards``: prebuilt functions
+    (from :func:`resolve_rewards`); names not in it come from the registry. ``on_error="raise"``: a reward
+    that raises gives :class:`RewardError` naming the reward and item; ``"skip"``: that item scores None and
+    the others are still scored. A NaN/inf score or a wrong-length result is always a RewardError: it is a
+    bug in the reward, not a property of one item.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    n = len(completions)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} completions")
+    for k, v in columns.items():
+        if len(v) != n:
+            raise ValueError(f"column {k!r} has {len(v)} values for {n} completions")
+    fns = dict(rewards or {})
+    per = {name: _run_one(name, fns[name] if name in fns else get_reward(name), prompts, completions,
+                          columns, on_error)
+           for name in names_weights}
+    return RewardBatch(per, combine(per, names_weights))
