@@ -1,0 +1,313 @@
+"""Evaluate base vs candidate (vs champion) on the held-out test split: metrics, intervals, the decision.
+
+    from vlgrpo.evaluate import evaluate_models
+    from vlgrpo.modeling import load_model
+    result = evaluate_models(cfg, Path("data/manifest.jsonl"), {
+        "base": lambda: load_model("models/base"),
+        "candidate": lambda: load_model("models/candidate"),
+        "champion": None,          # or a loader the caller builds from the MLflow registry
+    })
+    result["candidate"]["accuracy"], result["delta_vs_base"]["accuracy_lo"], result["decision"]["promote"]
+
+Models arrive as *loaders* (functions returning ``(model, processor)``) so the core never imports MLflow:
+the caller resolves ``models:/<name>@champion`` to a directory and hands a loader over. One model is in
+memory at a time.
+
+Every model answers the same items (``evaluate.max_items`` caps them, manifest order) with batched greedy
+decoding; with ``evaluate.samples_k > 0`` it also samples k answers per item (``train.temperature`` /
+``train.top_p``) for pass@k. Per item we score ``accuracy`` plus every configured reward
+(``rewards.weights`` names, and ``format`` / ``fluency`` always), the weighted total ``reward`` and the
+completion length in tokens. Per model and per task type: the mean of each with a 95% percentile-bootstrap
+interval; between models: the *paired* difference (same items) with its interval.
+
+Result layout (flat enough for ``dvc metrics show``; ``items`` holds the per-item answers and is kept out
+of reports/evaluate.json by :func:`vlgrpo.report.metrics_only`):
+
+    {"split": "test", "n_items": 200, "primary_metric": "accuracy", "metrics": ["accuracy", ...],
+     "base": {"n": 200, "accuracy": 0.41, "accuracy_lo": 0.34, "accuracy_hi": 0.48, "format": ...,
+              "items_per_s": ..., "by_task": {"count": {"n": 50, "accuracy": ..., ...}}},
+     "candidate": {...}, "champion": {...},
+     "delta_vs_base": {"accuracy": 0.22, "accuracy_lo": 0.16, "accuracy_hi": 0.28, ..., "by_task": {...}},
+     "delta_vs_champion": {...},
+     "decision": {"promote": true, "against": "base", "reasons": [...], ...},
+     "items": [{"id", "task", "question", "images", "solution", "references",
+                "answers": {model: text}, "correct": {model: bool|None}, "scores": {model: {metric: v}}}]}
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from vlgrpo.config import Config
+from vlgrpo.data.manifest import Item, read_manifest
+from vlgrpo.gates import should_promote
+from vlgrpo.stats import bootstrap_ci, paired_diff_ci
+
+Loader = Callable[[], tuple[Any, Any]]
+ALWAYS_REWARDS = ("format", "fluency")
+MODEL_ORDER = ("base", "candidate", "champion")
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def reward_names(cfg: Config) -> list[str]:
+    """``accuracy``, then the configured rewards, then format/fluency: every reward the report shows."""
+    names = ["accuracy", *cfg.rewards.weights, *ALWAYS_REWARDS]
+    return list(dict.fromkeys(names))
+
+
+def metric_names(cfg: Config) -> list[str]:
+    """All headline metrics in report order (``reward`` is the weighted total the trainer optimises)."""
+    names = reward_names(cfg) + ["reward", "completion_length", "terminated"]
+    if cfg.evaluate.samples_k > 0:
+        names.append(pass_at_k_name(cfg.evaluate.samples_k))
+    return names
+
+
+def pass_at_k_name(k: int) -> str:
+    return f"pass_at_{k}"
+
+
+def columns_for(items: Sequence[Item], terminated: Sequence[bool]) -> dict[str, list[Any]]:
+    """Per-completion reward columns (``Item.columns()`` keys plus ``terminated``), one entry per item."""
+    keys: list[str] = []
+    rows = [it.columns() for it in items]
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    cols = {k: [r.get(k) for r in rows] for k in keys}
+    cols["terminated"] = list(terminated)
+    return cols
+
+
+def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Config,
+                      rewards: Mapping[str, Callable] | None = None) -> list[dict[str, float | None]]:
+    """One record per item: every reward, the weighted ``reward``, ``completion_length``, ``terminated``.
+
+    ``completions[i]`` answers ``items[i]`` (objects with ``text``, ``token_ids``, ``terminated``, i.e.
+    :class:`vlgrpo.modeling.Completion`). ``rewards``: prebuilt reward functions by name (else the registry).
+    """
+    from vlgrpo.rewards import compute_rewards
+
+    if len(completions) != len(items):
+        raise ValueError(f"score_completions: {len(completions)} completions for {len(items)} items")
+    names = reward_names(cfg)
+    texts = [c.text for c in completions]
+    terminated = [bool(c.terminated) for c in completions]
+    # Weights only matter for the total; scoring the unweighted extras with weight 0 keeps them out of it.
+    weights = {n: float(cfg.rewards.weights.get(n, 0.0)) for n in names}
+    batch = compute_rewards(weights, [it.question for it in items], texts, columns_for(items, terminated),
+                            on_error=cfg.rewards.on_error, rewards=rewards)
+    records = []
+    for i, c in enumerate(completions):
+        rec: dict[str, float | None] = {n: batch.per_reward[n][i] for n in names}
+        rec["reward"] = batch.total[i]
+        rec["completion_length"] = float(len(c.token_ids))
+        rec["terminated"] = float(terminated[i])
+        records.append(rec)
+    return records
+
+
+def pass_at_k(items: Sequence[Item], sampled: Sequence[Any], k: int,
+              rewards: Mapping[str, Callable] | None = None) -> list[float | None]:
+    """1.0 when any of the k sampled answers of an item is correct (k samples, so the unbiased pass@k
+    estimator reduces to "any"); None for items without a verifiable answer.
+
+    ``sampled`` holds ``k`` consecutive completions per item (``num_return_sequences=k``).
+    """
+    from vlgrpo.rewards import compute_rewards
+
+    if len(sampled) != k * len(items):
+        raise ValueError(f"pass_at_k: {len(sampled)} sampled completions for {len(items)} items x k={k}")
+    rep = [it for it in items for _ in range(k)]
+    acc = compute_rewards({"accuracy": 1.0}, [it.question for it in rep], [c.text for c in sampled],
+                          columns_for(rep, [c.terminated for c in sampled]),
+                          rewards=rewards).per_reward["accuracy"]
+    out: list[float | None] = []
+    for i in range(len(items)):
+        group = acc[i * k:(i + 1) * k]
+        out.append(None if group[0] is None else float(any(v == 1.0 for v in group)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+
+
+def _values(records: Sequence[Mapping[str, Any]], metric: str) -> list[float | None]:
+    return [r.get(metric) for r in records]
+
+
+def _has_value(values: Sequence[Any]) -> bool:
+    return any(v is not None and math.isfinite(v) for v in values)
+
+
+def summarize(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], n_boot: int,
+              seed: int) -> dict[str, Any]:
+    """``{"n": N, m: mean, m_lo: lo, m_hi: hi, [m_n: applicable items when < N]}`` for each metric that
+    applies to at least one record; metrics that apply to none are left out (never NaN)."""
+    out: dict[str, Any] = {"n": len(records)}
+    for m in metrics:
+        vals = _values(records, m)
+        if not _has_value(vals):
+            continue
+        mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, seed=seed)
+        out[m], out[f"{m}_lo"], out[f"{m}_hi"] = mean, lo, hi
+        n_ok = sum(v is not None and math.isfinite(v) for v in vals)
+        if n_ok < len(records):
+            out[f"{m}_n"] = n_ok
+    return out
+
+
+def summarize_by_task(tasks: Sequence[str], records: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+                      n_boot: int, seed: int) -> dict[str, Any]:
+    summary = summarize(records, metrics, n_boot, seed)
+    summary["by_task"] = {t: summarize([r for r, tt in zip(records, tasks) if tt == t], metrics, n_boot, seed)
+                          for t in sorted(set(tasks))}
+    return summary
+
+
+def paired_deltas(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+                  n_boot: int, seed: int) -> dict[str, Any]:
+    """``{m: mean(a - b), m_lo, m_hi}`` over items scored in both (same order); metrics without a pair
+    are left out."""
+    out: dict[str, Any] = {}
+    for m in metrics:
+        va, vb = _values(a, m), _values(b, m)
+        if not any(x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+                   for x, y in zip(va, vb)):
+            continue
+        out[m], out[f"{m}_lo"], out[f"{m}_hi"] = paired_diff_ci(va, vb, n_boot=n_boot, seed=seed)
+    return out
+
+
+def paired_deltas_by_task(tasks: Sequence[str], a, b, metrics, n_boot: int, seed: int) -> dict[str, Any]:
+    out = paired_deltas(a, b, metrics, n_boot, seed)
+    out["by_task"] = {}
+    for t in sorted(set(tasks)):
+        idx = [i for i, tt in enumerate(tasks) if tt == t]
+        out["by_task"][t] = paired_deltas([a[i] for i in idx], [b[i] for i in idx], metrics, n_boot, seed)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def held_out_items(manifest: str | Path, max_items: int | None) -> list[Item]:
+    """The manifest's test split in manifest order, capped at ``max_items``."""
+    items = read_manifest(manifest, split="test")
+    if not items:
+        raise ValueError(f"{manifest}: no items with split 'test' to evaluate on (check data.num_test / "
+                         f"data.test_fraction)")
+    return items[:max_items] if max_items is not None else items
+
+
+def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config, *,
+              rewards: Mapping[str, Callable] | None = None, progress: bool = True,
+              desc: str = "evaluate") -> tuple[list[str], list[dict[str, Any]], float]:
+    """Greedy (and optionally sampled) answers of one model, scored: ``(answers, records, seconds)``."""
+    import torch
+
+    from vlgrpo.modeling import generate_answers
+
+    ev = cfg.evaluate
+    gen = dict(batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens or cfg.train.max_completion_length,
+               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    t0 = time.perf_counter()
+    greedy = generate_answers(model, processor, items, manifest_dir, do_sample=False, progress=progress,
+                              desc=f"{desc} (greedy)", **gen)
+    records = score_completions(items, greedy, cfg, rewards)
+    if ev.samples_k > 0:
+        # Seeded so that pass@k is reproducible; the caller's RNG stream is restored afterwards.
+        state = torch.random.get_rng_state()
+        torch.manual_seed(ev.seed)
+        try:
+            sampled = generate_answers(model, processor, items, manifest_dir, do_sample=True,
+                                       temperature=cfg.train.temperature, top_p=cfg.train.top_p,
+                                       num_return_sequences=ev.samples_k, progress=progress,
+                                       desc=f"{desc} (pass@{ev.samples_k})",
+                                       **{**gen, "batch_size": max(1, ev.batch_size // ev.samples_k)})
+        finally:
+            torch.random.set_rng_state(state)
+        for rec, v in zip(records, pass_at_k(items, sampled, ev.samples_k, rewards)):
+            rec[pass_at_k_name(ev.samples_k)] = v
+    return [c.text for c in greedy], records, time.perf_counter() - t0
+
+
+def _resolve_rewards(cfg: Config, root: Path) -> dict[str, Callable]:
+    from vlgrpo.rewards import load_plugins, resolve_rewards
+
+    if cfg.rewards.plugins:
+        load_plugins([p if Path(p).is_absolute() else root / p for p in cfg.rewards.plugins])
+    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root)
+
+
+def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
+              records: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-item answers of every model, for the report's sample and reports/evaluate_items.jsonl."""
+    rows = []
+    for i, it in enumerate(items):
+        rows.append({"id": it.id, "task": it.task, "question": it.text, "images": list(it.images),
+                     "solution": it.solution, "references": list(it.references),
+                     "answers": {m: answers[m][i] for m in answers},
+                     "correct": {m: (None if records[m][i].get("accuracy") is None
+                                     else records[m][i]["accuracy"] == 1.0) for m in records},
+                     "scores": {m: dict(records[m][i]) for m in records}})
+    return rows
+
+
+def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Loader | None], progress: bool = True,
+                    *, root: str | Path = ".") -> dict[str, Any]:
+    """Run every model that has a loader on the same test items; return metrics, deltas and the decision.
+
+    ``models``: name -> loader or None (None = not available, e.g. no champion yet). ``base`` and
+    ``candidate`` give ``delta_vs_base`` and the promotion decision; ``champion`` adds
+    ``delta_vs_champion`` and becomes the bar to beat. ``root``: where relative reward plugin and CLIP paths
+    are resolved.
+    """
+    manifest = Path(manifest)
+    root = Path(root)
+    ev = cfg.evaluate
+    items = held_out_items(manifest, ev.max_items)
+    tasks = [it.task for it in items]
+    rewards = _resolve_rewards(cfg, root)
+    metrics = metric_names(cfg)
+    if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
+        raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "
+                         f"{', '.join(metrics)}")
+    names = [m for m in MODEL_ORDER if models.get(m) is not None]
+    names += [m for m, ld in models.items() if ld is not None and m not in names]
+    if not names:
+        raise ValueError("evaluate_models: no model loaders given")
+
+    result: dict[str, Any] = {"split": "test", "n_items": len(items), "primary_metric": ev.primary_metric,
+                              "metrics": metrics, "n_boot": ev.bootstrap, "samples_k": ev.samples_k,
+                              "models": names}
+    answers: dict[str, list[str]] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        model, processor = models[name]()
+        try:
+            answers[name], records[name], secs = run_model(model, processor, items, manifest.parent, cfg,
+                                                           rewards=rewards, progress=progress,
+                                                           desc=f"evaluate {name}")
+        finally:
+            del model, processor  # one model in memory at a time
+            gc.collect()
+        block = summarize_by_task(tasks, records[name], metrics, ev.bootstrap, ev.seed)
+        block["seconds"] = secs
+        block["items_per_s"] = len(items) / secs if secs > 0 else None
+        result[name] = block
+
+    if "candidate" in records:
+        for ref in ("base", "champion"):
+            if ref in records:
+                result[f"delta_vs_{ref}"] = paired_deltas_by_task(tasks, records["candidate"], records[ref],
+                                                                  metrics, ev.bootstrap, ev.seed)
+        if "base" in records:
+            result["decision"] = should_promote(result["candidate"], result["base"], result.get("champion"),
+                                                ev).to_dict()
+    result["items"] = item_rows(items, answers, records)
+    return result

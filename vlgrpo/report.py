@@ -1,0 +1,234 @@
+"""``reports/evaluate.md``: the evaluation report a person reads, and the one call that writes every output.
+
+    from vlgrpo.report import write_evaluation_outputs
+    paths = write_evaluation_outputs(result, root=Path("."), manifest=Path("data/manifest.jsonl"),
+                                     train_metrics=Path("reports/train_metrics.jsonl"))
+    # -> plots/train_curve.{png,csv}, plots/accuracy_by_task.{png,csv}, reports/evaluate.md,
+    #    reports/evaluate_items.jsonl, reports/evaluate_assets/<item>.png (thumbnails)
+
+``result`` is what :func:`vlgrpo.evaluate.evaluate_models` returns. The report holds a summary table
+(metric, each model with its 95% interval, the paired differences), the promotion decision with its
+reasons, the figures, and a sample of items: thumbnail, question, reference and each model's answer.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from PIL import Image
+
+from vlgrpo.data.manifest import resolve_image
+from vlgrpo.io import atomic_write_bytes, atomic_write_text
+
+MODEL_ORDER = ("base", "candidate", "champion")
+THUMB_PX = 96
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    return "–"
+
+
+def _with_ci(block: Mapping[str, Any] | None, metric: str, signed: bool = False) -> str:
+    if not block or not isinstance(block.get(metric), (int, float)):
+        return "–"
+    v, lo, hi = block[metric], block.get(f"{metric}_lo"), block.get(f"{metric}_hi")
+    s = f"{v:+.3f}" if signed else f"{v:.3f}"
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and (lo != v or hi != v):
+        s += f" [{lo:+.3f}, {hi:+.3f}]" if signed else f" [{lo:.3f}, {hi:.3f}]"
+    return s
+
+
+def _cell(text: Any) -> str:
+    """Markdown-table-safe text: no pipes or newlines."""
+    return str(text).replace("|", "\\|").replace("\n", " ").strip() or "∅"
+
+
+def metric_names(result: Mapping[str, Any]) -> list[str]:
+    """Headline metrics in a stable order: primary first, then the rest as the evaluation listed them."""
+    names = list(result.get("metrics", []))
+    primary = result.get("primary_metric")
+    if primary in names:
+        names.remove(primary)
+        names.insert(0, primary)
+    return names
+
+
+def summary_table(result: Mapping[str, Any]) -> list[str]:
+    models = [m for m in MODEL_ORDER if isinstance(result.get(m), Mapping)]
+    deltas = [k for k in ("delta_vs_base", "delta_vs_champion") if isinstance(result.get(k), Mapping)]
+    head = ["metric"] + models + [f"candidate − {k.split('_vs_')[1]} (paired)" for k in deltas]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for metric in metric_names(result):
+        cells = [metric] + [_with_ci(result[m], metric) for m in models]
+        cells += [_with_ci(result[k], metric, signed=True) for k in deltas]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def task_table(result: Mapping[str, Any], metric: str) -> list[str]:
+    models = [m for m in MODEL_ORDER if isinstance(result.get(m), Mapping)]
+    tasks = sorted({t for m in models for t in result[m].get("by_task", {})})
+    if not tasks:
+        return []
+    lines = [f"| task | n | " + " | ".join(models) + " | candidate − base |", "|" + "---|" * (len(models) + 3)]
+    for t in tasks:
+        blocks = {m: result[m].get("by_task", {}).get(t) for m in models}
+        n = next((b.get("n") for b in blocks.values() if b), 0)
+        delta = (result.get("delta_vs_base") or {}).get("by_task", {}).get(t)
+        lines.append(f"| {t} | {n} | " + " | ".join(_with_ci(blocks[m], metric) for m in models)
+                     + f" | {_with_ci(delta, metric, signed=True)} |")
+    return lines
+
+
+def pick_samples(items: Sequence[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
+    """Up to ``n`` items, round-robin over task types, items where the models disagree first.
+
+    Disagreements are what a reader learns from; round-robin keeps every task type in view. Order within
+    a group is the manifest's, so the sample is deterministic.
+    """
+    def disagree(it: Mapping[str, Any]) -> bool:
+        correct = it.get("correct", {})
+        return len({v for v in correct.values() if v is not None}) > 1
+
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for it in sorted(items, key=lambda it: not disagree(it)):  # stable: manifest order inside each group
+        by_task.setdefault(str(it.get("task")), []).append(it)
+    queues = [by_task[t] for t in sorted(by_task)]
+    out: list[Mapping[str, Any]] = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def _thumbnail(src: Path, dst: Path) -> bool:
+    try:
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except (OSError, ValueError):
+        return False  # a missing/unreadable image must not sink the report; the cell says so
+    atomic_write_bytes(dst, buf.getvalue())
+    return True
+
+
+def _safe_name(item_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)[:80] or "item"
+
+
+def samples_section(samples: Sequence[Mapping[str, Any]], out_path: Path, manifest: Path | None) -> list[str]:
+    models = [m for m in MODEL_ORDER if any(m in it.get("answers", {}) for it in samples)]
+    if not samples:
+        return ["_No items were evaluated._"]
+    assets = out_path.parent / f"{out_path.stem}_assets"
+    head = ["image", "task", "question", "reference"] + models
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for it in samples:
+        img_cell = "–"
+        images = it.get("images") or []
+        if images and manifest is not None:
+            dst = assets / f"{_safe_name(str(it['id']))}.png"
+            if _thumbnail(resolve_image(manifest, images[0]), dst):
+                rel = os.path.relpath(dst, out_path.parent).replace(os.sep, "/")
+                img_cell = f"![{_cell(it['id'])}]({rel})"
+            else:
+                img_cell = f"(image missing: {_cell(images[0])})"
+        ref = it.get("solution") or "; ".join((it.get("references") or [])[:2])
+        answers = []
+        for m in models:
+            ok = it.get("correct", {}).get(m)
+            mark = " ✅" if ok is True else " ❌" if ok is False else ""
+            answers.append(_cell(it.get("answers", {}).get(m, "–")) + mark)
+        lines.append("| " + " | ".join([img_cell, _cell(it.get("task")), _cell(it.get("question")),
+                                         _cell(ref)] + answers) + " |")
+    return lines
+
+
+def render_markdown(result: Mapping[str, Any], plots: Mapping[str, Path], out_path: Path,
+                    manifest: Path | None, n_samples: int = 12) -> str:
+    out_path = Path(out_path)
+    models = [m for m in MODEL_ORDER if isinstance(result.get(m), Mapping)]
+    primary = result.get("primary_metric", "accuracy")
+    lines = ["# Evaluation: " + " vs ".join(models), ""]
+    lines.append(f"{result.get('n_items', 0)} held-out `{result.get('split', 'test')}` items, greedy decoding"
+                 + (f", pass@{result['samples_k']} from {result['samples_k']} sampled answers"
+                    if result.get("samples_k") else "")
+                 + f"; 95% percentile-bootstrap intervals ({result.get('n_boot', '?')} resamples), paired over "
+                   f"the same items for the differences.")
+    lines.append("")
+    d = result.get("decision")
+    if d:
+        verdict = "PROMOTE" if d.get("promote") else "DO NOT PROMOTE"
+        lines += [f"## Decision: **{verdict}** (candidate against the {d.get('against')})", ""]
+        lines += [f"- {r}" for r in d.get("reasons", [])]
+        lines.append("")
+    lines += ["## Summary", ""] + summary_table(result) + [""]
+    tt = task_table(result, primary)
+    if tt:
+        lines += [f"## {primary} by task type", ""] + tt + [""]
+    if plots:
+        lines += ["## Figures", ""]
+        for title, p in plots.items():
+            rel = os.path.relpath(Path(p), out_path.parent).replace(os.sep, "/")
+            lines += [f"**{title}**", "", f"![{title}]({rel})", ""]
+    samples = pick_samples(result.get("items", []), n_samples)
+    lines += [f"## Sample of {len(samples)} items (disagreements first)", ""]
+    lines += samples_section(samples, out_path, manifest) + [""]
+    return "\n".join(lines)
+
+
+def write_markdown_report(result: Mapping[str, Any], plots: Mapping[str, Path], out_path: str | Path,
+                          manifest: str | Path | None, n_samples: int = 12) -> Path:
+    """Write the report (and the sample thumbnails beside it, under ``<stem>_assets/``); returns its path."""
+    out_path = Path(out_path)
+    text = render_markdown(result, plots, out_path, Path(manifest) if manifest else None, n_samples)
+    atomic_write_text(out_path, text)
+    return out_path
+
+
+def metrics_only(result: Mapping[str, Any]) -> dict[str, Any]:
+    """``result`` without the per-item answers: what ``reports/evaluate.json`` (DVC metrics) holds."""
+    return {k: v for k, v in result.items() if k != "items"}
+
+
+def write_evaluation_outputs(result: Mapping[str, Any], root: str | Path, manifest: str | Path | None,
+                             train_metrics: str | Path | None = None, n_samples: int = 12) -> dict[str, Path]:
+    """Write plots/ (PNG + CSV), reports/evaluate.md and reports/evaluate_items.jsonl under ``root``.
+
+    ``reports/evaluate.json`` itself is left to the caller (it adds run ids); use :func:`metrics_only`.
+    Returns every written path by name.
+    """
+    from vlgrpo.plots import plot_accuracy_by_task, plot_training_curves, read_metrics_jsonl
+
+    root = Path(root)
+    plots_dir, reports = root / "plots", root / "reports"
+    paths: dict[str, Path] = {}
+    figures: dict[str, Path] = {}
+    if train_metrics is not None and Path(train_metrics).exists():
+        rows = read_metrics_jsonl(train_metrics)
+        paths["train_curve_png"] = plot_training_curves(rows, plots_dir / "train_curve.png",
+                                                        plots_dir / "train_curve.csv")
+        paths["train_curve_csv"] = plots_dir / "train_curve.csv"
+        figures["Training reward and KL per step"] = paths["train_curve_png"]
+    metric = result.get("primary_metric", "accuracy")
+    paths["accuracy_png"] = plot_accuracy_by_task(result, plots_dir / "accuracy_by_task.png",
+                                                  plots_dir / "accuracy_by_task.csv", metric=metric)
+    paths["accuracy_csv"] = plots_dir / "accuracy_by_task.csv"
+    figures[f"{metric} by task type, 95% CI"] = paths["accuracy_png"]
+    items_path = reports / "evaluate_items.jsonl"
+    atomic_write_text(items_path, "".join(json.dumps(it, ensure_ascii=False) + "\n"
+                                          for it in result.get("items", [])))
+    paths["items"] = items_path
+    paths["markdown"] = write_markdown_report(result, figures, reports / "evaluate.md", manifest, n_samples)
+    return paths
