@@ -152,7 +152,7 @@ def plot_accuracy_by_task(result: Mapping[str, Any], png_path: str | Path, csv_p
     ax.set(ylabel=metric, ylim=(0, 1.05) if metric == "accuracy" else None,
            title=f"{metric} by task type (95% bootstrap CI)")
     ax.grid(axis="y", alpha=0.3)
-    if models:
-        ax.legend(loc="best", fontsize=8)
+    if models:  # below the axes: bars near 1.0 would hide under an inside legend
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(models), fontsize=8, frameon=False)
     _save(fig, png_path)
     return Path(png_path)

@@ -89,24 +89,27 @@ def task_table(result: Mapping[str, Any], metric: str) -> list[str]:
 
 
 def pick_samples(items: Sequence[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
-    """Up to ``n`` items, round-robin over task types, items where the models disagree first.
+    """Up to ``n`` items: round-robin over task types, the most telling items first.
 
-    Disagreements are what a reader learns from; round-robin keeps every task type in view. Order within
-    a group is the manifest's, so the sample is deterministic.
+    Priority: models disagree on correctness (0), models give different answers (1), all agree (2).
+    Each round takes the next item of every task type and orders that round by priority, then manifest
+    order, so every task type stays in view and the sample is deterministic.
     """
-    def disagree(it: Mapping[str, Any]) -> bool:
-        correct = it.get("correct", {})
-        return len({v for v in correct.values() if v is not None}) > 1
+    def priority(it: Mapping[str, Any]) -> int:
+        correct = {v for v in it.get("correct", {}).values() if v is not None}
+        answers = {str(a).strip().lower() for a in it.get("answers", {}).values()}
+        return 0 if len(correct) > 1 else 1 if len(answers) > 1 else 2
 
+    order = {id(it): i for i, it in enumerate(items)}
+    key = lambda it: (priority(it), order[id(it)])  # noqa: E731
     by_task: dict[str, list[Mapping[str, Any]]] = {}
-    for it in sorted(items, key=lambda it: not disagree(it)):  # stable: manifest order inside each group
+    for it in sorted(items, key=key):
         by_task.setdefault(str(it.get("task")), []).append(it)
-    queues = [by_task[t] for t in sorted(by_task)]
+    queues = list(by_task.values())
     out: list[Mapping[str, Any]] = []
     while len(out) < n and any(queues):
-        for q in queues:
-            if q and len(out) < n:
-                out.append(q.pop(0))
+        heads = sorted((q.pop(0) for q in queues if q), key=key)
+        out.extend(heads[:n - len(out)])
     return out
 
 
@@ -183,7 +186,7 @@ def render_markdown(result: Mapping[str, Any], plots: Mapping[str, Path], out_pa
             rel = os.path.relpath(Path(p), out_path.parent).replace(os.sep, "/")
             lines += [f"**{title}**", "", f"![{title}]({rel})", ""]
     samples = pick_samples(result.get("items", []), n_samples)
-    lines += [f"## Sample of {len(samples)} items (disagreements first)", ""]
+    lines += [f"## Sample of {len(samples)} items (disagreements first, every task type)", ""]
     lines += samples_section(samples, out_path, manifest) + [""]
     return "\n".join(lines)
 
