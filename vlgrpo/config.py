@@ -286,6 +286,7 @@ class TrainConfig:
     subset: int | None = None           # use only the first N train items
     out_dir: str = "models/candidate"
     log_every: int = 1
+    shared_work: bool = True            # encode each prompt/image once per group (false: G copies)
 
     def __post_init__(self) -> None:
         k = "train"
