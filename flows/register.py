@@ -22,11 +22,11 @@ def register_task(root, cfg, evaluation: dict, run_id: str) -> dict:
 
     client = MlflowClient()
     name = cfg.register.model_name
-    info = log_candidate(root, root / cfg.train.out_dir)
+    info = log_candidate(root, root / cfg.train.out_dir, cfg.data.min_pixels, cfg.data.max_pixels)
     decision = evaluation["decision"]
     tags = {"evaluate.promote": str(decision["promote"]), "evaluate.reasons": "; ".join(decision["reasons"]),
             "evaluate.primary_metric": cfg.evaluate.primary_metric}
-    version = register_version(client, name, info.model_uri, run_id, tags)
+    version = register_version(client, name, info, run_id, tags)
     out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
            "promoted": False, "decision": decision}
     evaluated_against = evaluation.get("champion_version")

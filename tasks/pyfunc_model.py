@@ -25,6 +25,10 @@ class VLGRPOPyfunc(PythonModel):
 
         self.model, self.processor = load_model(context.artifacts["checkpoint"])
         self.model.eval()
+        # The pixel budget the model was trained with (register passes params.yaml data.* as model_config).
+        cfg = getattr(context, "model_config", None) or {}
+        self.min_pixels = int(cfg.get("min_pixels", 3136))
+        self.max_pixels = int(cfg.get("max_pixels", 12544))
 
     def predict(self, context, model_input, params=None):
         from PIL import Image
@@ -45,7 +49,8 @@ class VLGRPOPyfunc(PythonModel):
                                   question=q if IMAGE_TAG in q else IMAGE_TAG + q, images=[name]))
             outs = generate_answers(self.model, self.processor, items, Path(tmp),
                                     batch_size=int(params.get("batch_size", 8)),
-                                    max_new_tokens=int(params.get("max_new_tokens", 32)))
+                                    max_new_tokens=int(params.get("max_new_tokens", 32)),
+                                    min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         return [o.text for o in outs]
 
 

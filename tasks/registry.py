@@ -46,7 +46,7 @@ def champion_loader(name: str) -> Callable[[], Any] | None:
     return load
 
 
-def log_candidate(root: Path, checkpoint: Path) -> Any:
+def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int) -> Any:
     """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo."""
     root = Path(root)
     return retry(lambda: mlflow.pyfunc.log_model(
@@ -54,11 +54,11 @@ def log_candidate(root: Path, checkpoint: Path) -> Any:
         python_model=str(root / "tasks" / "pyfunc_model.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(root / "vlgrpo")],
-        input_example=None,
+        model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
     ), what="log pyfunc model")
 
 
-def register_version(client: MlflowClient, name: str, model_uri: str, run_id: str,
+def register_version(client: MlflowClient, name: str, model_info: Any, run_id: str,
                      tags: dict[str, str], timeout_s: float = 300) -> str:
     """Create the registered model version, wait until READY, then alias it ``candidate``."""
     try:
@@ -66,7 +66,9 @@ def register_version(client: MlflowClient, name: str, model_uri: str, run_id: st
     except RuntimeError as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
             raise
-    mv = retry(lambda: client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags),
+    # MLflow 3 logged models live at models:/m-<id>; the registry needs that id beside the source.
+    mv = retry(lambda: client.create_model_version(name, source=model_info.model_uri, run_id=run_id, tags=tags,
+                                                   model_id=model_info.model_id),
                what="create model version")
     deadline = time.monotonic() + timeout_s
     while mv.status != "READY":
