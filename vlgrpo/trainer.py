@@ -261,6 +261,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def vision_token_ids(model: nn.Module) -> list[int]:
+    """Ids of the image/video placeholder and delimiter tokens, from the model's config."""
+    c = _base_model(model).config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(getattr(c, n)) for n in names if getattr(c, n, None) is not None})
+
+
 @torch.no_grad()
 def generate_group_completions(model: nn.Module, prompts: PromptBatch, num_generations: int,
                                max_new_tokens: int, temperature: float, top_p: float, stop_ids: Sequence[int],
@@ -294,11 +301,15 @@ def generate_group_completions(model: nn.Module, prompts: PromptBatch, num_gener
         next_pos = completion_positions(model, rep, 1)
     N = P * G
     stops = torch.tensor(sorted(set(stop_ids)), device=logits.device)
+    banned = vision_token_ids(model)
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
     done = torch.zeros(N, dtype=torch.bool, device=logits.device)
     terminated = torch.zeros(N, dtype=torch.bool, device=logits.device)
     lengths = torch.zeros(N, dtype=torch.long, device=logits.device)
     for t in range(max_new_tokens):
+        # a sampled <|image_pad|> would read as an image placeholder when the completion is fed back
+        # ("image features and image tokens do not match"): vision tokens are never sampled
+        logits[:, banned] = float("-inf")
         tok = sample_next(logits, temperature, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
@@ -513,7 +524,6 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
     dict (steps, wall time, throughput, final metrics). The final model goes to ``out_dir`` (atomically, the
     checkpoints kept inside it).
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from vlgrpo import modeling, rewards as R
@@ -523,9 +533,11 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
     root = Path(root)
     manifest = _under(root, manifest)
     out_dir, metrics_path = _under(root, out_dir), _under(root, metrics_path)
+    if _under(root, init_model_dir).exists():        # else a hub id, passed as it is
+        init_model_dir = _under(root, init_model_dir)
     if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision: fp16 needs a GPU (loss scaling); use bf16 or no on CPU")
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = _accelerator(tc.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     if tc.prompts_per_step % world:
         raise TrainingError(f"train.prompts_per_step ({tc.prompts_per_step}) must be divisible by the number "
@@ -618,8 +630,11 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
                 for k, v in it.columns().items():
                     columns.setdefault(k, []).extend([v] * G)
             columns["terminated"] = term.tolist()
-            rb = R.compute_rewards(weights, prompts_txt, texts, columns, on_error=cfg.rewards.on_error,
-                                   rewards=reward_fns)
+            try:
+                rb = R.compute_rewards(weights, prompts_txt, texts, columns, on_error=cfg.rewards.on_error,
+                                       rewards=reward_fns)
+            except R.RewardError as e:
+                raise TrainingError(f"step {step + 1}: {e}") from e
             local_r = _reward_tensor(step + 1, rb.per_reward, names).to(device)          # (N_local, K)
             all_r = accelerator.gather(local_r).cpu()                                     # (N_global, K)
             total = grpo.total_rewards(all_r, w_tensor)                                   # (N_global,)
@@ -728,6 +743,19 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
         "mixed_precision": tc.mixed_precision, "shared_work": shared, "device": str(device),
         "final": history[-1] if history else None, "out_dir": str(out_dir), "metrics_path": str(metrics_path),
     }
+
+
+def _accelerator(mixed_precision: str):
+    """An Accelerator for this run. accelerate keeps its state per process; a second run in the same process
+    (pilot then train, or tests) may ask for another precision, so the precision part of that state is reset
+    (the process group, if any, is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _under(root: Path, p: str | Path) -> Path:

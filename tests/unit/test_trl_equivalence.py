@@ -37,7 +37,6 @@ def setup(tmp_path_factory):
     stops = modeling.stop_token_ids(proc, model)
     ids, mask, _ = T.generate_group_completions(model, prompts, G, C, 1.0, 1.0, stops,
                                                 proc.tokenizer.pad_token_id, T.step_generator(0, 0, 0, 0))
-    assert len(set(mask.sum(1).tolist())) > 1 or mask.sum() < N * ids.shape[1] or True
     # make lengths differ for sure: cut two completions short (masks must matter in every loss type)
     mask = mask.clone()
     mask[1, 3:] = 0
@@ -77,21 +76,30 @@ def _trl_inputs(s, with_old, beta):
     return inputs
 
 
-def _trl_loss_and_grads(s, loss_type, beta, with_old, tmp_path):
+@pytest.fixture(scope="module")
+def trl_trainer(setup, tmp_path_factory):
+    """One TRL trainer for all cases (building one costs seconds): ``compute_loss`` reads ``loss_type`` and
+    ``beta`` from the trainer at call time, so each case sets them; the reference model TRL loads for beta > 0
+    is not used by ``compute_loss`` (the reference log-probs come in the inputs)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    model, _ = modeling.load_model(s["dir"])
-    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=N, num_generations=G,
-                      loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28, max_completion_length=C,
-                      use_cpu=True, bf16=False, report_to=[], gradient_accumulation_steps=1, temperature=1.0,
-                      use_bias_correction_kl=False)
+    model, _ = modeling.load_model(setup["dir"])
+    args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=N,
+                      num_generations=G, loss_type="grpo", beta=0.04, epsilon=0.2, epsilon_high=0.28,
+                      max_completion_length=C, use_cpu=True, bf16=False, report_to=[],
+                      gradient_accumulation_steps=1, temperature=1.0, use_bias_correction_kl=False)
     tr = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                      args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * N),
-                     processing_class=s["proc"])
+                     processing_class=setup["proc"])
     tr.current_gradient_accumulation_steps = 1        # set by the HF training loop, which we do not run
     tr.model.train()
-    tr.model.zero_grad()
+    return tr
+
+
+def _trl_loss_and_grads(tr, s, loss_type, beta, with_old):
+    tr.loss_type, tr.beta = loss_type, beta
+    tr.model.zero_grad(set_to_none=True)
     loss = tr.compute_loss(tr.model, _trl_inputs(s, with_old, beta))
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
@@ -120,8 +128,8 @@ def _assert_grads_close(a, b, atol):
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 @pytest.mark.parametrize("beta,with_old", [(0.0, False), (0.04, True)])
-def test_loss_and_grads_match_trl(setup, loss_type, beta, with_old, tmp_path):
-    trl_loss, trl_grads = _trl_loss_and_grads(setup, loss_type, beta, with_old, tmp_path)
+def test_loss_and_grads_match_trl(setup, trl_trainer, loss_type, beta, with_old):
+    trl_loss, trl_grads = _trl_loss_and_grads(trl_trainer, setup, loss_type, beta, with_old)
     sums, grads = _our_loss_and_grads(setup, loss_type, beta, with_old, shared=False)
     assert sums["loss"] == pytest.approx(trl_loss, abs=1e-5, rel=1e-5)
     _assert_grads_close(grads, trl_grads, atol=1e-5)

@@ -1,0 +1,170 @@
+"""The GRPO trainer loop (vlgrpo.trainer) on a tiny Qwen2.5-VL and a small synthetic manifest."""
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlgrpo import grpo, modeling
+from vlgrpo import trainer as T
+from vlgrpo.config import config_from_dict
+from vlgrpo.data.build import build_dataset
+from vlgrpo.data.manifest import read_manifest
+
+TRL_NAMES = ["loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/low_mean",
+             "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
+             "completions/clipped_ratio", "grad_norm", "learning_rate", "samples_per_s", "tokens_per_s", "step",
+             "epoch"]
+
+# A reward with spread on an untrained model: longer text scores more. Loaded through rewards.plugins,
+# the mechanism users add rewards with.
+PLUGIN = textwrap.dedent('''
+    from vlgrpo.rewards import register
+
+    @register("text_length")
+    def text_length(prompts, completions, **columns):
+        return [min(len(c), 20) / 20.0 for c in completions]
+
+    @register("broken_nan")
+    def broken_nan(prompts, completions, **columns):
+        return [float("nan")] * len(completions)
+''')
+
+
+def make_cfg(project, **train):
+    t = {"max_steps": 2, "prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 4,
+         "mixed_precision": "no", "max_completion_length": 4, "save_steps": 1, "learning_rate": 0.01,
+         "warmup_ratio": 0.0}
+    t.update(train)
+    weights = t.pop("weights", {"text_length": 1.0, "format": 0.1})
+    return config_from_dict({"data": {"num_train": 16, "num_val": 2, "num_test": 2},
+                             "rewards": {"weights": weights, "plugins": [str(project / "plugin.py")]},
+                             "train": t})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("proj")
+    (root / "plugin.py").write_text(PLUGIN)
+    cfg = make_cfg(root)
+    build_dataset(cfg, root)
+    items = read_manifest(root / "data/manifest.jsonl")
+    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    modeling.save_model(model, proc, root / "models/base")
+    return root
+
+
+def run(project, name, **train):
+    cfg = make_cfg(project, **train)
+    return cfg, T.train_grpo(cfg, cfg.train, project, "data/manifest.jsonl", "models/base", f"out/{name}",
+                             f"reports/{name}.jsonl", progress=False)
+
+
+def lines(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+def test_smoke_params_change_and_metrics_have_trl_names(project):
+    cfg, s = run(project, "smoke", beta=0.04)
+    assert s["finished"] and s["steps"] == 2
+    rows = lines(project / "reports/smoke.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        missing = [k for k in TRL_NAMES + ["rewards/text_length/mean", "rewards/format/mean"] if k not in r]
+        assert not missing, missing
+        assert r["reward_std"] > 0 and r["grad_norm"] > 0      # the plugin reward gives a signal
+    assert rows[0]["epoch"] == pytest.approx(2 / 16)
+    # warmup_ratio 0, 2 updates: lr = base·½(1+cos(π·u/2)) after update u
+    assert rows[0]["learning_rate"] == pytest.approx(0.01 * grpo.lr_multiplier(1, 2, 0))
+    base = load_file(project / "models/base/model.safetensors")
+    new = load_file(project / "out/smoke/model.safetensors")
+    changed = [k for k in base if not torch.equal(base[k], new[k])]
+    assert len(changed) > len(base) // 2, f"only {len(changed)}/{len(base)} tensors changed"
+    assert any("visual" in k for k in changed), "the vision tower must learn too"
+    # the final model reloads through the same path as any checkpoint; checkpoints are kept beside it
+    modeling.load_model(project / "out/smoke")
+    assert sorted(p.name for p in (project / "out/smoke/checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert json.loads((project / "out/smoke/checkpoints/step-2/trainer_state.json").read_text())["step"] == 2
+
+
+def test_bf16_default_runs_on_cpu(project):
+    _, s = run(project, "bf16", max_steps=1, mixed_precision="bf16")
+    assert s["finished"] and s["mixed_precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(s["final"]["loss"]))
+
+
+def test_fp16_on_cpu_is_refused(project):
+    with pytest.raises(T.TrainingError, match="fp16 needs a GPU"):
+        run(project, "fp16", mixed_precision="fp16")
+
+
+def test_nan_reward_names_step_and_reward(project):
+    with pytest.raises(T.TrainingError, match=r"step 1: .*broken_nan"):
+        run(project, "nan", weights={"broken_nan": 1.0})
+
+
+def test_over_long_prompts_are_dropped_not_truncated(project):
+    cfg = make_cfg(project)
+    model, proc = modeling.load_model(project / "models/base")
+    items = read_manifest(project / "data/manifest.jsonl", split="train")
+    enc = modeling.encode_prompts(proc, items, project / "data", cfg.data.min_pixels, cfg.data.max_pixels)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept, dropped = T._drop_long_prompts(proc, items, project / "data", cfg.data, limit)
+    assert dropped == sum(n > limit for n in lengths) > 0
+    assert [it.id for it in kept] == [it.id for it, n in zip(items, lengths) if n <= limit]
+    with pytest.raises(T.TrainingError, match="max_prompt_tokens"):
+        run(project, "toolong", max_prompt_tokens=min(lengths) - 1)
+
+
+def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
+    model, proc = modeling.load_model(project / "models/base")
+    items = read_manifest(project / "data/manifest.jsonl", split="train")[:3]
+    prompts = T.PromptBatch.from_encoded(
+        modeling.encode_prompts(proc, items, project / "data", 3136, 12544), [1] * 3)
+    stops, pad = modeling.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
+    gens = [T.generate_group_completions(model, prompts, 4, 6, 1.0, 0.9, stops, pad,
+                                         T.step_generator(0, 5, 0, 0), shared=sh) for sh in (True, False)]
+    for a, b in zip(*gens):
+        assert torch.equal(a, b)              # same draws: the cache expansion changes nothing
+    ids, mask, _ = gens[0]
+    adv, _ = grpo.group_advantages(torch.arange(12.0) % 3, 4)
+    out = {}
+    for sh in (True, False):
+        model.zero_grad(set_to_none=True)
+        cfg = make_cfg(project, prompts_per_step=3, micro_batch_size=2, beta=0.0, loss_type="bnpo",
+                       max_completion_length=6)
+        sums = T.update_phase(T.CompletionScorer(model), T.StepBatch(prompts, ids, mask, adv, None, None),
+                              cfg.train, shared=sh, accelerator=None, global_num_tokens=float(mask.sum()))
+        out[sh] = (sums["loss"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-5)
+    for n, g in out[False][1].items():
+        assert torch.allclose(out[True][1][n], g, atol=1e-5, rtol=1e-3), n
+    assert any(g.abs().sum() > 0 for n, g in out[True][1].items() if "visual" in n)
+
+
+def test_sample_next_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = T.sample_next(logits, 1.0, 0.7, g)
+    # nucleus for 0.7: tokens 0 (0.5) and 1 (crosses 0.7); renormalised 0.625 / 0.375
+    assert set(draws.tolist()) == {0, 1}
+    assert (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.04)
+    assert set(T.sample_next(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
+
+
+def test_data_order_is_a_pure_function_of_seed_and_epoch():
+    a = T.step_prompt_indices(3, 4, 10, seed=1)
+    assert a == T.step_prompt_indices(3, 4, 10, seed=1)
+    # slots 12..15 of the concatenated epoch orders: epoch 1 positions 2..5
+    assert a == [int(i) for i in T.data_order(10, 1, 1)[2:6]]
+    epoch0 = [i for s in range(2) for i in T.step_prompt_indices(s, 5, 10, seed=1)]
+    assert sorted(epoch0) == list(range(10))   # every item once per epoch
+
+
+def test_truncate_metrics_keeps_earlier_steps(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
+    T.truncate_metrics(p, 2)
+    assert [r["step"] for r in lines(p)] == [1, 2]
