@@ -30,9 +30,9 @@ would see): ids non-null and unique, split and task in their sets, a solution fo
 reference for captions, at least one image, prompt within the limit, at least one row.
 ``ok`` = error fraction <= ``validate.max_error_fraction`` and the suite succeeds.
 
-Speed: on a cached manifest every image is read once per run (memo keyed by path: one stat and one read per distinct file), checked
-by header and end-of-stream marker rather than decoded, and Great Expectations is imported only when the
-suite runs (its import alone costs seconds).
+Speed: on a cached manifest every distinct image is stat'ed and read once per run (a memo keyed by path),
+checked by header and end-of-stream marker rather than decoded, and Great Expectations is imported only
+when the suite runs (its import alone costs seconds).
 """
 from __future__ import annotations
 

@@ -147,6 +147,13 @@ def test_decompression_bomb_is_an_error(tmp_path):
         assert e.value.check == "decompression_bomb" and "bomb.png" in e.value.message
 
 
+def test_extreme_aspect_ratio_is_an_error():
+    # Qwen-VL's smart_resize refuses sides more than 200:1 apart; such a strip cannot become tokens.
+    with pytest.raises(ImageError) as e:
+        fit_image(Image.new("RGB", (5800, 28)), MIN, MAX, "strip.png")
+    assert e.value.check == "bad_aspect_ratio" and "strip.png: 5800x28" in e.value.message
+
+
 def test_inspect_reports_what_normalise_repairs(tmp_path):
     src = tmp_path / "g.png"
     Image.new("LA", (300, 200)).save(src)

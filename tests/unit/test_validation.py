@@ -73,6 +73,11 @@ def case_rows(d: Path, case: str) -> list:
     if case == "path_escape":
         save_image(d.parent / "outside.png", seed=9)
         return [first, good("../outside.png", id="r2")]
+    if case == "path_escape_absolute":
+        return [first, good(str(save_image(d.parent / "elsewhere" / "x.png", seed=9)), id="r2")]
+    if case == "path_escape_symlink":
+        (d / "images" / "link.png").symlink_to(save_image(d.parent / "elsewhere" / "y.png", seed=8))
+        return [first, good("images/link.png", id="r2")]
     if case == "remote_url":
         return [first, good("https://example.org/cat.jpg", id="r2")]
     if case == "prompt_too_long":
@@ -91,11 +96,11 @@ ERROR_CASES = ["invalid_json", "missing_image", "empty_image", "truncated_image"
                "duplicate_id", "image_in_two_splits", "image_tag_mismatch"]
 
 
-@pytest.mark.parametrize("case", ERROR_CASES)
+@pytest.mark.parametrize("case", ERROR_CASES + ["path_escape_absolute", "path_escape_symlink"])
 def test_each_error_in_swift_jsonl(ds, case):
     path = write_jsonl(ds / "train.jsonl", case_rows(ds, case))
     got, findings = found(path)
-    assert got == [(2, "error", case)]
+    assert got == [(2, "error", case.removesuffix("_absolute").removesuffix("_symlink"))]
     assert str(path) in findings[0]["message"] and ":2:" in findings[0]["message"]
     assert set(findings[0]) == {"line", "severity", "check", "message"}
 
@@ -250,3 +255,12 @@ def test_suite_fails_when_nothing_survives(ds):
     assert not res.ok and not res.suite_success and res.valid_rows == 0
     failed = [e["expectation"] for e in res.expectations if not e["success"]]
     assert failed == ["expect_table_row_count_to_be_between"]
+
+
+def test_remote_url_allowed_is_kept_and_charged_the_largest_image(ds):
+    path = write_jsonl(ds / "t.jsonl", [good("https://example.org/cat.jpg", id="r1")])
+    cfg = config_from_dict({"data": {"allow_remote": True}})
+    _, kept, findings, _, _ = check_file(path, cfg)
+    assert findings == [] and len(kept) == 1
+    assert kept[0].prompt_tokens == len("Answer briefly.") + len("How many circles are there?") \
+        + TEMPLATE_OVERHEAD + 2 + 16                              # 112x112 budget = 4x4 visual tokens

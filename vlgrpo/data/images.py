@@ -285,21 +285,5 @@ def cache_image(img: Image.Image, cache_dir: str | Path) -> str:
     return rel.as_posix()
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def is_cached_name(path: str | Path) -> bool:
-    """True for names of the form written by :func:`cache_image`."""
-    p = Path(path)
-    stem = p.stem
-    return (p.suffix == ".png" and len(stem) == 64 and p.parent.name == stem[:2]
-            and all(c in "0123456789abcdef" for c in stem))
-
-
 __all__ = ["FACTOR", "Issue", "ImageError", "ImageInfo", "smart_resize", "visual_tokens", "fit_image",
-           "normalize_image", "normalize_bytes", "read_image_bytes", "inspect_image", "png_bytes", "cache_image", "file_sha256", "is_cached_name"]
+           "normalize_image", "normalize_bytes", "read_image_bytes", "inspect_image", "png_bytes", "cache_image"]
