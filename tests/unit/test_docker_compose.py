@@ -354,6 +354,17 @@ def test_readme_points_a_local_run_at_the_published_ports(compose, example_env):
     assert f"work-pool create {prefect_deployment()['work_pool']['name']}" in text
 
 
+def test_readme_runs_the_deployment_by_its_flow_and_deployment_names():
+    """`prefect deployment run FLOW/DEPLOYMENT`: the flow name is the @flow(name=...) of the entrypoint."""
+    dep = prefect_deployment()
+    file, func = dep["entrypoint"].split(":")
+    tree = ast.parse((ROOT / file).read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func]
+    (name,) = [kw.value.value for d in fn.decorator_list if isinstance(d, ast.Call)
+               for kw in d.keywords if kw.arg == "name"]
+    assert f"prefect deployment run '{name}/{dep['name']}'" in readme_section()
+
+
 # ---------------------------------------------------------------- the real compose parser
 
 
