@@ -24,8 +24,9 @@ and gradients with TRL's ``GRPOTrainer``), the *work* is not:
   plain path (``shared_work: false``) feeds G full copies of prompt + image, like generic trainers.
 - no reference forward when beta is 0 (no reference model is even loaded), no old-policy forward when
   num_iterations is 1 (ρ = 1 and the old log-probs are the detached current ones).
-- every random draw of step s (sampling, augmentation) comes from generators seeded by (seed, s, rank), and
-  the data order is a pure function of (seed, epoch): a resumed run replays exactly the same draws.
+- every random draw for prompt slot k of step s (its G samples, its augmentation) comes from a generator
+  seeded by (seed, s, k), and the data order is a pure function of (seed, epoch): a resumed run replays
+  exactly the same draws, and the completions do not depend on how many processes share the step.
 - aggregation normalisers are counted over the whole step (see vlgrpo.grpo), so accumulation does not
   change the maths.
 """
@@ -271,7 +272,7 @@ def vision_token_ids(model: nn.Module) -> list[int]:
 @torch.no_grad()
 def generate_group_completions(model: nn.Module, prompts: PromptBatch, num_generations: int,
                                max_new_tokens: int, temperature: float, top_p: float, stop_ids: Sequence[int],
-                               pad_id: int, generator: torch.Generator, shared: bool = True
+                               pad_id: int, generators: Sequence[torch.Generator], shared: bool = True
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """G sampled completions per prompt → (ids (N, C) right-padded, mask (N, C), terminated (N,)).
 
@@ -310,7 +311,8 @@ def generate_group_completions(model: nn.Module, prompts: PromptBatch, num_gener
         # a sampled <|image_pad|> would read as an image placeholder when the completion is fed back
         # ("image features and image tokens do not match"): vision tokens are never sampled
         logits[:, banned] = float("-inf")
-        tok = sample_next(logits, temperature, top_p, generator)
+        tok = torch.cat([sample_next(logits[p * G:(p + 1) * G], temperature, top_p, generators[p])
+                         for p in range(P)])                                  # each prompt's own stream
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
         lengths += (~done).long()
@@ -348,10 +350,10 @@ def step_prompt_indices(step: int, prompts_per_step: int, num_items: int, seed: 
     return out
 
 
-def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
-    """A generator private to (seed, step, rank, stream): resume replays the same draws."""
+def step_generator(seed: int, step: int, slot: int, stream: int) -> torch.Generator:
+    """A generator private to (seed, step, prompt slot, stream): resume replays the same draws."""
     g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0]))
+    g.manual_seed(int(np.random.SeedSequence([seed, step, slot, stream]).generate_state(1)[0]))
     return g
 
 
@@ -609,7 +611,8 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
             t0 = time.perf_counter()
             global_idx = step_prompt_indices(step, tc.prompts_per_step, len(items), tc.seed)
             mine = [items[i] for i in global_idx[rank * local_p:(rank + 1) * local_p]]
-            imgs = _step_images(mine, manifest.parent, tc, step, rank)
+            slots = list(range(rank * local_p, (rank + 1) * local_p))          # global prompt slots
+            imgs = _step_images(mine, manifest.parent, tc, step, slots)
             enc = modeling.encode_prompts(processor, mine, manifest.parent, dcfg.min_pixels, dcfg.max_pixels,
                                           images=imgs)
             prompts = PromptBatch.from_encoded(enc, [len(it.images) for it in mine]).to(device)
@@ -620,7 +623,7 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
             with accelerator.autocast():
                 c_ids, c_mask, term = generate_group_completions(
                     base, prompts, G, tc.max_completion_length, tc.temperature, tc.top_p, stop_ids, pad_id,
-                    step_generator(tc.seed, step, rank, 0), shared=shared)
+                    [step_generator(tc.seed, step, k, 0) for k in slots], shared=shared)
             base.train()
             texts = [processor.tokenizer.decode(ids[:int(m.sum())], skip_special_tokens=True).strip()
                      for ids, m in zip(c_ids.tolist(), c_mask)]
@@ -779,15 +782,18 @@ def _drop_long_prompts(processor, items, manifest_dir: Path, dcfg, max_tokens: i
     return keep, dropped
 
 
-def _step_images(items, manifest_dir: Path, tc: TrainConfig, step: int, rank: int):
+def _step_images(items, manifest_dir: Path, tc: TrainConfig, step: int, slots: Sequence[int]):
     """The images of this step's prompts: augmented (label-preserving) when ``train.augment`` is on."""
     if not tc.augment:
         return None
     from vlgrpo import augment, modeling
 
-    rng = np.random.default_rng([tc.seed, step, rank, 1])
-    return [[augment.augment_image(modeling.IMAGE_CACHE.get(manifest_dir / rel), it, rng) for rel in it.images]
-            for it in items]
+    out = []
+    for it, k in zip(items, slots):
+        rng = np.random.default_rng([tc.seed, step, k, 1])               # this prompt slot's own stream
+        out.append([augment.augment_image(modeling.IMAGE_CACHE.get(manifest_dir / rel), it, rng)
+                    for rel in it.images])
+    return out
 
 
 def _save_final(model: nn.Module, processor, out_dir: Path) -> None:

@@ -94,6 +94,19 @@ def test_bf16_default_runs_on_cpu(project):
     assert torch.isfinite(torch.tensor(s["final"]["loss"]))
 
 
+def test_augment_changes_the_step_images_reproducibly(project):
+    cfg = make_cfg(project, augment=True)
+    items = read_manifest(project / "data/manifest.jsonl", split="train")[:2]
+    a = T._step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
+    b = T._step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
+    orig = modeling.IMAGE_CACHE.get(project / "data" / items[0].images[0])
+    assert a[0][0].tobytes() == b[0][0].tobytes() != orig.tobytes()
+    assert a[0][0].size == orig.size
+    assert T._step_images(items, project / "data", make_cfg(project).train, 3, [0, 1]) is None
+    _, s = run(project, "aug", max_steps=1, augment=True)
+    assert s["finished"]
+
+
 def test_fp16_on_cpu_is_refused(project):
     with pytest.raises(T.TrainingError, match="fp16 needs a GPU"):
         run(project, "fp16", mixed_precision="fp16")
@@ -125,7 +138,8 @@ def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
         modeling.encode_prompts(proc, items, project / "data", 3136, 12544), [1] * 3)
     stops, pad = modeling.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
     gens = [T.generate_group_completions(model, prompts, 4, 6, 1.0, 0.9, stops, pad,
-                                         T.step_generator(0, 5, 0, 0), shared=sh) for sh in (True, False)]
+                                         [T.step_generator(0, 5, k, 0) for k in range(3)], shared=sh)
+            for sh in (True, False)]
     for a, b in zip(*gens):
         assert torch.equal(a, b)              # same draws: the cache expansion changes nothing
     ids, mask, _ = gens[0]

@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     prompts = T.PromptBatch.from_encoded(enc, [1] * P)
     stops = modeling.stop_token_ids(proc, model)
     ids, mask, _ = T.generate_group_completions(model, prompts, G, C, 1.0, 1.0, stops,
-                                                proc.tokenizer.pad_token_id, T.step_generator(0, 0, 0, 0))
+                                                proc.tokenizer.pad_token_id, [T.step_generator(0, 0, k, 0) for k in range(P)])
     # make lengths differ for sure: cut two completions short (masks must matter in every loss type)
     mask = mask.clone()
     mask[1, 3:] = 0
