@@ -1,0 +1,87 @@
+"""Two CPU processes (``accelerate launch``, gloo) train exactly like one process.
+
+The sampling streams belong to prompt slots, not processes, so the 2-process run draws the same completions;
+rewards are gathered before the group statistics, and DDP averages the gradients - with loss_type grpo the
+two runs must agree on every reward statistic exactly and on loss, gradients and weights up to float
+rounding of the all-reduce.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vlgrpo import modeling
+from vlgrpo import trainer as T
+from vlgrpo.config import config_from_dict
+from vlgrpo.data.build import build_dataset
+from vlgrpo.data.manifest import read_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN = '''
+from vlgrpo.rewards import register
+
+@register("text_length")
+def text_length(prompts, completions, **columns):
+    return [min(len(c), 20) / 20.0 for c in completions]
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_matches_one_process(tmp_path):
+    (tmp_path / "plugin.py").write_text(PLUGIN)
+    raw = {"data": {"num_train": 16, "num_val": 2, "num_test": 2},
+           "rewards": {"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(tmp_path / "plugin.py")]},
+           "train": {"max_steps": 3, "prompts_per_step": 4, "num_generations": 4, "micro_batch_size": 4,
+                     "mixed_precision": "no", "max_completion_length": 5, "save_steps": 10,
+                     "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "grpo", "beta": 0.04}}
+    cfg = config_from_dict(raw)
+    build_dataset(cfg, tmp_path)
+    items = read_manifest(tmp_path / "data/manifest.jsonl")
+    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    modeling.save_model(model, proc, tmp_path / "models/base")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    one = T.train_grpo(cfg, cfg.train, tmp_path, "data/manifest.jsonl", "models/base", "out1",
+                       "reports/one.jsonl", progress=False)
+    assert one["num_processes"] == 1
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
+           "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+           "--main_process_port", str(_free_port()),
+           "-m", "vlgrpo.trainer", "params.yaml", "out2", "reports/two.jsonl"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["num_processes"] == 2 and summary["finished"]
+
+    a = [json.loads(x) for x in (tmp_path / "reports/one.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "reports/two.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3]            # only the main process writes metrics
+    for ra, rb in zip(a, b):
+        for k in ("reward", "reward_std", "frac_reward_zero_std", "rewards/text_length/mean",
+                  "completions/mean_length", "completions/clipped_ratio"):
+            assert rb[k] == ra[k], (ra["step"], k)
+        assert ra["reward_std"] > 0
+        for k in ("loss", "kl", "entropy", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+    w1 = load_file(tmp_path / "out1/model.safetensors")
+    w2 = load_file(tmp_path / "out2/model.safetensors")
+    base = load_file(tmp_path / "models/base/model.safetensors")
+    assert any(not torch.equal(base[k], w2[k]) for k in base)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
