@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,14 +25,6 @@ from vlgrpo.io import atomic_write_bytes, atomic_write_text
 
 MODEL_ORDER = ("base", "candidate", "champion")
 THUMB_PX = 96
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-    return "–"
 
 
 def _with_ci(block: Mapping[str, Any] | None, metric: str, signed: bool = False) -> str:
