@@ -236,6 +236,38 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
     return [c.text for c in greedy], records, time.perf_counter() - t0
 
 
+def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
+                        train_cfg: Any = None, *, samples: int = 4, seed: int = 0,
+                        rewards: Mapping[str, Callable] | None = None, progress: bool = False) -> float:
+    """Mean weighted reward of ``samples`` sampled answers per item, decoded like training rollouts
+    (``train.temperature`` / ``top_p`` / ``max_completion_length``).
+
+    The pilot's over-fitting check compares this on val items with the train reward of the metrics stream:
+    both are sampled rewards of the same policy, so the gap measures generalisation, not decoding.
+    """
+    import torch
+
+    from vlgrpo.modeling import generate_answers
+
+    tc = train_cfg or cfg.train
+    if not items:
+        raise ValueError("mean_sampled_reward: no items to score")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        comps = generate_answers(model, processor, items, manifest_dir, batch_size=max(1, cfg.evaluate.batch_size
+                                                                                        // samples),
+                                 max_new_tokens=tc.max_completion_length, do_sample=True,
+                                 temperature=tc.temperature, top_p=tc.top_p, num_return_sequences=samples,
+                                 min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                                 progress=progress, desc="val reward")
+    finally:
+        torch.random.set_rng_state(state)
+    rep = [it for it in items for _ in range(samples)]
+    records = score_completions(rep, comps, cfg, rewards)
+    return sum(r["reward"] for r in records) / len(records)
+
+
 def _resolve_rewards(cfg: Config, root: Path) -> dict[str, Callable]:
     from vlgrpo.rewards import load_plugins, resolve_rewards
 
