@@ -66,6 +66,10 @@ def _save(fig, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _steps(rows: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    return [_num(r.get("step", i + 1)) for i, r in enumerate(rows)]
+
+
 def train_curve_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, float | None, float | None]]:
     """``(step, reward, kl)`` per metrics row that has a step (rows without one are skipped)."""
     out = []
@@ -93,7 +97,16 @@ def plot_training_curves(rows: Sequence[Mapping[str, Any]], png_path: str | Path
             ax_r.fill_between(steps, [m - s for m, s in zip(rewards, stds)],
                               [m + s for m, s in zip(rewards, stds)], alpha=0.15,
                               color=MODEL_COLORS["candidate"], label="± reward std")
-        ax_r.legend(loc="best", fontsize=8)
+        # Each reward's own mean: shows *which* reward moves (e.g. accuracy up while format stays flat).
+        names = sorted({k[len("rewards/"):-len("/mean")] for r in rows for k in r
+                        if k.startswith("rewards/") and k.endswith("/mean")})
+        palette = ["#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+        for j, name in enumerate(names):
+            pts = [(s, _num(r.get(f"rewards/{name}/mean"))) for s, r in zip(_steps(rows), rows)]
+            pts = [(s, v) for s, v in pts if s is not None and v is not None]
+            if pts:
+                ax_r.plot(*zip(*pts), lw=0.9, ls="--", color=palette[j % len(palette)], label=name)
+        ax_r.legend(loc="best", fontsize=7)
     else:
         ax_r.text(0.5, 0.5, "no reward logged", ha="center", va="center", transform=ax_r.transAxes)
     ax_r.set(xlabel="step", ylabel="reward", title="reward")
