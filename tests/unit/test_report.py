@@ -43,7 +43,8 @@ def root(tmp_path):
     for i in range(4):
         Image.new("RGB", (112, 112), (30 * i, 100, 200)).save(tmp_path / "data" / "img" / f"{i}.png")
     (tmp_path / "data" / "manifest.jsonl").write_text("")
-    metrics = [{"step": s, "reward": 0.1 * s, "reward_std": 0.05, "kl": 0.01 * s, "loss": 0.0} for s in (1, 2, 3)]
+    metrics = [{"step": s, "reward": 0.1 * s, "reward_std": 0.05, "kl": 0.01 * s, "loss": 0.0,
+                "rewards/accuracy/mean": 0.05 * s, "rewards/format/mean": None} for s in (1, 2, 3)]
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "train_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     return tmp_path
