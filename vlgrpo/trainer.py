@@ -617,6 +617,7 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
                                           images=imgs)
             prompts = PromptBatch.from_encoded(enc, [len(it.images) for it in mine]).to(device)
 
+            t_enc = time.perf_counter()
             # ---- rollout
             base = _base_model(scorer).model
             base.eval()
@@ -625,6 +626,7 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
                     base, prompts, G, tc.max_completion_length, tc.temperature, tc.top_p, stop_ids, pad_id,
                     [step_generator(tc.seed, step, k, 0) for k in slots], shared=shared)
             base.train()
+            t_gen = time.perf_counter()
             texts = [processor.tokenizer.decode(ids[:int(m.sum())], skip_special_tokens=True).strip()
                      for ids, m in zip(c_ids.tolist(), c_mask)]
             prompts_txt = [it.text for it in mine for _ in range(G)]
@@ -645,6 +647,7 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
             n_local = local_p * G
             adv = adv_all[rank * n_local:(rank + 1) * n_local].to(device)
 
+            t_rew = time.perf_counter()
             # ---- old policy / reference log-probs (only when the maths needs them)
             old_logp = (score_batch(scorer, prompts, c_ids, c_mask, tc, shared, accelerator)
                         if tc.num_iterations > 1 else None)
@@ -653,6 +656,7 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
             batch = StepBatch(prompts, c_ids, c_mask, adv, old_logp, ref_logp)
             global_tokens = float(accelerator.gather(c_mask.sum().reshape(1).float()).sum())
 
+            t_score = time.perf_counter()
             # ---- updates
             agg: dict[str, float] = {}
             grad_norms = []
@@ -703,6 +707,10 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
                 "samples_per_s": n_global / dt,
                 "tokens_per_s": (prompt_tok * G + float(lengths.sum())) / dt,
                 "step_time_s": dt,
+                # where the step's time went (this process): prompt encoding, sampling, rewards,
+                # old-policy / reference scoring, forward+backward+optimizer
+                "time/encode_s": t_enc - t0, "time/generate_s": t_gen - t_enc, "time/rewards_s": t_rew - t_gen,
+                "time/score_s": t_score - t_rew, "time/update_s": t0 + dt - t_score,
             })
             for k in ("reward", "loss"):
                 _check_finite(step + 1, k, row[k])

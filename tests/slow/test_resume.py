@@ -20,7 +20,8 @@ from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING = {"samples_per_s", "tokens_per_s", "step_time_s"}
+TIMING = {"samples_per_s", "tokens_per_s", "step_time_s", "time/encode_s", "time/generate_s",
+          "time/rewards_s", "time/score_s", "time/update_s"}
 PLUGIN = '''
 from vlgrpo.rewards import register
 
