@@ -413,6 +413,15 @@ def stop_token_ids(processor, model=None) -> list[int]:
     return sorted(ids)
 
 
+def vision_token_ids(processor) -> list[int]:
+    """Ids of the vision placeholders. A sampled completion must never contain one: the next forward
+    pass would count it as an image slot ("Image features and image tokens do not match")."""
+    tok = processor.tokenizer
+    names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+    ids = {tok.convert_tokens_to_ids(n) for n in names}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+
+
 def split_completions(processor, sequences: torch.Tensor, stop_ids: Sequence[int]) -> list[Completion]:
     """Cut each row of generated ids (B, L) at its first stop token; decode the rest."""
     tok = processor.tokenizer
@@ -445,7 +454,7 @@ def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path
     results: list[Completion] = []
     gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   num_return_sequences=num_return_sequences, eos_token_id=stops,
-                                  pad_token_id=pad)
+                                  pad_token_id=pad, suppress_tokens=vision_token_ids(processor))
     if do_sample:
         gen_kw.update(temperature=temperature, top_p=top_p, top_k=0)
     else:

@@ -177,3 +177,24 @@ def test_generate_answers_decodes_trained_answer(scenes, tmp_path):
         opt.step()
     (c,) = generate_answers(model, processor, [it], root, batch_size=1, max_new_tokens=6, **PIX)
     assert c.text == it.solution and c.terminated
+
+
+def test_generation_never_emits_vision_placeholders(tiny, scenes):
+    """Even a policy that prefers <|image_pad|> must not emit it: the next forward would miscount images."""
+    model, processor = tiny
+    root, items = scenes
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def prefer_image_pad(_module, _inputs, logits):  # (B, T, V): make the placeholder the top choice
+        logits = logits.clone()
+        logits[..., image_pad] += 1e4
+        return logits
+
+    handle = model.lm_head.register_forward_hook(prefer_image_pad)
+    try:
+        comps = generate_answers(model, processor, items[:2], root, batch_size=2, max_new_tokens=3,
+                                 do_sample=True, num_return_sequences=2, **PIX)
+    finally:
+        handle.remove()
+    assert len(comps) == 4
+    assert all(image_pad not in c.token_ids and len(c.token_ids) >= 1 for c in comps)
