@@ -322,7 +322,8 @@ def apply_adjustments(cfg: Any, decision: PilotDecision | Mapping[str, Any]) -> 
 def should_promote(candidate: Mapping[str, Any], base: Mapping[str, Any], champion: Mapping[str, Any] | None,
                    evaluate_cfg: Any) -> PromotionDecision:
     """Promote when the candidate beats the champion (or the base, without one) on the primary metric by at
-    least ``evaluate.min_improvement`` (and by more than 0: a tie never replaces what is there) and no guard
+    least ``evaluate.min_improvement`` (and by more than 0: a tie never replaces what is there, unless
+    ``min_improvement`` is negative, i.e. the user explicitly accepts a non-improvement) and no guard
     metric drops by more than its allowed amount against that same reference."""
     against, ref = ("champion", champion) if champion is not None else ("base", base)
     metric = evaluate_cfg.primary_metric
@@ -335,8 +336,8 @@ def should_promote(candidate: Mapping[str, Any], base: Mapping[str, Any], champi
     improvement = float(c) - float(r)
     promote = True
     need = evaluate_cfg.min_improvement
-    if improvement > 0 and improvement >= need:
-        reasons.append(f"{metric}: candidate {c:.4f} vs {against} {r:.4f}: +{improvement:.4f} >= "
+    if improvement >= need and (improvement > 0 or need < 0):
+        reasons.append(f"{metric}: candidate {c:.4f} vs {against} {r:.4f}: {improvement:+.4f} >= "
                        f"evaluate.min_improvement {need:g}")
     else:
         promote = False

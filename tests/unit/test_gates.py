@@ -189,3 +189,10 @@ def test_promotion_reasons_and_guard_details():
     assert d.guards["format"]["ok"] is False and d.guards["format"]["drop"] == pytest.approx(0.10)
     assert "guard format broken: 0.8000 vs base 0.9000 drops 0.1000 > allowed 0.05" in d.reasons
     assert d.to_dict()["against"] == "base"
+
+
+def test_negative_min_improvement_accepts_a_tie_or_small_drop_but_not_a_larger_one():
+    cfg = EvaluateConfig(min_improvement=-0.05, guard_metrics={})
+    assert should_promote({"accuracy": 0.5}, {"accuracy": 0.5}, None, cfg).promote
+    assert should_promote({"accuracy": 0.46}, {"accuracy": 0.5}, None, cfg).promote
+    assert not should_promote({"accuracy": 0.44}, {"accuracy": 0.5}, None, cfg).promote
