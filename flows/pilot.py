@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.common import StageFailed, load, manifest_path, report_path, write_report
-from tasks.model import grpo_task, publish_pilot
+from tasks.model import grpo_task, publish_pilot, val_reward_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
 
 
@@ -32,7 +32,10 @@ def pilot_flow(params: str = "params.yaml") -> dict:
             summary = grpo_task(cfg, pilot_cfg, root, manifest_path(cfg, root), root / cfg.base.out_dir,
                                 Path(tmp) / "pilot-model", metrics, "pilot-progress")
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        decision = dataclasses.asdict(pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps))
+        val_reward = val_reward_task(cfg, pilot_cfg, manifest_path(cfg, root), Path(tmp) / "pilot-model", root)
+        decision = dataclasses.asdict(pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps,
+                                                   val_reward=val_reward, reward_weights=cfg.rewards.weights))
+        decision["val_reward"] = val_reward
         report = {**decision, "train_summary": summary, "mlflow_run_id": run_id}
         log_report(write_report(root, "pilot", report))
         publish_pilot(decision)

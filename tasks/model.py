@@ -31,6 +31,19 @@ def grpo_task(cfg: Config, train_cfg: TrainConfig, root: Path, manifest: Path, i
                           metrics_path=metrics, progress=True)
 
 
+@task(name="pilot-val-reward", retries=0, cache_policy=NO_CACHE)
+def val_reward_task(cfg: Config, train_cfg: TrainConfig, manifest: Path, model_dir: Path, root: Path,
+                    max_items: int = 32) -> float:
+    """Sampled reward of the pilot policy on held-out val items: the over-fitting check's reference."""
+    from vlgrpo.data.manifest import read_manifest
+    from vlgrpo.evaluate import mean_sampled_reward
+    from vlgrpo.modeling import load_model
+
+    items = read_manifest(manifest, split="val")[:max_items]
+    model, processor = load_model(model_dir)
+    return mean_sampled_reward(model, processor, items, manifest.parent, cfg, train_cfg, seed=train_cfg.seed)
+
+
 class ProgressWatcher:
     """Mirror the trainer's metrics stream into a Prefect progress artifact (percent of steps done).
 
