@@ -130,6 +130,15 @@ def greedy_accuracy(model, processor, items: Sequence[Item], manifest_dir: Path,
     }
 
 
+def _thin(points: list, n: int) -> list:
+    """At most about ``n`` evenly spaced points, always keeping the last (a readable curve for the report)."""
+    if len(points) <= n:
+        return list(points)
+    every = math.ceil(len(points) / n)
+    kept = points[every - 1::every]
+    return kept if kept[-1] == points[-1] else kept + [points[-1]]
+
+
 def _resolve(root: Path, p: str | Path) -> Path:
     p = Path(p)
     return p if p.is_absolute() else root / p
@@ -173,6 +182,7 @@ def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> 
         **acc,
         "steps": steps,
         "final_loss": log[-1]["loss"] if log else None,
+        "loss_curve": _thin([(r["step"], r["loss"]) for r in log], 20),
         "train_seconds": round(t_train, 2),
         "seconds": round(time.perf_counter() - t0, 2),
     }
