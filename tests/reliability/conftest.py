@@ -1,0 +1,100 @@
+"""Shared pieces of the fault-injection tests: a tiny ready-to-train project, process helpers.
+
+The ready project (params.yaml, data/manifest.jsonl + image cache, models/base) is built once per session in
+this process (seconds) and copied per test, so each test spends its time on the fault, not on set-up.
+Training is CPU fp32 (``mixed_precision: "no"``) so that a resumed run can be compared bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from tests.project import BIN, TINY_PARAMS, deep_update, project_env
+
+REPO = Path(__file__).resolve().parents[2]
+VLGRPO = str(BIN / "vlgrpo")
+
+# 4 steps, checkpoints at 2 and 4: a kill after step-2 leaves real work to resume.
+TRAIN = {"max_steps": 4, "save_steps": 2, "mixed_precision": "no", "learning_rate": 0.01}
+
+
+def tiny_params(**sections: dict) -> dict:
+    cfg = yaml.safe_load((REPO / "params.yaml").read_text())
+    deep_update(cfg, TINY_PARAMS)
+    deep_update(cfg, {"train": dict(TRAIN), "register": {"model_name": "vlgrpo-rel-test"}})
+    for k, v in sections.items():
+        deep_update(cfg, {k: v})
+    return cfg
+
+
+def write_params(root: Path, cfg: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def update_params(root: Path, **sections: dict) -> dict:
+    cfg = yaml.safe_load((root / "params.yaml").read_text())
+    for k, v in sections.items():
+        deep_update(cfg, {k: v})
+    write_params(root, cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def ready_project(tmp_path_factory) -> Path:
+    """A project folder with data and an (untrained) tiny base model; copy it, never modify it."""
+    from vlgrpo import modeling
+    from vlgrpo.config import load_config
+    from vlgrpo.data.build import build_dataset
+    from vlgrpo.data.manifest import read_manifest
+
+    root = tmp_path_factory.mktemp("ready") / "proj"
+    root.mkdir()
+    write_params(root, tiny_params())
+    cfg = load_config(root / "params.yaml")
+    build_dataset(cfg, root)
+    items = read_manifest(root / "data/manifest.jsonl")
+    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    modeling.save_model(model, proc, root / "models/base")
+    return root
+
+
+@pytest.fixture
+def project(ready_project, tmp_path) -> Path:
+    dest = tmp_path / "proj"
+    shutil.copytree(ready_project, dest)
+    return dest
+
+
+def spawn(cmd: list[str], root: Path, log: Path, **env: str) -> subprocess.Popen:
+    """Start ``cmd`` in ``root`` in a process group of its own (so a kill reaches its children too)."""
+    return subprocess.Popen(cmd, cwd=root, env=project_env(root, **env), stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, proc: subprocess.Popen | None = None,
+             log: Path | None = None, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log else ""
+            raise AssertionError(f"process exited ({proc.returncode}) before the condition held:\n{tail}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(poll)
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole process group: no cleanup handler, finally block or atexit runs."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(60)
