@@ -36,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -360,23 +361,35 @@ def step_generator(seed: int, step: int, slot: int, stream: int) -> torch.Genera
 # ====================================================================================== checkpoints
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete ``checkpoints/step-N`` (complete = renamed into place, holding the state file)."""
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoints/step-N`` dirs, newest first (complete = renamed into place, holding the state
+    file; a killed writer's hidden ``.step-N.*.tmp`` dir never matches)."""
     root = Path(out_dir) / CHECKPOINT_DIR
     if not root.is_dir():
-        return None
+        return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
             and p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
+    return sorted(done, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoints/step-N``, or None."""
+    done = complete_checkpoints(out_dir)
+    return done[0] if done else None
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.random.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state as plain Python values: the file must load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.random.get_rng_state(),
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
 
 
@@ -393,16 +406,36 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load
 
     try:
         st_load(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        _set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+        # weights_only: a checkpoint dir is data, never code - a pickle that builds objects is refused.
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
         return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+            SafetensorError) as e:
         raise TrainingError(f"{path}: cannot resume from this checkpoint: {e}") from e
+
+
+def _resume(out_dir: Path, model: nn.Module, optimizer, scheduler) -> tuple[Path | None, dict[str, Any]]:
+    """Load the newest checkpoint that reads back whole; an unreadable one (truncated by a crash after the
+    rename, e.g. power loss before the bytes hit the disk) is skipped with a warning, so a run resumes from
+    the last good one. Each attempt overwrites weights, optimizer, scheduler and RNG entirely. If none reads,
+    the newest one's error is raised: starting over silently would throw the work away."""
+    errors: list[TrainingError] = []
+    for path in complete_checkpoints(out_dir):
+        try:
+            return path, load_checkpoint(path, model, optimizer, scheduler)
+        except TrainingError as e:
+            print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    return None, {}
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -584,9 +617,8 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
 
     # ---- resume
     start_step = 0
-    ckpt = latest_checkpoint(out_dir)
+    ckpt, state = _resume(out_dir, _base_model(scorer).model, optimizer, scheduler)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, _base_model(scorer).model, optimizer, scheduler)
         if state.get("seed") != tc.seed or state.get("num_items") != len(items):
             raise TrainingError(f"{ckpt}: written by a run with another seed or dataset "
                                 f"(seed {state.get('seed')}, {state.get('num_items')} items); remove "
@@ -824,7 +856,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = argv[2] if len(argv) > 2 else "reports/train_metrics.jsonl"
     summary = train_grpo(cfg, cfg.train, ".", Path(cfg.data.out_dir) / "manifest.jsonl", cfg.base.out_dir,
                          out, metrics)
-    print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
+    if int(os.environ.get("RANK", "0")) == 0:          # one summary line, from the main process
+        print(json.dumps({k: v for k, v in summary.items() if k != "final"}), flush=True)
     return 0
 
 

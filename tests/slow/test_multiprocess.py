@@ -3,7 +3,8 @@
 The sampling streams belong to prompt slots, not processes, so the 2-process run draws the same completions;
 rewards are gathered before the group statistics, and DDP averages the gradients - with loss_type grpo the
 two runs must agree on every reward statistic exactly and on loss, gradients and weights up to float
-rounding of the all-reduce.
+rounding of the all-reduce. micro_batch_size 2 < G puts two accumulated micro-batches on each process, so
+the no_sync (accumulate without all-reduce) path runs too.
 """
 import json
 import os
@@ -44,7 +45,7 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     (tmp_path / "plugin.py").write_text(PLUGIN)
     raw = {"data": {"num_train": 16, "num_val": 2, "num_test": 2},
            "rewards": {"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(tmp_path / "plugin.py")]},
-           "train": {"max_steps": 3, "prompts_per_step": 4, "num_generations": 4, "micro_batch_size": 4,
+           "train": {"max_steps": 3, "prompts_per_step": 4, "num_generations": 4, "micro_batch_size": 2,
                      "mixed_precision": "no", "max_completion_length": 5, "save_steps": 10,
                      "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "grpo", "beta": 0.04}}
     cfg = config_from_dict(raw)
@@ -84,4 +85,9 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     base = load_file(tmp_path / "models/base/model.safetensors")
     assert any(not torch.equal(base[k], w2[k]) for k in base)
     for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+        # Adam divides by sqrt(v): where a gradient element is ~0, all-reduce rounding can move that
+        # element's update by a visible fraction of lr (0.01). Bound it at 1% of lr, and almost all
+        # elements must agree to 1e-5.
+        d = (w1[k] - w2[k]).abs()
+        assert d.max().item() < 1e-4, (k, d.max().item())
+        assert (d > 1e-5).float().mean().item() < 1e-3, k
