@@ -116,7 +116,7 @@ def test_learning_rate_change_invalidates_only_train(project):
         _set_params(root, "train", "learning_rate", 0.0005)
         status = json.loads(run([str(BIN / "dvc"), "status", "--json"], root).stdout)
         assert list(status) == ["train"]
-        assert status["train"] == [{"changed params": {"params.yaml": {"train.learning_rate": "modified: 0.0005"}}}]
+        assert status["train"] == [{"changed deps": {"params.yaml": {"train": "modified"}}}]
     finally:
         (root / "params.yaml").write_text(params)
 
