@@ -14,6 +14,11 @@ Two routes, one output (``<root>/<base.out_dir>``: safetensors + processor + tok
 The warm start is deliberately short: it teaches the answer format (one word, then ``<|im_end|>``) fully
 but the visual content only partly, so GRPO has rewards that vary within a group and room to improve.
 
+Measured on the default synthetic data (800 train / 100 val, 1 thread, other jobs on the machine): at
+lr 1e-3 and batch 16 the format is learned (100% of answers end with <|im_end|>) within 10 steps and val
+accuracy goes 0.38 (150 steps) -> 0.44 (300) -> 0.48 (450) -> ~0.43 plateau (1500): colour is learned,
+shape / count / exists stay near their answer priors.
+
 Both routes then measure greedy val accuracy (strict normalised exact match) for ``reports/base.json``.
 """
 from __future__ import annotations
