@@ -260,6 +260,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if generator is not None and generator.device != probs.device:
+        # the per-slot generators live on the CPU (same draws on every device); (G, V) is small to move
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
