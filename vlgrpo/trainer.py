@@ -381,6 +381,34 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[0] if done else None
 
 
+# Keys that do not change what a step computes: a resume may differ in them.
+_RESUME_NEUTRAL = ("save_steps", "log_every", "out_dir")
+
+
+def run_fingerprint(cfg: Config, tc: TrainConfig, init_model_dir: str | Path, items: Sequence[Any]) -> str:
+    """What a checkpoint must share with this run to be resumed: the step-defining train settings, rewards,
+    pixel budget, the starting weights and the prompt list (ids in order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    train = {k: v for k, v in dataclasses.asdict(tc).items() if k not in _RESUME_NEUTRAL}
+    h.update(json.dumps({"train": train, "rewards": dataclasses.asdict(cfg.rewards),
+                         "pixels": [cfg.data.min_pixels, cfg.data.max_pixels]}, sort_keys=True,
+                        default=str).encode())
+    for f in sorted(Path(init_model_dir).glob("*.safetensors")):
+        st = f.stat()  # size + mtime: checkpoints can be GBs, and a rewritten base gets a new mtime
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update("\n".join(it.id for it in items).encode())
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
 def _rng_state() -> dict[str, Any]:
     # numpy's state as plain Python values: the file must load with torch.load(weights_only=True).
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -768,7 +796,7 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
                                     {"step": step + 1, "seed": tc.seed, "num_items": len(items),
                                      "data_order": {"seed": tc.seed, "prompts_per_step": tc.prompts_per_step,
                                                     "next_slot": (step + 1) * tc.prompts_per_step},
-                                     "train_config": dataclasses.asdict(tc)})
+                                     "train_config": dataclasses.asdict(tc), "fingerprint": fingerprint})
                 accelerator.wait_for_everyone()
     finally:
         bar.close()

@@ -182,3 +182,27 @@ def test_truncate_metrics_keeps_earlier_steps(tmp_path):
     p.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
     T.truncate_metrics(p, 2)
     assert [r["step"] for r in lines(p)] == [1, 2]
+
+
+def test_resume_fingerprint_tracks_what_a_step_computes(tmp_path):
+    """A checkpoint of a run with another learning rate, reward weight, base model or prompt list must not be
+    resumed (it would hand back that run's policy); save/log cadence may differ."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from vlgrpo.config import Config
+    from vlgrpo.trainer import run_fingerprint
+
+    init = tmp_path / "base"
+    init.mkdir()
+    (init / "model.safetensors").write_bytes(b"x" * 10)
+    cfg = Config()
+    items = [SimpleNamespace(id=f"i{k}") for k in range(4)]
+    fp = run_fingerprint(cfg, cfg.train, init, items)
+    assert fp == run_fingerprint(cfg, dataclasses.replace(cfg.train, save_steps=7, log_every=3), init, items)
+    assert fp != run_fingerprint(cfg, dataclasses.replace(cfg.train, learning_rate=5e-4), init, items)
+    other_rewards = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, weights={"accuracy": 2.0}))
+    assert fp != run_fingerprint(other_rewards, cfg.train, init, items)
+    assert fp != run_fingerprint(cfg, cfg.train, init, items[:3])
+    (init / "model.safetensors").write_bytes(b"y" * 11)
+    assert fp != run_fingerprint(cfg, cfg.train, init, items)
