@@ -1,7 +1,9 @@
 """Shared pieces of the fault-injection tests: a tiny ready-to-train project, process helpers.
 
 The ready project (params.yaml, data/manifest.jsonl + image cache, models/base) is built once per session in
-this process (seconds) and copied per test, so each test spends its time on the fault, not on set-up.
+this process (seconds) and copied per test, so each test spends its time on the fault, not on set-up. One
+real Prefect server serves every stage command of the session (``cli_env``), instead of each command starting
+a temporary one of its own.
 Training is CPU fp32 (``mixed_precision: "no"``) so that a resumed run can be compared bit for bit.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 from tests.project import BIN, TINY_PARAMS, deep_update, project_env
+from tests.servers import prefect_server
 
 REPO = Path(__file__).resolve().parents[2]
 VLGRPO = str(BIN / "vlgrpo")
@@ -64,6 +67,13 @@ def ready_project(tmp_path_factory) -> Path:
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
     modeling.save_model(model, proc, root / "models/base")
     return root
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for `vlgrpo` subprocesses: a shared real Prefect server."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as srv:
+        yield {"PREFECT_API_URL": srv.url, "PREFECT_HOME": srv.env["PREFECT_HOME"]}
 
 
 @pytest.fixture

@@ -22,17 +22,17 @@ from tests.reliability.conftest import REPO, VLGRPO, kill9, spawn, wait_for
 pytestmark = pytest.mark.reliability
 
 
-def test_second_pipeline_run_refuses_while_first_holds_the_lock(tmp_path):
+def test_second_pipeline_run_refuses_while_first_holds_the_lock(tmp_path, cli_env):
     root = make_project(tmp_path / "proj", model_name="vlgrpo-lock-test")
     lock = root / ".vlgrpo.lock"
-    first = spawn([VLGRPO, "repro", "data"], root, tmp_path / "first.log")
+    first = spawn([VLGRPO, "repro", "data"], root, tmp_path / "first.log", **cli_env)
     try:
         # The holder writes its pid into the lock file right after taking the lock.
         wait_for(lambda: lock.exists() and f"pid {first.pid}" in lock.read_text(), 120, first,
                  tmp_path / "first.log")
         for cmd in ([VLGRPO, "repro"], [VLGRPO, "pipeline", "--force-train"]):
             t0 = time.monotonic()
-            p = run(cmd, root, timeout=120, check=False)
+            p = run(cmd, root, timeout=120, check=False, **cli_env)
             took = time.monotonic() - t0
             assert first.poll() is None, "the first run ended before the second was refused: no overlap"
             assert p.returncode == 1, p.stdout + p.stderr

@@ -58,10 +58,10 @@ def _assert_equal_to_reference(reference, metrics: Path, weights: Path) -> None:
         assert torch.equal(w[k], ref_weights[k]), k
 
 
-def test_sigkilled_train_stage_resumes_and_matches_uninterrupted_run(project, reference, tmp_path):
+def test_sigkilled_train_stage_resumes_and_matches_uninterrupted_run(project, reference, tmp_path, cli_env):
     candidate = project / "models/candidate"
     log = tmp_path / "killed.log"
-    proc = spawn([VLGRPO, "train", "--force"], project, log)
+    proc = spawn([VLGRPO, "train", "--force"], project, log, **cli_env)
     try:
         wait_for(lambda: T.latest_checkpoint(candidate) is not None, 600, proc, log, poll=0.02)
     finally:
@@ -71,7 +71,7 @@ def test_sigkilled_train_stage_resumes_and_matches_uninterrupted_run(project, re
     assert not (candidate / "model.safetensors").exists()    # no final model from the killed run
     assert not (project / "reports/train.json").exists()
 
-    p = run([VLGRPO, "train", "--force"], project, timeout=600)
+    p = run([VLGRPO, "train", "--force"], project, timeout=600, **cli_env)
     report = json.loads((project / "reports/train.json").read_text())
     assert report["resumed_from"] == 2 and report["finished"] and report["steps"] == 4, p.stdout[-2000:]
     _assert_equal_to_reference(reference, project / "reports/train_metrics.jsonl",
