@@ -59,7 +59,10 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
 
     def deco(fn: RewardFn) -> RewardFn:
         old = REWARDS.get(name)
-        if old is not None and (_origin(old) != _origin(fn)):
+        # A plugin may replace a reward an earlier plugin file registered (another project's run in the same
+        # process, e.g. a test session or a long-lived worker); it may never shadow a built-in.
+        from_plugins = old is not None and all(_origin(f)[0].startswith(_PLUGIN_PREFIX) for f in (old, fn))
+        if old is not None and (_origin(old) != _origin(fn)) and not from_plugins:
             raise ValueError(f"reward {name!r} is already registered by {_origin(old)[0]}.{_origin(old)[1]}")
         REWARDS[name] = fn
         return fn
@@ -80,6 +83,9 @@ def get_reward(name: str) -> RewardFn:
                           if name == "clip_score" else "")) from None
 
 
+_PLUGIN_PREFIX = "vlgrpo_plugin_"
+
+
 def load_plugins(paths: Iterable[str | Path]) -> list[str]:
     """Import each Python file (which calls :func:`register`); return the reward names it added."""
     added: list[str] = []
@@ -89,7 +95,7 @@ def load_plugins(paths: Iterable[str | Path]) -> list[str]:
             raise PluginError(f"reward plugin {p}: file not found")
         before = dict(REWARDS)
         # A stable, path-derived module name: loading the same file twice re-registers, not duplicates.
-        mod_name = f"vlgrpo_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        mod_name = f"{_PLUGIN_PREFIX}{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
         try:
             spec = importlib.util.spec_from_file_location(mod_name, path)
             if spec is None or spec.loader is None:

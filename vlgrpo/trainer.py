@@ -648,12 +648,20 @@ def train_grpo(cfg: Config, train_cfg: TrainConfig, root: str | Path, manifest: 
 
     # ---- resume
     start_step = 0
+    fingerprint = run_fingerprint(cfg, tc, init_model_dir, items)
+    # A checkpoint whose state cannot be read is left to _resume (it skips it); one that reads and names
+    # another run marks the whole folder as superseded.
+    if any(checkpoint_fingerprint(p) not in (None, fingerprint) for p in complete_checkpoints(out_dir)):
+        # Checkpoints of another run (other train/reward settings, data or base model): resuming would
+        # silently return that run's policy. They are superseded; the previous final model stays in out_dir
+        # until this run's model replaces it.
+        if accelerator.is_main_process:
+            print(f"{out_dir / CHECKPOINT_DIR}: checkpoints from a run with other settings, data or base "
+                  f"model - starting a fresh run", file=sys.stderr)
+            shutil.rmtree(out_dir / CHECKPOINT_DIR)
+        accelerator.wait_for_everyone()
     ckpt, state = _resume(out_dir, _base_model(scorer).model, optimizer, scheduler)
     if ckpt is not None:
-        if state.get("seed") != tc.seed or state.get("num_items") != len(items):
-            raise TrainingError(f"{ckpt}: written by a run with another seed or dataset "
-                                f"(seed {state.get('seed')}, {state.get('num_items')} items); remove "
-                                f"{out_dir / CHECKPOINT_DIR} to start over")
         start_step = int(state["step"])
         if accelerator.is_main_process:
             truncate_metrics(metrics_path, start_step)
