@@ -1,0 +1,155 @@
+"""MLflow outage: a real `mlflow server` stops in the middle of the real `vlgrpo train` stage.
+
+Training goes on (the metrics stay in the local JSONL stream); the forwarder's periodic flushes fail and are
+deferred; the stage's final flush retries with backoff until the server is back on the same port; then every
+step of every metric is in MLflow exactly once. With the server down for good, the `register` stage retries
+with backoff, fails with a clear message after VLGRPO_MLFLOW_RETRIES attempts, and the champion alias stays
+where it was.
+
+MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 turns off MLflow's own HTTP retries (up to ~4 minutes per call by default)
+so that each failed call returns at once and the project's retry layer (tasks.tracking.retry) is what runs.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.project import run
+from tests.reliability.conftest import REPO, VLGRPO, spawn, update_params, wait_for
+from tests.servers import mlflow_server
+
+pytestmark = pytest.mark.reliability
+FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+# Each step's reward sleeps: training lasts long enough for a flush before, and steps during, the outage.
+SLOW_PLUGIN = '''
+import time
+from vlgrpo.rewards import register
+
+@register("rel_slow")
+def rel_slow(prompts, completions, **columns):
+    time.sleep(1.0)
+    return [0.0 for _ in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow")
+    with mlflow_server(tmp, f"sqlite:///{tmp / 'mlflow.db'}") as srv:
+        yield srv
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _sidecar_count(metrics: Path) -> int:
+    for p in metrics.parent.glob(f".{metrics.name}.mlflow-*"):
+        return int(p.read_text() or 0)
+    return 0
+
+
+def test_tracking_server_outage_during_training_loses_and_doubles_nothing(project, server, cli_env, tmp_path):
+    (project / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    update_params(project, train={"max_steps": 10, "save_steps": 5},
+                  rewards={"weights": {"accuracy": 1.0, "rel_slow": 0.1}, "plugins": ["slow_plugin.py"]})
+    metrics = project / "reports/train_metrics.jsonl"
+    log = tmp_path / "train.log"
+    proc = spawn([VLGRPO, "train", "--force"], project, log, MLFLOW_TRACKING_URI=server.url, **FAST_FAIL,
+                 **cli_env)
+    try:
+        # The tracking run started and a periodic flush reached the server: now take the server away.
+        wait_for(lambda: _sidecar_count(metrics) >= 1, 300, proc, log)
+        server.stop()
+        at_stop = _lines(metrics)
+        assert at_stop < 10, "training ended before the outage"
+        # Training goes on without the server, to the end; the final flush retries with backoff.
+        wait_for(lambda: "MLflow metrics flush failed" in log.read_text(errors="replace"), 300, proc, log)
+        assert _lines(metrics) == 10
+        assert (project / "models/candidate/model.safetensors").exists()
+        assert _sidecar_count(metrics) < 10                # lines remain unsent while the server is away
+        server.start()
+        rc = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server.proc.poll() is not None:
+            server.start()
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-4000:]
+    assert "metrics forwarding to MLflow deferred" in text or at_stop < _lines(metrics)
+    assert re.search(r"MLflow metrics flush failed \(.*\); retrying in \d", text)
+
+    from mlflow.tracking import MlflowClient
+
+    report = json.loads((project / "reports/train.json").read_text())
+    assert report["finished"] and report["steps"] == 10
+    client = MlflowClient(tracking_uri=server.url)
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    keys = {k for r in rows for k, v in r.items()
+            if k not in ("step", "timestamp") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {"loss", "reward", "grad_norm", "learning_rate"} <= keys
+    for key in sorted(keys):
+        want = [r["step"] for r in rows if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        history = client.get_metric_history(report["mlflow_run_id"], key)
+        # Step 0 holds the stage summary (reports/train.json: e.g. the median samples_per_s), logged once.
+        assert len([m for m in history if m.step == 0]) <= 1, key
+        got = sorted(m.step for m in history if m.step >= 1)
+        assert got == want, key                         # every step once: none lost, none doubled
+    assert _sidecar_count(metrics) == 10
+
+
+def _seed_champion(url: str, root: Path, name: str) -> str:
+    """Register version 1 of ``name`` and make it champion, the way the register stage does."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.registry import log_candidate, promote, register_version
+
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    mlflow.set_experiment("vlgrpo")
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    with mlflow.start_run() as r:
+        info = log_candidate(REPO, root / "models/base", 3136, 12544)
+        v = register_version(client, name, info, r.info.run_id, {})
+    promote(client, name, v, reason="seed", by="test")
+    return v
+
+
+def test_registry_outage_fails_clearly_after_retries_and_keeps_champion(project, server, cli_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name = "vlgrpo-rel-outage"
+    update_params(project, register={"model_name": name})
+    v1 = _seed_champion(server.url, project, name)
+    shutil.copytree(project / "models/base", project / "models/candidate")
+    (project / "reports").mkdir(exist_ok=True)
+    (project / "reports/evaluate.json").write_text(json.dumps(
+        {"decision": {"promote": True, "reasons": ["candidate beats champion"]}, "champion_version": v1}))
+
+    server.stop()
+    try:
+        t0 = time.monotonic()
+        p = run([VLGRPO, "register"], project, timeout=300, check=False, MLFLOW_TRACKING_URI=server.url,
+                VLGRPO_MLFLOW_RETRIES="3", **FAST_FAIL, **cli_env)
+        took = time.monotonic() - t0
+    finally:
+        server.start()
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-3000:]
+    assert re.search(r"MLflow [a-z ]+ failed after 3 attempts", out), out[-3000:]
+    # Backoff between the attempts: 0.5 s, then 1 s.
+    assert re.search(r"retrying in 0\.5s", out) and re.search(r"retrying in 1\.0s", out)
+    assert took < 120
+    assert not (project / "reports/register.json").exists()
+
+    client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    assert client.get_registered_model(name).aliases == {"candidate": v1, "champion": v1}
+    assert [mv.version for mv in client.search_model_versions(f"name='{name}'")] == [v1]

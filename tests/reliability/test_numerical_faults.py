@@ -1,0 +1,137 @@
+"""Numerical faults and failing rewards.
+
+* A reward plugin that turns NaN at step 3, run through the real `vlgrpo pipeline`: the run stops with an
+  error naming the step and the reward, the last good checkpoint (step-2) stays loadable, no candidate
+  model is published, evaluate and register never run and nothing is registered in MLflow.
+* A reward that raises: the error names the reward and the item; with ``rewards.on_error: skip`` the item
+  scores None and training goes on to the end.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.project import run
+from tests.reliability.conftest import VLGRPO, update_params
+from vlgrpo import trainer as T
+
+pytestmark = pytest.mark.reliability
+
+NAN_PLUGIN = '''
+from vlgrpo.rewards import register
+
+CALLS = [0]
+
+@register("rel_nan_at_step3")
+def rel_nan_at_step3(prompts, completions, **columns):
+    # One call per GRPO step in the train stage: steps 1-2 score normally, step 3 yields NaN.
+    CALLS[0] += 1
+    return [float("nan") if CALLS[0] == 3 else 0.5 for _ in completions]
+'''
+
+FRAGILE_PLUGIN = '''
+from vlgrpo.rewards import register
+
+@register("rel_fragile")
+def rel_fragile(prompts, completions, task, **columns):
+    # Cannot score counting questions (e.g. a parser that breaks on them); scores the rest.
+    if any(t == "count" for t in task):
+        raise ValueError("cannot parse a count answer")
+    return [1.0 if c else 0.0 for c in completions]
+'''
+
+
+def test_nan_reward_stops_pipeline_keeps_checkpoint_registers_nothing(project, cli_env):
+    (project / "nan_plugin.py").write_text(NAN_PLUGIN)
+    update_params(project, rewards={"weights": {"accuracy": 1.0, "rel_nan_at_step3": 0.5},
+                                    "plugins": ["nan_plugin.py"]})
+    p = run([VLGRPO, "pipeline", "--force-train"], project, timeout=900, check=False, **cli_env)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert "step 3: reward 'rel_nan_at_step3' returned nan for item syn-train-" in out, out[-3000:]
+
+    # The last good checkpoint stays and loads; nothing after it was published.
+    candidate = project / "models/candidate"
+    assert T.latest_checkpoint(candidate).name == "step-2"
+    state = json.loads((candidate / "checkpoints/step-2" / T.STATE_FILE).read_text())
+    assert state["step"] == 2
+    assert not (candidate / "model.safetensors").exists()
+    for stage in ("train", "evaluate", "register"):
+        assert not (project / f"reports/{stage}.json").exists(), stage
+    steps = [json.loads(x)["step"] for x in (project / "reports/train_metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+    # MLflow: the pipeline and train runs are FAILED; the registry is empty.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("vlgrpo").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["pipeline"] == "FAILED" and status["train"] == "FAILED", status
+    assert "evaluate" not in status and "register" not in status
+    assert client.search_registered_models() == []
+
+
+def _first_failing_item(root: Path) -> tuple[int, str]:
+    """(step, item id) of the first counting question the trainer meets, in its own prompt order."""
+    from vlgrpo.config import load_config
+    from vlgrpo.data.manifest import read_manifest
+
+    cfg = load_config(root / "params.yaml")
+    items = read_manifest(root / "data/manifest.jsonl", split="train")
+    for step in range(cfg.train.max_steps):
+        for i in T.step_prompt_indices(step, cfg.train.prompts_per_step, len(items), cfg.train.seed):
+            if items[i].task == "count":
+                return step + 1, items[i].id
+    raise AssertionError("no counting question in the run: the test would prove nothing")
+
+
+def _train(root: Path, out: str) -> dict:
+    from vlgrpo.config import load_config
+
+    cfg = load_config(root / "params.yaml")
+    return T.train_grpo(cfg, cfg.train, root, "data/manifest.jsonl", "models/base", out,
+                        f"reports/{Path(out).name}.jsonl", progress=False)
+
+
+@pytest.fixture(scope="module")
+def fragile_plugin(tmp_path_factory) -> Path:
+    # One file for every test in this process: the registry refuses a second function under the same name.
+    plugin = tmp_path_factory.mktemp("plugins") / "fragile_plugin.py"
+    plugin.write_text(FRAGILE_PLUGIN)
+    return plugin
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_raising_reward_names_reward_and_item_or_is_skipped(project, fragile_plugin, on_error):
+    plugin = fragile_plugin
+    update_params(project, rewards={"weights": {"accuracy": 1.0, "rel_fragile": 1.0}, "plugins": [str(plugin)],
+                                    "on_error": on_error})
+    step, item = _first_failing_item(project)
+    if on_error == "raise":
+        with pytest.raises(T.TrainingError) as e:
+            _train(project, "models/fragile")
+        assert str(e.value).startswith(f"step {step}: reward 'rel_fragile' failed on item {item}: "
+                                       f"ValueError: cannot parse a count answer"), str(e.value)
+        assert not (project / "models/fragile/model.safetensors").exists()
+        return
+    s = _train(project, "models/fragile")
+    assert s["finished"] and s["steps"] == 4
+    rows = [json.loads(x) for x in (project / "reports/fragile.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # The step with the counting question still has a finite rel_fragile mean over the items it could score.
+    from vlgrpo.config import load_config
+    from vlgrpo.data.manifest import read_manifest
+
+    cfg = load_config(project / "params.yaml")
+    items = read_manifest(project / "data/manifest.jsonl", split="train")
+    mixed = [s for s in range(4) if {items[i].task == "count" for i in
+                                     T.step_prompt_indices(s, cfg.train.prompts_per_step, len(items), 0)}
+             == {True, False}]
+    assert mixed, "no step mixes counting and other questions: the test would prove nothing"
+    for s in mixed:
+        assert rows[s]["rewards/rel_fragile/mean"] is not None
+    assert (project / "models/fragile/model.safetensors").exists()
