@@ -501,7 +501,7 @@ def report(r: dict) -> str:
         ps = ab.get("shared, OMP_WAIT_POLICY=PASSIVE")
         if ps:
             lines.append(f"- OMP_WAIT_POLICY=PASSIVE: step {ps['step_s']:.2f}s vs {sh['step_s']:.2f}s with the "
-                         f"environment's policy ({r['omp_wait_policy']})")
+                         f"environment's policy, {r['omp_wait_policy']}")
     return "\n".join(lines)
 
 if __name__ == "__main__":
