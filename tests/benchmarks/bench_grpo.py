@@ -12,8 +12,9 @@ Qwen2.5-VL (``modeling.build_tiny`` with the default ``TinyModelConfig``) saved 
 trainers. The same settings for both: 4 prompts a step × G=8 completions, at most 16 completion tokens,
 ``loss_type`` grpo, beta 0.04 (a reference model is loaded and scored), ``num_iterations`` 1, fp32, lr 1e-3, the
 32 completions of a step in one forward/backward (TRL: ``per_device_train_batch_size`` 32; vlgrpo:
-``micro_batch_size`` 32), reward = vlgrpo's ``accuracy`` reward, vision placeholder tokens never sampled, the
-same torch thread count, CPU, no vLLM.
+``micro_batch_size`` 32), no gradient checkpointing (TRL's config turns it on by default, which recomputes the
+forward in backward: ``--trl-gradient-checkpointing`` measures that default), reward = vlgrpo's ``accuracy``
+reward, vision placeholder tokens never sampled, the same torch thread count, CPU, no vLLM.
 
 How it is fair on a busy machine: every trainer runs in its own worker process (so peak RSS is its own) and
 stops at a gate before each optimizer step; the parent lets exactly one worker run one step at a time and
@@ -94,6 +95,7 @@ class Gate:
         self.resumed = 0.0
         self.pauses: list[float] = []                    # seconds each step waited at its gate
         self.step_times: list[float] = []                # filled by step_end (TRL) or from the metrics (vlgrpo)
+        self.gpu_peak_mb: float | None = None            # peak GPU memory up to the last gate (no final save)
 
     def send(self, **msg) -> None:
         self._out.write(json.dumps(msg) + "\n")
@@ -101,6 +103,9 @@ class Gate:
     def wait(self) -> None:
         """Before a step: say so, then block until the parent says go."""
         t = time.perf_counter()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20
         self.send(event="ready", step=len(self.pauses), rss_mb=rss_mb())
         if sys.stdin.readline().strip() != "go":
             raise SystemExit("bench worker: parent closed the gate")
@@ -111,7 +116,8 @@ class Gate:
         self.step_times.append(time.perf_counter() - self.resumed)
 
     def finish(self, **extra) -> None:
-        self.send(event="done", step_times=self.step_times, peak_rss_mb=peak_rss_mb(), **extra)
+        self.send(event="done", step_times=self.step_times, peak_rss_mb=peak_rss_mb(),
+                  gpu_peak_before_last_step_mb=self.gpu_peak_mb, **extra)
 
 
 def _sync(device: str) -> None:
@@ -249,7 +255,7 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
         max_completion_length=MAX_COMPLETION, loss_type="grpo", beta=BETA, num_iterations=1, epsilon=0.2,
         scale_rewards="group", learning_rate=LEARNING_RATE, lr_scheduler_type="constant", temperature=1.0,
         top_p=1.0, use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16", fp16=False, report_to=[],
-        save_strategy="no", logging_steps=1,
+        save_strategy="no", logging_steps=1, gradient_checkpointing=spec["trl_gradient_checkpointing"],
         disable_tqdm=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
         # same as vlgrpo: a sampled vision placeholder would break the re-encoding of the completion
         generation_kwargs={"suppress_tokens": vision})
@@ -362,7 +368,8 @@ def summarise(msg: dict, warmup: int, steps: int) -> dict:
     out = {"step_s": step, "samples_per_s": n / step, "tokens_per_s": statistics.median(toks) / step,
            "peak_rss_mb": msg["peak_rss_mb"], "setup_rss_mb": msg["setup_rss_mb"],
            "image_tokens": msg["image_tokens"], "params": msg["params"], "threads": msg["threads"],
-           "step_times": dts, "gpu_peak_mb": msg.get("gpu_peak_mb"), "device": msg["device"]}
+           "step_times": dts, "gpu_peak_mb": msg.get("gpu_peak_mb"), "device": msg["device"],
+           "gpu_peak_before_last_step_mb": msg.get("gpu_peak_before_last_step_mb")}
     if msg.get("phases"):
         ph = msg["phases"][sl]
         out["phases"] = {k: statistics.median(p[k] for p in ph)
@@ -377,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
     ap.add_argument("--sizes", default="112,448", help="square image sizes in px, comma-separated")
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
+                    help="TRL's own default (recompute activations in backward); off = the same work as vlgrpo")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--precision", choices=("no", "bf16"), default="no", help="no = fp32")
     ap.add_argument("--model-config", default="{}",
@@ -395,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
     load0 = os.getloadavg()
     results: dict = {"machine": _machine(args.device), "threads": args.threads, "warmup": args.warmup,
                      "steps": args.steps, "device": args.device, "precision": args.precision,
-                     "model_config": model_cfg, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+                     "model_config": model_cfg, "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
                      "sizes": {}, "ablations": {}}
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         tmp = Path(tmp)
@@ -405,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
         def spec(kind, size, tag, **kw):
             return {"kind": kind, "size": size, "root": str(roots[size]), "model": str(tmp / "model"),
                     "out": str(tmp / "out" / f"{tag}-{size}"), "total_steps": total, "threads": args.threads,
-                    "beta": BETA, "shared": True, "device": args.device, "precision": args.precision, **kw}
+                    "beta": BETA, "shared": True, "device": args.device, "precision": args.precision,
+                    "trl_gradient_checkpointing": args.trl_gradient_checkpointing, **kw}
 
         for s in sizes:
             t0 = time.perf_counter()
@@ -453,7 +464,9 @@ def report(r: dict) -> str:
     """The results as markdown tables (printed, and pasted into docs/benchmarks.md)."""
     gpu = r["device"] == "cuda"
     lines = [f"machine: {r['machine']}; device {r['device']}, precision {r['precision']}, model overrides "
-             f"{r['model_config'] or 'none'}; torch threads {r['threads']}, OMP_WAIT_POLICY {r['omp_wait_policy']}; "
+             f"{r['model_config'] or 'none'}; TRL gradient checkpointing "
+             f"{'on' if r['trl_gradient_checkpointing'] else 'off'}; torch threads {r['threads']}, "
+             f"OMP_WAIT_POLICY {r['omp_wait_policy']}; "
              f"{r['warmup']} warm-up + {r['steps']} measured steps each, alternating, medians; "
              f"load avg {r['loadavg_start'][0]:.1f} at start, "
              f"{r['loadavg_end'][0]:.1f} at end; wall {r['wall_s']:.0f}s",
@@ -472,7 +485,9 @@ def report(r: dict) -> str:
         t, v = by["TRL GRPOTrainer"], by["vlgrpo"]
         mem = f"peak RSS vlgrpo/TRL = {v['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
         if gpu:
-            mem += f", peak GPU memory vlgrpo/TRL = {v['gpu_peak_mb'] / t['gpu_peak_mb']:.2f}"
+            mem += (f", peak GPU memory vlgrpo/TRL = {v['gpu_peak_mb'] / t['gpu_peak_mb']:.2f} (up to the last "
+                    f"step, before vlgrpo's final save: {v['gpu_peak_before_last_step_mb']:.0f} vs "
+                    f"{t['gpu_peak_before_last_step_mb']:.0f} MB)")
         lines.append(f"- {s}x{s}: vlgrpo/TRL samples/s = {v['samples_per_s'] / t['samples_per_s']:.2f}; {mem}")
     ab = r.get("ablations")
     if ab:
