@@ -24,7 +24,8 @@ CHAMPION, CANDIDATE = "champion", "candidate"
 
 def champion_version(client: MlflowClient, name: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
+        # str(): the SQL store answers ints, the REST client strings; versions are compared across both.
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:  # no such model or no such alias: there is no champion yet
         return None
 
@@ -37,10 +38,10 @@ def champion_loader(name: str) -> Callable[[], Any] | None:
         return None
 
     def load():
-        from vlgrpo.modeling import load_model
-
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
-        return load_model(Path(local) / "artifacts" / "checkpoint")
+        # Through pyfunc, exactly as a user loading models:/<name>@champion gets it; the wrapper holds the
+        # Hugging Face model and processor it loaded from the logged checkpoint.
+        wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
+        return wrapper.model, wrapper.processor
 
     load.version = version  # type: ignore[attr-defined]
     return load

@@ -105,3 +105,29 @@ def test_register_promote_load_and_serve(tmp_path, monkeypatch, tiny_checkpoint)
             import signal
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
+
+
+def test_champion_loader_gives_the_registered_checkpoint(tmp_path, monkeypatch, tiny_checkpoint):
+    """evaluate compares against the champion through this loader: it must return the registered weights."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from tasks.registry import champion_loader, log_candidate, promote, register_version
+    from tasks.tracking import setup
+    from vlgrpo.modeling import load_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    setup(tmp_path, "vlgrpo-it")
+    client, name = MlflowClient(), "vlgrpo-loader-test"
+    assert champion_loader(name) is None
+    with mlflow.start_run() as run:
+        v = register_version(client, name, log_candidate(ROOT, tiny_checkpoint, 3136, 12544), run.info.run_id, {})
+    promote(client, name, v, reason="test", by="test")
+    loader = champion_loader(name)
+    assert loader.version == v
+    model, processor = loader()
+    want, _ = load_model(tiny_checkpoint)
+    got, want = model.state_dict(), want.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert processor.tokenizer.get_vocab() == load_model(tiny_checkpoint)[1].tokenizer.get_vocab()
