@@ -38,6 +38,19 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "restval": "train", "val
                  "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+# A JSON escape of a UTF-16 surrogate: legal JSON, but a lone one decodes to text no encoder accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _bad_unicode(text: str, obj: Any) -> bool:
+    """True when ``text`` (or what it parsed to) holds lone surrogates, e.g. from invalid UTF-8 bytes."""
+    try:
+        text.encode("utf-8")
+        if _SURROGATE_ESCAPE.search(text):  # rare: only then pay for re-serialising the object
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 _MANIFEST_KEYS = {"id", "split", "task", "question", "images"}
 _SWIFT_KEYS = {"messages", "images", "solution", "id", "split", "task", "references", "system", "query",
                "response"}
@@ -89,10 +102,16 @@ class PathResolver:
             return Issue("remote_url", f"image {raw!r} is a remote URL and data.allow_remote is false")
         else:
             raw_path = raw
+        if "\x00" in raw_path:  # no file system accepts it; os calls would raise ValueError
+            return Issue("bad_schema", f"image path {raw[:200]!r} contains a NUL byte")
         p = Path(raw_path)
         if not p.is_absolute():
             p = self.base / p
-        resolved = p.resolve()  # follows symlinks, so a link pointing out is caught too
+        try:
+            resolved = p.resolve()  # follows symlinks, so a link pointing out is caught too
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+            return Issue("missing_image", f"image {raw[:200]!r} cannot be resolved: "
+                                          f"{getattr(e, 'strerror', None) or e}")
         if not resolved.is_relative_to(self.root):
             return Issue("path_escape",
                          f"image {raw!r} resolves to {resolved}, outside the dataset folder {self.root}")
@@ -142,7 +161,7 @@ def detect_kind(path: str | Path) -> str:
                 break
             try:
                 obj = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: hostile nesting depth
                 continue
             if isinstance(obj, dict):
                 return "manifest" if _MANIFEST_KEYS <= obj.keys() else "jsonl"
@@ -185,8 +204,14 @@ def _json_lines(path: Path) -> Iterator[tuple[int, str, Any]]:
             except ValueError as e:
                 yield n, text, Issue("invalid_json", f"not valid JSON: {e}")
                 continue
+            except RecursionError:
+                yield n, text, Issue("invalid_json", "JSON nested too deeply to parse")
+                continue
             if not isinstance(obj, dict):
                 yield n, text, Issue("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            if _bad_unicode(text, obj):
+                yield n, text, Issue("invalid_json", "not valid UTF-8 / Unicode text (a lone surrogate)")
                 continue
             yield n, text, obj
 
@@ -348,12 +373,16 @@ def iter_swift_records(path: str | Path, allow_remote: bool = False) -> Iterator
 
 def _load_document(path: Path) -> dict[str, Any] | Record:
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        text = path.read_text(encoding="utf-8")
+        doc = json.loads(text)
     except json.JSONDecodeError as e:
         return Record(e.lineno, None, errors=[Issue("invalid_json", f"not valid JSON: {e}")])
     except UnicodeDecodeError as e:
         return Record(1, None, errors=[Issue("invalid_json", f"not UTF-8 text: {e}")])
+    except RecursionError:
+        return Record(1, None, errors=[Issue("invalid_json", "JSON nested too deeply to parse")])
+    if _bad_unicode(text, doc):
+        return Record(1, None, errors=[Issue("invalid_json", "not valid Unicode text (a lone surrogate)")])
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         return Record(1, None, errors=[Issue("bad_schema", "expected an object with an 'images' list")])
     return doc
@@ -396,12 +425,16 @@ def iter_coco_records(path: str | Path, split: str | None = None, allow_remote: 
         return
     captions: dict[Any, list[str]] = {}
     for a in doc.get("annotations") or []:
-        if isinstance(a, dict) and isinstance(a.get("caption"), str):
+        # An id must be a JSON scalar: a list/object id (hostile or broken file) is unhashable.
+        if isinstance(a, dict) and isinstance(a.get("caption"), str) and not isinstance(a.get("image_id"),
+                                                                                      (list, dict)):
             captions.setdefault(a.get("image_id"), []).append(a["caption"].strip())
     resolve = PathResolver(image_dir, root, allow_remote)
     for n, entry in enumerate(doc["images"], 1):
-        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
-            yield Record(n, None, errors=[Issue("bad_schema", "image entry needs 'id' and 'file_name'")])
+        if not isinstance(entry, dict) or "id" not in entry or isinstance(entry["id"], (list, dict)) \
+                or not isinstance(entry.get("file_name"), str):
+            yield Record(n, None, errors=[Issue("bad_schema", "image entry needs 'id' (a number or string) "
+                                                              "and 'file_name'")])
             continue
         refs = [c for c in captions.get(entry["id"], []) if c]
         item = Item(id=f"coco-{entry['id']}", split=None, task="caption", question=CAPTION_PROMPT,
