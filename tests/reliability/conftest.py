@@ -27,12 +27,15 @@ VLGRPO = str(BIN / "vlgrpo")
 
 # 4 steps, checkpoints at 2 and 4: a kill after step-2 leaves real work to resume.
 TRAIN = {"max_steps": 4, "save_steps": 2, "mixed_precision": "no", "learning_rate": 0.01}
+# Every VQA task type, whatever the shipped default mix is: the reward tests pick items by task.
+DATA = {"task_mix": {"count": 1.0, "color": 1.0, "shape": 1.0, "exists": 1.0, "caption": 0.0}}
 
 
 def tiny_params(**sections: dict) -> dict:
     cfg = yaml.safe_load((REPO / "params.yaml").read_text())
     deep_update(cfg, TINY_PARAMS)
-    deep_update(cfg, {"train": dict(TRAIN), "register": {"model_name": "vlgrpo-rel-test"}})
+    deep_update(cfg, {"train": dict(TRAIN), "data": {"task_mix": dict(DATA["task_mix"])},
+                      "register": {"model_name": "vlgrpo-rel-test"}})
     for k, v in sections.items():
         deep_update(cfg, {k: v})
     return cfg

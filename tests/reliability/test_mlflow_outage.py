@@ -112,14 +112,20 @@ def _seed_champion(url: str, root: Path, name: str) -> str:
 
     from tasks.registry import log_candidate, promote, register_version
 
+    prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(url)
     mlflow.set_registry_uri(url)
-    mlflow.set_experiment("vlgrpo")
-    client = MlflowClient(tracking_uri=url, registry_uri=url)
-    with mlflow.start_run() as r:
-        info = log_candidate(REPO, root / "models/base", 3136, 12544)
-        v = register_version(client, name, info, r.info.run_id, {})
-    promote(client, name, v, reason="seed", by="test")
+    try:
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
+        exp = client.get_experiment_by_name("vlgrpo")
+        exp_id = exp.experiment_id if exp else client.create_experiment("vlgrpo")
+        with mlflow.start_run(experiment_id=exp_id) as r:
+            info = log_candidate(REPO, root / "models/base", 3136, 12544)
+            v = register_version(client, name, info, r.info.run_id, {})
+        promote(client, name, v, reason="seed", by="test")
+    finally:  # later tests in this process must not talk to this (soon stopped) server by default
+        mlflow.set_tracking_uri(prev[0])
+        mlflow.set_registry_uri(prev[1])
     return v
 
 
