@@ -38,6 +38,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.bench_validate
 	$(BIN)/python -m tests.benchmarks.bench_evaluate
+	$(BIN)/python -m tests.benchmarks.bench_pipeline
 	$(BIN)/python -m tests.benchmarks.bench_grpo
 
 clean:

@@ -130,7 +130,7 @@ def test_experiment_run_with_a_set_param(project):
     # The experiment registered a second version; the champion moves only if it beat version 1.
     client = _client(root)
     versions = client.search_model_versions("name='vlgrpo-dvc-test'")
-    assert sorted(v.version for v in versions) == ["1", "2"]
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
     assert _aliases(client)["candidate"] == "2"
 
 
@@ -139,7 +139,7 @@ def test_failed_validation_leaves_outputs_and_registry_untouched(project):
     client = _client(root)
     before_models = {d: _md5_tree(root / "models" / d) for d in ("base", "candidate")}
     before_reports = {s: (root / "reports" / f"{s}.json").read_bytes() for s in ("train", "evaluate", "register")}
-    before_versions = sorted(v.version for v in client.search_model_versions("name='vlgrpo-dvc-test'"))
+    before_versions = sorted(str(v.version) for v in client.search_model_versions("name='vlgrpo-dvc-test'"))
     before_aliases = _aliases(client)
     params = (root / "params.yaml").read_text()
     try:
@@ -156,7 +156,7 @@ def test_failed_validation_leaves_outputs_and_registry_untouched(project):
     assert {d: _md5_tree(root / "models" / d) for d in ("base", "candidate")} == before_models
     assert {s: (root / "reports" / f"{s}.json").read_bytes()
             for s in ("train", "evaluate", "register")} == before_reports
-    assert sorted(v.version for v in client.search_model_versions("name='vlgrpo-dvc-test'")) == before_versions
+    assert sorted(str(v.version) for v in client.search_model_versions("name='vlgrpo-dvc-test'")) == before_versions
     assert _aliases(client) == before_aliases
     # The pipeline's parent run is marked FAILED.
     runs = client.search_runs([client.get_experiment_by_name("vlgrpo").experiment_id],
