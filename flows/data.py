@@ -19,7 +19,9 @@ def data_flow(params: str = "params.yaml") -> dict:
     with stage_run("data", cfg, root) as run_id:
         summary = build_dataset_task(cfg, root)
         log_report(write_report(root, "data", {**summary, "mlflow_run_id": run_id}))
-    print(f"data: {summary}")
+    # The findings list can be long for a large raw import: it is in reports/data.json; print the counts.
+    brief = {k: summary.get(k) for k in ("source", "rows", "splits", "tasks", "dropped_errors", "counts")}
+    print(f"data: {brief} (details: reports/data.json)")
     return summary
 
 
