@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.common import BackgroundLoop
 from vlgrpo.config import Config, TrainConfig
 
 
@@ -44,16 +44,16 @@ def val_reward_task(cfg: Config, train_cfg: TrainConfig, manifest: Path, model_d
     return mean_sampled_reward(model, processor, items, manifest.parent, cfg, train_cfg, seed=train_cfg.seed)
 
 
-class ProgressWatcher:
+class ProgressWatcher(BackgroundLoop):
     """Mirror the trainer's metrics stream into a Prefect progress artifact (percent of steps done).
 
     The core knows nothing of Prefect; it appends a JSON line per step, and this thread reads the tail.
     """
 
+    name = "progress-artifact"
+
     def __init__(self, stream: Path, total_steps: int, key: str, interval: float = 3.0):
         self.stream, self.total, self.key, self.interval = Path(stream), total_steps, key, interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._artifact_id = None
 
     def _step(self) -> int:
@@ -63,31 +63,20 @@ class ProgressWatcher:
         except (FileNotFoundError, ValueError, IndexError):
             return 0
 
-    def _update(self) -> None:
+    def tick(self) -> None:
         pct = min(100.0, 100.0 * self._step() / max(1, self.total))
         update_progress_artifact(artifact_id=self._artifact_id, progress=pct)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self._update()
-            except Exception:  # noqa: BLE001 - a progress display must never stop training
-                pass
 
     def __enter__(self) -> "ProgressWatcher":
         self._artifact_id = create_progress_artifact(progress=0.0, key=self.key,
                                                      description=f"GRPO steps done of {self.total}")
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="progress-artifact")
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+        super().__exit__(*exc)
         try:
-            self._update()
-        except Exception:  # noqa: BLE001
+            self.tick()  # the final percentage, also when training stopped early
+        except Exception:  # noqa: BLE001 - a progress display must never mask the stage's own outcome
             pass
 
 

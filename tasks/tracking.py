@@ -24,6 +24,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from tasks.common import BackgroundLoop
 from vlgrpo.config import Config
 
 log = logging.getLogger("vlgrpo.tracking")
@@ -168,7 +169,7 @@ def _metric_key(k: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in k)[:250]
 
 
-class StreamForwarder:
+class StreamForwarder(BackgroundLoop):
     """Forward a metrics JSONL stream (one object per step) to an MLflow run, exactly once per line.
 
     ``flush()`` sends lines not yet acknowledged and records the count in ``<stream>.mlflow-<run>``; a
@@ -176,11 +177,11 @@ class StreamForwarder:
     thread flushes every ``interval`` seconds while training runs.
     """
 
+    name = "metrics forwarding to MLflow"
+
     def __init__(self, stream: Path, run_id: str, prefix: str = "", interval: float = 5.0):
         self.stream, self.run_id, self.prefix, self.interval = Path(stream), run_id, prefix, interval
         self.sidecar = self.stream.with_name(f".{self.stream.name}.mlflow-{run_id}")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def _sent(self) -> int:
@@ -218,21 +219,10 @@ class StreamForwarder:
             atomic_write_text(self.sidecar, str(sent + len(pending)))
             return len(pending)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.flush()
-            except Exception as e:  # noqa: BLE001 - an outage must not stop training; next flush resends
-                log.warning("metrics forwarding to MLflow deferred: %s", e)
-
-    def __enter__(self) -> "StreamForwarder":
-        self._thread = threading.Thread(target=self._loop, name="mlflow-forwarder", daemon=True)
-        self._thread.start()
-        return self
+    def tick(self) -> None:
+        self.flush()  # an outage raises here; BackgroundLoop logs it and the next flush resends
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+        super().__exit__(*exc)
         # Final flush: retry with backoff so a server that comes back in time receives everything.
         retry(self.flush, what="metrics flush", attempts=int(os.environ.get("VLGRPO_MLFLOW_RETRIES", "8")))
