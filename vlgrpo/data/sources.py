@@ -25,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from vlgrpo.data.images import Issue
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
@@ -224,35 +224,47 @@ def _resolve_all(raws: list[str], resolve: PathResolver) -> tuple[list[ImageRef]
     return refs, errors
 
 
-def iter_manifest_records(path: str | Path, allow_remote: bool = False) -> Iterator[Record]:
-    """Our manifest: images are relative to (and confined to) the manifest's folder."""
+def _jsonl_records(path: str | Path, allow_remote: bool,
+                   parse: Callable[[dict, int, str], tuple[Item | None, list[Issue]]]) -> Iterator[Record]:
+    """One Record per JSON line: ``parse`` turns the object into an Item (None when the row is unusable);
+    image paths are relative to, and confined to, the file's folder."""
     path = Path(path)
     resolve = PathResolver(path.parent, path.parent, allow_remote)
     for n, text, obj in _json_lines(path):
         if isinstance(obj, Issue):
             yield Record(n, None, errors=[obj])
             continue
-        missing = sorted(_MANIFEST_KEYS - obj.keys())
-        images = obj.get("images")
-        if missing:
-            yield Record(n, None, errors=[Issue("bad_schema", f"missing key(s): {', '.join(missing)}")],
-                         key=text)
+        item, errors = parse(obj, n, path.stem)
+        if item is None:
+            yield Record(n, None, errors=errors, key=text)
             continue
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            yield Record(n, None, errors=[Issue("bad_schema", "'images' must be a list of paths")], key=text)
-            continue
-        try:
-            item = Item.from_dict(obj)
-        except (TypeError, ValueError) as e:
-            yield Record(n, None, errors=[Issue("bad_schema", f"not a manifest row: {e}")], key=text)
-            continue
-        errors = []
-        if item.split not in SPLITS:
-            errors.append(Issue("bad_schema", f"split {item.split!r} is not one of {', '.join(SPLITS)}"))
-        if item.task not in TASK_NAMES:
-            errors.append(Issue("bad_schema", f"task {item.task!r} is not one of {', '.join(TASK_NAMES)}"))
         refs, errs = _resolve_all(item.images, resolve)
         yield Record(n, item, refs, errors + errs, key=text)
+
+
+def manifest_item(obj: dict, line: int, stem: str) -> tuple[Item | None, list[Issue]]:
+    """A manifest row as an Item, or None with the schema problem."""
+    missing = sorted(_MANIFEST_KEYS - obj.keys())
+    if missing:
+        return None, [Issue("bad_schema", f"missing key(s): {', '.join(missing)}")]
+    images = obj.get("images")
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        return None, [Issue("bad_schema", "'images' must be a list of paths")]
+    try:
+        item = Item.from_dict(obj)
+    except (TypeError, ValueError) as e:
+        return None, [Issue("bad_schema", f"not a manifest row: {e}")]
+    errors = []
+    if item.split not in SPLITS:
+        errors.append(Issue("bad_schema", f"split {item.split!r} is not one of {', '.join(SPLITS)}"))
+    if item.task not in TASK_NAMES:
+        errors.append(Issue("bad_schema", f"task {item.task!r} is not one of {', '.join(TASK_NAMES)}"))
+    return item, errors
+
+
+def iter_manifest_records(path: str | Path, allow_remote: bool = False) -> Iterator[Record]:
+    """Our manifest: images are relative to (and confined to) the manifest's folder."""
+    return _jsonl_records(path, allow_remote, manifest_item)
 
 
 def _content_text(content: Any) -> str:
@@ -357,15 +369,7 @@ def swift_item(obj: dict[str, Any], line: int, stem: str) -> tuple[Item, list[Is
 
 def iter_swift_records(path: str | Path, allow_remote: bool = False) -> Iterator[Record]:
     """ms-swift JSONL; image paths are relative to the file's folder and confined to it."""
-    path = Path(path)
-    resolve = PathResolver(path.parent, path.parent, allow_remote)
-    for n, text, obj in _json_lines(path):
-        if isinstance(obj, Issue):
-            yield Record(n, None, errors=[obj])
-            continue
-        item, errors = swift_item(obj, n, path.stem)
-        refs, errs = _resolve_all(item.images, resolve)
-        yield Record(n, item, refs, errors + errs, key=text)
+    return _jsonl_records(path, allow_remote, swift_item)
 
 
 # ------------------------------------------------------------------------------------------ JSON documents
