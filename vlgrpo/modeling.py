@@ -10,8 +10,9 @@ Everything here goes through the real transformers classes, so the tiny default 
     completions = generate_answers(model, processor, items, manifest_dir, batch_size=32, ...)
 
 Prompts are built as Qwen chat messages, images go through ``qwen_vl_utils.process_vision_info`` (which
-applies the per-image ``min_pixels``/``max_pixels``) and the processor expands each ``<|image_pad|>`` into
-one token per merged 28x28 patch (112x112 -> 16 tokens). Padding is on the LEFT so that generated tokens
+applies the per-image ``min_pixels``/``max_pixels``, the same budget is handed to the image processor) and
+the processor expands each ``<|image_pad|>`` into one token per merged block of 2x2 patches: 28x28 px for
+Qwen2-VL / Qwen2.5-VL (112x112 -> 16 tokens), 32x32 px for Qwen3-VL. Padding is on the LEFT so that generated tokens
 start at the same column for every row of a batch.
 """
 from __future__ import annotations
@@ -320,12 +321,17 @@ def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: in
     return text, vision or []
 
 
-def _encode(processor, texts: list[str], images: list[Image.Image]):
+def _encode(processor, texts: list[str], images: list[Image.Image], min_pixels: int, max_pixels: int):
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = "left"
+    # The pixel budget goes to the image processor too: it resizes again with its own ``size`` otherwise,
+    # and a checkpoint's own (Qwen3-VL: shortest_edge 65536) would upscale every small image (112 px ->
+    # 256 px, 64 tokens instead of 9). With the same budget its resize of an already-fitted image is a no-op.
+    kw = {"images": images, "images_kwargs": {"size": {"shortest_edge": min_pixels,
+                                                        "longest_edge": max_pixels}}} if images else {}
     try:
-        return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        return processor(text=texts, padding=True, return_tensors="pt", **kw)
     finally:
         tok.padding_side = old
 
@@ -346,7 +352,7 @@ def encode_prompts(processor, items: Sequence[Item], manifest_dir: Path, min_pix
         text, vision = _render(processor, it, imgs, min_pixels, max_pixels)
         texts.append(text)
         flat.extend(vision)
-    return _encode(processor, texts, flat)
+    return _encode(processor, texts, flat, min_pixels, max_pixels)
 
 
 def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_pixels: int, max_pixels: int,
@@ -377,7 +383,7 @@ def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_p
         texts.append(full)
         flat.extend(vision)
         n_answer.append(len(f_ids) - len(p_ids))   # answer tokens + <|im_end|>
-    batch = _encode(processor, texts, flat)
+    batch = _encode(processor, texts, flat, min_pixels, max_pixels)
     ids = batch["input_ids"]                       # (B, T), left-padded, so answers end at column T-1
     labels = torch.full_like(ids, IGNORE_INDEX)
     T = ids.shape[1]
@@ -439,6 +445,32 @@ def split_completions(processor, sequences: torch.Tensor, stop_ids: Sequence[int
     return out
 
 
+# Decoding settings a checkpoint's generation_config.json may carry (Qwen2.5-VL ships repetition_penalty 1.05,
+# others no_repeat_ngram_size, min_length, beams, ...). ``generate`` applies whatever the checkpoint sets unless
+# the call sets it, so each is pinned here to the value that leaves the model's distribution untouched:
+# evaluation's greedy answers are then the argmax of the model's logits and its samples come from
+# softmax(logits / T) restricted only by top_p, the same distribution the trainer samples from.
+NEUTRAL_DECODING: dict[str, Any] = dict(
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0, num_beams=1, num_beam_groups=1, diversity_penalty=0.0, penalty_alpha=None,
+    length_penalty=1.0, min_length=0, min_new_tokens=None, bad_words_ids=None, force_words_ids=None,
+    constraints=None, sequence_bias=None, forced_bos_token_id=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, begin_suppress_tokens=None, typical_p=1.0, min_p=None, top_h=None,
+    epsilon_cutoff=0.0, eta_cutoff=0.0, renormalize_logits=False, guidance_scale=None, watermarking_config=None,
+    dola_layers=None, stop_strings=None, prompt_lookup_num_tokens=None, low_memory=None, token_healing=False,
+    max_time=None,
+)
+
+
+def _neutral_decoding() -> dict[str, Any]:
+    """:data:`NEUTRAL_DECODING`, limited to the fields this transformers version's GenerationConfig has (an
+    unknown key would be passed on to the model's forward)."""
+    from transformers import GenerationConfig
+
+    known = vars(GenerationConfig())
+    return {k: v for k, v in NEUTRAL_DECODING.items() if k in known}
+
+
 def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path, *, batch_size: int,
                      max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                      top_p: float = 1.0, num_return_sequences: int = 1, min_pixels: int, max_pixels: int,
@@ -452,7 +484,7 @@ def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path
     was_training = model.training
     model.eval()
     results: list[Completion] = []
-    gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+    gen_kw: dict[str, Any] = dict(_neutral_decoding(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   num_return_sequences=num_return_sequences, eos_token_id=stops,
                                   pad_token_id=pad, suppress_tokens=vision_token_ids(processor))
     if do_sample:

@@ -17,8 +17,10 @@ Row checks give one finding per problem, ``{"line", "severity", "check", "messag
 - warnings (the row is kept and repaired by the data stage): ``converted_mode``, ``resized``,
   ``upscaled``, ``duplicate_row`` (an exact copy of an earlier row; the copy is dropped).
 
-Prompt length = text tokens + visual tokens. Visual tokens are ``(h/28)*(w/28)`` of the image after
-``smart_resize`` into ``data.min_pixels..data.max_pixels``. Text tokens come from the configured tokenizer
+Prompt length = text tokens + visual tokens. Visual tokens are ``(h/b)*(w/b)`` of the image after
+``smart_resize`` into ``data.min_pixels..data.max_pixels`` with sides multiples of ``b``, the pixel block of
+one visual token read from ``base.model``'s processor (patch size x merge size: 28 for Qwen2-VL / Qwen2.5-VL
+and the tiny default, 32 for Qwen3-VL; 28 when ``base.model`` is null or a hub id). Text tokens come from the configured tokenizer
 (``validate.tokenizer``, else ``base.model`` when it is a local folder). The offline default has no
 tokenizer yet (it is trained later, in ``base``), so we count one token per UTF-8 byte of the system and
 user text plus the chat-template scaffold (see :data:`TEMPLATE_OVERHEAD`): a byte-level BPE never produces
@@ -44,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from vlgrpo.config import Config
-from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, visual_tokens
+from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, vision_block, visual_tokens
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
 from vlgrpo.data.sources import TASK_NAMES, ImageRef, Record, assign_split, detect_kind, iter_records
 from vlgrpo.io import atomic_dir, atomic_write_json
@@ -112,8 +114,8 @@ class ImageInspector:
     to change, so later rows naming the same path reuse the result without another system call.
     """
 
-    def __init__(self, min_pixels: int, max_pixels: int, deep: bool = False) -> None:
-        self.min_pixels, self.max_pixels, self.deep = min_pixels, max_pixels, deep
+    def __init__(self, min_pixels: int, max_pixels: int, deep: bool = False, factor: int = 28) -> None:
+        self.min_pixels, self.max_pixels, self.deep, self.factor = min_pixels, max_pixels, deep, factor
         self._memo: dict[str, tuple[tuple[int, int], ImageInfo | ImageError]] = {}
 
     def __call__(self, ref: ImageRef) -> ImageInfo | None:
@@ -130,7 +132,7 @@ class ImageInspector:
                 raise ImageError("missing_image", f"image file cannot be read: {path}: {e}") from None
             try:
                 result: ImageInfo | ImageError = inspect_image(path, self.min_pixels, self.max_pixels,
-                                                               deep=self.deep)
+                                                               deep=self.deep, factor=self.factor)
             except ImageError as e:
                 result = e
             hit = self._memo[path] = ((st.st_size, st.st_mtime_ns), result)
@@ -160,11 +162,11 @@ class RowChecker:
 
     ``load`` turns an :class:`ImageRef` into an :class:`ImageInfo` (None: a remote image left unchecked) or
     raises :class:`ImageError`; validation passes an :class:`ImageInspector`, the data stage a function that
-    also normalises and caches the image.
+    also normalises and caches the image. ``factor``: the model's visual-token block (``vision_block``).
     """
 
     def __init__(self, cfg: Config, source: object, load: Callable[[ImageRef], ImageInfo | None],
-                 counter: PromptCounter | None = None) -> None:
+                 counter: PromptCounter | None = None, factor: int = 28) -> None:
         self.cfg = cfg
         self.source = source
         self.load = load
@@ -172,7 +174,8 @@ class RowChecker:
         self.max_tokens = cfg.validate.max_prompt_tokens
         d = cfg.data
         # A remote image (allowed but not fetched here) is charged the most tokens the budget allows.
-        self.remote_tokens = visual_tokens(*_largest_side_pair(d.max_pixels), d.min_pixels, d.max_pixels)
+        self.remote_tokens = visual_tokens(*_largest_side_pair(d.max_pixels), d.min_pixels, d.max_pixels,
+                                           factor)
         self._rows: set[bytes] = set()
         self._ids: dict[str, int] = {}
         self._image_split: dict[str, tuple[str, int]] = {}
@@ -408,8 +411,9 @@ def check_file(path: str | Path, cfg: Config, kind: str | None = None
     kind = kind or detect_kind(path)
     d = cfg.data
     # Our cached manifest gets the fast header check; raw sources are decoded fully, as the import will.
-    inspector = ImageInspector(d.min_pixels, d.max_pixels, deep=kind != "manifest")
-    checker = RowChecker(cfg, path, inspector)
+    factor = vision_block(cfg.base.model)
+    inspector = ImageInspector(d.min_pixels, d.max_pixels, deep=kind != "manifest", factor=factor)
+    checker = RowChecker(cfg, path, inspector, factor=factor)
     records = iter_records(path, kind, allow_remote=d.allow_remote,
                            coco_split=d.split if kind == "coco" and path.is_dir() else None)
     kept, findings, stats = check_records(records, checker)

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from vlgrpo.config import Config
 from vlgrpo.data.images import (ImageError, ImageInfo, Issue, cache_image, fit_image, inspect_image,
-                                normalize_bytes, read_image_bytes)
+                                normalize_bytes, read_image_bytes, vision_block)
 from vlgrpo.data.manifest import Item, write_manifest
 from vlgrpo.data.sources import ImageRef, Record, iter_records
 from vlgrpo.validation import RowChecker, check_records
@@ -43,8 +43,8 @@ class BuildError(RuntimeError):
 class _Normaliser:
     """Loader for imported sources: decode + normalise + cache each distinct image once per run."""
 
-    def __init__(self, cache_dir: Path, min_pixels: int, max_pixels: int) -> None:
-        self.cache_dir, self.min_pixels, self.max_pixels = cache_dir, min_pixels, max_pixels
+    def __init__(self, cache_dir: Path, min_pixels: int, max_pixels: int, factor: int) -> None:
+        self.cache_dir, self.min_pixels, self.max_pixels, self.factor = cache_dir, min_pixels, max_pixels, factor
         self.cached: dict[str, str] = {}                       # ref key -> cache path (manifest-relative)
         self._memo: dict[str, ImageInfo | ImageError] = {}
 
@@ -59,7 +59,7 @@ class _Normaliser:
             try:
                 data = _fetch(ref.url) if ref.path is None else read_image_bytes(ref.path)
                 img, hit = normalize_bytes(data, ref.raw if ref.path is None else ref.path,
-                                           self.min_pixels, self.max_pixels)
+                                           self.min_pixels, self.max_pixels, self.factor)
                 self.cached[k] = cache_image(img, self.cache_dir)
             except ImageError as e:
                 hit = e
@@ -80,7 +80,7 @@ def _fetch(url: str) -> bytes:
         raise ImageError("missing_image", f"image {url!r} could not be downloaded: {e}") from None
 
 
-def _synthetic_records(cfg: Config, out: Path, cache_dir: Path
+def _synthetic_records(cfg: Config, out: Path, cache_dir: Path, factor: int
                        ) -> tuple[Iterator[Record], Any]:
     """Generated items, each image fitted and cached; the loader re-reads the cached file's header."""
     from vlgrpo.data.synthetic import generate
@@ -90,18 +90,18 @@ def _synthetic_records(cfg: Config, out: Path, cache_dir: Path
 
     def records() -> Iterator[Record]:
         for n, (item, image) in enumerate(generate(d), 1):
-            img, issues = fit_image(image, d.min_pixels, d.max_pixels, f"{item.id}.png")
+            img, issues = fit_image(image, d.min_pixels, d.max_pixels, f"{item.id}.png", factor)
             rel = cache_image(img, cache_dir)
             pending[rel] = tuple(issues)
             item.images = [rel]
             yield Record(n, item, [ImageRef(raw=rel, path=out / rel)], key=item.to_json())
 
     def load(ref: ImageRef) -> ImageInfo:
-        info = inspect_image(ref.path, d.min_pixels, d.max_pixels)
+        info = inspect_image(ref.path, d.min_pixels, d.max_pixels, factor=factor)
         extra = pending.pop(ref.raw, ())
         if extra:
             info = ImageInfo(info.width, info.height, info.mode, info.sha256, info.target,
-                             tuple(extra) + info.warnings)
+                             tuple(extra) + info.warnings, factor)
         return info
 
     return records(), load
@@ -123,8 +123,10 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
     out = root / d.out_dir
     cache_dir = out / "cache"
     manifest = out / "manifest.jsonl"
+    # images are resized to multiples of the model's visual-token block, so the processor never resizes again
+    factor = vision_block(cfg.base.model)
     if d.source == "synthetic":
-        records, load = _synthetic_records(cfg, out, cache_dir)
+        records, load = _synthetic_records(cfg, out, cache_dir, factor)
         source: object = "synthetic"
         normaliser = None
     else:
@@ -133,10 +135,10 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
             raise BuildError(f"data.path: {src} does not exist (data.source is {d.source!r})")
         records = iter_records(src, d.source, allow_remote=d.allow_remote,
                                coco_split=d.split if d.source == "coco" else None)
-        load = normaliser = _Normaliser(cache_dir, d.min_pixels, d.max_pixels)
+        load = normaliser = _Normaliser(cache_dir, d.min_pixels, d.max_pixels, factor)
         source = src
 
-    checker = RowChecker(cfg, source, load)
+    checker = RowChecker(cfg, source, load, factor=factor)
     kept, findings, stats = check_records(records, checker)
     if not kept:
         raise BuildError(f"{source}: no valid rows out of {stats['rows']}; first problems: "

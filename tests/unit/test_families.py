@@ -1,0 +1,155 @@
+"""Every Qwen-VL family (tests/families.py: real config classes, the hub's on-disk layout) through the
+project's own loading, encoding, validation and generation."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
+
+from tests.families import FAMILIES, build_family, reference_model  # noqa: E402
+from vlgrpo import modeling  # noqa: E402
+from vlgrpo.config import DataConfig, config_from_dict  # noqa: E402
+from vlgrpo.data.manifest import Item  # noqa: E402
+
+PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> tuple[Path, list[Item]]:
+    """Synthetic 112x112 scenes written under a manifest folder (image paths relative to it)."""
+    from vlgrpo.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("scenes")
+    (root / "img").mkdir()
+    items = []
+    for it, img in generate(DataConfig(num_train=8, num_val=0, num_test=0)):
+        rel = f"img/{it.id}.png"
+        img.save(root / rel)
+        it.images = [rel]
+        items.append(it)
+    return root, items
+
+
+def _texts(items):
+    return [t for it in items for t in (it.question, it.solution)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(scenes, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("families")
+    return {f: build_family(f, _texts(scenes[1]), out / f) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_has_the_hub_layout_and_loads_unchanged(family, checkpoints, scenes):
+    path = checkpoints[family]
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
+            "tokenizer.json", "model.safetensors"} <= names
+    assert not names & {"processor_config.json", "chat_template.jinja"}
+    raw = json.loads((path / "config.json").read_text())
+    if family in ("qwen2_vl", "qwen2_5_vl"):        # flat text keys, legacy M-RoPE spelling
+        assert "text_config" not in raw and raw["rope_scaling"]["type"] == "mrope"
+    model, proc = modeling.load_model(path)
+    assert type(model).__name__ == type(reference_model(family, _texts(scenes[1]))).__name__
+    ref = reference_model(family, _texts(scenes[1])).state_dict()
+    got = model.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (64, 2, 2)
+    assert text.rope_parameters["mrope_section"] == [2, 3, 3]
+    if family.startswith("qwen3"):
+        assert list(model.config.vision_config.deepstack_visual_indexes) == [0, 1]
+        assert proc.image_processor.patch_size == 16
+
+
+def _image_tokens(path: Path, scenes) -> tuple[int, list[list[int]]]:
+    model, proc = modeling.load_model(path)
+    root, items = scenes
+    batch = modeling.encode_prompts(proc, items[:1], root, **PIX)
+    return int((batch["input_ids"] == model.config.image_token_id).sum()), batch["image_grid_thw"].tolist()
+
+
+@pytest.mark.parametrize("family,tokens", [("qwen2_5_vl", 16), ("qwen3_vl", 9)])
+def test_pixel_budget_applies_to_every_family(family, tokens, checkpoints, scenes):
+    """112x112 in a 3136..12544 px budget: 4x4 blocks of 28 px, or 3x3 blocks of 32 px for Qwen3-VL whose
+    checkpoint asks for shortest_edge 65536 (256x256, 64 tokens) when the processor is not given the budget."""
+    n, grid = _image_tokens(checkpoints[family], scenes)
+    assert n == tokens
+    assert grid[0][1] * grid[0][2] == 4 * tokens
+
+
+def test_validation_counts_the_visual_tokens_training_sees(checkpoints, scenes, tmp_path):
+    """validate's estimate uses the model's own visual block (32 px for Qwen3-VL): its visual count is the
+    number of image tokens the encoded prompt holds, and the whole estimate never under-counts, so
+    validate.max_prompt_tokens never passes a row that training then drops."""
+    from vlgrpo.data.build import build_dataset
+    from vlgrpo.data.manifest import read_manifest
+    from vlgrpo.validation import check_file
+
+    path = checkpoints["qwen3_vl"]
+    cfg = config_from_dict({"data": {"num_train": 4, "num_val": 0, "num_test": 0, **PIX},
+                            "base": {"model": str(path)}})
+    build_dataset(cfg, tmp_path)
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    items = read_manifest(manifest)
+    model, proc = modeling.load_model(path)
+    enc = modeling.encode_prompts(proc, items, manifest.parent, **PIX)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    image_tokens = (enc["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    _, rows, _, _, _ = check_file(manifest, cfg)
+    assert [r.item.id for r in rows] == [it.id for it in items]
+    assert [sum(i.visual_tokens for i in r.images) for r in rows] == image_tokens
+    assert all(r.prompt_tokens >= n for r, n in zip(rows, lengths))
+    tight = config_from_dict({"data": PIX, "base": {"model": str(path)},
+                              "validate": {"max_prompt_tokens": min(lengths) - 1}})
+    assert check_file(manifest, tight)[1] == []
+
+
+def _argmax_decode(model, batch, stops: list[int], banned: list[int], n: int) -> list[int]:
+    """Greedy by hand: a full forward per token, argmax of the last position's logits."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out: list[int] = []
+    extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    mm = batch["mm_token_type_ids"]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, **extra).logits[0, -1]
+            logits[banned] = float("-inf")
+            t = int(logits.argmax())
+            out.append(t)
+            if t in stops:
+                break
+            ids = torch.cat([ids, torch.tensor([[t]])], 1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
+            mm = torch.cat([mm, torch.zeros(1, 1, dtype=mm.dtype)], 1)
+    return out
+
+
+@pytest.mark.parametrize("settings", [{}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 1,
+                                       "min_new_tokens": 12, "num_beams": 2}],
+                         ids=["hub", "harsher"])
+def test_greedy_evaluation_ignores_the_checkpoints_decoding_settings(settings, checkpoints, scenes, tmp_path):
+    """Qwen2.5-VL's generation_config has repetition_penalty 1.05 and sampling on (and a checkpoint may set
+    more: n-gram bans, a minimum length, beams): evaluation's greedy answers must still be the plain argmax
+    of the model's logits, token for token."""
+    import shutil
+
+    path = shutil.copytree(checkpoints["qwen2_5_vl"], tmp_path / "ckpt")
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, **settings}))
+    model, proc = modeling.load_model(path)
+    assert model.generation_config.repetition_penalty == settings.get("repetition_penalty", 1.05)
+    root, items = scenes
+    stops = modeling.stop_token_ids(proc, model)
+    banned = modeling.vision_token_ids(proc)
+    n = 12
+    comps = modeling.generate_answers(model, proc, items, root, batch_size=len(items), max_new_tokens=n, **PIX)
+    for it, c in zip(items, comps):
+        batch = modeling.encode_prompts(proc, [it], root, **PIX)
+        assert c.token_ids == _argmax_decode(model, batch, stops, banned, n), it.id
