@@ -153,3 +153,81 @@ def test_greedy_evaluation_ignores_the_checkpoints_decoding_settings(settings, c
     for it, c in zip(items, comps):
         batch = modeling.encode_prompts(proc, [it], root, **PIX)
         assert c.token_ids == _argmax_decode(model, batch, stops, banned, n), it.id
+
+
+# ------------------------------------------------------------------------------------ scoring per family
+
+
+def _mixed_items(root: Path, items: list[Item]) -> list[Item]:
+    """One prompt with two images, one with one (images at tags), like mixed ms-swift data."""
+    two = Item(id="two", split="train", task="color", question="<image>Left, <image> right: same colour?",
+               images=[items[1].images[0], items[2].images[0]], solution="no")
+    return [items[0], two, items[3]]
+
+
+def _sample(model, proc, prompts, G: int, length: int):
+    from vlgrpo import trainer as T
+
+    stops, pad = modeling.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
+    gens = [T.step_generator(0, 3, k, 0) for k in range(len(prompts))]
+    return T.generate_group_completions(model, prompts, G, length, 1.0, 1.0, stops, pad, gens, shared=True)
+
+
+def _plain_forward_logprobs(model, prompts, ids, G: int) -> torch.Tensor:
+    """Log-probs of each completion from one ordinary forward over prompt + image + completion."""
+    from vlgrpo import grpo
+
+    rep = prompts.select([i for i in range(len(prompts)) for _ in range(G)])
+    L, C = rep.input_ids.shape[1], ids.shape[1]
+    full = torch.cat([rep.input_ids, ids], 1)
+    mask = torch.cat([rep.attention_mask, torch.ones_like(ids)], 1)
+    mm = torch.cat([rep.mm_token_type_ids, torch.zeros_like(ids)], 1)
+    logits = model(input_ids=full, attention_mask=mask, mm_token_type_ids=mm, pixel_values=rep.pixel_values,
+                   image_grid_thw=rep.image_grid_thw).logits
+    return grpo.selective_log_softmax(logits[:, L - 1:L + C - 1], ids)
+
+
+def _scored(model, prompts, ids, mask, G: int, micro: int, shared: bool) -> torch.Tensor:
+    from vlgrpo import trainer as T
+
+    scorer = T.CompletionScorer(model)
+    return torch.cat([T.score_micro_batch(scorer, mb, ids, mask, shared, 1.0)[0]
+                      for mb in T.micro_batches(prompts, G, micro)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_work_logprobs_equal_a_plain_forward(family, checkpoints, scenes):
+    """fp32: the shared path (prompt and image once, KV cache expanded to the G completions) gives the
+    log-probs of an ordinary full forward of each completion, for every family (deepstack and MoE too),
+    with prompts carrying different numbers of images."""
+    from vlgrpo import trainer as T
+
+    model, proc = modeling.load_model(checkpoints[family])
+    root, items = scenes
+    chosen = _mixed_items(root, items)
+    prompts = T.PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
+                                         [len(it.images) for it in chosen])
+    G = 4
+    ids, mask, _ = _sample(model, proc, prompts, G, 5)
+    with torch.no_grad():
+        want = _plain_forward_logprobs(model, prompts, ids, G)
+        for micro, shared in ((4, True), (8, True), (2, True), (4, False)):
+            got = _scored(model, prompts, ids, mask, G, micro, shared)
+            assert ((got - want).abs() * mask).max() <= 1e-5, (micro, shared)
+
+
+def test_plain_path_scores_micro_batches_with_different_image_counts(checkpoints, scenes):
+    """train.shared_work: false with a 2-image and a 1-image prompt in one micro-batch: same log-probs as the
+    shared path (it used to split the image rows as if every prompt had the same number of images)."""
+    from vlgrpo import trainer as T
+
+    model, proc = modeling.load_model(checkpoints["qwen2_5_vl"])
+    root, items = scenes
+    chosen = _mixed_items(root, items)
+    prompts = T.PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
+                                         [len(it.images) for it in chosen])
+    ids, mask, _ = _sample(model, proc, prompts, 4, 5)
+    with torch.no_grad():
+        plain = _scored(model, prompts, ids, mask, 4, 12, shared=False)   # all three prompts together
+        shared = _scored(model, prompts, ids, mask, 4, 12, shared=True)
+    assert ((plain - shared).abs() * mask).max() <= 1e-5
