@@ -166,11 +166,13 @@ def _mixed_items(root: Path, items: list[Item]) -> list[Item]:
 
 
 def _sample(model, proc, prompts, G: int, length: int):
-    from vlgrpo import trainer as T
+    from vlgrpo.train.generation import SamplingSpec, generate_group_completions
+    from vlgrpo.train.prompts import step_generator
 
-    stops, pad = modeling.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
-    gens = [T.step_generator(0, 3, k, 0) for k in range(len(prompts))]
-    return T.generate_group_completions(model, prompts, G, length, 1.0, 1.0, stops, pad, gens, shared=True)
+    spec = SamplingSpec(G, length, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)),
+                        proc.tokenizer.pad_token_id)
+    gens = [step_generator(0, 3, k, 0) for k in range(len(prompts))]
+    return generate_group_completions(model, prompts, spec, gens, shared=True)
 
 
 def _plain_forward_logprobs(model, prompts, ids, G: int) -> torch.Tensor:
@@ -188,11 +190,15 @@ def _plain_forward_logprobs(model, prompts, ids, G: int) -> torch.Tensor:
 
 
 def _scored(model, prompts, ids, mask, G: int, micro: int, shared: bool) -> torch.Tensor:
-    from vlgrpo import trainer as T
+    from vlgrpo.config import TrainConfig
+    from vlgrpo.train.batches import micro_batches
+    from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 
-    scorer = T.CompletionScorer(model)
-    return torch.cat([T.score_micro_batch(scorer, mb, ids, mask, shared, 1.0)[0]
-                      for mb in T.micro_batches(prompts, G, micro)])
+    tc = TrainConfig(prompts_per_step=len(prompts), num_generations=G, micro_batch_size=micro,
+                     temperature=1.0, shared_work=shared)
+    scorer = CompletionScorer(model)
+    return torch.cat([score_micro_batch(scorer, mb, ids, mask, tc)[0]
+                      for mb in micro_batches(prompts, G, micro)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -200,18 +206,18 @@ def test_shared_work_logprobs_equal_a_plain_forward(family, checkpoints, scenes)
     """fp32: the shared path (prompt and image once, KV cache expanded to the G completions) gives the
     log-probs of an ordinary full forward of each completion, for every family (deepstack and MoE too),
     with prompts carrying different numbers of images."""
-    from vlgrpo import trainer as T
+    from vlgrpo.train.batches import PromptBatch
 
     model, proc = modeling.load_model(checkpoints[family])
     root, items = scenes
     chosen = _mixed_items(root, items)
-    prompts = T.PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
+    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
                                          [len(it.images) for it in chosen])
     G = 4
     ids, mask, _ = _sample(model, proc, prompts, G, 5)
     with torch.no_grad():
         want = _plain_forward_logprobs(model, prompts, ids, G)
-        for micro, shared in ((4, True), (8, True), (2, True), (4, False)):
+        for micro, shared in ((2, True), (4, True), (12, True), (4, False), (12, False)):
             got = _scored(model, prompts, ids, mask, G, micro, shared)
             assert ((got - want).abs() * mask).max() <= 1e-5, (micro, shared)
 
@@ -219,15 +225,77 @@ def test_shared_work_logprobs_equal_a_plain_forward(family, checkpoints, scenes)
 def test_plain_path_scores_micro_batches_with_different_image_counts(checkpoints, scenes):
     """train.shared_work: false with a 2-image and a 1-image prompt in one micro-batch: same log-probs as the
     shared path (it used to split the image rows as if every prompt had the same number of images)."""
-    from vlgrpo import trainer as T
+    from vlgrpo.train.batches import PromptBatch
 
     model, proc = modeling.load_model(checkpoints["qwen2_5_vl"])
     root, items = scenes
     chosen = _mixed_items(root, items)
-    prompts = T.PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
+    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
                                          [len(it.images) for it in chosen])
     ids, mask, _ = _sample(model, proc, prompts, 4, 5)
     with torch.no_grad():
         plain = _scored(model, prompts, ids, mask, 4, 12, shared=False)   # all three prompts together
         shared = _scored(model, prompts, ids, mask, 4, 12, shared=True)
     assert ((plain - shared).abs() * mask).max() <= 1e-5
+
+
+def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
+    """A forward + backward of the policy's score keeps at most ``train.logprob_chunk`` tokens' worth of
+    vocabulary-sized tensors for the backward pass (the full path kept completions x tokens x vocab)."""
+    from vlgrpo.config import TrainConfig
+    from vlgrpo.train.batches import PromptBatch, micro_batches
+    from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
+
+    model, proc = modeling.load_model(checkpoints["qwen2_5_vl"])
+    V, H = model.get_output_embeddings().weight.shape
+    root, items = scenes
+    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
+    ids, mask, _ = _sample(model, proc, prompts, 4, 6)
+    n, C = ids.shape
+    saved: list[torch.Size] = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    for shared in (True, False):
+        tc = TrainConfig(prompts_per_step=2, num_generations=4, micro_batch_size=8, shared_work=shared,
+                         logprob_chunk=3)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            (mb,) = micro_batches(prompts, 4, 8)
+            logp, _ = score_micro_batch(CompletionScorer(model), mb, ids, mask, tc, with_entropy=True)
+            logp.sum().backward()
+        vocab_sized = [s for s in saved if V in s and tuple(s) != (V, H)]
+        assert n * C > 3 and all(s.numel() <= 3 * V for s in vocab_sized), (shared, vocab_sized)
+
+
+def test_full_fine_tuning_reference_is_held_in_the_compute_dtype(checkpoints, scenes, tmp_path):
+    """bf16 training: the frozen reference is a bf16 copy (half of fp32), fp32 only without mixed precision;
+    its log-probs under autocast differ from an fp32-held reference's by about what autocast itself changes."""
+    from vlgrpo.config import config_from_dict
+    from vlgrpo.train import RunPaths
+    from vlgrpo.train.batches import PromptBatch
+    from vlgrpo.train.scoring import score_batch
+    from vlgrpo.train.setup import load_models
+
+    paths = RunPaths.under(tmp_path, "data/manifest.jsonl", str(checkpoints["qwen2_5_vl"]), "out", "m.jsonl")
+    refs = {}
+    for mp in ("bf16", "no"):
+        cfg = config_from_dict({"train": {"beta": 0.04, "mixed_precision": mp, "prompts_per_step": 2,
+                                          "num_generations": 4, "micro_batch_size": 4}})
+        model, proc, ref = load_models(cfg, paths, torch.device("cpu"))
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert {p.dtype for p in ref.parameters()} == {torch.bfloat16 if mp == "bf16" else torch.float32}
+        assert not any(p.requires_grad for p in ref.parameters())
+        refs[mp] = ref
+    root, items = scenes
+    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
+    ids, mask, _ = _sample(model, proc, prompts, 4, 6)
+    tc = cfg.train
+    fp32 = score_batch(refs["no"], prompts, ids, mask, tc)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        held_bf16 = score_batch(refs["bf16"], prompts, ids, mask, tc)
+        held_fp32 = score_batch(refs["no"], prompts, ids, mask, tc)
+    autocast_effect = float(((held_fp32 - fp32).abs() * mask).max())
+    assert float(((held_bf16 - held_fp32).abs() * mask).max()) <= 2 * autocast_effect + 1e-3
