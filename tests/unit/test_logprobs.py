@@ -104,3 +104,19 @@ def test_rejects_a_bad_chunk_size():
     hidden, weight, _, targets = _inputs()
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         completion_logprobs(hidden, weight, targets, chunk_size=0)
+
+
+def test_logprob_chunk_is_resume_neutral(tmp_path):
+    """Lowering train.logprob_chunk after running out of memory resumes the run instead of restarting it."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from vlgrpo.config import Config
+    from vlgrpo.train.checkpoint import run_fingerprint
+
+    init = tmp_path / "base"
+    init.mkdir()
+    (init / "model.safetensors").write_bytes(b"x")
+    cfg, items = Config(), [SimpleNamespace(id="a")]
+    smaller = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, logprob_chunk=64))
+    assert run_fingerprint(cfg, init, items) == run_fingerprint(smaller, init, items)
