@@ -137,7 +137,9 @@ def _argmax_decode(model, batch, stops: list[int], banned: list[int], n: int) ->
 def test_greedy_evaluation_ignores_the_checkpoints_decoding_settings(settings, checkpoints, scenes, tmp_path):
     """Qwen2.5-VL's generation_config has repetition_penalty 1.05 and sampling on (and a checkpoint may set
     more: n-gram bans, a minimum length, beams): evaluation's greedy answers must still be the plain argmax
-    of the model's logits, token for token."""
+    of the model's logits, token for token. 1.05 alone happens not to flip this random tiny model's argmax
+    (checked up to 48 tokens), so the "harsher" file is the case that fails when the checkpoint's settings
+    leak into evaluation."""
     import shutil
 
     path = shutil.copytree(checkpoints["qwen2_5_vl"], tmp_path / "ckpt")
