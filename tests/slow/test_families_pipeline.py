@@ -52,4 +52,4 @@ def test_every_family_runs_data_to_register_from_a_checkpoint_path(tmp_path):
         uri = f"sqlite:///{root / 'mlflow.db'}"
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         mv = client.get_model_version_by_alias(f"fam-{fam}", "candidate")
-        assert rep["register"]["version"] == mv.version == "1" and mv.status == "READY"
+        assert rep["register"]["version"] == str(mv.version) == "1" and mv.status == "READY"
