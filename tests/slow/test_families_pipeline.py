@@ -18,10 +18,15 @@ from tests.project import make_project, project_env
 pytestmark = pytest.mark.slow
 STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to the process environment,
+# which tasks.tracking reads as a user override: each project starts from the environment a fresh process
+# would have, or the later projects would log into the first project's store.
 DRIVER = """
-import sys
+import os, sys
 from flows.pipeline import pipeline_flow
 for params in sys.argv[1:]:
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(k, None)
     print("PIPELINE", params, pipeline_flow(params), flush=True)
 """
 
