@@ -354,8 +354,10 @@ def _plain_text(v: Any) -> str:
 
 def _place_untagged(out: Parsed) -> None:
     """No tag anywhere: one ``<image>`` per image at the start of the first turn (ms-swift's rule)."""
+    if not out.turns:
+        return  # no prompt at all: reported as such (no_user_prompt), not as a tag mismatch
     tags = sum(t["content"].count(IMAGE_TAG) for t in out.turns)
-    if tags == 0 and out.images and out.turns:
+    if tags == 0 and out.images:
         out.turns[0]["content"] = IMAGE_TAG * len(out.images) + out.turns[0]["content"]
     elif tags != len(out.images):
         out.errors.append(Issue("image_tag_mismatch",
