@@ -284,3 +284,43 @@ def test_image_roots_and_base_resolution_order(tmp_path, monkeypatch):
     assert recs[3].refs[0].path == (base / "x.png").resolve()
     assert recs[4].refs[0].path == (ds / "only_here.png").resolve()
     assert [e.check for e in recs[0].errors] == ["path_escape"]
+
+
+HOSTILE_ROWS = [
+    {"messages": "not a list", "images": ["a.png"]},
+    {"messages": [{"role": "wizard", "content": "<image>hi"}], "images": ["a.png"], "solution": "x"},
+    {"messages": [{"role": "user", "content": "<image>hi"}], "images": 3, "solution": "x"},
+    {"messages": [{"role": "user", "content": "<image>hi"}], "images": [{"nope": 1}], "solution": "x"},
+    {"messages": ["just a string"], "images": ["a.png"], "solution": "x"},
+]
+HOSTILE_FILES = {
+    "empty.jsonl": b"",
+    "garbage.jsonl": b"\xff\xfe\x00garbage\n{not json\n",
+    "number.json": b"42",
+    "bom_array.json": b"\xef\xbb\xbf[" + json.dumps({"image": "a.png", "problem": "hi", "solution": "x"}).encode()
+                      + b"]",
+    "one_object.json": json.dumps({"image": "a.png", "problem": "hi", "solution": "x"}, indent=2).encode(),
+    "sharegpt_bad.jsonl": (json.dumps({"conversation": [{"human": "<image>hi"}, "x"], "images": ["a.png"]})
+                           + "\n").encode(),
+    "qr_bad.jsonl": (json.dumps({"query": "<image>hi", "response": "x", "history": {"a": 1},
+                                 "images": ["a.png"]}) + "\n").encode(),
+    "junk.arrow": b"ARROW1 junk",
+}
+
+
+def test_hostile_inputs_are_findings_never_exceptions(tmp_path):
+    _images(tmp_path)
+    _write(tmp_path / "rows.jsonl", HOSTILE_ROWS)
+    _, kept, findings, stats, _ = check_file(tmp_path / "rows.jsonl", _cfg())
+    assert not kept and stats["error_rows"] == len(HOSTILE_ROWS)
+    assert {f["line"] for f in findings} == {1, 2, 3, 4, 5}
+    assert {f["line"] for f in findings if f["check"] == "bad_schema"} == {1, 2, 3, 4, 5}
+    for name, data in HOSTILE_FILES.items():
+        (tmp_path / name).write_bytes(data)
+        kind, kept, findings, stats, _ = check_file(tmp_path / name, _cfg())
+        if name in ("bom_array.json", "one_object.json"):   # valid: one row each
+            assert (len(kept), findings) == (1, []), name
+        else:
+            assert not kept and stats["rows"] in (0, 1, 2) and (findings or stats["rows"] == 0), name
+    _, _, findings, _, _ = check_file(tmp_path / "missing.jsonl", _cfg())
+    assert [f["check"] for f in findings] == ["unreadable_source"]

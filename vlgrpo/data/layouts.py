@@ -111,6 +111,8 @@ def detect_layout(row: dict[str, Any]) -> str | None:
         if first.keys() & ({"human", "assistant", "user", "tool"}):
             return "sharegpt"
         return None
+    if any(k in row for k in _TURN_KEYS):
+        return "messages"  # empty or not a list: the reader says what is wrong with it
     if "instruction" in row and ("input" in row or "output" in row):
         return "alpaca"
     if "query" in row and ("response" in row or "history" in row):

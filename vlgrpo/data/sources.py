@@ -459,7 +459,7 @@ def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
     stops the file there (there is no way to resynchronise inside a broken JSON document).
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         yield 1, "", Issue("invalid_json", f"not UTF-8 text: {e}")
         return
@@ -517,8 +517,24 @@ def iter_row_records(path: str | Path, opts: ReadOptions = ReadOptions()) -> Ite
     """
     path = Path(path)
     resolve = opts.resolver(path.parent, path.parent)
-    rows = _json_array(path) if _is_json_array(path) else _json_lines(path)
+    if _is_json_array(path):
+        rows = _json_array(path)
+    else:
+        rows = _one_document(path) if path.suffix == ".json" else None
+        rows = rows or _json_lines(path)
     return row_records(rows, opts, resolve, path.stem)
+
+
+def _one_document(path: Path) -> list[tuple[int, str, Any]] | None:
+    """A ``.json`` file holding one (pretty-printed) row object; None when it is not one JSON document."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None  # JSON lines under a .json name, or broken: the line reader reports it line by line
+    if not isinstance(obj, dict):
+        return [(1, text, Issue("invalid_json", f"expected a JSON array of rows, got {type(obj).__name__}"))]
+    return [(1, text, obj)]
 
 
 def iter_swift_records(path: str | Path, allow_remote: bool = False) -> Iterator[Record]:
