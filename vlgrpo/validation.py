@@ -446,7 +446,7 @@ def check_file(path: str | Path, cfg: Config, kind: str | None = None, root: Pat
         kind = kind or detect_kind(path)
     except (ValueError, OSError) as e:
         return "unknown", [], [finding(path, 0, "error", "unreadable_source", str(e).removeprefix(f"{path}: "))], \
-            {"rows": 0, "error_rows": 1, "duplicates": 0}, "none"
+            {"rows": 1, "error_rows": 1, "duplicates": 0}, "none"
     # Our cached manifest gets the fast header check; raw sources are decoded fully, as the import will.
     inspector = ImageInspector(d.min_pixels, d.max_pixels, deep=kind != "manifest")
     checker = RowChecker(cfg, path, inspector)
