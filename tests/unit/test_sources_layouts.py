@@ -57,6 +57,12 @@ LAYOUTS = {
         f"<|im_start|>user\n{V}How many dots are there?<|im_end|>\n"
         "<|im_start|>assistant\n<tool_call>\n{\"name\": \"zoom\", \"arguments\": {\"x\": 10}}\n</tool_call><|im_end|>\n"
         f"<|im_start|>tool\n{{\"image\": \"{V}\"}}<|im_end|>\n<|im_start|>assistant\n"),
+    "messages_openai_parts": ("parts.jsonl", [
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "c.png"},
+                                                   {"type": "text", "text": "Which colour?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]}],
+        dict(question="<image>Which colour?", solution="blue", system=None, images=["c.png"], extra={}, turns=[]),
+        f"<|im_start|>user\n{V}Which colour?<|im_end|>\n<|im_start|>assistant\n"),
     "llava": ("llava.json", [
         {"id": "llava-7", "image": "a.png",
          "conversations": [{"from": "human", "value": "<image>\nWhat is the colour of the square?"},

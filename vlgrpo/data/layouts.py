@@ -10,7 +10,8 @@ layout              recognised by / what it reads
 ``messages``        ``messages`` (or ``conversations``) of ``{"role", "content"}`` turns; roles ``system``,
                     ``user``, ``assistant``, ``tool`` / ``tool_response`` (a tool's answer, rendered as a
                     ``tool`` turn), ``tool_call`` (an assistant turn). Content is text or a list of
-                    ``{"type": "text"|"image", ...}`` parts.
+                    ``{"type": "text"|"image", ...}`` parts (an image part's own ``image`` /
+                    ``image_url`` source is used when the row has no images column).
 ``llava``           ``conversations`` (or ``messages``) of ``{"from", "value"}`` turns (``human``/``gpt``).
 ``sharegpt``        ``conversation`` (or ``conversations``) of ``{"human", "assistant"}`` pairs + ``system``.
 ``alpaca``          ``instruction`` + ``input`` (joined by a newline when both are non-empty) + ``output``.
@@ -187,12 +188,30 @@ def _turns_reader(role_key: str, content_key: str) -> Callable[[dict, Parsed], s
                 out.errors.append(Issue("bad_schema", f"'{key}'[{i}]: unknown role {raw_role!r}; expected "
                                                       "system, user/human, assistant/gpt, tool/tool_response"))
                 continue
-            text = content_text(t.get(content_key, t.get("content", t.get("value"))))
+            content = t.get(content_key, t.get("content", t.get("value")))
+            if not any(k in row for k in IMAGE_KEYS):
+                out.images += _inline_images(content)
+            text = content_text(content)
             if str(raw_role).lower() in ("tool_call", "function_call"):
                 text = f"<tool_call>\n{text}\n</tool_call>"  # Qwen's (hermes) rendering of a tool call
             _add_turn(out, role, text)
         return {key}
     return read
+
+
+def _inline_images(content: Any) -> list[Any]:
+    """Image sources written inside OpenAI-style parts (``{"type": "image", "image": "a.png"}``,
+    ``{"type": "image_url", "image_url": {"url": ...}}``), for rows without an images column."""
+    if not isinstance(content, list):
+        return []
+    found = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+            src = part.get("image", part.get("image_url"))
+            src = src.get("url") if isinstance(src, dict) and "url" in src else src
+            if src is not None:
+                found.append(src)
+    return found
 
 
 def _add_turn(out: Parsed, role: str, text: str) -> None:
@@ -295,9 +314,10 @@ READERS: dict[str, Callable[[dict, Parsed], set[str]]] = {
 def _images(row: dict[str, Any], out: Parsed) -> None:
     key = next((k for k in IMAGE_KEYS if k in row and row[k] is not None), None)
     if key is None:
-        return
-    v = row[key]
-    entries = v if isinstance(v, list) else [v]
+        entries, out.images, key = out.images, [], "image"  # only images written inside content parts
+    else:
+        v = row[key]
+        entries = v if isinstance(v, list) else [v]
     for e in entries:
         if isinstance(e, (str, bytes, bytearray)) or (isinstance(e, dict) and (
                 isinstance(e.get("path"), str) or isinstance(e.get("bytes"), (bytes, bytearray)))):
