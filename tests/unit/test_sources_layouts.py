@@ -330,3 +330,10 @@ def test_hostile_inputs_are_findings_never_exceptions(tmp_path):
             assert not kept and stats["rows"] in (0, 1, 2) and (findings or stats["rows"] == 0), name
     _, _, findings, _, _ = check_file(tmp_path / "missing.jsonl", _cfg())
     assert [f["check"] for f in findings] == ["unreadable_source"]
+
+
+def test_config_formats_are_the_layouts():
+    import typing
+
+    from vlgrpo.data.layouts import LAYOUTS as READ
+    assert typing.get_args(typing.get_type_hints(DataConfig)["format"]) == ("auto", *READ)

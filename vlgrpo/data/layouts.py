@@ -73,10 +73,6 @@ _TOOL = {"tool", "tool_response", "observation", "function"}
 _TURN_KEYS = ("messages", "conversations", "conversation")
 
 
-class LayoutError(ValueError):
-    """No layout fits the data; the message names the keys seen and the layouts supported."""
-
-
 @dataclass
 class Parsed:
     """One row in layout-neutral form (before image paths are resolved)."""
@@ -429,5 +425,5 @@ def _jsonable(v: Any) -> bool:
     return False
 
 
-__all__ = ["LAYOUTS", "LAYOUT_HINTS", "WARNING_CHECKS", "LayoutError", "Parsed", "detect_layout",
+__all__ = ["LAYOUTS", "LAYOUT_HINTS", "WARNING_CHECKS", "Parsed", "detect_layout",
            "parse_row", "content_text", "unknown_layout_message"]
