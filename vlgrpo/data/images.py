@@ -308,5 +308,6 @@ def cache_image(img: Image.Image, cache_dir: str | Path) -> str:
     return rel.as_posix()
 
 
-__all__ = ["FACTOR", "vision_block", "Issue", "ImageError", "ImageInfo", "smart_resize", "visual_tokens", "fit_image",
-           "normalize_image", "normalize_bytes", "read_image_bytes", "inspect_image", "png_bytes", "cache_image"]
+__all__ = ["FACTOR", "vision_block", "Issue", "ImageError", "ImageInfo", "smart_resize", "visual_tokens",
+           "fit_image", "normalize_image", "normalize_bytes", "read_image_bytes", "inspect_image", "png_bytes",
+           "cache_image"]
