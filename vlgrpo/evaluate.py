@@ -268,14 +268,6 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     return sum(r["reward"] for r in records) / len(records)
 
 
-def _resolve_rewards(cfg: Config, root: Path) -> dict[str, Callable]:
-    from vlgrpo.rewards import load_plugins, resolve_rewards
-
-    if cfg.rewards.plugins:
-        load_plugins([p if Path(p).is_absolute() else root / p for p in cfg.rewards.plugins])
-    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root)
-
-
 def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
               records: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Per-item answers of every model, for the report's sample and reports/evaluate_items.jsonl."""
@@ -299,12 +291,14 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ``delta_vs_champion`` and becomes the bar to beat. ``root``: where relative reward plugin and CLIP paths
     are resolved.
     """
+    from vlgrpo.rewards import setup_rewards
+
     manifest = Path(manifest)
     root = Path(root)
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = _resolve_rewards(cfg, root)
+    rewards = setup_rewards(reward_names(cfg), cfg.rewards, root, manifest.parent)
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "

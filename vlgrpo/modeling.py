@@ -413,13 +413,23 @@ def stop_token_ids(processor, model=None) -> list[int]:
     return sorted(ids)
 
 
-def vision_token_ids(processor) -> list[int]:
-    """Ids of the vision placeholders. A sampled completion must never contain one: the next forward
-    pass would count it as an image slot ("Image features and image tokens do not match")."""
+def vision_token_ids(processor, model=None) -> list[int]:
+    """Ids of the vision placeholder and delimiter tokens, which no sampled completion may contain: the next
+    forward pass would count one as an image slot ("Image features and image tokens do not match").
+
+    The one list both training and evaluation suppress: the tokenizer's ``<|vision_start|>``,
+    ``<|vision_end|>``, ``<|vision_pad|>``, ``<|image_pad|>``, ``<|video_pad|>`` and, when ``model`` is given,
+    the ids its config names (``image_token_id``, ``video_token_id``, ``vision_start_token_id``,
+    ``vision_end_token_id``), which a checkpoint may map differently from its tokenizer.
+    """
     tok = processor.tokenizer
     names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
     ids = {tok.convert_tokens_to_ids(n) for n in names}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+    if model is not None:
+        c = model.module.config if hasattr(model, "module") else model.config
+        keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        ids |= {getattr(c, k) for k in keys if getattr(c, k, None) is not None}
+    return sorted(int(i) for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
 
 
 def split_completions(processor, sequences: torch.Tensor, stop_ids: Sequence[int]) -> list[Completion]:
@@ -454,7 +464,7 @@ def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path
     results: list[Completion] = []
     gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   num_return_sequences=num_return_sequences, eos_token_id=stops,
-                                  pad_token_id=pad, suppress_tokens=vision_token_ids(processor))
+                                  pad_token_id=pad, suppress_tokens=vision_token_ids(processor, model))
     if do_sample:
         gen_kw.update(temperature=temperature, top_p=top_p, top_k=0)
     else:

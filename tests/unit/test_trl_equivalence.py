@@ -39,9 +39,9 @@ def setup(tmp_path_factory):
     model, proc = modeling.load_model(d)
     enc = modeling.encode_prompts(proc, items, None, 3136, 12544, images=images)
     prompts = PromptBatch.from_encoded(enc, [1] * P)
-    stops = modeling.stop_token_ids(proc, model)
-    ids, mask, _ = generate_group_completions(model, prompts, SamplingSpec(G, C, 1.0, 1.0, tuple(stops),
-                                                proc.tokenizer.pad_token_id), [step_generator(0, 0, k, 0) for k in range(P)])
+    spec = SamplingSpec(G, C, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)), proc.tokenizer.pad_token_id,
+                        tuple(modeling.vision_token_ids(proc, model)))
+    ids, mask, _ = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in range(P)])
     # make lengths differ for sure: cut two completions short (masks must matter in every loss type)
     mask = mask.clone()
     mask[1, 3:] = 0
