@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,8 @@ def test_raising_reward_names_reward_and_item_or_is_skipped(project, fragile_plu
              == {True, False}]
     assert mixed, "no step mixes counting and other questions: the test would prove nothing"
     for s in mixed:
-        assert rows[s]["rewards/rel_fragile/mean"] is not None
+        v = rows[s]["rewards/rel_fragile/mean"]
+        assert isinstance(v, float) and math.isfinite(v), v          # not None, and not NaN either
     assert (project / "models/fragile/model.safetensors").exists()
 
 
