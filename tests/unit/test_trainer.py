@@ -246,7 +246,7 @@ def test_resume_fingerprint_tracks_what_a_step_computes(tmp_path):
     cfg = Config()
     items = [SimpleNamespace(id=f"i{k}") for k in range(4)]
     fp = run_fingerprint(cfg, init, items)
-    assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, log_every=3)), init, items)
+    assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, out_dir="elsewhere")), init, items)
     assert fp != run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=5e-4)), init, items)
     other_rewards = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, weights={"accuracy": 2.0}))
     assert fp != run_fingerprint(other_rewards, init, items)
