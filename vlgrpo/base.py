@@ -7,7 +7,7 @@ Two routes, one output (``<root>/<base.out_dir>``: safetensors + processor + tok
 
 - ``base.model`` names a checkpoint (local path or hub id): it is loaded with the transformers Auto classes
   (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; ``trust_remote_code`` only if set) and saved unchanged.
-- ``base.model: null`` (the offline default): the tiny Qwen2.5-VL of DESIGN.md section 3 is built with a
+- ``base.model: null`` (the offline default): the tiny Qwen2.5-VL (shape: ``base.tiny``) is built with a
   tokenizer trained on the manifest's text, then *warm-started* by a short supervised pass (cross-entropy
   on the answer tokens only, AdamW at a constant rate) on the train split's verifiable items and captions.
 

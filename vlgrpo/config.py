@@ -347,7 +347,7 @@ class TrainConfig:
             prompts_per_step * num_generations / micro_batch_size micro-batches (a multiple or a divisor of G).
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
-        warmup_ratio: share of the updates with a linear warm-up, then linear decay to 0.
+        warmup_ratio: share of the updates with a linear warm-up, then cosine decay to 0.
         max_grad_norm: gradients are clipped to this global norm.
         temperature / top_p: sampling of the rollouts; log-probs are taken at the same temperature.
         max_completion_length: tokens a completion may have (C).

@@ -4,9 +4,11 @@ Same tiny Qwen2.5-VL weights, same prompts + images, same sampled completions, s
 reference / old-policy log-probs: TRL's ``compute_loss`` and our ``update_phase`` must give the same loss and
 the same gradient for every parameter (fp32), for each loss_type, with beta 0 and beta > 0.
 
-TRL 1.16 multiplies the KL term by the importance ratio ρ by default (``use_bias_correction_kl``); DESIGN §4's
+TRL 1.16 multiplies the KL term by the importance ratio ρ by default (``use_bias_correction_kl``); docs/architecture.md's
 objective is the plain k3 term, so the oracle runs with that correction off. ``epsilon_high`` 0.28 ≠
-``epsilon_low`` 0.2 so a swapped clip bound would show.
+``epsilon_low`` 0.2 so a swapped clip bound would show. Also at the shipped temperature 0.7, under TRL's
+gradient accumulation (where ``bnpo`` differs by design, see docs/architecture.md), and with the step split
+between two processes as DDP would.
 """
 import copy
 import dataclasses

@@ -80,7 +80,7 @@ def make_accelerator(mixed_precision: str):
 
 def build_optimizer(model: nn.Module, tc: TrainConfig):
     """AdamW at ``train.learning_rate`` and its schedule (linear warm-up over ``train.warmup_ratio`` of the
-    updates, then linear decay; one update = one optimizer step, ``num_iterations`` per GRPO step)."""
+    updates, then cosine decay; one update = one optimizer step, ``num_iterations`` per GRPO step)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     total_updates = tc.max_steps * tc.num_iterations
     warmup = grpo.warmup_steps_for(total_updates, tc.warmup_ratio)
