@@ -34,6 +34,7 @@ import torch
 
 from vlgrpo.config import Config
 from vlgrpo.data.manifest import Item, read_manifest
+from vlgrpo.io import under_root
 from vlgrpo.modeling import (build_tiny, count_parameters, generate_answers, load_model, save_model,
                              supervised_batch)
 
@@ -144,16 +145,11 @@ def _thin(points: list, n: int) -> list:
     return kept if kept[-1] == points[-1] else kept + [points[-1]]
 
 
-def _resolve(root: Path, p: str | Path) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else root / p
-
-
 def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> dict[str, Any]:
     """Build or load the base policy, write ``<root>/<base.out_dir>``, return the report dict."""
     t0 = time.perf_counter()
     root = Path(root)
-    manifest = _resolve(root, manifest)
+    manifest = under_root(root, manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: manifest not found; run the data stage first")
     manifest_dir = manifest.parent
@@ -163,7 +159,7 @@ def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> 
     bc, pix = cfg.base, dict(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     log: list[dict[str, float]] = []
     if bc.model:
-        local = _resolve(root, bc.model)
+        local = under_root(root, bc.model)
         src = local if local.exists() else bc.model
         model, processor = load_model(src, trust_remote_code=bc.trust_remote_code)
         name, steps = str(bc.model), 0
@@ -178,7 +174,7 @@ def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> 
     t_train = time.perf_counter() - t0
     acc = greedy_accuracy(model, processor, val, manifest_dir, batch_size=cfg.evaluate.batch_size,
                           max_new_tokens=cfg.train.max_completion_length, progress=progress, **pix)
-    out_dir = _resolve(root, bc.out_dir)
+    out_dir = under_root(root, bc.out_dir)
     save_model(model, processor, out_dir)
     return {
         "model": name,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -86,12 +87,6 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, fl
     return out
 
 
-def _median(xs: Sequence[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
 def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """``(slope, standard error)`` of the ordinary least-squares line y = a + b x.
 
@@ -138,7 +133,7 @@ def _diagnose_unstable(rows, pilot_cfg, train_cfg, bad: list[str]) -> dict[str, 
         evidence.append(f"non-finite values: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""))
     grads = _series(rows, "grad_norm")
     if len(grads) >= 3:
-        med = _median([g for _, g in grads])
+        med = statistics.median([g for _, g in grads])
         step, peak = max(grads, key=lambda sg: sg[1])
         if med > 0 and peak > pilot_cfg.max_grad_norm_spike * med:
             evidence.append(f"grad_norm spike {peak:.4g} at step {step:g} = {peak / med:.1f}x the median "
@@ -148,8 +143,8 @@ def _diagnose_unstable(rows, pilot_cfg, train_cfg, bad: list[str]) -> dict[str, 
         # GRPO's loss hovers around 0 (advantages are zero-mean), so "x times the median" is meaningless;
         # measure outliers in median-absolute-deviation units instead.
         vals = [v for _, v in losses]
-        med = _median(vals)
-        mad = _median([abs(v - med) for v in vals])
+        med = statistics.median(vals)
+        mad = statistics.median([abs(v - med) for v in vals])
         if mad > 0:
             step, v = max(losses, key=lambda sv: abs(sv[1] - med))
             if abs(v - med) > pilot_cfg.max_grad_norm_spike * mad:
@@ -215,7 +210,7 @@ def _diagnose_overfit(rows, pilot_cfg, train_cfg, val_reward) -> dict[str, Any] 
 
 def _throughput(rows: Sequence[Mapping[str, Any]]) -> float | None:
     s = [v for _, v in _series(rows, "samples_per_s") if v > 0]
-    return _median(s) if s else None
+    return statistics.median(s) if s else None
 
 
 def pilot_passed(metrics_rows: Sequence[Mapping[str, Any]], pilot_cfg: Any, train_cfg: Any, full_steps: int,
