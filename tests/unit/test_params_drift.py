@@ -141,8 +141,8 @@ def _pilot(cfg, root, manifest, train_grpo, RunPaths, pilot_passed, mean_sampled
     paths = RunPaths.under(root, manifest, cfg.base.out_dir, "pilot-model", "reports/pilot_metrics.jsonl")
     train_grpo(dataclasses.replace(cfg, train=pilot_cfg), paths, progress=False)
     model, proc = load_model(paths.out_dir)
-    val = mean_sampled_reward(model, proc, read_manifest(manifest, split="val")[:2], manifest.parent, cfg,
-                              pilot_cfg, seed=pilot_cfg.seed)
+    val = mean_sampled_reward(model, proc, read_manifest(manifest, split="val")[:2], manifest.parent,
+                              dataclasses.replace(cfg, train=pilot_cfg), seed=pilot_cfg.seed)
     rows = [json.loads(x) for x in paths.metrics_path.read_text().splitlines()]
     pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps, val_reward=val,
                  reward_weights=cfg.rewards.weights)

@@ -143,9 +143,9 @@ def test_training_and_evaluation_suppress_the_same_vision_tokens(project):
     handle = model.lm_head.register_forward_hook(prefer_vision)
     try:
         ids, mask, _ = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in (0, 1)])
-        answers = modeling.generate_answers(model, proc, items, project / "data", batch_size=2, max_new_tokens=4,
-                                            do_sample=True, num_return_sequences=2, min_pixels=3136,
-                                            max_pixels=12544)
+        answers = modeling.generate_answers(model, proc, items, project / "data",
+                                            modeling.Decoding(2, 4, 3136, 12544, do_sample=True,
+                                                              num_return_sequences=2))
     finally:
         handle.remove()
     assert not set(ids[mask.bool()].tolist()) & set(vision)
