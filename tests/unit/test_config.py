@@ -77,3 +77,13 @@ def test_int_accepted_where_float_expected_and_to_dict_round_trips():
     assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"validate": {"max_prompt_tokens": 256}}, "validate.max_prompt_tokens: moved: the one prompt-length limit "
+                                               "is train.max_prompt_tokens"),
+    ({"train": {"log_every": 5}}, "train.log_every: removed: every step is logged"),
+])
+def test_retired_keys_say_where_they_went(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)

@@ -149,9 +149,9 @@ def test_greedy_evaluation_ignores_the_checkpoints_decoding_settings(settings, c
     assert model.generation_config.repetition_penalty == settings.get("repetition_penalty", 1.05)
     root, items = scenes
     stops = modeling.stop_token_ids(proc, model)
-    banned = modeling.vision_token_ids(proc)
+    banned = modeling.vision_token_ids(proc, model)
     n = 12
-    comps = modeling.generate_answers(model, proc, items, root, batch_size=len(items), max_new_tokens=n, **PIX)
+    comps = modeling.generate_answers(model, proc, items, root, modeling.Decoding(len(items), n, **PIX))
     for it, c in zip(items, comps):
         batch = modeling.encode_prompts(proc, [it], root, **PIX)
         assert c.token_ids == _argmax_decode(model, batch, stops, banned, n), it.id

@@ -27,7 +27,7 @@ STATE_FILE = "trainer_state.json"
 # Keys that do not change what a step computes: a resume may differ in them. logprob_chunk changes only how
 # many tokens are scored at once (memory), not the result beyond float rounding: a run that ran out of
 # memory can resume with a smaller one.
-_RESUME_NEUTRAL = ("save_steps", "log_every", "out_dir", "logprob_chunk")
+_RESUME_NEUTRAL = ("save_steps", "out_dir", "logprob_chunk")
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
