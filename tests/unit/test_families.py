@@ -87,7 +87,7 @@ def test_pixel_budget_applies_to_every_family(family, tokens, checkpoints, scene
 def test_validation_counts_the_visual_tokens_training_sees(checkpoints, scenes, tmp_path):
     """validate's estimate uses the model's own visual block (32 px for Qwen3-VL): its visual count is the
     number of image tokens the encoded prompt holds, and the whole estimate never under-counts, so
-    validate.max_prompt_tokens never passes a row that training then drops."""
+    train.max_prompt_tokens never passes a row in validation that training then drops."""
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
     from vlgrpo.validation import check_file
@@ -107,7 +107,7 @@ def test_validation_counts_the_visual_tokens_training_sees(checkpoints, scenes, 
     assert [sum(i.visual_tokens for i in r.images) for r in rows] == image_tokens
     assert all(r.prompt_tokens >= n for r, n in zip(rows, lengths))
     tight = config_from_dict({"data": PIX, "base": {"model": str(path)},
-                              "validate": {"max_prompt_tokens": min(lengths) - 1}})
+                              "train": {"max_prompt_tokens": min(lengths) - 1}})
     assert check_file(manifest, tight)[1] == []
 
 
@@ -172,7 +172,7 @@ def _sample(model, proc, prompts, G: int, length: int):
     from vlgrpo.train.prompts import step_generator
 
     spec = SamplingSpec(G, length, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)),
-                        proc.tokenizer.pad_token_id)
+                        proc.tokenizer.pad_token_id, tuple(modeling.vision_token_ids(proc, model)))
     gens = [step_generator(0, 3, k, 0) for k in range(len(prompts))]
     return generate_group_completions(model, prompts, spec, gens, shared=True)
 
