@@ -145,7 +145,7 @@ class SyntheticConfig:
             _fail(k, "needs at least two shapes and two colours so questions have more than one answer")
 
 
-TASKS = ("count", "color", "shape", "exists", "caption")
+TASKS = ("count", "color", "shape", "exists", "caption", "ground")
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ class DataConfig:
     num_test: int = 200
     val_fraction: float = 0.1        # imported sources without their own split
     test_fraction: float = 0.1
+    # ground: "where is the red square?" - the answer is a box [x1, y1, x2, y2] (scored by `iou`)
     task_mix: dict[str, float] = field(default_factory=lambda: {"count": 1.0, "color": 1.0, "shape": 1.0,
                                                                  "exists": 1.0, "caption": 0.0})
     min_pixels: int = 3136           # 56*56
@@ -248,6 +249,20 @@ class RewardsConfig:
     clip_model: str | None = None
     fluency_min_words: int = 1
     fluency_max_words: int = 30
+    # soft_overlong (DAPO's soft overlong punishment; TRL's `get_soft_overlong_punishment`): 0 up to
+    #   L_max − overlong_buffer completion tokens, then a linear penalty down to −1 at L_max, −1 beyond.
+    #   L_max = overlong_max_length, or train.max_completion_length when null.
+    overlong_buffer: int = 2
+    overlong_max_length: int | None = None
+    # iou: the box convention of the model's answers. "qwen2.5": absolute pixels of the image the model
+    #   sees (after the data.min_pixels / max_pixels resize); "qwen3": 0-1000 relative coordinates.
+    #   The gold box (the item's solution) is always in pixels of the original image.
+    iou_box_format: Literal["qwen2.5", "qwen3"] = "qwen2.5"
+    # models: learned reward models, {reward name: local directory of a transformers sequence-
+    #   classification model + tokenizer (safetensors)}; each scores prompt + completion (logit 0) in
+    #   batches of model_batch_size. A name here is used like any reward in `weights`.
+    models: dict[str, str] = field(default_factory=dict)
+    model_batch_size: int = 32
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -257,6 +272,13 @@ class RewardsConfig:
                 _fail(f"rewards.weights.{name}", "must be a number, got NaN")
         _check_range("rewards.fluency_min_words", self.fluency_min_words, 0)
         _check_range("rewards.fluency_max_words", self.fluency_max_words, self.fluency_min_words)
+        _check_range("rewards.overlong_buffer", self.overlong_buffer, 1)
+        if self.overlong_max_length is not None:
+            _check_range("rewards.overlong_max_length", self.overlong_max_length, self.overlong_buffer)
+        _check_range("rewards.model_batch_size", self.model_batch_size, 1)
+        for name, path in self.models.items():
+            if not path:
+                _fail(f"rewards.models.{name}", "must be a local model directory")
 
 
 @dataclass(frozen=True)
@@ -287,6 +309,39 @@ class TrainConfig:
     out_dir: str = "models/candidate"
     log_every: int = 1
     shared_work: bool = True            # encode each prompt/image once per group (false: G copies)
+    # importance_sampling_level: where the PPO ratio is taken. "token" (default): one ratio per token, as
+    #   GRPO. "sequence" (GSPO, TRL's `importance_sampling_level="sequence"`): one ratio per completion,
+    #   exp(mean over its tokens of logπθ − logπold), clipped as a whole. "sequence_token" (GSPO-token, as
+    #   in ms-swift): the sequence ratio's value with a per-token gradient path. Matters only when the
+    #   policy has moved since sampling (num_iterations > 1); on-policy all three give the same gradient.
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
+    # mask_truncated_completions: completions that hit max_completion_length without a stop token are
+    #   left out of the loss entirely (mask zeroed, their tokens not counted), as TRL's option (DAPO).
+    mask_truncated_completions: bool = False
+    # top_entropy_quantile: ρ of "Beyond the 80/20 rule" (TRL's option of the same name): the policy term
+    #   only keeps the completion tokens whose entropy is in the top ρ quantile of the micro-batch (over
+    #   all processes); 1.0 keeps every token, 0.0 only the highest-entropy one, 0.2 is the paper's value.
+    #   The KL term still applies to every token.
+    top_entropy_quantile: float = 1.0
+    # sync_ref_model: TR-DPO reference updates (TRL's option): after every ref_model_sync_steps-th optimizer
+    #   update, π_ref ← ref_model_mixup_alpha·π_θ + (1 − ref_model_mixup_alpha)·π_ref. Needs beta > 0
+    #   (with beta 0 there is no reference model). The reference weights are checkpointed for resume.
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    # dynamic_sampling: DAPO's dynamic sampling. A group whose G rewards all tie carries no gradient
+    #   (advantage 0); with this on, such groups are dropped and the step draws replacement prompts (the
+    #   next ones in the data order) up to max_resample_rounds extra rounds, so the update runs on
+    #   informative groups. When the rounds run out the step is filled with the tied groups it has (the
+    #   batch size stays prompts_per_step). Logged per step: dynamic/frac_dropped, dynamic/resample_rounds.
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
+    # eval_steps: every eval_steps optimizer steps (and after the last), greedy accuracy and mean reward
+    #   on the val split (`eval/accuracy`, `eval/reward` in the metrics stream); null = no evaluation.
+    eval_steps: int | None = None
+    # keep_best: with eval_steps, keep the weights of the evaluation with the highest val reward; the
+    #   final model in out_dir is then the best one (not the last), and reports/train.json says which step.
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         k = "train"
@@ -312,6 +367,16 @@ class TrainConfig:
             _fail(f"{k}.micro_batch_size", "must be a multiple or a divisor of num_generations")
         if self.subset is not None:
             _check_range(f"{k}.subset", self.subset, 1)
+        _check_range(f"{k}.top_entropy_quantile", self.top_entropy_quantile, 0, 1)
+        _check_range(f"{k}.ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0, 1)
+        _check_range(f"{k}.ref_model_sync_steps", self.ref_model_sync_steps, 1)
+        _check_range(f"{k}.max_resample_rounds", self.max_resample_rounds, 0)
+        if self.sync_ref_model and self.beta == 0:
+            _fail(f"{k}.sync_ref_model", "needs train.beta > 0 (with beta 0 there is no reference model)")
+        if self.eval_steps is not None:
+            _check_range(f"{k}.eval_steps", self.eval_steps, 1)
+        if self.keep_best and self.eval_steps is None:
+            _fail(f"{k}.keep_best", "needs train.eval_steps (the best checkpoint is chosen by val reward)")
 
     @property
     def completions_per_step(self) -> int:

@@ -72,14 +72,18 @@ def pass_at_k_name(k: int) -> str:
     return f"pass_at_{k}"
 
 
-def columns_for(items: Sequence[Item], terminated: Sequence[bool]) -> dict[str, list[Any]]:
-    """Per-completion reward columns (``Item.columns()`` keys plus ``terminated``), one entry per item."""
+def columns_for(items: Sequence[Item], terminated: Sequence[bool],
+                lengths: Sequence[int] | None = None) -> dict[str, list[Any]]:
+    """Per-completion reward columns (``Item.columns()`` keys plus ``terminated`` and, when given,
+    ``completion_length`` in tokens), one entry per item."""
     keys: list[str] = []
     rows = [it.columns() for it in items]
     for r in rows:
         keys.extend(k for k in r if k not in keys)
     cols = {k: [r.get(k) for r in rows] for k in keys}
     cols["terminated"] = list(terminated)
+    if lengths is not None:
+        cols["completion_length"] = list(lengths)
     return cols
 
 
@@ -99,8 +103,10 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
     terminated = [bool(c.terminated) for c in completions]
     # Weights only matter for the total; scoring the unweighted extras with weight 0 keeps them out of it.
     weights = {n: float(cfg.rewards.weights.get(n, 0.0)) for n in names}
-    batch = compute_rewards(weights, [it.question for it in items], texts, columns_for(items, terminated),
-                            on_error=cfg.rewards.on_error, rewards=rewards)
+    lengths = [len(c.token_ids) for c in completions]
+    batch = compute_rewards(weights, [it.question for it in items], texts,
+                            columns_for(items, terminated, lengths), on_error=cfg.rewards.on_error,
+                            rewards=rewards)
     records = []
     for i, c in enumerate(completions):
         rec: dict[str, float | None] = {n: batch.per_reward[n][i] for n in names}
@@ -124,7 +130,7 @@ def pass_at_k(items: Sequence[Item], sampled: Sequence[Any], k: int,
         raise ValueError(f"pass_at_k: {len(sampled)} sampled completions for {len(items)} items x k={k}")
     rep = [it for it in items for _ in range(k)]
     acc = compute_rewards({"accuracy": 1.0}, [it.question for it in rep], [c.text for c in sampled],
-                          columns_for(rep, [c.terminated for c in sampled]),
+                          columns_for(rep, [c.terminated for c in sampled], [len(c.token_ids) for c in sampled]),
                           rewards=rewards).per_reward["accuracy"]
     out: list[float | None] = []
     for i in range(len(items)):
@@ -273,7 +279,9 @@ def _resolve_rewards(cfg: Config, root: Path) -> dict[str, Callable]:
 
     if cfg.rewards.plugins:
         load_plugins([p if Path(p).is_absolute() else root / p for p in cfg.rewards.plugins])
-    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root)
+    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root,
+                           pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
+                           max_completion_length=cfg.evaluate.max_new_tokens or cfg.train.max_completion_length)
 
 
 def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
