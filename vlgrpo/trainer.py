@@ -504,6 +504,7 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, *, shared
     norm = grpo.loss_normalizer(tc.loss_type, num_sequences=mask.shape[0], num_tokens=float(mask.sum()),
                                 global_num_tokens=global_num_tokens,
                                 max_completion_length=tc.max_completion_length, num_processes=num_processes)
+    spec = grpo.LossSpec(tc.epsilon_low, tc.epsilon_high, tc.beta, tc.importance_sampling_level)
     sums: dict[str, float] = {"loss": 0.0}
     for i, mb in enumerate(mbs):
         last = i == len(mbs) - 1
@@ -515,8 +516,10 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, *, shared
                                               with_entropy=True)
             old = batch.old_logp[sl] if batch.old_logp is not None else None
             ref = batch.ref_logp[sl] if batch.ref_logp is not None else None
-            tl, ratio, kl = grpo.per_token_loss(logp, old, ref, batch.advantages[sl], tc.epsilon_low,
-                                                tc.epsilon_high, tc.beta)
+            keep = (grpo.high_entropy_mask(ent, mask[sl], tc.top_entropy_quantile,
+                                           gather=_values_gatherer(accelerator))
+                    if tc.top_entropy_quantile < 1.0 else None)
+            tl, ratio, kl = grpo.policy_token_loss(logp, old, ref, batch.advantages[sl], mask[sl], spec, keep)
             loss = grpo.aggregate_loss(tl, mask[sl], tc.loss_type, norm)
             if accelerator is not None:
                 accelerator.backward(loss)
@@ -531,6 +534,23 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, *, shared
                                               tc.epsilon_high).items():
             _add(sums, name, grpo.masked_sum_count(ind, m))
     return sums
+
+
+def _values_gatherer(accelerator):
+    """1-D tensors of different lengths from every process, concatenated (None for one process).
+
+    Padded with a negative sentinel that no entropy can take, gathered, and the sentinel dropped - so the
+    high-entropy quantile is taken over the tokens of all processes, as TRL does.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+
+    def gather(values: torch.Tensor) -> torch.Tensor:
+        padded = accelerator.pad_across_processes(values, dim=0, pad_index=-1e9)
+        everything = accelerator.gather(padded)
+        return everything[everything != -1e9]
+
+    return gather
 
 
 def _add(sums: dict[str, float], name: str, sc: tuple[float, float]) -> None:
