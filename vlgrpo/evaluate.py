@@ -242,6 +242,23 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
     return [c.text for c in greedy], records, time.perf_counter() - t0
 
 
+def val_metrics(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
+                rewards: Mapping[str, Callable] | None = None) -> dict[str, float | None]:
+    """Evaluation during training (``train.eval_steps``): greedy ``eval/accuracy`` (over items with a
+    verifiable answer; None when there are none) and ``eval/reward`` (mean weighted reward) on ``items``.
+
+    Greedy decoding draws no random numbers, so evaluating does not change what training samples next.
+    """
+    import dataclasses
+
+    quick = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, samples_k=0))
+    _, records, secs = run_model(model, processor, items, manifest_dir, quick, rewards=rewards, progress=False,
+                                 desc="eval")
+    acc = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    return {"eval/accuracy": sum(acc) / len(acc) if acc else None,
+            "eval/reward": sum(r["reward"] for r in records) / len(records), "eval/seconds": secs}
+
+
 def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
                         train_cfg: Any = None, *, samples: int = 4, seed: int = 0,
                         rewards: Mapping[str, Callable] | None = None, progress: bool = False) -> float:

@@ -87,6 +87,13 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     return torch.nan_to_num(adv, nan=0.0), std
 
 
+def informative_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Per group (P,) bool: do its G rewards differ? A group whose rewards all tie (or are all NaN) has
+    advantage 0 for every completion - no learning signal - and is what dynamic sampling drops."""
+    std = nan_std(rewards.view(-1, num_generations), dim=1)
+    return ~torch.isclose(std, torch.zeros_like(std))
+
+
 def frac_zero_std(std: torch.Tensor) -> float:
     """Fraction of completions whose group had all-equal rewards (zero advantage: no learning signal)."""
     return torch.isclose(std, torch.zeros_like(std)).float().mean().item()

@@ -140,3 +140,12 @@ def test_reference_mixing_equals_trl_sync():
     for a, b, p0, p in zip(ref_a.parameters(), ref_b.parameters(), before, policy.parameters()):
         assert torch.equal(a, b)
         assert torch.allclose(a, 0.6 * p + 0.4 * p0)
+
+
+def test_informative_groups():
+    nan = float("nan")
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0, nan, nan, 0.5, nan])
+    assert grpo.informative_groups(r, 2).tolist() == [False, True, False, False, False]
+    # agrees with the zero-std count the metrics stream logs
+    _, std = grpo.group_advantages(r, 2)
+    assert grpo.frac_zero_std(std) == pytest.approx(1 - grpo.informative_groups(r, 2).float().mean().item())
