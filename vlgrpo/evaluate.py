@@ -291,7 +291,8 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     return sum(r["reward"] for r in records) / len(records)
 
 
-def _resolve_rewards(cfg: Config, root: Path) -> dict[str, Callable]:
+def resolve_reward_fns(cfg: Config, root: Path) -> dict[str, Callable]:
+    """The reward functions the report shows (plugins loaded, configured rewards built), by name."""
     from vlgrpo.rewards import load_plugins, resolve_rewards
 
     if cfg.rewards.plugins:
@@ -329,7 +330,7 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = _resolve_rewards(cfg, root)
+    rewards = resolve_reward_fns(cfg, root)
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "

@@ -13,8 +13,12 @@ import torch
 from tests.unit.test_trl_equivalence import (C, G, N, P, _assert_grads_close, _trl_inputs,  # noqa: F401
                                              setup, trl_trainer)
 from vlgrpo import grpo, modeling
-from vlgrpo import trainer as T
 from vlgrpo.config import TrainConfig
+from vlgrpo.train.batches import StepBatch
+from vlgrpo.train.generation import SamplingSpec, generate_group_completions
+from vlgrpo.train.prompts import step_generator
+from vlgrpo.train.scoring import CompletionScorer, score_batch
+from vlgrpo.train.update import update_phase
 
 
 def _trl(tr, s, loss_type, beta, with_old, mask=None, **attrs):
@@ -41,11 +45,11 @@ def _ours(s, loss_type, beta, with_old, mask=None, shared=False, **train):
     model.train()
     mask = s["mask"] if mask is None else mask
     tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=N, loss_type=loss_type, beta=beta,
-                     epsilon_low=0.2, epsilon_high=0.28, max_completion_length=C, mixed_precision="no", **train)
-    batch = T.StepBatch(s["prompts"], s["ids"], mask, s["adv"], s["old_logp"] if with_old else None,
-                        s["ref_logp"] if beta else None)
-    sums = T.update_phase(T.CompletionScorer(model), batch, tc, shared=shared, accelerator=None,
-                          global_num_tokens=float(mask.sum()))
+                     epsilon_low=0.2, epsilon_high=0.28, max_completion_length=C, mixed_precision="no",
+                     shared_work=shared, **train)
+    batch = StepBatch(s["prompts"], s["ids"], mask, s["adv"], s["old_logp"] if with_old else None,
+                      s["ref_logp"] if beta else None, float(mask.sum()), 1)
+    sums = update_phase(CompletionScorer(model), batch, tc)
     return sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -85,9 +89,9 @@ def truncation(setup, trl_trainer):
     model, proc = modeling.load_model(setup["dir"])
     stops = list(modeling.stop_token_ids(proc, model))
     extra = int(torch.mode(setup["ids"][:, 1:].flatten()).values)
-    ids, mask, term = T.generate_group_completions(model, setup["prompts"], G, C, 1.0, 1.0, stops + [extra],
-                                                   proc.tokenizer.pad_token_id,
-                                                   [T.step_generator(0, 0, k, 0) for k in range(P)])
+    spec = SamplingSpec(G, C, 1.0, 1.0, tuple(stops + [extra]), proc.tokenizer.pad_token_id)
+    ids, mask, term = generate_group_completions(model, setup["prompts"], spec,
+                                                 [step_generator(0, 0, k, 0) for k in range(P)])
     saved = trl_trainer.eos_token_ids
     trl_trainer.eos_token_ids = [*saved, extra]
     try:
@@ -99,8 +103,8 @@ def truncation(setup, trl_trainer):
     s = dict(setup, ids=ids, mask=mask, term=term, trl_truncated=trl_truncated)
     # old / reference log-probs of these completions (the fixture's belong to its own completions)
     tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
-                     max_completion_length=C)
-    cur = T.score_batch(T.CompletionScorer(model), setup["prompts"], ids, mask, tc, shared=False)
+                     max_completion_length=C, shared_work=False)
+    cur = score_batch(CompletionScorer(model), setup["prompts"], ids, mask, tc)
     s["old_logp"] = cur + 0.3 * torch.randn(cur.shape, generator=torch.Generator().manual_seed(2))
     s["ref_logp"] = cur - 0.2 * torch.rand(cur.shape, generator=torch.Generator().manual_seed(3))
     return s
