@@ -291,13 +291,14 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     return sum(r["reward"] for r in records) / len(records)
 
 
-def resolve_reward_fns(cfg: Config, root: Path) -> dict[str, Callable]:
-    """The reward functions the report shows (plugins loaded, configured rewards built), by name."""
+def resolve_reward_fns(cfg: Config, root: Path, manifest_dir: Path | None = None) -> dict[str, Callable]:
+    """The reward functions the report shows (plugins loaded, configured rewards built), by name; item
+    images are read under ``manifest_dir``."""
     from vlgrpo.rewards import load_plugins, resolve_rewards
 
     if cfg.rewards.plugins:
         load_plugins([p if Path(p).is_absolute() else root / p for p in cfg.rewards.plugins])
-    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root,
+    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root, image_root=manifest_dir,
                            pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
                            max_completion_length=cfg.evaluate.max_new_tokens or cfg.train.max_completion_length)
 
@@ -330,7 +331,7 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = resolve_reward_fns(cfg, root)
+    rewards = resolve_reward_fns(cfg, root, manifest.parent)
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "

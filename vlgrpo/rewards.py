@@ -641,16 +641,17 @@ def make_clip_score(path: str | Path, root: str | Path = ".", device: str = "cpu
 
 
 def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".", *,
-                    pixels: tuple[int, int] | None = None,
+                    image_root: str | Path | None = None, pixels: tuple[int, int] | None = None,
                     max_completion_length: int | None = None) -> dict[str, RewardFn]:
     """Reward functions for ``names``, building the configured ones from ``cfg`` (a ``RewardsConfig``):
     ``fluency`` uses its word window, ``clip_score`` its ``clip_model`` (a local path), ``accuracy`` / ``iou``
-    its box convention with ``pixels`` (data.min_pixels, data.max_pixels), ``soft_overlong`` its buffer and
-    maximum (default ``max_completion_length``), and every name in ``rewards.models`` its learned model."""
+    its box convention with ``pixels`` (data.min_pixels, data.max_pixels; images read under ``image_root``,
+    the manifest's folder, default ``root``), ``soft_overlong`` its buffer and maximum (default
+    ``max_completion_length``), and every name in ``rewards.models`` its learned model (under ``root``)."""
     out: dict[str, RewardFn] = {}
     conv = None
     if cfg is not None:
-        conv = BoxConvention(cfg.iou_box_format, *(pixels or (3136, 12544)), str(root))
+        conv = BoxConvention(cfg.iou_box_format, *(pixels or (3136, 12544)), str(image_root or root))
     models = dict(getattr(cfg, "models", None) or {})
     for name in names:
         if name in models:

@@ -78,6 +78,17 @@ def test_iou_reward_both_conventions():
     assert out.per_reward["iou"] == [None] and out.per_reward["accuracy"] == [1.0]
 
 
+def test_iou_reads_the_image_size_from_the_file_under_the_manifest_folder(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "data/images").mkdir(parents=True)
+    Image.new("RGB", (300, 200)).save(tmp_path / "data/images/a.png")
+    cols = {"solution": ["[0, 0, 150, 100]"], "images": [["images/a.png"]]}      # no scene, no image_size
+    fn = R.resolve_rewards(["iou"], RewardsConfig(iou_box_format="qwen3"), root=tmp_path,
+                           image_root=tmp_path / "data")
+    assert fn["iou"](["q"], ["[0, 0, 500, 500]"], **cols) == [pytest.approx(1.0)]
+
+
 def test_grounding_task_answers_score_through_the_registry(tmp_path):
     cfg = DataConfig(num_train=12, num_val=0, num_test=0, task_mix={"ground": 1.0})
     pairs = list(generate(cfg))

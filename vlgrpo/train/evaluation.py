@@ -42,7 +42,7 @@ def evaluate_policy(run: "Run") -> dict[str, Any]:
         raise ValueError(f"{run.paths.manifest}: train.eval_steps needs val items (data.num_val / "
                          f"data.val_fraction)")
     if run.eval_rewards is None:
-        run.eval_rewards = E.resolve_reward_fns(run.cfg, run.paths.root)
+        run.eval_rewards = E.resolve_reward_fns(run.cfg, run.paths.root, run.paths.manifest.parent)
     policy = run.policy
     try:
         return E.val_metrics(policy, run.processor, items, run.paths.manifest.parent, run.cfg, run.eval_rewards)

@@ -117,13 +117,15 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
     return model, processor, ref_scorer
 
 
-def reward_setup(cfg: Config, root: Path) -> RewardSetup:
-    """Load the reward plugins and resolve the functions of ``rewards.weights``."""
+def reward_setup(cfg: Config, paths: RunPaths) -> RewardSetup:
+    """Load the reward plugins and resolve the functions of ``rewards.weights`` (item images under the
+    manifest's folder)."""
     from vlgrpo import rewards as R
 
     weights = dict(cfg.rewards.weights)
     R.load_plugins(cfg.rewards.plugins)
-    return RewardSetup(weights, R.resolve_rewards(list(weights), cfg.rewards, root=root,
+    return RewardSetup(weights, R.resolve_rewards(list(weights), cfg.rewards, root=paths.root,
+                                                  image_root=paths.manifest.parent,
                                                   pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
                                                   max_completion_length=cfg.train.max_completion_length))
 
@@ -164,7 +166,7 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
                             tuple(modeling.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id)
     items, dropped = load_train_items(cfg, processor, paths.manifest)
     run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
-              reward_setup(cfg, paths.root), sampling)
+              reward_setup(cfg, paths), sampling)
     run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
     _restore(run)
     return run
