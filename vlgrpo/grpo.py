@@ -234,17 +234,10 @@ def mix_into_reference(policy: torch.nn.Module, reference: torch.nn.Module, alph
 def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                    advantages: torch.Tensor, epsilon_low: float, epsilon_high: float, beta: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """ℓ = clipped surrogate + β·KL; returns (ℓ (N, T), ρ (N, T), KL (N, T) or None when β = 0)."""
-    if old_logp is None:                                                   # on-policy: ρ ≡ 1 in value
-        old_logp = logp.detach()
-    loss, ratio = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
-    kl = None
-    if beta != 0.0:
-        if ref_logp is None:
-            raise ValueError("beta > 0 needs the reference model's log-probs (ref_logp)")
-        kl = k3_kl(logp, ref_logp)
-        loss = loss + beta * kl
-    return loss, ratio, kl
+    """ℓ = clipped surrogate + β·KL at token level; returns (ℓ (N, T), ρ (N, T), KL (N, T) or None when β = 0).
+    The token-level case of :func:`policy_token_loss` (which the trainer calls)."""
+    spec = LossSpec(epsilon_low, epsilon_high, beta, "token")
+    return policy_token_loss(logp, old_logp, ref_logp, advantages, torch.ones_like(logp), spec)
 
 
 # ---------------------------------------------------------------------------------------- aggregation
