@@ -648,6 +648,9 @@ def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".
     its box convention with ``pixels`` (data.min_pixels, data.max_pixels; images read under ``image_root``,
     the manifest's folder, default ``root``), ``soft_overlong`` its buffer and maximum (default
     ``max_completion_length``), and every name in ``rewards.models`` its learned model (under ``root``)."""
+    from vlgrpo.io import under_root
+
+
     out: dict[str, RewardFn] = {}
     conv = None
     if cfg is not None:
@@ -658,26 +661,42 @@ def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".
             if name in REWARDS:
                 raise KeyError(f"rewards.models.{name}: {name!r} is already a registered reward; pick "
                                f"another name")
-            p = Path(models[name])
-            out[name] = make_reward_model(name, p if p.is_absolute() else Path(root) / p, cfg.model_batch_size)
+            out[name] = make_reward_model(name, under_root(root, models[name]), cfg.model_batch_size)
         elif name in ("accuracy", "iou") and conv is not None:
             out[name] = (make_accuracy if name == "accuracy" else make_iou)(conv)
         elif name == "soft_overlong":
-            max_len = getattr(cfg, "overlong_max_length", None) or max_completion_length
+            max_len = (cfg.overlong_max_length if cfg is not None else None) or max_completion_length
             if max_len is None:
                 raise KeyError("reward 'soft_overlong' needs rewards.overlong_max_length or "
                                "train.max_completion_length")
-            out[name] = make_soft_overlong(max_len, getattr(cfg, "overlong_buffer", 2))
+            out[name] = make_soft_overlong(max_len, cfg.overlong_buffer if cfg is not None else 2)
         elif name == "clip_score" and name not in REWARDS:
             model = getattr(cfg, "clip_model", None)
             if not model:
                 raise KeyError("reward 'clip_score' needs rewards.clip_model (a local CLIP directory)")
-            out[name] = make_clip_score(model, root=root)
+            out[name] = make_clip_score(under_root(root, model), root=image_root or root)
         elif name == "fluency" and cfg is not None:
             out[name] = make_fluency(cfg.fluency_min_words, cfg.fluency_max_words)
         else:
             out[name] = get_reward(name)
     return out
+
+
+def setup_rewards(names: Iterable[str], cfg: Any, root: str | Path, manifest_dir: str | Path, *,
+                  pixels: tuple[int, int] | None = None, max_completion_length: int | None = None
+                  ) -> dict[str, RewardFn]:
+    """The one reward set-up of training and evaluation: load ``cfg.plugins`` and build ``names``.
+
+    Plugin files, ``clip_model`` and ``models`` are taken relative to the project ``root`` (never the current
+    directory, so a stage runs the same from any folder); the ``images`` column a reward reads is relative to
+    ``manifest_dir``, like the manifest's own image paths. ``pixels`` (data.min_pixels, data.max_pixels) and
+    ``max_completion_length`` configure the box rewards and ``soft_overlong`` (see :func:`resolve_rewards`).
+    """
+    from vlgrpo.io import under_root
+
+    load_plugins([under_root(root, p) for p in cfg.plugins])
+    return resolve_rewards(names, cfg, root=root, image_root=manifest_dir, pixels=pixels,
+                           max_completion_length=max_completion_length)
 
 
 # ------------------------------------------------------------------------------------------ combining

@@ -26,7 +26,7 @@ STATE_FILE = "trainer_state.json"
 
 # Keys that do not change what a step computes: a resume may differ in them.
 # (evaluation during training decodes greedily - no random draws - and changes no weight.)
-_RESUME_NEUTRAL = ("save_steps", "log_every", "out_dir", "eval_steps", "keep_best")
+_RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best")
 REFERENCE_FILE = "ref_model.safetensors"   # the reference weights, when train.sync_ref_model moves them
 
 
