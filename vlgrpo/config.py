@@ -165,7 +165,7 @@ class SyntheticConfig:
             _fail(k, "needs at least two shapes and two colours so questions have more than one answer")
 
 
-TASKS = ("count", "color", "shape", "exists", "caption")
+TASKS = ("count", "color", "shape", "exists", "caption", "ground")
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,9 @@ class DataConfig:
         num_train / num_val / num_test: synthetic items per split.
         val_fraction / test_fraction: share of imported rows without their own split that go to val / test
             (by a hash of the first image's content, so one image never lands in two splits).
-        task_mix: relative weights of the synthetic tasks.
+        task_mix: relative weights of the synthetic tasks (count, color, shape, exists, caption, and ground:
+            "Where is the red square?", answered with its box ``[x1, y1, x2, y2]`` in pixels, scored by
+            ``iou`` and by accuracy at IoU >= 0.5).
         min_pixels / max_pixels: pixel budget every image is resized into (Qwen-VL ``smart_resize``).
         allow_remote: let ``http(s)://`` image URLs through (downloaded by the data stage).
         synthetic: knobs of the synthetic scene generator.
@@ -336,6 +338,18 @@ class RewardsConfig:
         on_error: ``raise`` stops on a reward that fails; ``skip`` scores that item None (left out of the sum).
         clip_model: local CLIP folder for ``clip_score`` (relative to the project root); never downloaded.
         fluency_min_words / fluency_max_words: the word window ``fluency`` rewards.
+        overlong_buffer / overlong_max_length: the ``soft_overlong`` reward (DAPO's soft overlong
+            punishment, TRL's ``get_soft_overlong_punishment``): 0 up to L_max - overlong_buffer completion
+            tokens, then linear down to -1 at L_max, -1 beyond; L_max = overlong_max_length, or
+            ``train.max_completion_length`` when null.
+        iou_box_format: the box convention of the model's answers, for ``iou`` and the accuracy of box items:
+            ``qwen2.5`` absolute pixels of the image the model sees (after the data.min_pixels /
+            max_pixels resize), ``qwen3`` 0-1000 relative coordinates. The gold box (the item's solution) is
+            always in pixels of the original image.
+        models: learned reward models, reward name -> local folder (relative to the project root) of a
+            transformers sequence-classification model and its tokenizer (safetensors, no remote code); each
+            scores prompt + completion (logit 0). A name here is used like any reward in ``weights``.
+        model_batch_size: texts per reward-model forward.
     """
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     plugins: tuple[str, ...] = ()
@@ -343,6 +357,11 @@ class RewardsConfig:
     clip_model: str | None = None
     fluency_min_words: int = 1
     fluency_max_words: int = 30
+    overlong_buffer: int = 2
+    overlong_max_length: int | None = None
+    iou_box_format: Literal["qwen2.5", "qwen3"] = "qwen2.5"
+    models: dict[str, str] = field(default_factory=dict)
+    model_batch_size: int = 32
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -352,6 +371,13 @@ class RewardsConfig:
                 _fail(f"rewards.weights.{name}", "must be a number, got NaN")
         _check_range("rewards.fluency_min_words", self.fluency_min_words, 0)
         _check_range("rewards.fluency_max_words", self.fluency_max_words, self.fluency_min_words)
+        _check_range("rewards.overlong_buffer", self.overlong_buffer, 1)
+        if self.overlong_max_length is not None:
+            _check_range("rewards.overlong_max_length", self.overlong_max_length, self.overlong_buffer)
+        _check_range("rewards.model_batch_size", self.model_batch_size, 1)
+        for name, path in self.models.items():
+            if not path:
+                _fail(f"rewards.models.{name}", "must be a local model directory")
 
 
 @dataclass(frozen=True)
@@ -388,6 +414,28 @@ class TrainConfig:
         out_dir: where the trained policy (and its checkpoints) go, under the project root.
         shared_work: encode each prompt and image once per group and expand its KV cache to the G
             completions (false: G full copies, like generic trainers; same maths).
+        importance_sampling_level: where the PPO ratio is taken: ``token`` (GRPO), ``sequence`` (GSPO, TRL's
+            option of that name: one ratio per completion, exp of the mean token log-ratio, clipped as a
+            whole) or ``sequence_token`` (GSPO-token, ms-swift's: the sequence ratio's value with a per-token
+            gradient). Only matters when the policy moved since sampling (num_iterations > 1).
+        mask_truncated_completions: completions that hit max_completion_length without a stop token are
+            left out of the loss (mask zeroed, tokens not counted), as TRL's option (DAPO).
+        top_entropy_quantile: rho of "Beyond the 80/20 rule" (TRL's option): the policy term keeps only the
+            completion tokens whose entropy is in the top rho quantile of the micro-batch (over all
+            processes); 1.0 keeps all, 0.0 only the highest-entropy token, 0.2 is the paper's value. The KL
+            term still covers every token.
+        sync_ref_model / ref_model_mixup_alpha / ref_model_sync_steps: TR-DPO (TRL's options): after every
+            ref_model_sync_steps-th optimizer update, pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref.
+            Needs beta > 0. The reference weights go into the checkpoints (exact resume).
+        dynamic_sampling / max_resample_rounds: DAPO's dynamic sampling: groups whose G rewards all tie
+            (no signal) are replaced by groups of fresh prompts, drawn at random per (seed, step, round), for
+            up to max_resample_rounds extra rounds; when they run out, tied groups fill the step (the batch
+            size never changes). Logged: dynamic/resample_rounds, dynamic/groups_sampled,
+            dynamic/frac_dropped (``vlgrpo.train.dynamic``).
+        eval_steps: every this many steps (and after the last), greedy ``eval/accuracy`` and ``eval/reward``
+            on the val split go into the metrics stream (and MLflow); null: no evaluation.
+        keep_best: with eval_steps, the final model in out_dir is the policy of the evaluation with the highest
+            val reward, not the last one (``reports/train.json``: ``best``).
     """
     seed: int = 0
     max_steps: int = 60
@@ -414,6 +462,16 @@ class TrainConfig:
     subset: int | None = None           # use only the first N train items
     out_dir: str = "models/candidate"
     shared_work: bool = True            # encode each prompt/image once per group (false: G copies)
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
+    mask_truncated_completions: bool = False
+    top_entropy_quantile: float = 1.0
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
+    eval_steps: int | None = None
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         k = "train"
@@ -439,6 +497,16 @@ class TrainConfig:
             _fail(f"{k}.micro_batch_size", "must be a multiple or a divisor of num_generations")
         if self.subset is not None:
             _check_range(f"{k}.subset", self.subset, 1)
+        _check_range(f"{k}.top_entropy_quantile", self.top_entropy_quantile, 0, 1)
+        _check_range(f"{k}.ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0, 1)
+        _check_range(f"{k}.ref_model_sync_steps", self.ref_model_sync_steps, 1)
+        _check_range(f"{k}.max_resample_rounds", self.max_resample_rounds, 0)
+        if self.sync_ref_model and self.beta == 0:
+            _fail(f"{k}.sync_ref_model", "needs train.beta > 0 (with beta 0 there is no reference model)")
+        if self.eval_steps is not None:
+            _check_range(f"{k}.eval_steps", self.eval_steps, 1)
+        if self.keep_best and self.eval_steps is None:
+            _fail(f"{k}.keep_best", "needs train.eval_steps (the best checkpoint is chosen by val reward)")
 
     @property
     def completions_per_step(self) -> int:

@@ -72,14 +72,18 @@ def pass_at_k_name(k: int) -> str:
     return f"pass_at_{k}"
 
 
-def columns_for(items: Sequence[Item], terminated: Sequence[bool]) -> dict[str, list[Any]]:
-    """Per-completion reward columns (``Item.columns()`` keys plus ``terminated``), one entry per item."""
+def columns_for(items: Sequence[Item], terminated: Sequence[bool],
+                lengths: Sequence[int] | None = None) -> dict[str, list[Any]]:
+    """Per-completion reward columns (``Item.columns()`` keys plus ``terminated`` and, when given,
+    ``completion_length`` in tokens), one entry per item."""
     keys: list[str] = []
     rows = [it.columns() for it in items]
     for r in rows:
         keys.extend(k for k in r if k not in keys)
     cols = {k: [r.get(k) for r in rows] for k in keys}
     cols["terminated"] = list(terminated)
+    if lengths is not None:
+        cols["completion_length"] = list(lengths)
     return cols
 
 
@@ -99,8 +103,10 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
     terminated = [bool(c.terminated) for c in completions]
     # Weights only matter for the total; scoring the unweighted extras with weight 0 keeps them out of it.
     weights = {n: float(cfg.rewards.weights.get(n, 0.0)) for n in names}
-    batch = compute_rewards(weights, [it.question for it in items], texts, columns_for(items, terminated),
-                            on_error=cfg.rewards.on_error, rewards=rewards)
+    lengths = [len(c.token_ids) for c in completions]
+    batch = compute_rewards(weights, [it.question for it in items], texts,
+                            columns_for(items, terminated, lengths), on_error=cfg.rewards.on_error,
+                            rewards=rewards)
     records = []
     for i, c in enumerate(completions):
         rec: dict[str, float | None] = {n: batch.per_reward[n][i] for n in names}
@@ -124,7 +130,7 @@ def pass_at_k(items: Sequence[Item], sampled: Sequence[Any], k: int,
         raise ValueError(f"pass_at_k: {len(sampled)} sampled completions for {len(items)} items x k={k}")
     rep = [it for it in items for _ in range(k)]
     acc = compute_rewards({"accuracy": 1.0}, [it.question for it in rep], [c.text for c in sampled],
-                          columns_for(rep, [c.terminated for c in sampled]),
+                          columns_for(rep, [c.terminated for c in sampled], [len(c.token_ids) for c in sampled]),
                           rewards=rewards).per_reward["accuracy"]
     out: list[float | None] = []
     for i in range(len(items)):
@@ -239,6 +245,22 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
     return [c.text for c in greedy], records, time.perf_counter() - t0
 
 
+def val_metrics(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
+                rewards: Mapping[str, Callable] | None = None) -> dict[str, float | None]:
+    """Evaluation during training (``train.eval_steps``): greedy ``eval/accuracy`` (over items with a
+    verifiable answer; None when there are none) and ``eval/reward`` (mean weighted reward) on ``items``.
+
+    Greedy decoding draws no random numbers, so evaluating does not change what training samples next.
+    """
+    import dataclasses
+
+    quick = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, samples_k=0))
+    _, records, secs = run_model(model, processor, items, manifest_dir, quick, rewards=rewards, progress=None)
+    acc = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    return {"eval/accuracy": sum(acc) / len(acc) if acc else None,
+            "eval/reward": sum(r["reward"] for r in records) / len(records), "eval/seconds": secs}
+
+
 def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config, *,
                         samples: int = 4, seed: int = 0) -> float:
     """Mean weighted reward of ``samples`` sampled answers per item, decoded like training rollouts
@@ -269,6 +291,16 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     return sum(r["reward"] for r in records) / len(records)
 
 
+def resolve_reward_fns(cfg: Config, root: Path, manifest_dir: Path) -> dict[str, Callable]:
+    """The reward functions the report shows, set up as training does (``rewards.setup_rewards``; item images
+    under ``manifest_dir``), by name."""
+    from vlgrpo.rewards import setup_rewards
+
+    return setup_rewards(reward_names(cfg), cfg.rewards, root, manifest_dir,
+                         pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
+                         max_completion_length=cfg.evaluate.max_new_tokens or cfg.train.max_completion_length)
+
+
 def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
               records: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Per-item answers of every model, for the report's sample and reports/evaluate_items.jsonl."""
@@ -292,14 +324,12 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ``delta_vs_champion`` and becomes the bar to beat. ``root``: where relative reward plugin and CLIP paths
     are resolved.
     """
-    from vlgrpo.rewards import setup_rewards
-
     manifest = Path(manifest)
     root = Path(root)
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = setup_rewards(reward_names(cfg), cfg.rewards, root, manifest.parent)
+    rewards = resolve_reward_fns(cfg, root, manifest.parent)
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "

@@ -222,21 +222,22 @@ def test_clip_score_is_the_cosine_of_a_local_clip(tmp_path):
 
 def test_every_registered_reward_resolves_and_runs():
     assert {"accuracy", "format", "detail_f1", "reference", "fluency"} <= set(R.REWARDS)
-    comps = ["red", "two red circles and a blue square"]
-    c = cols(2, task=["color", "caption"], solution=["red", ""], references=[[], [comps[1]]])
+    comps = ["red", "two red circles and a blue square", "[10, 10, 40, 40]"]
+    c = cols(3, task=["color", "caption", "ground"], solution=["red", "", "[12, 10, 40, 40]"],
+             references=[[], [comps[1]], []])
     # Built-ins only: plugins registered by other tests in this process (e.g. a NaN reward) are theirs.
     builtins = [n for n, f in R.REWARDS.items() if not f.__module__.startswith(R._PLUGIN_PREFIX)]
     for name in sorted(builtins):
         fn = R.get_reward(name)
-        vals = fn(["q", "q"], comps, **c)
-        assert len(vals) == 2 and all(v is None or math.isfinite(v) for v in vals), name
+        vals = fn(["q"] * 3, comps, **c)
+        assert len(vals) == 3 and all(v is None or math.isfinite(v) for v in vals), name
         assert any(v is not None for v in vals), name
 
 
 def test_resolve_rewards_builds_configured_rewards(tmp_path):
     cfg = RewardsConfig(fluency_min_words=4, fluency_max_words=8)
     fns = R.resolve_rewards(["accuracy", "fluency"], cfg)
-    assert fns["accuracy"] is R.accuracy
+    assert fns["accuracy"](["q"] * 2, ["Red.", "blue"], **cols(2)) == [1.0, 0.0]
     assert fns["fluency"](["q"], ["a red circle"], **cols(1)) == [0.75]
     with pytest.raises(KeyError, match="clip_model"):
         R.resolve_rewards(["clip_score"], cfg)

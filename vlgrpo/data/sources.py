@@ -40,7 +40,7 @@ from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
 
 KINDS = ("manifest", "jsonl", "hf", "coco", "flickr30k")
 # Task names a manifest may carry: the synthetic ones plus 'vqa' for imported question/answer rows.
-TASK_NAMES = ("count", "color", "shape", "exists", "caption", "vqa")
+TASK_NAMES = ("count", "color", "shape", "exists", "caption", "vqa", "ground")
 CAPTION_PROMPT = f"{IMAGE_TAG}Describe this image in one sentence."
 SPLIT_ALIASES = {"train": "train", "training": "train", "restval": "train", "val": "val",
                  "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test"}

@@ -7,6 +7,7 @@ from typing import Any
 
 from vlgrpo.config import Config
 from vlgrpo.train import checkpoint as ckpt
+from vlgrpo.train import evaluation
 from vlgrpo.train.metrics import StepClock, append_row, metrics_row, run_summary
 from vlgrpo.train.rollout import rollout
 from vlgrpo.train.setup import Run, RunPaths, setup
@@ -26,7 +27,7 @@ def save_step(run: Run, step: int) -> None:
                                 "next_slot": (step + 1) * tc.prompts_per_step},
                  "train_config": dataclasses.asdict(tc), "fingerprint": run.fingerprint}
         ckpt.save_checkpoint(run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}", run.policy,
-                             run.optimizer, run.scheduler, state)
+                             run.optimizer, run.scheduler, state, reference=run.checkpointed_reference)
     run.accelerator.wait_for_everyone()
 
 
@@ -53,6 +54,7 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
             upd = update(run, ro.batch, step)
             clock.lap("update")
             row = metrics_row(run, step, ro, upd, clock)
+            evaluation.after_step(run, step, row)          # train.eval_steps / keep_best
             if main:
                 append_row(run.paths.metrics_path, row)
             history.append(row)
@@ -62,6 +64,8 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
     finally:
         bar.close()
     summary = run_summary(run, history, len(history), time.perf_counter() - t_run)
+    if summary["finished"]:
+        summary["best"] = evaluation.load_best(run)    # keep_best: the final model is the best one
     if summary["finished"] and main:
         ckpt.save_final(run.policy, run.processor, run.paths.out_dir)
     run.accelerator.wait_for_everyone()

@@ -38,6 +38,7 @@ class Run:
     fingerprint: str = ""
     start_step: int = 0
     resumed_from: int | None = None
+    eval_rewards: dict[str, Any] | None = None   # reward functions of in-training evaluation, built on first use
 
     @property
     def tc(self) -> TrainConfig:
@@ -63,6 +64,17 @@ class Run:
     def policy(self) -> nn.Module:
         """The bare policy model (unwrapped)."""
         return unwrap(self.scorer).model
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The bare reference model; None when beta is 0."""
+        return unwrap(self.ref_scorer).model if self.ref_scorer is not None else None
+
+    @property
+    def checkpointed_reference(self) -> nn.Module | None:
+        """The reference model when it changes during the run (``train.sync_ref_model``): checkpoints must
+        then hold it for an exact resume. None otherwise (it is the base model, reloaded at set-up)."""
+        return self.reference if self.tc.sync_ref_model else None
 
 
 def make_accelerator(mixed_precision: str):
@@ -109,7 +121,9 @@ def reward_setup(cfg: Config, paths: RunPaths) -> RewardSetup:
     from vlgrpo.rewards import setup_rewards
 
     weights = dict(cfg.rewards.weights)
-    return RewardSetup(weights, setup_rewards(list(weights), cfg.rewards, paths.root, paths.manifest.parent))
+    return RewardSetup(weights, setup_rewards(list(weights), cfg.rewards, paths.root, paths.manifest.parent,
+                                              pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
+                                              max_completion_length=cfg.train.max_completion_length))
 
 
 def _restore(run: Run) -> None:
@@ -118,7 +132,8 @@ def _restore(run: Run) -> None:
     acc = run.accelerator
     ckpt.drop_superseded(run.paths.out_dir, run.fingerprint, acc.is_main_process)
     acc.wait_for_everyone()
-    path, state = ckpt.resume(run.paths.out_dir, run.policy, run.optimizer, run.scheduler)
+    path, state = ckpt.resume(run.paths.out_dir, run.policy, run.optimizer, run.scheduler,
+                              reference=run.checkpointed_reference)
     if path is not None:
         run.start_step = run.resumed_from = int(state["step"])
         if acc.is_main_process:
