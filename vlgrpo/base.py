@@ -179,7 +179,7 @@ def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> 
     acc = greedy_accuracy(model, processor, val, manifest_dir, batch_size=cfg.evaluate.batch_size,
                           max_new_tokens=cfg.train.max_completion_length, progress=progress, **pix)
     out_dir = _resolve(root, bc.out_dir)
-    save_model(model, processor, out_dir)
+    save_model(model, processor, out_dir, rebuild="vlgrpo base")
     return {
         "model": name,
         "out_dir": str(bc.out_dir),
