@@ -68,7 +68,7 @@ def ready_project(tmp_path_factory) -> Path:
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
+    modeling.save_model(model, proc, root / "models/base", rebuild="vlgrpo base")
     return root
 
 
