@@ -111,3 +111,65 @@ def kill9(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(60)
+
+
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+PG_USER = "vlgrpo-pg"        # PostgreSQL refuses to run as root: as root, the cluster runs as this user
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of its own (initdb, trust auth, a free loopback port) that a test may stop and
+    restart without touching the machine's shared server on 5432."""
+
+    def __init__(self, base: Path):
+        from tests.servers import free_port
+
+        self.port = free_port()
+        self.dir = base / "pgdata"
+        self.log = base / "postgres.log"
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def _as_owner(self, *cmd: str) -> list[str]:
+        return ["runuser", "-u", PG_USER, "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run(self._as_owner(*cmd), check=True, capture_output=True, timeout=120)
+
+    def init(self) -> None:
+        self._run(str(PG_BIN / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+        self._run(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+
+    def start(self) -> None:
+        # fsync off: the faults here are process-level (the OS keeps what PostgreSQL wrote), not power loss.
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-l", str(self.log), "-o", opts, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-m", mode, "-w", "stop")
+
+
+@pytest.fixture
+def throwaway_postgres():
+    """A started ThrowawayPostgres with an empty `mlflow` database; stopped and deleted afterwards."""
+    import tempfile
+
+    if PG_BIN is None:
+        pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin")
+    if os.geteuid() == 0 and subprocess.run(["id", "-u", PG_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+                       check=True)
+    # Not under pytest's tmp_path: that is private to root, and the server runs as PG_USER.
+    base = Path(tempfile.mkdtemp(prefix="vlgrpo-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, PG_USER)
+    pg = ThrowawayPostgres(base)
+    try:
+        pg.init()
+        yield pg
+    finally:
+        try:
+            pg.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass                                  # already stopped
+        shutil.rmtree(base, ignore_errors=True)
