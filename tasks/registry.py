@@ -17,13 +17,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.tracking import retry
-from vlgrpo.io import HASHES_FILE, sha256_file
+from vlgrpo.io import HASHES_FILE, disk_full, is_disk_full, sha256_file, tree_size
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 FINGERPRINT_TAG = "vlgrpo.candidate_sha256"
@@ -55,15 +56,29 @@ def champion_loader(name: str) -> Callable[[], Any] | None:
 
 
 def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int) -> Any:
-    """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo."""
+    """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo.
+
+    A full artifact store (a local one: ``mlartifacts/`` beside ``mlflow.db``) raises ``DiskFull`` naming
+    its folder and the model's size, and is not retried; no model version exists yet at that point.
+    """
     root = Path(root)
-    return retry(lambda: mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(root / "tasks" / "pyfunc_model.py"),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(root / "vlgrpo")],
-        model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
-    ), what="log pyfunc model")
+
+    def upload() -> Any:
+        try:
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(root / "tasks" / "pyfunc_model.py"),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(root / "vlgrpo")],
+                model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
+            )
+        except Exception as e:  # noqa: BLE001 - MLflow wraps OS errors in several types
+            if not is_disk_full(e):
+                raise
+            store = Path(urlparse(mlflow.get_artifact_uri()).path)
+            raise disk_full(store / "model", tree_size(checkpoint) + tree_size(root / "vlgrpo"), "about") from e
+
+    return retry(upload, what="log pyfunc model")
 
 
 def candidate_fingerprint(checkpoint: Path) -> str:

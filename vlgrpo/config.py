@@ -282,6 +282,10 @@ class TrainConfig:
     num_iterations: int = 1
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     save_steps: int = 20
+    # Disk bound: keep only the newest N complete checkpoints (None: keep all). With keep_best_checkpoint,
+    # the checkpoint of the step with the highest mean reward is kept as well, beyond the N.
+    save_total_limit: int | None = None
+    keep_best_checkpoint: bool = False
     augment: bool = False
     subset: int | None = None           # use only the first N train items
     out_dir: str = "models/candidate"
@@ -312,6 +316,8 @@ class TrainConfig:
             _fail(f"{k}.micro_batch_size", "must be a multiple or a divisor of num_generations")
         if self.subset is not None:
             _check_range(f"{k}.subset", self.subset, 1)
+        if self.save_total_limit is not None:
+            _check_range(f"{k}.save_total_limit", self.save_total_limit, 1)
 
     @property
     def completions_per_step(self) -> int:

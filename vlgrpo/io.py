@@ -20,8 +20,9 @@ class DiskFull(OSError):
     """A write hit ENOSPC; the message is one line naming the folder, the space free and the space needed."""
 
 
-def _size(path: Path) -> int:
+def tree_size(path: str | Path) -> int:
     """Bytes under ``path`` (a file or a directory tree); 0 when absent."""
+    path = Path(path)
     try:
         if path.is_file():
             return path.stat().st_size
@@ -34,6 +35,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc``, or an exception it was raised from, is ENOSPC (also inside a ``shutil.Error``)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if isinstance(e, shutil.Error) and "[Errno 28]" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def disk_full(target: str | Path, needed: int, estimate: str = "about") -> DiskFull:
     """The one-line ENOSPC error for a write of ``estimate`` (exactly / about / more than) ``needed`` bytes."""
     target = Path(target)
@@ -42,9 +57,10 @@ def disk_full(target: str | Path, needed: int, estimate: str = "about") -> DiskF
         free = shutil.disk_usage(folder).free
     except OSError:
         free = 0
+    short = f"free at least {_mb(needed - free)} there" if needed > free else "free space there"
     return DiskFull(errno.ENOSPC, f"no space left on device in {folder}: writing {target.name} needs "
-                    f"{estimate} {_mb(needed)} and {_mb(free)} is free; free at least "
-                    f"{_mb(max(needed - free, 1))} there and run it again (earlier results are unchanged)")
+                    f"{estimate} {_mb(needed)} and {_mb(free)} is free; {short} and run it again "
+                    f"(earlier results are unchanged)")
 
 
 @contextlib.contextmanager
@@ -62,8 +78,8 @@ def _enospc_names(target: Path, written: Path | None = None, like: Path | None =
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        prev = _size(like) if like is not None else 0
-        partial = _size(written) if written is not None else 0
+        prev = tree_size(like) if like is not None else 0
+        partial = tree_size(written) if written is not None else 0
         if prev >= partial and prev > 0:
             raise disk_full(target, prev, "about") from e
         raise disk_full(target, max(partial, 1), "more than") from e
@@ -165,14 +181,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_content_hashes(folder: str | Path, rebuild: str) -> Path:
-    """Record the sha256 of every file under ``folder`` (and the command that rebuilds it) in the folder.
+    """Record the sha256 of every file directly in ``folder`` (and the command that rebuilds it) there.
+
+    Sub-folders (a model's training checkpoints) are not covered: they are read back by their own loader.
 
     Call it on the temporary directory of an :func:`atomic_dir` block, so the hashes and the files are
     published together.
     """
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): sha256_file(p)
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != HASHES_FILE}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != HASHES_FILE}
     path = folder / HASHES_FILE
     path.write_text(json.dumps({"rebuild": rebuild, "sha256": files}, indent=1) + "\n", encoding="utf-8")
     return path

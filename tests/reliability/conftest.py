@@ -8,13 +8,14 @@ Training is CPU fp32 (``mixed_precision: "no"``) so that a resumed run can be co
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import yaml
@@ -173,3 +174,26 @@ def throwaway_postgres():
         except subprocess.CalledProcessError:
             pass                                  # already stopped
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmpfs_at(path: Path, size_mb: int) -> Iterator[Path]:
+    """Mount a small tmpfs at ``path`` (a real filesystem that really fills up); unmount it afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the CI and test machines run tests as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(path: Path, leave_bytes: int = 0) -> Path:
+    """Take all the free space on ``path``'s filesystem but ``leave_bytes``; delete the file to free it."""
+    filler = path / ".filler"
+    free = shutil.disk_usage(path).free
+    with open(filler, "wb") as f:
+        if free > leave_bytes:
+            os.posix_fallocate(f.fileno(), 0, free - leave_bytes)
+    return filler

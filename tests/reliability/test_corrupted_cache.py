@@ -54,9 +54,9 @@ def test_flipped_byte_in_cached_image_is_found_before_use_and_rebuilt_by_the_dat
 
 def test_flipped_byte_in_models_base_is_found_before_use(project):
     from vlgrpo import modeling
-    from vlgrpo import trainer as T
     from vlgrpo.config import load_config
     from vlgrpo.io import ContentMismatch
+    from vlgrpo.train import RunPaths, train_grpo
 
     weights = project / "models/base/model.safetensors"
     _flip(weights, weights.stat().st_size - 100)                  # a weight value, not the header
@@ -65,7 +65,7 @@ def test_flipped_byte_in_models_base_is_found_before_use(project):
     with pytest.raises(ContentMismatch, match=want):
         modeling.load_model(project / "models/base")             # evaluate's and the pilot's load path
     with pytest.raises(ContentMismatch, match=want):
-        T.train_grpo(cfg, cfg.train, project, "data/manifest.jsonl", "models/base", "models/candidate",
-                     "reports/train_metrics.jsonl", progress=False)
+        train_grpo(cfg, RunPaths.under(project, "data/manifest.jsonl", "models/base", "models/candidate",
+                                       "reports/train_metrics.jsonl"), progress=False)
     assert not (project / "models/candidate").exists()
     assert not (project / "reports/train_metrics.jsonl").exists()
