@@ -36,14 +36,15 @@ def _mb(n: int) -> str:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """True when ``exc``, or an exception it was raised from, is ENOSPC (also inside a ``shutil.Error``)."""
+    """True when ``exc``, or an exception it was raised from, is ENOSPC (also when wrapped by a library)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return True
-        if isinstance(e, shutil.Error) and "[Errno 28]" in str(e):
+        # shutil.Error lists per-file errors; safetensors' writer raises its own type ("os error 28").
+        if isinstance(e, shutil.Error) and "[Errno 28]" in str(e) or "(os error 28)" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -75,8 +76,8 @@ def _enospc_names(target: Path, written: Path | None = None, like: Path | None =
         yield
     except DiskFull:
         raise
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:  # noqa: BLE001 - writers report ENOSPC as OSError, or wrapped (safetensors' Rust)
+        if not is_disk_full(e):
             raise
         prev = tree_size(like) if like is not None else 0
         partial = tree_size(written) if written is not None else 0

@@ -35,19 +35,21 @@ def _hidden_tmp(folder: Path) -> list[Path]:
 
 
 def test_full_disk_at_checkpoint_save_keeps_the_last_checkpoint_and_resumes_to_the_same_weights(
-        ready_project, tmp_path, cli_env):
+        ready_project, tmp_path, cli_env, monkeypatch):
     from vlgrpo.config import load_config
     from vlgrpo.train import RunPaths, train_grpo
     from vlgrpo.train.checkpoint import complete_checkpoints, latest_checkpoint
 
     # The undisturbed run, same settings, on an ordinary disk.
     ref = _slow_project(shutil.copytree(ready_project, tmp_path / "ref"))
+    monkeypatch.chdir(ref)                                 # the reward plugin path is the project's
     s = train_grpo(load_config(ref / "params.yaml"), RunPaths.under(
         ref, "data/manifest.jsonl", "models/base", "models/candidate", "reports/train_metrics.jsonl"),
         progress=False)
     assert s["finished"] and s["resumed_from"] is None
 
-    project = _slow_project(shutil.copytree(ready_project, tmp_path / "proj", ignore=shutil.ignore_patterns("models")))
+    project = _slow_project(shutil.copytree(ready_project, tmp_path / "proj",
+                                            ignore=shutil.ignore_patterns("models")))
     candidate = project / "models/candidate"
     with tmpfs_at(project / "models", 64) as disk:
         shutil.copytree(ready_project / "models/base", disk / "base")
@@ -77,8 +79,10 @@ def test_full_disk_at_checkpoint_save_keeps_the_last_checkpoint_and_resumes_to_t
         run([VLGRPO, "train", "--force"], project, timeout=600, **cli_env)
         report = json.loads((project / "reports/train.json").read_text())
         assert report["resumed_from"] == 2 and report["finished"] and report["steps"] == 4
-        assert _metrics(project / "reports/train_metrics.jsonl") == _metrics(ref / "reports/train_metrics.jsonl")
-        got, want = load_file(candidate / "model.safetensors"), load_file(ref / "models/candidate/model.safetensors")
+        assert _metrics(project / "reports/train_metrics.jsonl") == \
+            _metrics(ref / "reports/train_metrics.jsonl")
+        got = load_file(candidate / "model.safetensors")
+        want = load_file(ref / "models/candidate/model.safetensors")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
