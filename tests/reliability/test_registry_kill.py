@@ -1,7 +1,7 @@
 """Registration killed half-way: SIGKILL of the real `vlgrpo register` stage between creating a model
-version and setting its aliases, and after the champion alias moved but before the stage's report. Each re-run finishes the version the killed run created - never a
-second version of the same candidate - and the registry ends as an undisturbed run leaves it: one version,
-aliases `candidate` and `champion`, the same tags.
+version and setting its aliases, and after the champion alias moved but before the stage's report. Each
+re-run finishes the version the killed run created - never a second version of the same candidate - and the
+registry ends as an undisturbed run leaves it: one version, aliases `candidate` and `champion`, the same tags.
 """
 from __future__ import annotations
 
