@@ -63,15 +63,17 @@ def _evaluation(root: Path) -> dict:
             and not k.endswith("_s")}
 
 
-def test_kill_at_every_stage_then_repro_completes_consistently(tmp_path):
+def test_kill_at_every_stage_then_repro_completes_consistently(tmp_path, cli_env):
+    # cli_env: one shared Prefect server instead of a temporary one per stage (its own process group, so
+    # the kills below do not reach it).
     ref = make_project(tmp_path / "ref", params=PARAMS, model_name=NAME)
-    run([VLGRPO, "repro"], ref, timeout=1200)
+    run([VLGRPO, "repro"], ref, timeout=1200, **cli_env)
 
     root = make_project(tmp_path / "proj", params=PARAMS, model_name=NAME)
     ckpt = root / "models/candidate/checkpoints/step-2"
     for stage in STAGES:
         log = tmp_path / f"kill-{stage}.log"
-        proc = spawn([VLGRPO, "repro"], root, log)
+        proc = spawn([VLGRPO, "repro"], root, log, **cli_env)
         try:
             wait_for(lambda: _running(root, stage) and (stage != "train" or ckpt.is_dir()), 600, proc, log,
                      poll=0.02)
@@ -80,7 +82,7 @@ def test_kill_at_every_stage_then_repro_completes_consistently(tmp_path):
         assert proc.returncode == -9, f"{stage}: repro ended before the kill"
         assert _running(root, stage), f"the kill missed {stage}"
         print(f"killed inside {stage}")
-    run([VLGRPO, "repro"], root, timeout=1200)
+    run([VLGRPO, "repro"], root, timeout=1200, **cli_env)
 
     # DVC: the lock describes exactly the outputs on disk.
     status = run([str(BIN / "dvc"), "status"], root).stdout
