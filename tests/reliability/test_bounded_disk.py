@@ -65,3 +65,11 @@ def test_rotation_keeps_newest_n_and_the_best(tmp_path, keep_best, kept):
     assert sorted(p.name for p in gone) == sorted({"step-1", "step-2", "step-3"} - set(kept))
     assert partial.is_dir()
     assert rotate_checkpoints(out, None, keep_best) == []                          # None: keep all
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    # A higher-numbered leftover (another run's, or unreadable) must not push out the one just saved.
+    out = tmp_path / "candidate"
+    _fake_checkpoints(out, {8: 0.0, 2: 0.0, 4: 0.0})
+    rotate_checkpoints(out, 1, False, current=out / CHECKPOINT_DIR / "step-4")
+    assert _names(out) == ["step-8", "step-4"]

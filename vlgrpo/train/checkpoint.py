@@ -110,17 +110,19 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
-def rotate_checkpoints(out_dir: Path, limit: int | None, keep_best: bool = False) -> list[Path]:
+def rotate_checkpoints(out_dir: Path, limit: int | None, keep_best: bool = False,
+                       current: Path | None = None) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``limit`` (``train.save_total_limit``); with
     ``keep_best``, the one whose state records the highest ``reward`` stays too. Returns what was deleted.
 
-    Only complete checkpoints are counted and deleted; the newest is always kept, so resume still works.
+    Only complete checkpoints are counted and deleted. ``current`` (the one just written) always stays, even
+    when a higher-numbered leftover of another run sits beside it, so resume always has a good checkpoint.
     A killed writer's hidden temp dir is not touched (nothing reads it).
     """
     done = complete_checkpoints(out_dir)
     if limit is None or len(done) <= limit:
         return []
-    keep = set(done[:limit])
+    keep = set(done[:limit]) | ({Path(current)} if current is not None else set())
     if keep_best:
         rewards = {p: _state_reward(p) for p in done}
         scored = [p for p in done if rewards[p] is not None]

@@ -26,9 +26,9 @@ def save_step(run: Run, step: int, reward: float | None = None) -> None:
                  "data_order": {"seed": tc.seed, "prompts_per_step": tc.prompts_per_step,
                                 "next_slot": (step + 1) * tc.prompts_per_step},
                  "train_config": dataclasses.asdict(tc), "fingerprint": run.fingerprint, "reward": reward}
-        ckpt.save_checkpoint(run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}", run.policy,
-                             run.optimizer, run.scheduler, state)
-        ckpt.rotate_checkpoints(run.paths.out_dir, tc.save_total_limit, tc.keep_best_checkpoint)
+        path = run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}"
+        ckpt.save_checkpoint(path, run.policy, run.optimizer, run.scheduler, state)
+        ckpt.rotate_checkpoints(run.paths.out_dir, tc.save_total_limit, tc.keep_best_checkpoint, path)
     run.accelerator.wait_for_everyone()
 
 
