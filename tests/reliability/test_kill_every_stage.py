@@ -57,10 +57,16 @@ def _tags(mv) -> dict:
     return {k: v for k, v in mv.tags.items() if k not in ("promotion.at", "vlgrpo.candidate_sha256")}
 
 
+def _untimed(obj):
+    """The report without wall-clock fields (seconds, rates) and run ids, which differ between any two runs."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items()
+                if "seconds" not in k and not k.endswith("_s") and k != "mlflow_run_id"}
+    return [_untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+
 def _evaluation(root: Path) -> dict:
-    report = json.loads((root / "reports/evaluate.json").read_text())
-    return {k: v for k, v in report.items() if "seconds" not in k and k != "mlflow_run_id"
-            and not k.endswith("_s")}
+    return _untimed(json.loads((root / "reports/evaluate.json").read_text()))
 
 
 def test_kill_at_every_stage_then_repro_completes_consistently(tmp_path, cli_env):
