@@ -205,30 +205,33 @@ def held_out_items(manifest: str | Path, max_items: int | None) -> list[Item]:
 
 
 def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config, *,
-              rewards: Mapping[str, Callable] | None = None, progress: bool = True,
-              desc: str = "evaluate") -> tuple[list[str], list[dict[str, Any]], float]:
-    """Greedy (and optionally sampled) answers of one model, scored: ``(answers, records, seconds)``."""
+              rewards: Mapping[str, Callable] | None = None, progress: str | None = None
+              ) -> tuple[list[str], list[dict[str, Any]], float]:
+    """Greedy (and optionally sampled) answers of one model, scored: ``(answers, records, seconds)``;
+    ``progress``: the label of the progress bars (None: none)."""
     import torch
 
-    from vlgrpo.modeling import generate_answers
+    import dataclasses
+
+    from vlgrpo.modeling import Decoding, generate_answers
 
     ev = cfg.evaluate
-    gen = dict(batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens or cfg.train.max_completion_length,
-               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    greedy_dec = Decoding(ev.batch_size, ev.max_new_tokens or cfg.train.max_completion_length,
+                          cfg.data.min_pixels, cfg.data.max_pixels)
     t0 = time.perf_counter()
-    greedy = generate_answers(model, processor, items, manifest_dir, do_sample=False, progress=progress,
-                              desc=f"{desc} (greedy)", **gen)
+    greedy = generate_answers(model, processor, items, manifest_dir, greedy_dec,
+                              f"{progress} (greedy)" if progress else None)
     records = score_completions(items, greedy, cfg, rewards)
     if ev.samples_k > 0:
         # Seeded so that pass@k is reproducible; the caller's RNG stream is restored afterwards.
         state = torch.random.get_rng_state()
         torch.manual_seed(ev.seed)
         try:
-            sampled = generate_answers(model, processor, items, manifest_dir, do_sample=True,
-                                       temperature=cfg.train.temperature, top_p=cfg.train.top_p,
-                                       num_return_sequences=ev.samples_k, progress=progress,
-                                       desc=f"{desc} (pass@{ev.samples_k})",
-                                       **{**gen, "batch_size": max(1, ev.batch_size // ev.samples_k)})
+            sampled_dec = dataclasses.replace(
+                greedy_dec, batch_size=max(1, ev.batch_size // ev.samples_k), do_sample=True,
+                temperature=cfg.train.temperature, top_p=cfg.train.top_p, num_return_sequences=ev.samples_k)
+            sampled = generate_answers(model, processor, items, manifest_dir, sampled_dec,
+                                       f"{progress} (pass@{ev.samples_k})" if progress else None)
         finally:
             torch.random.set_rng_state(state)
         for rec, v in zip(records, pass_at_k(items, sampled, ev.samples_k, rewards)):
@@ -236,44 +239,34 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
     return [c.text for c in greedy], records, time.perf_counter() - t0
 
 
-def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
-                        train_cfg: Any = None, *, samples: int = 4, seed: int = 0,
-                        rewards: Mapping[str, Callable] | None = None, progress: bool = False) -> float:
+def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config, *,
+                        samples: int = 4, seed: int = 0) -> float:
     """Mean weighted reward of ``samples`` sampled answers per item, decoded like training rollouts
-    (``train.temperature`` / ``top_p`` / ``max_completion_length``).
+    (``cfg.train``'s ``temperature`` / ``top_p`` / ``max_completion_length``: pass the pilot's config
+    as ``dataclasses.replace(cfg, train=pilot_train)``).
 
     The pilot's over-fitting check compares this on val items with the train reward of the metrics stream:
     both are sampled rewards of the same policy, so the gap measures generalisation, not decoding.
     """
     import torch
 
-    from vlgrpo.modeling import generate_answers
+    from vlgrpo.modeling import Decoding, generate_answers
 
-    tc = train_cfg or cfg.train
+    tc = cfg.train
     if not items:
         raise ValueError("mean_sampled_reward: no items to score")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        comps = generate_answers(model, processor, items, manifest_dir, batch_size=max(1, cfg.evaluate.batch_size
-                                                                                        // samples),
-                                 max_new_tokens=tc.max_completion_length, do_sample=True,
-                                 temperature=tc.temperature, top_p=tc.top_p, num_return_sequences=samples,
-                                 min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                                 progress=progress, desc="val reward")
+        decoding = Decoding(max(1, cfg.evaluate.batch_size // samples), tc.max_completion_length,
+                            cfg.data.min_pixels, cfg.data.max_pixels, do_sample=True, temperature=tc.temperature,
+                            top_p=tc.top_p, num_return_sequences=samples)
+        comps = generate_answers(model, processor, items, manifest_dir, decoding)
     finally:
         torch.random.set_rng_state(state)
     rep = [it for it in items for _ in range(samples)]
-    records = score_completions(rep, comps, cfg, rewards)
+    records = score_completions(rep, comps, cfg)
     return sum(r["reward"] for r in records) / len(records)
-
-
-def _resolve_rewards(cfg: Config, root: Path) -> dict[str, Callable]:
-    from vlgrpo.rewards import load_plugins, resolve_rewards
-
-    if cfg.rewards.plugins:
-        load_plugins([p if Path(p).is_absolute() else root / p for p in cfg.rewards.plugins])
-    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root)
 
 
 def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
@@ -299,12 +292,14 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ``delta_vs_champion`` and becomes the bar to beat. ``root``: where relative reward plugin and CLIP paths
     are resolved.
     """
+    from vlgrpo.rewards import setup_rewards
+
     manifest = Path(manifest)
     root = Path(root)
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = _resolve_rewards(cfg, root)
+    rewards = setup_rewards(reward_names(cfg), cfg.rewards, root, manifest.parent)
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "
@@ -323,8 +318,8 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
         model, processor = models[name]()
         try:
             answers[name], records[name], secs = run_model(model, processor, items, manifest.parent, cfg,
-                                                           rewards=rewards, progress=progress,
-                                                           desc=f"evaluate {name}")
+                                                           rewards=rewards,
+                                                           progress=f"evaluate {name}" if progress else None)
         finally:
             del model, processor  # one model in memory at a time
             gc.collect()

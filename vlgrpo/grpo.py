@@ -1,4 +1,4 @@
-"""The GRPO maths as small pure tensor functions (DESIGN.md §4).
+"""The GRPO maths as small pure tensor functions (docs/architecture.md, "The GRPO maths as implemented").
 
 Notation: a step samples G completions o_1..o_G for each prompt q; N = P*G completions in all, each of at most
 T completion tokens; ``mask`` (N, T) is 1 on real completion tokens and 0 on padding.

@@ -422,21 +422,39 @@ def make_clip_score(path: str | Path, root: str | Path = ".", device: str = "cpu
 # ------------------------------------------------------------------------------------------- resolving
 
 
-def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".") -> dict[str, RewardFn]:
+def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".",
+                    image_root: str | Path | None = None) -> dict[str, RewardFn]:
     """Reward functions for ``names``, building the configured ones from ``cfg`` (a ``RewardsConfig``):
-    ``fluency`` uses its word window, ``clip_score`` its ``clip_model`` (a local path)."""
+    ``fluency`` uses its word window, ``clip_score`` its ``clip_model`` (a local path, relative to the project
+    ``root``) and reads images under ``image_root`` (the manifest's folder; default ``root``)."""
+    from vlgrpo.io import under_root
+
     out: dict[str, RewardFn] = {}
     for name in names:
         if name == "clip_score" and name not in REWARDS:
             model = getattr(cfg, "clip_model", None)
             if not model:
                 raise KeyError("reward 'clip_score' needs rewards.clip_model (a local CLIP directory)")
-            out[name] = make_clip_score(model, root=root)
+            out[name] = make_clip_score(under_root(root, model), root=image_root or root)
         elif name == "fluency" and cfg is not None:
             out[name] = make_fluency(cfg.fluency_min_words, cfg.fluency_max_words)
         else:
             out[name] = get_reward(name)
     return out
+
+
+def setup_rewards(names: Iterable[str], cfg: Any, root: str | Path, manifest_dir: str | Path
+                  ) -> dict[str, RewardFn]:
+    """The one reward set-up of training and evaluation: load ``cfg.plugins`` and build ``names``.
+
+    Plugin files and ``clip_model`` are taken relative to the project ``root`` (never the current
+    directory, so a stage runs the same from any folder); the ``images`` column a reward reads is relative to
+    ``manifest_dir``, like the manifest's own image paths.
+    """
+    from vlgrpo.io import under_root
+
+    load_plugins([under_root(root, p) for p in cfg.plugins])
+    return resolve_rewards(names, cfg, root=root, image_root=manifest_dir)
 
 
 # ------------------------------------------------------------------------------------------ combining

@@ -318,3 +318,27 @@ def test_batch_only_failure_is_reported_in_raise_mode(restore_registry):
     with pytest.raises(R.RewardError, match=r"'batchy' failed on the batch of items x1..x2"):
         R.compute_rewards({"batchy": 1.0}, ["q"] * 2, ["a", "b"], c)
     assert R.compute_rewards({"batchy": 1.0}, ["q"] * 2, ["a", "b"], c, on_error="skip").total == [1.0, 1.0]
+
+
+def test_setup_rewards_takes_paths_under_the_root_and_images_under_the_manifest(tmp_path, monkeypatch,
+                                                                                 restore_registry):
+    """Training and evaluation share this set-up: plugin files and the CLIP folder are relative to the project
+    root whatever the current directory, the images column relative to the manifest's folder."""
+    from PIL import Image
+
+    from vlgrpo.config import RewardsConfig
+
+    root = tmp_path / "proj"
+    (root / "data" / "img").mkdir(parents=True)
+    _tiny_clip(root / "models" / "clip")
+    Image.new("RGB", (64, 64), (220, 40, 40)).save(root / "data" / "img" / "r.png")
+    (root / "plug.py").write_text("from vlgrpo.rewards import register\n\n@register('always_one')\n"
+                                  "def always_one(prompts, completions, **columns):\n"
+                                  "    return [1.0] * len(completions)\n")
+    rcfg = RewardsConfig(weights={"always_one": 1.0, "clip_score": 1.0}, plugins=("plug.py",),
+                         clip_model="models/clip")
+    monkeypatch.chdir(tmp_path)                       # not the project root
+    fns = R.setup_rewards(["always_one", "clip_score"], rcfg, root, root / "data")
+    assert fns["always_one"](["q"], ["a"]) == [1.0]
+    (score,) = fns["clip_score"](["q"], ["a red square"], **cols(1, images=[["img/r.png"]]))
+    assert -1.0 <= score <= 1.0

@@ -11,7 +11,7 @@ seeded with ``(cfg.seed, s, i)``, so the same config gives byte-identical images
 ``num_val`` does not change a single train item.
 
 Difficulty knobs (``data.synthetic`` in params.yaml): canvas size, object count range, object size range
-(pixels of the bounding box side), and which shapes / colours occur. Known from DESIGN §3: a tiny
+(pixels of the bounding box side), and which shapes / colours occur. Measured while tuning the default: a tiny
 Qwen2.5-VL learns the colour of 40-70 px shapes on a 112 px canvas, not of 12-30 px shapes.
 """
 from __future__ import annotations

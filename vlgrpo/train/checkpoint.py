@@ -25,7 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 
 # Keys that do not change what a step computes: a resume may differ in them.
-_RESUME_NEUTRAL = ("save_steps", "save_total_limit", "keep_best_checkpoint", "log_every", "out_dir")
+_RESUME_NEUTRAL = ("save_steps", "save_total_limit", "keep_best_checkpoint", "out_dir")
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -32,18 +32,15 @@ def save_step(run: Run, step: int, reward: float | None = None) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: int | None = None
-               ) -> dict[str, Any]:
-    """GRPO-train the policy in ``paths.init_model_dir`` on the manifest's train split with ``cfg.train``.
+def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train a set-up ``run`` from ``run.start_step`` to ``train.max_steps`` → the run summary.
 
-    Resumes from the newest complete checkpoint in ``out_dir/checkpoints``. ``stop_after``: stop (as if
-    killed) after that many steps of this run's step count - checkpoints written so far stay. Returns a summary
-    dict (steps, wall time, throughput, ``final``: the last metrics row). The final model goes to ``out_dir``
-    (atomically, the checkpoints kept inside it).
+    Each step: one rollout, one update, one metrics row (appended to ``metrics_path`` by the main process),
+    a checkpoint every ``train.save_steps``. ``stop_after``: stop (as if killed) after that many steps of this
+    call - checkpoints written so far stay. A finished run writes the final model to ``out_dir``.
     """
     from tqdm.auto import tqdm
 
-    run = setup(cfg, paths)
     tc, main = run.tc, run.accelerator.is_main_process
     history: list[dict[str, Any]] = []
     t_run = time.perf_counter()
@@ -72,3 +69,15 @@ def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: 
     run.accelerator.wait_for_everyone()
     summary["wall_s"] = time.perf_counter() - t_run
     return summary
+
+
+def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: int | None = None
+               ) -> dict[str, Any]:
+    """GRPO-train the policy in ``paths.init_model_dir`` on the manifest's train split with ``cfg.train``:
+    ``train(setup(cfg, paths), ...)``.
+
+    Resumes from the newest complete checkpoint in ``out_dir/checkpoints``. Returns a summary dict (steps,
+    wall time, throughput, ``final``: the last metrics row). The final model goes to ``out_dir``
+    (atomically, the checkpoints kept inside it).
+    """
+    return train(setup(cfg, paths), progress=progress, stop_after=stop_after)

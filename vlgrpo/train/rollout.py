@@ -59,7 +59,9 @@ def reward_tensor(step: int, per_reward: dict[str, list], names: Sequence[str]) 
                 raise TrainingError(f"step {step}: reward {name!r} returned {v} (not finite)")
             vals.append(float(v))
         cols.append(vals)
-    return torch.tensor(cols, dtype=torch.float32).T.reshape(-1, len(names))
+    # contiguous (N, K), like the gathered tensor of a multi-process run: a per-reward mean then sums in
+    # the same order whatever the number of processes (a transposed view would not, in the last bit)
+    return torch.tensor(cols, dtype=torch.float32).T.reshape(-1, len(names)).contiguous()
 
 
 def step_slots(run: "Run", step: int) -> tuple[list[int], list[Any]]:
