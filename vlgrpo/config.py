@@ -409,6 +409,11 @@ class TrainConfig:
         num_iterations: optimizer updates per rollout (> 1 uses the old policy's log-probs and clipping).
         mixed_precision: ``bf16`` (default; CPU too), ``fp16`` (GPU only) or ``no`` (fp32).
         save_steps: checkpoint every this many steps (and at the last one).
+        save_total_limit: keep only the newest N complete checkpoints, deleting older ones after each save
+            (null: keep all). The newest always stays, so a killed run still resumes.
+        keep_best_checkpoint: also keep the checkpoint of the step with the highest mean reward (recorded
+            in each checkpoint's state), beyond ``save_total_limit`` (the training-batch reward; the
+            val-reward best of ``keep_best`` lives apart in ``checkpoints/best`` and is never rotated away).
         augment: label-preserving image augmentation of each step's prompts.
         subset: train on only the first N train items (null: all).
         out_dir: where the trained policy (and its checkpoints) go, under the project root.
@@ -463,6 +468,8 @@ class TrainConfig:
     num_iterations: int = 1
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     save_steps: int = 20
+    save_total_limit: int | None = None
+    keep_best_checkpoint: bool = False
     augment: bool = False
     subset: int | None = None           # use only the first N train items
     out_dir: str = "models/candidate"
@@ -513,6 +520,8 @@ class TrainConfig:
             _check_range(f"{k}.eval_steps", self.eval_steps, 1)
         if self.keep_best and self.eval_steps is None:
             _fail(f"{k}.keep_best", "needs train.eval_steps (the best checkpoint is chosen by val reward)")
+        if self.save_total_limit is not None:
+            _check_range(f"{k}.save_total_limit", self.save_total_limit, 1)
 
     @property
     def completions_per_step(self) -> int:

@@ -18,6 +18,7 @@ generated tokens start at the same column for every row of a batch.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import re
 import threading
@@ -30,8 +31,9 @@ import torch
 from PIL import Image
 
 from vlgrpo.config import TinyModelConfig
+from vlgrpo.data.images import check_cached_image
 from vlgrpo.data.manifest import IMAGE_TAG, Item
-from vlgrpo.io import atomic_dir
+from vlgrpo.io import atomic_dir, verify_content_hashes, write_content_hashes
 
 # The Qwen2/2.5-VL special tokens, in the order Qwen's own vocabulary lists them. Keeping the names lets
 # a prompt rendered for the tiny model read exactly like one rendered for a real checkpoint.
@@ -190,12 +192,17 @@ def _seeded(seed: int):
 # -------------------------------------------------------------------------------------- save / load
 
 
-def save_model(model, processor, out_dir: str | Path) -> Path:
-    """Write safetensors + config + generation config + processor + tokenizer + chat template, atomically."""
+def save_model(model, processor, out_dir: str | Path, rebuild: str | None = None) -> Path:
+    """Write safetensors + config + generation config + processor + tokenizer + chat template, atomically.
+
+    The sha256 of every file goes with them (``io.HASHES_FILE``), with ``rebuild``, the command that writes
+    the folder again: :func:`load_model` checks them, so a byte flipped on disk is found before use.
+    """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        write_content_hashes(tmp, rebuild or "the stage that wrote it")
     return out_dir
 
 
@@ -221,6 +228,7 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{src}: no config.json - not a transformers checkpoint directory "
                                  f"(expected config.json, *.safetensors, tokenizer and processor files)")
+        verify_content_hashes(p)  # a folder saved by save_model: every byte as written, or ContentMismatch
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=local)
     try:
         model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, **kw)
@@ -292,7 +300,12 @@ class _ImageCache:
                 self._d.move_to_end(key)
                 return img
         try:
-            with Image.open(path) as f:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read image: {e}") from e
+        check_cached_image(path, data)
+        try:
+            with Image.open(io.BytesIO(data)) as f:
                 img = f.convert("RGB")
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read image: {e}") from e

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,12 +303,38 @@ def cache_image(img: Image.Image, cache_dir: str | Path) -> str:
     digest = hashlib.sha256(data).hexdigest()
     rel = Path(cache_dir.name) / digest[:2] / f"{digest}.png"
     dest = cache_dir / digest[:2] / f"{digest}.png"
-    # Same name means same bytes: an existing file of the right size is the same image, written earlier.
-    if not (dest.exists() and dest.stat().st_size == len(data)):
+    # Same name means same bytes: an existing file with exactly these bytes was written earlier. One with
+    # other bytes was damaged on disk (check_cached_image names it); it is written again here.
+    try:
+        same = dest.stat().st_size == len(data) and dest.read_bytes() == data
+    except OSError:
+        same = False
+    if not same:
         atomic_write_bytes(dest, data)
     return rel.as_posix()
 
 
+class CorruptCacheFile(ValueError):
+    """A file of the content-addressed image cache whose bytes no longer hash to its name."""
+
+
+_CACHE_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def check_cached_image(path: str | Path, data: bytes) -> None:
+    """Raise :class:`CorruptCacheFile` when ``path`` is a cache file (named by the sha256 of its bytes) and
+    ``data`` (its bytes) no longer hash to that name: a byte flipped on disk is found before the image is
+    used. Other paths are not checked."""
+    path = Path(path)
+    if path.suffix != ".png" or not _CACHE_NAME.fullmatch(path.stem) or path.parent.name != path.stem[:2]:
+        return
+    got = hashlib.sha256(data).hexdigest()
+    if got != path.stem:
+        raise CorruptCacheFile(f"{path}: content does not match its name (sha256 {got[:12]}...): the cached "
+                               f"image is corrupt - rebuild the image cache with `vlgrpo data` "
+                               f"(or `dvc repro data`)")
+
+
 __all__ = ["FACTOR", "vision_block", "Issue", "ImageError", "ImageInfo", "smart_resize", "visual_tokens",
            "fit_image", "normalize_image", "normalize_bytes", "read_image_bytes", "inspect_image", "png_bytes",
-           "cache_image"]
+           "cache_image", "CorruptCacheFile", "check_cached_image"]
