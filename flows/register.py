@@ -6,43 +6,15 @@ Run: `vlgrpo register`; under DVC: `dvc repro register`. Manual promotion: `vlgr
 """
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-from tasks.common import StageFailed, load, read_report, write_report
+from tasks.common import StageFailed, expected_failures, load, read_report, write_report
+from tasks.register import register_task
 from tasks.tracking import log_report, stage_run
 
 
-# Registry calls retry inside (tasks.tracking.retry, exponential backoff); the task adds one more round.
-@task(name="register-candidate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register_task(root, cfg, evaluation: dict, run_id: str) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    from tasks.registry import champion_version, log_candidate, promote, register_version
-
-    client = MlflowClient()
-    name = cfg.register.model_name
-    info = log_candidate(root, root / cfg.train.out_dir, cfg.data.min_pixels, cfg.data.max_pixels)
-    decision = evaluation["decision"]
-    tags = {"evaluate.promote": str(decision["promote"]), "evaluate.reasons": "; ".join(decision["reasons"]),
-            "evaluate.primary_metric": cfg.evaluate.primary_metric}
-    version = register_version(client, name, info, run_id, tags)
-    out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
-           "promoted": False, "decision": decision}
-    evaluated_against = evaluation.get("champion_version")
-    current = champion_version(client, name)
-    if decision["promote"] and current != evaluated_against:
-        # The champion moved after evaluation (e.g. a manual promotion): the comparison is stale.
-        out["reasons"] = [f"champion changed since evaluation ({evaluated_against} -> {current}); "
-                          f"re-run evaluate before promoting"]
-    elif decision["promote"]:
-        out["promotion"] = promote(client, name, version, reason="; ".join(decision["reasons"]),
-                                   by="vlgrpo register (should_promote)")
-        out["promoted"] = True
-    return out
-
-
 @flow(name="register", log_prints=True)
+@expected_failures
 def register_flow(params: str = "params.yaml") -> dict:
     cfg, root = load(params)
     evaluation = read_report(root, "evaluate")

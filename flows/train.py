@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import StageFailed, load, manifest_path, read_report, report_path, write_report
+from tasks.common import StageFailed, expected_failures, load, manifest_path, read_report, report_path, write_report
 from tasks.model import grpo_task
-from tasks.tracking import StreamForwarder, log_report, stage_run
+from tasks.tracking import StreamForwarder, log_report, set_tags, stage_run
 
 
 @flow(name="train", log_prints=True)
+@expected_failures
 def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
-    import mlflow
-
     from vlgrpo.gates import PilotDecision, apply_adjustments
 
     cfg, root = load(params)
@@ -33,7 +32,7 @@ def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
                                                                           if k in known}))
     metrics = report_path(root, "train_metrics", ".jsonl")
     with stage_run("train", cfg, root) as run_id:
-        mlflow.set_tags({"forced": str(force), "auto_adjust_changes": "; ".join(map(str, changes)) or "none"})
+        set_tags({"forced": force, "auto_adjust_changes": "; ".join(map(str, changes)) or "none"})
         with StreamForwarder(metrics, run_id):
             summary = grpo_task(cfg, train_cfg, root, manifest_path(cfg, root), root / cfg.base.out_dir,
                                 root / train_cfg.out_dir, metrics, "train-progress")

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import BackgroundLoop
+from tasks.common import BackgroundLoop, ConsoleProgress
 from vlgrpo.config import Config, TrainConfig
 
 
@@ -26,9 +26,12 @@ def grpo_task(cfg: Config, train_cfg: TrainConfig, root: Path, manifest: Path, i
               out_dir: Path, metrics: Path, artifact_key: str) -> dict[str, Any]:
     from vlgrpo.trainer import train_grpo
 
-    with ProgressWatcher(metrics, train_cfg.max_steps, artifact_key):
+    # The console bar (step, reward, KL, ETA) and the Prefect progress artifact both follow the metrics stream.
+    desc = artifact_key.removesuffix("-progress")
+    with ProgressWatcher(metrics, train_cfg.max_steps, artifact_key), \
+            ConsoleProgress(metrics, train_cfg.max_steps, desc):
         return train_grpo(cfg, train_cfg, root, manifest, init_model_dir=init_dir, out_dir=out_dir,
-                          metrics_path=metrics, progress=True)
+                          metrics_path=metrics, progress=False)
 
 
 @task(name="pilot-val-reward", retries=0, cache_policy=NO_CACHE)
