@@ -12,7 +12,7 @@ process killed with SIGKILL cannot end its run, so each stage and pipeline run f
 whose owner on this host is gone and marks them KILLED (tag ``vlgrpo.killed_reason`` says when and why). A run
 whose process is alive, or that belongs to another host, is never touched: projects may share one server.
 
-This is the only module (with tasks/registry.py) that calls MLflow; flows/ go through it.
+MLflow is called only from tasks/ (this module, the registry and the stage tasks); flows/ go through them.
 """
 from __future__ import annotations
 
