@@ -150,3 +150,11 @@ def test_diagnosis_table_lists_each_problem():
     assert lines[0].split() == ["problem", "evidence", "remedy"] and set(lines[1].strip()) <= {"-", " "}
     assert lines[2].split()[:2] == ["unstable", "max"] and lines[3].split()[0] == "overfitting"
     assert "..." in lines[3] and len(lines[3]) < 160
+
+
+def test_refused_promotion_is_one_line_and_exit_1(nowhere, capsys):
+    (nowhere / "params.yaml").write_text("register: {model_name: vlgrpo-cli-test}\n")
+    assert main(["promote", "--version", "7", "--reason", "looks good"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("\nvlgrpo promote: error: refusing to promote vlgrpo-cli-test version 7: no such "
+                        "registered version\n") and "Traceback" not in err
