@@ -150,6 +150,7 @@ def test_failed_validation_leaves_outputs_and_registry_untouched(project):
     assert p.returncode != 0
     assert "prompt_too_long" in p.stderr + p.stdout
     assert "validation failed" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr + p.stdout  # invalid data is an expected failure, not a crash
     assert _ran(p.stdout) == ["validate"]
     report = json.loads((root / "reports" / "validate.json").read_text())
     assert report["ok"] is False and report["counts"]["prompt_too_long"] == report["rows"]
