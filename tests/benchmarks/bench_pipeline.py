@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "(e.g. `git clone -q -b main <repo> /tmp/main`)")
     ap.add_argument("--default-params", action="store_true", help="also run the whole default pipeline "
                     "(what `make pipeline` runs) once per checkout")
+    ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny-params runs (with --default-params)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-rates", action="store_true", help="skip the stage-vs-direct, validate and "
                     "evaluation measurements")
@@ -242,12 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict = {"trees": {k: str(v) for k, v in trees.items()}}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         tmp = Path(tmp)
-        res["tiny"] = compare_runs(trees, tmp, args.repeats, default_params=False)
-        res["noop"] = noop_repro(ROOT, Path(res["tiny"]["this"]["root"]), args.repeats)
+        if not (args.skip_tiny and args.default_params):
+            res["tiny"] = compare_runs(trees, tmp, args.repeats, default_params=False)
         if args.default_params:
             res["default"] = compare_runs(trees, tmp, 1, default_params=True)
+        this_root = Path(res.get("tiny", res.get("default"))["this"]["root"])
+        res["noop"], res["noop_root"] = noop_repro(ROOT, this_root, args.repeats), str(this_root)
         if not args.skip_rates:
-            res["direct"] = stage_vs_direct(Path(res["tiny"]["this"]["root"]), args.repeats)
+            res["direct"] = stage_vs_direct(this_root, args.repeats)
             res["validate"] = validate_rate(tmp, args.validate_rows)
             from tests.benchmarks import bench_evaluate
             res["evaluate"] = bench_evaluate.main(["--items", str(args.eval_items)])
@@ -279,11 +282,12 @@ def _stage_table(runs: dict, title: str) -> list[str]:
 def report(r: dict) -> str:
     lines = [f"{os.cpu_count()} cores; load avg {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} "
              f"at end; wall {r['wall_s']:.0f}s; checkouts {r['trees']}", ""]
-    lines += _stage_table(r["tiny"], "Tiny params (median per stage; overhead = stage wall - flow time)")
+    if "tiny" in r:
+        lines += _stage_table(r["tiny"], "Tiny params (median per stage; overhead = stage wall - flow time)")
     if "default" in r:
         lines += [""] + _stage_table(r["default"], "Default params (`make pipeline`), one run each")
     n = r["noop"]
-    lines += ["", "| measurement | value |", "|---|---|",
+    lines += ["", f"no-op runs in {r['noop_root']}", "", "| measurement | value |", "|---|---|",
               f"| no-op `dvc repro` (all stages up to date) | {n['noop_dvc_repro_s']:.2f} s |",
               f"| no-op `vlgrpo repro` (+ MLflow parent run, lock) | {n['noop_vlgrpo_repro_s']:.2f} s |"]
     if "direct" in r:
