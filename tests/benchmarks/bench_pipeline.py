@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--default-params", action="store_true", help="also run the whole default pipeline "
                     "(what `make pipeline` runs) once per checkout")
     ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny-params runs (with --default-params)")
+    ap.add_argument("--this-first", action="store_true", help="start each alternation with this checkout "
+                    "(run once each way to balance a load that drifts)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-rates", action="store_true", help="skip the stage-vs-direct, validate and "
                     "evaluation measurements")
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     trees = {"this": ROOT}
     if args.compare:
         trees = {"peer": args.compare.resolve(), "this": ROOT}
+        if args.this_first:
+            trees = {"this": ROOT, "peer": args.compare.resolve()}
 
     t_start = time.perf_counter()
     load0 = os.getloadavg()
