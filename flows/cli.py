@@ -130,7 +130,8 @@ def repro(params: str, dvc_args: list[str]) -> int:
     from vlgrpo.io import project_lock
 
     cfg, root = load(params)
-    with project_lock(root, "dvc repro"), pipeline_run(cfg, root), one_prefect_server():
+    with project_lock(root, "dvc repro"), pipeline_run(cfg, root), \
+            (one_prefect_server() if _would_run(root, dvc_args) else contextlib.nullcontext()):
         # The child stages see VLGRPO_PARENT_RUN_ID and nest their runs under this one, and PREFECT_API_URL.
         rc = subprocess.run([_dvc(), "repro", *dvc_args], cwd=root, env=os.environ.copy()).returncode
         if rc != 0:
@@ -191,6 +192,21 @@ def check_data(params: str | None, data: str, report: str | None) -> dict:
         raise StageFailed(f"{data} is not valid: {result.error_rows} of {result.rows} rows with errors, "
                           f"expectations {'passed' if result.suite_success else 'FAILED'}")
     return {"ok": True, "report": str(report_file)}
+
+
+def _would_run(root: Path, dvc_args: list[str]) -> bool:
+    """Whether `dvc repro` may run a stage (so a Prefect server is worth starting); False only when a plain
+    repro finds every stage up to date. A wrong guess costs time, never correctness: a stage that finds no
+    server starts its own."""
+    if dvc_args:
+        return True
+    import json
+
+    p = subprocess.run([_dvc(), "status", "--json"], cwd=root, capture_output=True, text=True)
+    try:
+        return p.returncode != 0 or json.loads(p.stdout or "{}") != {}
+    except ValueError:
+        return True
 
 
 def _dvc() -> str:
