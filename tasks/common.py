@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from vlgrpo.config import Config, ConfigError, load_config
-from vlgrpo.io import LockBusy, atomic_write_json
+from vlgrpo.io import LockBusy, atomic_write_json, under_root
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +73,7 @@ def read_report(root: Path, stage: str) -> dict[str, Any] | None:
 
 
 def manifest_path(cfg: Config, root: Path) -> Path:
-    return Path(root) / cfg.data.out_dir / "manifest.jsonl"
+    return under_root(root, cfg.data.out_dir) / "manifest.jsonl"
 
 
 class BackgroundLoop(abc.ABC):

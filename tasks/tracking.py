@@ -181,12 +181,16 @@ def reap_orphans(experiment_id: str, by: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: Config, root: Path) -> Iterator[str]:
-    """Open the stage's MLflow run (nested under the pipeline run when there is one); yield its id."""
+def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """Open the stage's MLflow run (nested under the pipeline run when there is one); yield its id.
+
+    ``cfg`` is logged as the run's params: pass the config the stage really runs with (e.g. after the
+    pilot's auto-adjustments), and say what differs from params.yaml in ``tags``.
+    """
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by=f"stage {stage}")
     parent = os.environ.get(PARENT_ENV)
-    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags()}
+    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags(), **(tags or {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent, nested=bool(parent),
                           tags=tags, log_system_metrics=stage in ("base", "pilot", "train")) as run:
         mlflow.log_params(flat_params(cfg))
@@ -209,11 +213,6 @@ def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = old
-
-
-def set_tags(tags: dict[str, Any]) -> None:
-    """Tag the active run (values as strings)."""
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def log_files(run_id: str, files: dict[Path, str]) -> str:

@@ -143,7 +143,7 @@ def test_failed_validation_leaves_outputs_and_registry_untouched(project):
     before_aliases = _aliases(client)
     params = (root / "params.yaml").read_text()
     try:
-        _set_params(root, "validate", "max_prompt_tokens", 10)  # every prompt is now too long
+        _set_params(root, "train", "max_prompt_tokens", 10)  # every prompt is now too long
         p = run([str(BIN / "vlgrpo"), "repro"], root, check=False)
     finally:
         (root / "params.yaml").write_text(params)

@@ -92,7 +92,7 @@ def _flow_runs(api: str, name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage,params,reason", [
-    ("validate", {"validate": {"max_prompt_tokens": 10}}, "validation failed for "),
+    ("validate", {"train": {"max_prompt_tokens": 10}}, "validation failed for "),
     ("pilot", {"pilot": {"min_reward_slope": 100.0}}, "pilot gate did not pass: "),
 ])
 def test_expected_failure_prints_reason_once_and_fails_the_prefect_run(project, cli_env, stage, params, reason):

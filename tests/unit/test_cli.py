@@ -70,10 +70,15 @@ def test_validate_bad_rows_and_malformed_document_one_line_no_traceback(nowhere,
     assert "Traceback" not in err
 
     broken = tmp_path / "captions.json"
-    broken.write_text('{"images": [')  # a COCO document cut short
+    broken.write_text('{"images": [')  # a COCO document cut short: one unreadable record
     assert main(["validate", "--data", str(broken)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("vlgrpo validate: error: ") and err.count("\n") == 1 and str(broken) in err
+    assert "Traceback" not in err and err.count(f"vlgrpo validate: error: {broken} is not valid") == 1
+
+    missing = tmp_path / "nowhere.jsonl"  # no such file: reported, never a traceback
+    assert main(["validate", "--data", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count(f"vlgrpo validate: error: {missing}") == 1
 
     (nowhere / "params.yaml").write_text("validate: {max_error_fraction: [\n")  # a config problem
     assert main(["validate", "--data", str(bad)]) == 1
@@ -83,7 +88,7 @@ def test_validate_bad_rows_and_malformed_document_one_line_no_traceback(nowhere,
 
 def test_validate_inside_a_project_uses_its_params_and_opens_no_mlflow_run(nowhere, tmp_path, capsys):
     good = _swift(tmp_path / "good")
-    (nowhere / "params.yaml").write_text("validate: {max_prompt_tokens: 4}\n")  # every prompt too long
+    (nowhere / "params.yaml").write_text("train: {max_prompt_tokens: 4}\n")  # every prompt too long
     assert main(["validate", "--data", str(good)]) == 1
     err = capsys.readouterr().err
     assert "prompt_too_long=3" in err and "checked with params.yaml" in err
