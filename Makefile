@@ -5,15 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
-# Offline, quiet defaults for the tools (no analytics, no hub); the CLI sets the same ones.
+# The offline, quiet tool defaults (no analytics, no hub) live in one place, tasks/_env.py: the CLI, the
+# stage flows and the test suite (tests/__init__.py) apply them, so nothing here repeats them.
 export PATH := $(BIN):$(PATH)
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-export GX_ANALYTICS_ENABLED := False
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export DO_NOT_TRACK := 1
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install pipeline test test-fast bench clean
 

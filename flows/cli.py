@@ -1,7 +1,8 @@
 """The `vlgrpo` command: one subcommand per stage, plus the whole pipeline, promotion and serving.
 
     vlgrpo --help
-    vlgrpo data | validate [--data FILE] [--report FILE] | base | pilot | train [--force] | evaluate | register
+    vlgrpo data | validate | base | pilot | train [--force] | evaluate | register
+    vlgrpo validate --data FILE [--report FILE]   # check any dataset file, anywhere (no project needed)
     vlgrpo pipeline            # every stage in one Prefect flow run
     vlgrpo repro [dvc args]    # `dvc repro` under one MLflow parent run and the project lock (make pipeline)
     vlgrpo promote --version N --reason "..."
@@ -9,15 +10,22 @@
     vlgrpo where               # where the results are
 
 Each stage subcommand runs that stage's Prefect flow (flows/<stage>.py). Exit status: 0 on success,
-1 when the stage fails or refuses (the reason is printed), 2 on a usage error.
+1 when the stage fails or refuses (the reason is printed once, without a traceback; the Prefect run is
+marked Failed with it), 2 on a usage error. A real crash prints its full traceback.
+
+With PREFECT_API_URL unset, `repro` and `pipeline` start one temporary Prefect server for the whole run and
+hand it to every stage; a stage command run alone starts its own, as Prefect does. Modules are imported
+where a command needs them, so each stage pays only for what it uses.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import tasks  # noqa: F401  (offline tool defaults before anything heavy is imported)
 
@@ -41,15 +49,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  vlgrpo validate --data my_dataset.jsonl --report /tmp/check.json\n"
                "  vlgrpo repro            # what `make pipeline` runs\n"
                "  vlgrpo promote --version 3 --reason 'manual review passed'")
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s); its folder "
-                   "is the project root")
+    p.add_argument("--params", help="params file (default: params.yaml); its folder is the project root")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage, text in STAGE_HELP.items():
         sp = sub.add_parser(stage, help=text, description=text)
         if stage == "validate":
-            sp.add_argument("--data", help="manifest, ms-swift JSONL, COCO captions JSON or Flickr30k "
-                            "Karpathy JSON (default: the data stage's manifest)")
-            sp.add_argument("--report", help="where to write the JSON report (default: reports/validate.json)")
+            sp.add_argument("--data", help="check this file instead (manifest, ms-swift JSONL, COCO captions "
+                            "JSON or Flickr30k Karpathy JSON), anywhere: params.yaml if present (or --params), "
+                            "else the defaults; no Prefect or MLflow run. Without --data: the pipeline stage "
+                            "on the data stage's manifest")
+            sp.add_argument("--report", help="where to write the JSON report (default: reports/validate.json; "
+                            "with --data: <FILE name>.validation.json in the current folder)")
         if stage == "train":
             sp.add_argument("--force", action="store_true",
                             help="train even though the pilot did not pass (recorded in the report and MLflow)")
@@ -71,8 +81,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> object:
-    params = args.params
+    params = args.params or "params.yaml"
     cmd = args.command
+    if cmd == "validate" and args.data:
+        return check_data(args.params, args.data, args.report)
     if cmd == "data":
         from flows.data import data_flow
         return data_flow(params)
@@ -96,7 +108,8 @@ def _run(args: argparse.Namespace) -> object:
         return register_flow(params)
     if cmd == "pipeline":
         from flows.pipeline import pipeline_flow
-        out = pipeline_flow(params, force_train=args.force_train)
+        with one_prefect_server():
+            out = pipeline_flow(params, force_train=args.force_train)
         where(params)
         return out
     if cmd == "repro":
@@ -117,8 +130,9 @@ def repro(params: str, dvc_args: list[str]) -> int:
     from vlgrpo.io import project_lock
 
     cfg, root = load(params)
-    with project_lock(root, "dvc repro"), pipeline_run(cfg, root):
-        # The child stages see VLGRPO_PARENT_RUN_ID and nest their runs under this one.
+    with project_lock(root, "dvc repro"), pipeline_run(cfg, root), \
+            (one_prefect_server() if _would_run(root, dvc_args) else contextlib.nullcontext()):
+        # The child stages see VLGRPO_PARENT_RUN_ID and nest their runs under this one, and PREFECT_API_URL.
         rc = subprocess.run([_dvc(), "repro", *dvc_args], cwd=root, env=os.environ.copy()).returncode
         if rc != 0:
             raise SystemExit(f"dvc repro failed (exit {rc}); earlier outputs and the registry are unchanged")
@@ -126,21 +140,86 @@ def repro(params: str, dvc_args: list[str]) -> int:
     return rc
 
 
+@contextlib.contextmanager
+def one_prefect_server() -> Iterator[None]:
+    """One temporary Prefect server for a whole run, when no server is configured (PREFECT_API_URL unset).
+
+    Without it every stage process of `dvc repro` starts and stops a temporary server of its own (~5-10 s
+    each on 2 cores). This is the same server Prefect would start (its SubprocessASGIServer, SQLite under
+    PREFECT_HOME); the stages find it through PREFECT_API_URL, in this process and in child processes.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def check_data(params: str | None, data: str, report: str | None) -> dict:
+    """`vlgrpo validate --data FILE`: check one dataset file anywhere, with no project, Prefect or MLflow run.
+
+    Config: ``--params`` if given, else ./params.yaml if there is one, else the defaults. Exit status as the
+    stage's: 0 valid, 1 invalid or unreadable (one line, no traceback).
+    """
+    from tasks.common import StageFailed
+    from vlgrpo.config import Config, load_config
+    from vlgrpo.validation import format_summary, validate_file
+
+    if params is None and not Path("params.yaml").exists():
+        cfg, source = Config(), "the defaults (no params.yaml here)"
+    else:
+        cfg, source = load_config(params or "params.yaml"), params or "params.yaml"
+    data_path = Path(data)
+    report_file = Path(report) if report else Path(f"{data_path.name}.validation.json")
+    docs = report_file.with_name(report_file.stem + "_docs")
+    try:
+        result = validate_file(data_path, cfg, report_path=report_file, data_docs_dir=docs)
+    except ValueError as e:  # the readers' channel for a missing or malformed document; names the file
+        raise StageFailed(str(e)) from None
+    print(format_summary(result), file=sys.stderr)
+    print(f"checked with {source}; report {report_file.resolve()}", file=sys.stderr)
+    if not result.ok:
+        raise StageFailed(f"{data} is not valid: {result.error_rows} of {result.rows} rows with errors, "
+                          f"expectations {'passed' if result.suite_success else 'FAILED'}")
+    return {"ok": True, "report": str(report_file)}
+
+
+def _would_run(root: Path, dvc_args: list[str]) -> bool:
+    """Whether `dvc repro` may run a stage (so a Prefect server is worth starting); False only when a plain
+    repro finds every stage up to date. A wrong guess costs time, never correctness: a stage that finds no
+    server starts its own."""
+    if dvc_args:
+        return True
+    import json
+
+    p = subprocess.run([_dvc(), "status", "--json"], cwd=root, capture_output=True, text=True)
+    try:
+        return p.returncode != 0 or json.loads(p.stdout or "{}") != {}
+    except ValueError:
+        return True
+
+
 def _dvc() -> str:
     local = Path(sys.executable).with_name("dvc")
     return str(local) if local.exists() else "dvc"
 
 
-def promote_cmd(params: str, version: str, reason: str, name: str | None) -> dict:
-    from mlflow.tracking import MlflowClient
-
+def promote_cmd(params: str | None, version: str, reason: str, name: str | None) -> dict:
     from tasks.common import load
-    from tasks.registry import promote
-    from tasks.tracking import setup
+    from tasks.register import promote_by_hand
 
-    cfg, root = load(params)
-    setup(root, cfg.register.experiment)
-    out = promote(MlflowClient(), name or cfg.register.model_name, str(version), reason, by=None)
+    cfg, root = load(params or "params.yaml")
+    out = promote_by_hand(cfg, root, name or cfg.register.model_name, str(version), reason)
     print(f"champion -> version {version} ({reason})")
     return out
 
@@ -149,7 +228,7 @@ def where(params: str) -> None:
     from tasks.common import load
     from tasks.tracking import tracking_uri
 
-    cfg, root = load(params)
+    cfg, root = load(params or "params.yaml")
     uri = tracking_uri(root)
     print("\nResults:")
     for label, rel in [("reports", "reports/"), ("evaluation report", "reports/evaluate.md"),
@@ -159,17 +238,26 @@ def where(params: str) -> None:
     print(f"  {'champion':18s} models:/{cfg.register.model_name}@champion")
 
 
+def _one_line(e: BaseException) -> str:
+    # YAML parser messages span lines (with a caret line); an error is one line, its parts kept.
+    return " ".join(str(e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tasks.common import StageFailed
-    from vlgrpo.config import ConfigError
-    from vlgrpo.data.images import CorruptCacheFile
-    from vlgrpo.io import ContentMismatch, DiskFull, LockBusy
+    from tasks.common import EXPECTED
 
     try:
         _run(args)
-    except (StageFailed, ConfigError, LockBusy, DiskFull, ContentMismatch, CorruptCacheFile) as e:
-        print(f"vlgrpo {args.command}: error: {e}", file=sys.stderr)
+    except EXPECTED as e:  # raised outside a flow (config, lock, a standalone check)
+        print(f"vlgrpo {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        prefect_errors = sys.modules.get("prefect.exceptions")  # imported only if a flow ran
+        if prefect_errors is None or not isinstance(e, prefect_errors.FailedRun):
+            raise  # a real crash: full traceback
+        # A flow ended Failed with an expected reason (tasks.common.expected_failures): print it once.
+        print(f"vlgrpo {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"vlgrpo {args.command}: interrupted", file=sys.stderr)

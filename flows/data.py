@@ -8,12 +8,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.common import load, write_report
+from tasks.common import expected_failures, load, write_report
 from tasks.data import build_dataset_task
 from tasks.tracking import log_report, stage_run
 
 
 @flow(name="data", log_prints=True)
+@expected_failures
 def data_flow(params: str = "params.yaml") -> dict:
     cfg, root = load(params)
     with stage_run("data", cfg, root) as run_id:

@@ -9,14 +9,13 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import load, manifest_path, report_path, write_report
-from tasks.tracking import log_report, stage_run
+from tasks.common import expected_failures, load, manifest_path, report_path, write_report
+from tasks.tracking import log_files, log_report, stage_run
 
 
 @flow(name="evaluate", log_prints=True)
+@expected_failures
 def evaluate_flow(params: str = "params.yaml") -> dict:
-    import mlflow
-
     from tasks.evaluate import evaluate_task
 
     cfg, root = load(params)
@@ -24,9 +23,7 @@ def evaluate_flow(params: str = "params.yaml") -> dict:
         result = evaluate_task(cfg, root, manifest_path(cfg, root), run_id)
         log_report(write_report(root, "evaluate", result))
         md = report_path(root, "evaluate", ".md")
-        mlflow.log_artifact(str(md), "reports")
-        mlflow.log_artifacts(str(root / "plots"), "plots")
-        link = f"{mlflow.get_tracking_uri()} run {run_id}"
+        link = log_files(run_id, {md: "reports", root / "plots": "plots"})
         create_markdown_artifact(markdown=md.read_text() + f"\n\nMLflow: {link}\n", key="evaluation-report",
                                  description="Evaluation: base vs candidate vs champion")
     d = result["decision"]

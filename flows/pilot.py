@@ -14,13 +14,14 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.common import StageFailed, load, manifest_path, report_path, write_report
+from tasks.common import StageFailed, expected_failures, load, manifest_path, report_path, write_report
 from tasks.model import grpo_task, publish_pilot, val_reward_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
 from vlgrpo.train.paths import RunPaths
 
 
 @flow(name="pilot", log_prints=True)
+@expected_failures
 def pilot_flow(params: str = "params.yaml") -> dict:
     from vlgrpo.gates import pilot_passed
 
@@ -41,11 +42,27 @@ def pilot_flow(params: str = "params.yaml") -> dict:
         report = {**decision, "train_summary": summary, "mlflow_run_id": run_id}
         log_report(write_report(root, "pilot", report))
         publish_pilot(decision)
-    print(f"pilot: {'passed' if decision['passed'] else 'FAILED'}; " + "; ".join(decision["reasons"]))
-    if not decision["passed"]:
+    if decision.get("diagnoses"):
+        print(f"pilot diagnoses (in full: {report_path(root, 'pilot')}):\n"
+              + diagnosis_table(decision["diagnoses"]))
+    if not decision["passed"]:  # the reasons are printed once, as the stage's error
         raise StageFailed("pilot gate did not pass: " + "; ".join(decision["reasons"])
                           + f" (see {report_path(root, 'pilot')})")
+    print("pilot: passed; " + "; ".join(decision["reasons"]))
     return report
+
+
+def diagnosis_table(diagnoses: list[dict], width: int = 60) -> str:
+    """The pilot's diagnoses as a plain-text table (problem | evidence | remedy), cells cut to ``width``."""
+    cols = ("problem", "evidence", "remedy")
+    rows = [[_cut(str(d.get(c, "")), width) for c in cols] for d in diagnoses]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  " + "  ".join(x.ljust(w) for x, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 if __name__ == "__main__":

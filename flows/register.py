@@ -6,47 +6,15 @@ Run: `vlgrpo register`; under DVC: `dvc repro register`. Manual promotion: `vlgr
 """
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-from tasks.common import StageFailed, load, read_report, write_report
+from tasks.common import StageFailed, expected_failures, load, read_report, write_report
+from tasks.register import register_task
 from tasks.tracking import log_report, stage_run
 
 
-# Registry calls retry inside (tasks.tracking.retry, exponential backoff); the task adds one more round.
-@task(name="register-candidate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register_task(root, cfg, evaluation: dict, run_id: str) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    from tasks.registry import champion_version, promote, promotion_record, register_candidate
-
-    client = MlflowClient()
-    name = cfg.register.model_name
-    decision = evaluation["decision"]
-    tags = {"evaluate.promote": str(decision["promote"]), "evaluate.reasons": "; ".join(decision["reasons"]),
-            "evaluate.primary_metric": cfg.evaluate.primary_metric}
-    # Idempotent: a version an interrupted run created for these same files is finished, not duplicated.
-    version, reused = register_candidate(client, name, root, root / cfg.train.out_dir, run_id, tags,
-                                         (cfg.data.min_pixels, cfg.data.max_pixels))
-    out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
-           "promoted": False, "decision": decision, "reused_version": reused}
-    evaluated_against = evaluation.get("champion_version")
-    current = champion_version(client, name)
-    done = promotion_record(client, name, version) if decision["promote"] and reused else None
-    if done is not None:  # an interrupted run got as far as moving the alias: record it, do not redo it
-        out["promotion"], out["promoted"] = done, True
-    elif decision["promote"] and current != evaluated_against:
-        # The champion moved after evaluation (e.g. a manual promotion): the comparison is stale.
-        out["reasons"] = [f"champion changed since evaluation ({evaluated_against} -> {current}); "
-                          f"re-run evaluate before promoting"]
-    elif decision["promote"]:
-        out["promotion"] = promote(client, name, version, reason="; ".join(decision["reasons"]),
-                                   by="vlgrpo register (should_promote)")
-        out["promoted"] = True
-    return out
-
-
 @flow(name="register", log_prints=True)
+@expected_failures
 def register_flow(params: str = "params.yaml") -> dict:
     cfg, root = load(params)
     evaluation = read_report(root, "evaluate")

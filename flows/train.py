@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import StageFailed, load, manifest_path, read_report, report_path, write_report
+from tasks.common import (StageFailed, expected_failures, load, manifest_path, read_report, report_path,
+                          write_report)
 from tasks.model import grpo_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
 from vlgrpo.train.paths import RunPaths
 
 
 @flow(name="train", log_prints=True)
+@expected_failures
 def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
     from vlgrpo.gates import PilotDecision, apply_adjustments
 

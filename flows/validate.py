@@ -1,7 +1,8 @@
-"""`validate` stage flow: the Great Expectations suite plus row-level checks over a manifest or raw file.
+"""`validate` stage flow: the Great Expectations suite plus row-level checks over the project's manifest.
 
-Run: `vlgrpo validate [--data FILE] [--report FILE]`; under DVC: `dvc repro validate`.
-Exit status 1 (flow FAILED) when the error fraction exceeds validate.max_error_fraction.
+Run: `vlgrpo validate`; under DVC: `dvc repro validate`. Exit status 1 (flow run Failed, with the reason and
+no traceback) when the error fraction exceeds validate.max_error_fraction or the suite fails.
+A standalone check of any file, anywhere (no project, no Prefect or MLflow run): `vlgrpo validate --data FILE`.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.common import load, manifest_path, report_path
+from tasks.common import StageFailed, expected_failures, load, manifest_path, report_path
 from tasks.data import validate_task
 from tasks.tracking import log_report, stage_run
 
 
 @flow(name="validate", log_prints=True)
+@expected_failures
 def validate_flow(params: str = "params.yaml", data: str | None = None, report: str | None = None) -> dict:
     cfg, root = load(params)
     data_path = Path(data) if data else manifest_path(cfg, root)
@@ -28,6 +30,8 @@ def validate_flow(params: str = "params.yaml", data: str | None = None, report: 
             if report_file.exists():  # the findings are the point, also when validation fails
                 log_report(report_file)
     print(out["summary"], file=sys.stderr)
+    if not out["ok"]:
+        raise StageFailed(out["error"])
     return out
 
 

@@ -1,8 +1,9 @@
 """Offline, quiet defaults for the tools, applied before prefect / mlflow / transformers are imported.
 
-Every entry point imports this first (the `tasks` and `flows` packages do it in their __init__), so a
-fresh machine with no hub access and no Prefect server behaves the same under `dvc repro`, the CLI and a
-Prefect worker. Values already in the environment win.
+The one place these defaults are set. Every entry point imports this first (the `tasks` and `flows`
+packages do it in their __init__, the test suite and benchmarks in tests/__init__.py), so a fresh machine
+with no hub access and no Prefect server behaves the same under `make`, `dvc repro`, the CLI, a Prefect
+worker and pytest; child processes (dvc and its stages) inherit them. Values already in the environment win.
 """
 import os
 

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import BackgroundLoop
+from tasks.common import BackgroundLoop, ConsoleProgress
 from vlgrpo.config import Config, TrainConfig
 from vlgrpo.train.paths import RunPaths
 
@@ -28,8 +28,11 @@ def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]
     """GRPO with ``cfg.train`` (the pilot passes its overrides applied to it) on ``paths``."""
     from vlgrpo.train import train_grpo
 
-    with ProgressWatcher(paths.metrics_path, cfg.train.max_steps, artifact_key):
-        return train_grpo(cfg, paths, progress=True)
+    # The console bar (step, reward, KL, ETA) and the Prefect progress artifact both follow the metrics stream.
+    desc = artifact_key.removesuffix("-progress")
+    with ProgressWatcher(paths.metrics_path, cfg.train.max_steps, artifact_key), \
+            ConsoleProgress(paths.metrics_path, cfg.train.max_steps, desc):
+        return train_grpo(cfg, paths, progress=False)
 
 
 @task(name="pilot-val-reward", retries=0, cache_policy=NO_CACHE)

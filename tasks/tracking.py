@@ -6,6 +6,13 @@ nothing and doubles nothing: what could not be sent is sent on the next flush.
 
 Default tracking URI: ``sqlite:///<project>/mlflow.db`` (absolute; MLflow 3 refuses a bare ./mlruns store);
 ``MLFLOW_TRACKING_URI`` overrides it. ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run.
+
+Every run records the process that owns it (tags ``vlgrpo.host``, ``vlgrpo.pid``, ``vlgrpo.pid_started``). A
+process killed with SIGKILL cannot end its run, so each stage and pipeline run first looks for RUNNING runs
+whose owner on this host is gone and marks them KILLED (tag ``vlgrpo.killed_reason`` says when and why). A run
+whose process is alive, or that belongs to another host, is never touched: projects may share one server.
+
+MLflow is called only from tasks/ (this module, the registry and the stage tasks); flows/ go through them.
 """
 from __future__ import annotations
 
@@ -14,9 +21,11 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -114,6 +123,67 @@ def _data_md5(lock: Path) -> str:
     return "unknown"
 
 
+HOST_TAG, PID_TAG, PID_STARTED_TAG = "vlgrpo.host", "vlgrpo.pid", "vlgrpo.pid_started"
+KILLED_TAG = "vlgrpo.killed_reason"
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (seconds since the epoch, 2 decimals), or None when it is gone."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent: dead
+            return None
+        return f"{proc.create_time():.2f}"
+    except psutil.Error:
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run: host, pid, and the pid's start time (so a reused pid is not mistaken)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            PID_STARTED_TAG: _started(os.getpid()) or "unknown"}
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """True unless the tags name a process on this host that no longer runs (unknown owner: alive)."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not str(tags.get(PID_TAG, "")).isdigit():
+        return True
+    started = _started(int(tags[PID_TAG]))
+    recorded = tags.get(PID_STARTED_TAG, "unknown")
+    return started is not None and (recorded == "unknown" or started == recorded)
+
+
+def reap_orphans(experiment_id: str, by: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose owning process on this host is dead.
+
+    Returns the ids marked. Runs of live processes, of other hosts, or without owner tags are left alone.
+    A failure here never stops the stage: it is logged and the next run tries again.
+    """
+    client = MlflowClient()
+    host = socket.gethostname()
+    try:
+        runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = "
+                                  f"'{host}'", max_results=1000)
+        marked = []
+        for r in runs:
+            if owner_alive(r.data.tags):
+                continue
+            when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            client.set_tag(r.info.run_id, KILLED_TAG,
+                           f"{when}: marked KILLED by {by} (pid {os.getpid()}): its process "
+                           f"{r.data.tags.get(PID_TAG)} on {host} no longer runs (killed or crashed)")
+            client.set_terminated(r.info.run_id, "KILLED")
+            marked.append(r.info.run_id)
+            log.warning("MLflow run %s (%s) was left RUNNING by dead process %s; marked KILLED",
+                        r.info.run_id, r.info.run_name, r.data.tags.get(PID_TAG))
+        return marked
+    except Exception as e:  # noqa: BLE001 - housekeeping must never fail the stage
+        log.warning("could not check for orphaned MLflow runs: %s", e)
+        return []
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None = None) -> Iterator[str]:
     """Open the stage's MLflow run (nested under the pipeline run when there is one); yield its id.
@@ -122,8 +192,9 @@ def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None =
     pilot's auto-adjustments), and say what differs from params.yaml in ``tags``.
     """
     exp_id = setup(root, cfg.register.experiment)
+    reap_orphans(exp_id, by=f"stage {stage}")
     parent = os.environ.get(PARENT_ENV)
-    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **(tags or {})}
+    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags(), **(tags or {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent, nested=bool(parent),
                           tags=tags, log_system_metrics=stage in ("base", "pilot", "train")) as run:
         mlflow.log_params(flat_params(cfg))
@@ -134,8 +205,9 @@ def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None =
 def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
     """The parent run of one pipeline execution; stage runs started inside it (same or child process) nest."""
     exp_id = setup(root, cfg.register.experiment)
+    reap_orphans(exp_id, by="pipeline")
     with mlflow.start_run(experiment_id=exp_id, run_name="pipeline",
-                          tags={"vlgrpo.stage": "pipeline", **provenance_tags(root)}) as run:
+                          tags={"vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags()}) as run:
         old = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id
         try:
@@ -145,6 +217,17 @@ def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = old
+
+
+def log_files(run_id: str, files: dict[Path, str]) -> str:
+    """Log files or folders (path -> artifact folder) to the run; returns where the run can be found."""
+    client = MlflowClient()
+    for path, dest in files.items():
+        if Path(path).is_dir():
+            retry(lambda p=path, d=dest: client.log_artifacts(run_id, str(p), d), what=f"log {dest}")
+        else:
+            retry(lambda p=path, d=dest: client.log_artifact(run_id, str(p), d), what=f"log {dest}")
+    return f"{mlflow.get_tracking_uri()} run {run_id}"
 
 
 def log_report(path: Path, run_id: str | None = None) -> None:

@@ -1,29 +1,33 @@
-"""Pipeline overheads: no-op ``dvc repro``, Prefect (+ MLflow) cost per stage, validate rows/s, evaluation items/s.
+"""Pipeline overheads: per-stage cost of a whole run (this code vs a peer checkout), no-op ``dvc repro``, rates.
 
-    .venv/bin/python -m tests.benchmarks.bench_pipeline [--repeats 3] [--validate-rows 20000] [--eval-items 200]
-                                                        [--json out.json]
+    .venv/bin/python -m tests.benchmarks.bench_pipeline [--compare DIR] [--default-params] [--repeats 3]
+        [--skip-rates] [--validate-rows 20000] [--eval-items 200] [--json out.json]
 
 Not a pytest test (timings are not asserted); ``make bench`` runs it. What it does:
 
-1. A throwaway copy of the project with tiny params (``tests.project.make_project``), one full ``vlgrpo repro``
-   (timed, for reference), then the no-op ``dvc repro`` (every stage up to date) and the no-op ``vlgrpo repro``
-   (the same under an MLflow parent run and the project lock), ``--repeats`` times each, medians.
-2. Orchestration overhead per stage, for ``data`` and ``validate``: the stage command (``vlgrpo data``: Prefect
-   flow + task, MLflow stage run, report) against a plain Python process that calls the core function directly
-   (``build_dataset`` / ``validate_file``) and times the work inside. Overhead = stage command wall − plain
-   process wall; the two are run alternately. Also the floor any flow pays: a trivial ``@flow`` in a fresh
-   process (temporary Prefect server included) minus ``import prefect``.
-3. ``validate`` rows/s on a ``--validate-rows`` manifest (``bench_validate.make_manifest``).
-4. Evaluation items/s on ``--eval-items`` items (``bench_evaluate.main``).
-5. DVC cache growth per run: ``.dvc/cache`` bytes added by the first run, the no-op runs and one re-training run.
+1. Per-stage overhead of a whole ``vlgrpo repro`` (tiny params, ``tests.project.make_project``), for this
+   checkout and, with ``--compare DIR``, for another checkout of the project (e.g. ``git clone -b main``),
+   run alternately so that load shifts hit both. Each project is built by its own checkout's code, and the
+   commands run with ``PYTHONPATH`` at that checkout. The output is read line by line as it arrives: a stage's
+   wall time runs from dvc's ``Running stage`` line to the next one; its flow time from Prefect's ``Beginning
+   flow run`` to ``Finished in state``; **overhead = stage wall - flow time** (process start, imports, Prefect
+   server start/stop, process exit, dvc's hashing). ``setup`` is the time before the first stage.
+2. With ``--default-params``: the whole default pipeline (``vlgrpo repro`` on the shipped params.yaml, what
+   ``make pipeline`` runs), once per checkout, alternately; wall time and the results (they must agree).
+3. No-op ``dvc repro`` (every stage up to date) and no-op ``vlgrpo repro``, ``--repeats`` times, medians.
+4. Unless ``--skip-rates``: the data/validate stage command against a plain process calling the core directly,
+   the floor of a trivial ``@flow`` (temporary server vs a running one), validate rows/s, evaluation items/s.
+5. DVC cache growth per run: ``.dvc/cache`` bytes added by the first run, the no-op runs and one
+   re-training run (``train.seed`` + 1).
 
-Prints a table, last line ``noop_dvc_repro_s=<median>``.
+Prints tables, last line ``noop_dvc_repro_s=<median>``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,8 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.project import BIN, make_project, project_env
+import yaml
 
+from tests.project import BIN, ROOT, project_env
+
+STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
 DIRECT = {
     # the stage's work, called directly; prints the seconds spent inside the call
     "data": ("import time, tasks; from vlgrpo.config import load_config; from vlgrpo.data.build import "
@@ -46,12 +53,36 @@ DIRECT = {
 }
 TRIVIAL_FLOW = ("import tasks; from prefect import flow\n@flow(name='bench-noop')\ndef f():\n    return 1\n"
                 "assert f() == 1")
+MAKE_PROJECT = ("import json, sys; from pathlib import Path; from tests.project import make_project; "
+                "make_project(Path(sys.argv[1]), params=json.loads(sys.argv[2]), model_name='vlgrpo-bench')")
+RUNNING = re.compile(r"^Running stage '([\w-]+)'")
+FLOW_BEGIN = re.compile(r"Beginning flow run '[^']+' for flow '([\w-]+)'")
+FLOW_END = re.compile(r"Flow run '[^']+' - Finished in state")
 
 
-def timed(cmd: list[str], root: Path, timeout: float = 1800) -> tuple[float, str]:
-    """Wall seconds of ``cmd`` run in ``root`` (the project's environment) and its stdout; fails loudly."""
+def tree_env(tree: Path, root: Path, **extra: str) -> dict[str, str]:
+    """The project's environment with ``tree``'s code first on the path, output unbuffered."""
+    return project_env(root, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1", **extra)
+
+
+def make_tree_project(tree: Path, dest: Path, default_params: bool) -> Path:
+    """A throwaway project built by ``tree``'s own tests.project (tiny params, or the shipped ones)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(BIN / "python"), "-c", MAKE_PROJECT, str(dest), "{}"], cwd=tree,
+                   env=tree_env(tree, tree), check=True, capture_output=True, text=True)
+    if default_params:
+        cfg = yaml.safe_load((tree / "params.yaml").read_text())
+        cfg.setdefault("register", {})["model_name"] = "vlgrpo-bench"
+        (dest / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
+def timed(cmd: list[str], root: Path, env: dict[str, str] | None = None, timeout: float = 3600
+          ) -> tuple[float, str]:
+    """Wall seconds of ``cmd`` run in ``root`` and its stdout; fails loudly."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=root, env=env or project_env(root), capture_output=True, text=True,
+                       timeout=timeout)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode} in {root}\n--- stdout\n{p.stdout[-3000:]}\n"
@@ -59,30 +90,99 @@ def timed(cmd: list[str], root: Path, timeout: float = 1800) -> tuple[float, str
     return dt, p.stdout
 
 
+def staged_repro(tree: Path, root: Path, log: Path) -> dict:
+    """One ``vlgrpo repro`` with ``tree``'s code; per-stage wall, flow time and overhead from its output."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "vlgrpo"), "repro"], cwd=root, env=tree_env(tree, root),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    marks: list[tuple[str, float]] = []
+    flows: dict[str, list[float]] = {}
+    current = None
+    with open(log, "w", encoding="utf-8") as out:
+        for line in proc.stdout:
+            now = time.perf_counter() - t0
+            out.write(f"{now:9.3f} {line}")
+            if m := RUNNING.match(line):
+                marks.append((m.group(1), now))
+            elif m := FLOW_BEGIN.search(line):
+                current = m.group(1)
+                flows[current] = [now, now]
+            elif FLOW_END.search(line) and current in flows:
+                flows[current][1] = now
+    rc = proc.wait()
+    total = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"vlgrpo repro ({tree}) exited {rc}; see {log}")
+    stages = {}
+    for k, (name, start) in enumerate(marks):
+        end = marks[k + 1][1] if k + 1 < len(marks) else total
+        flow = flows.get(name, [start, start])
+        stages[name] = {"wall_s": end - start, "flow_s": flow[1] - flow[0],
+                        "overhead_s": (end - start) - (flow[1] - flow[0])}
+    return {"total_s": total, "setup_s": marks[0][1] if marks else total, "stages": stages,
+            "results": results(root)}
+
+
+def results(root: Path) -> dict:
+    """The numbers a run produces, to check that two code versions give the same results."""
+    def rep(stage: str) -> dict:
+        path = root / "reports" / f"{stage}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    ev, tr, pi = rep("evaluate"), rep("train"), rep("pilot")
+    acc = {m: ev.get(m, {}).get("accuracy") for m in ("base", "candidate")}
+    return {"pilot_passed": pi.get("passed"), "train_steps": tr.get("steps"),
+            "train_last_reward": _last_reward(root / "reports" / "train_metrics.jsonl"),
+            "test_accuracy": acc, "promote": ev.get("decision", {}).get("promote")}
+
+
+def _last_reward(metrics: Path) -> float | None:
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return json.loads(lines[-1]).get("reward") if lines else None
+
+
+def compare_runs(trees: dict[str, Path], tmp: Path, repeats: int, default_params: bool) -> dict:
+    """Alternate whole runs of each tree (tiny params ``repeats`` times, or the default params once)."""
+    kind = "default" if default_params else "tiny"
+    runs: dict[str, list[dict]] = {label: [] for label in trees}
+    for i in range(1 if default_params else repeats):
+        for label, tree in (trees.items() if i % 2 == 0 else reversed(trees.items())):
+            root = make_tree_project(tree, tmp / f"{kind}-{label}-{i}" / "proj", default_params)
+            r = staged_repro(tree, root, tmp / f"{kind}-{label}-{i}.log")
+            runs[label].append(r)
+            print(f"{kind} params, {label} ({tree}): vlgrpo repro {r['total_s']:.1f}s; setup "
+                  f"{r['setup_s']:.1f}s; " + ", ".join(f"{n} {v['wall_s']:.1f}s (overhead {v['overhead_s']:.1f}s)"
+                                                       for n, v in r["stages"].items()), flush=True)
+    out = {}
+    for label, rs in runs.items():
+        med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
+        out[label] = {"total_s": med(lambda r: r["total_s"]), "setup_s": med(lambda r: r["setup_s"]),
+                      "stages": {s: {k: med(lambda r, s=s, k=k: r["stages"][s][k])
+                                     for k in ("wall_s", "flow_s", "overhead_s")} for s in STAGES},
+                      "results": rs[-1]["results"], "root": str(tmp / f"{kind}-{label}-{len(rs) - 1}" / "proj")}
+    return out
+
+
+def noop_repro(tree: Path, root: Path, repeats: int) -> dict:
+    noop_dvc, noop_vlgrpo = [], []
+    env = tree_env(tree, root)
+    for _ in range(repeats):  # alternately, so load shifts hit both
+        dt, so = timed([str(BIN / "dvc"), "repro"], root, env)
+        if "Running stage" in so:
+            raise RuntimeError(f"no-op dvc repro ran a stage:\n{so[-2000:]}")
+        noop_dvc.append(dt)
+        noop_vlgrpo.append(timed([str(BIN / "vlgrpo"), "repro"], root, env)[0])
+    print(f"no-op dvc repro {noop_dvc}, no-op vlgrpo repro {noop_vlgrpo}", flush=True)
+    return {"noop_dvc_repro_s": statistics.median(noop_dvc), "noop_vlgrpo_repro_s": statistics.median(noop_vlgrpo)}
+
+
 def work_seconds(stdout: str) -> float:
     return float(next(ln.split()[1] for ln in stdout.splitlines() if ln.startswith("WORK ")))
 
 
-def pipeline_overheads(tmp: Path, repeats: int) -> dict:
+def stage_vs_direct(root: Path, repeats: int) -> dict:
+    """Orchestration overhead of one stage command run alone, against a plain process doing the same work."""
     py = str(BIN / "python")
-    root = make_project(tmp / "proj", model_name="vlgrpo-bench")
-    out: dict = {}
-    out["full_repro_s"], _ = timed([str(BIN / "vlgrpo"), "repro"], root)
-    print(f"full vlgrpo repro (tiny params): {out['full_repro_s']:.1f}s", flush=True)
-    cache_first = _cache_bytes(root)
-
-    noop_dvc, noop_vlgrpo = [], []
-    for _ in range(repeats):                                   # alternately, so load shifts hit both
-        dt, so = timed([str(BIN / "dvc"), "repro"], root)
-        if "Running stage" in so:
-            raise RuntimeError(f"no-op dvc repro ran a stage:\n{so[-2000:]}")
-        noop_dvc.append(dt)
-        noop_vlgrpo.append(timed([str(BIN / "vlgrpo"), "repro"], root)[0])
-    out["noop_dvc_repro_s"] = statistics.median(noop_dvc)
-    out["noop_vlgrpo_repro_s"] = statistics.median(noop_vlgrpo)
-    print(f"no-op dvc repro {noop_dvc}, no-op vlgrpo repro {noop_vlgrpo}", flush=True)
-    out["dvc_cache_growth"] = dvc_cache_growth(root, cache_first)
-
     stages = {}
     for stage, code in DIRECT.items():
         flow_s, direct_s, work_s = [], [], []
@@ -94,15 +194,16 @@ def pipeline_overheads(tmp: Path, repeats: int) -> dict:
         f, d, w = statistics.median(flow_s), statistics.median(direct_s), statistics.median(work_s)
         stages[stage] = {"stage_command_s": f, "direct_process_s": d, "work_s": w, "overhead_s": f - d}
         print(f"{stage}: stage command {flow_s}, direct process {direct_s}, work {work_s}", flush=True)
-    out["stages"] = stages
+    flow_s, served_s, imp_s = [], [], []
+    from tests.servers import prefect_server
 
-    flow_s, imp_s = [], []
-    for _ in range(repeats):
-        flow_s.append(timed([py, "-c", TRIVIAL_FLOW], root)[0])
-        imp_s.append(timed([py, "-c", "import tasks, prefect"], root)[0])
-    out["trivial_flow_s"] = statistics.median(flow_s)
-    out["import_prefect_s"] = statistics.median(imp_s)
-    return out
+    with prefect_server(root.parent / "prefect-bench") as srv:
+        for _ in range(repeats):
+            flow_s.append(timed([py, "-c", TRIVIAL_FLOW], root)[0])
+            served_s.append(timed([py, "-c", TRIVIAL_FLOW], root, project_env(root, PREFECT_API_URL=srv.url))[0])
+            imp_s.append(timed([py, "-c", "import tasks, prefect"], root)[0])
+    return {"stages": stages, "trivial_flow_s": statistics.median(flow_s),
+            "trivial_flow_served_s": statistics.median(served_s), "import_prefect_s": statistics.median(imp_s)}
 
 
 def _cache_bytes(root: Path) -> int:
@@ -145,57 +246,98 @@ def validate_rate(tmp: Path, rows: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", type=Path, help="another checkout of the project to measure alternately "
+                    "(e.g. `git clone -q -b main <repo> /tmp/main`)")
+    ap.add_argument("--default-params", action="store_true", help="also run the whole default pipeline "
+                    "(what `make pipeline` runs) once per checkout")
+    ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny-params runs (with --default-params)")
+    ap.add_argument("--this-first", action="store_true", help="start each alternation with this checkout "
+                    "(run once each way to balance a load that drifts)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-rates", action="store_true", help="skip the stage-vs-direct, validate and "
+                    "evaluation measurements")
     ap.add_argument("--validate-rows", type=int, default=20_000)
     ap.add_argument("--eval-items", type=int, default=200)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    trees = {"this": ROOT}
+    if args.compare:
+        trees = {"peer": args.compare.resolve(), "this": ROOT}
+        if args.this_first:
+            trees = {"this": ROOT, "peer": args.compare.resolve()}
 
     t_start = time.perf_counter()
     load0 = os.getloadavg()
-    res: dict = {}
+    res: dict = {"trees": {k: str(v) for k, v in trees.items()}}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         tmp = Path(tmp)
-        res["validate"] = validate_rate(tmp, args.validate_rows)
-        from tests.benchmarks import bench_evaluate
-        res["evaluate"] = bench_evaluate.main(["--items", str(args.eval_items)])
-        res["pipeline"] = pipeline_overheads(tmp, args.repeats)
+        if not (args.skip_tiny and args.default_params):
+            res["tiny"] = compare_runs(trees, tmp, args.repeats, default_params=False)
+        if args.default_params:
+            res["default"] = compare_runs(trees, tmp, 1, default_params=True)
+        this_root = Path(res.get("tiny", res.get("default"))["this"]["root"])
+        cache_first = _cache_bytes(this_root)
+        res["noop"], res["noop_root"] = noop_repro(ROOT, this_root, args.repeats), str(this_root)
+        res["dvc_cache_growth"] = dvc_cache_growth(this_root, cache_first)
+        if not args.skip_rates:
+            res["direct"] = stage_vs_direct(this_root, args.repeats)
+            res["validate"] = validate_rate(tmp, args.validate_rows)
+            from tests.benchmarks import bench_evaluate
+            res["evaluate"] = bench_evaluate.main(["--items", str(args.eval_items)])
     res["wall_s"] = time.perf_counter() - t_start
     res["loadavg_start"], res["loadavg_end"] = load0, os.getloadavg()
     print(report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    print(f"noop_dvc_repro_s={res['pipeline']['noop_dvc_repro_s']:.2f}")
+    print(f"noop_dvc_repro_s={res['noop']['noop_dvc_repro_s']:.2f}")
     return res
 
 
+def _stage_table(runs: dict, title: str) -> list[str]:
+    labels = list(runs)
+    head = " | ".join(f"{lb} wall | {lb} overhead" for lb in labels)
+    lines = [f"{title}", "", f"| stage | {head} |", "|---|" + "---|" * (2 * len(labels))]
+    lines.append("| setup (before the first stage) | " + " | ".join(f"{runs[lb]['setup_s']:.1f} s | -"
+                                                                    for lb in labels) + " |")
+    for s in STAGES:
+        lines.append(f"| {s} | " + " | ".join(f"{runs[lb]['stages'][s]['wall_s']:.1f} s | "
+                                             f"{runs[lb]['stages'][s]['overhead_s']:.1f} s" for lb in labels) + " |")
+    lines.append("| **whole `vlgrpo repro`** | " + " | ".join(
+        f"**{runs[lb]['total_s']:.1f} s** | **{sum(v['overhead_s'] for v in runs[lb]['stages'].values()):.1f} s**"
+        for lb in labels) + " |")
+    lines += ["", "results: " + "; ".join(f"{lb}: {json.dumps(runs[lb]['results'])}" for lb in labels)]
+    return lines
+
+
 def report(r: dict) -> str:
-    p, v, e = r["pipeline"], r["validate"], r["evaluate"]
-    g = p["dvc_cache_growth"]
     lines = [f"{os.cpu_count()} cores; load avg {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} "
-             f"at end; wall {r['wall_s']:.0f}s", "",
-             "| measurement | value |", "|---|---|",
-             f"| full `vlgrpo repro`, tiny params (7 stages) | {p['full_repro_s']:.1f} s |",
-             f"| no-op `dvc repro` (all stages up to date) | {p['noop_dvc_repro_s']:.2f} s |",
-             f"| no-op `vlgrpo repro` (+ MLflow parent run, lock) | {p['noop_vlgrpo_repro_s']:.2f} s |"]
-    for stage, s in p["stages"].items():
-        lines += [f"| `vlgrpo {stage}` (Prefect flow + MLflow run) | {s['stage_command_s']:.2f} s |",
-                  f"| {stage}: plain process calling the core directly | {s['direct_process_s']:.2f} s "
-                  f"(work inside {s['work_s']:.2f} s) |",
-                  f"| **{stage}: orchestration overhead** (stage command − plain process) | "
-                  f"**{s['overhead_s']:.2f} s** |"]
-    lines += [f"| trivial `@flow` in a fresh process (temporary Prefect server) | {p['trivial_flow_s']:.2f} s |",
-              f"| `import prefect` alone | {p['import_prefect_s']:.2f} s |",
-              f"| **Prefect floor per flow run** (trivial flow − import) | "
-              f"**{p['trivial_flow_s'] - p['import_prefect_s']:.2f} s** |",
+             f"at end; wall {r['wall_s']:.0f}s; checkouts {r['trees']}", ""]
+    if "tiny" in r:
+        lines += _stage_table(r["tiny"], "Tiny params (median per stage; overhead = stage wall - flow time)")
+    if "default" in r:
+        lines += [""] + _stage_table(r["default"], "Default params (`make pipeline`), one run each")
+    n, g = r["noop"], r["dvc_cache_growth"]
+    lines += ["", f"no-op runs in {r['noop_root']}", "", "| measurement | value |", "|---|---|",
+              f"| no-op `dvc repro` (all stages up to date) | {n['noop_dvc_repro_s']:.2f} s |",
+              f"| no-op `vlgrpo repro` (+ MLflow parent run, lock) | {n['noop_vlgrpo_repro_s']:.2f} s |",
               f"| DVC cache growth: first run / no-op runs / a re-training run | "
               f"{g['first_run_bytes'] / 1e6:.2f} / {g['noop_runs_bytes'] / 1e6:.2f} / "
-              f"{g['retrain_run_bytes'] / 1e6:.2f} MB |",
-              f"| validate ({v['rows']} rows, cached images) | {v['rows_per_s']:.0f} rows/s |",
-              f"| evaluation ({e['items']} items, untrained tiny model: full-length answers) | "
-              f"{e['items_per_s']:.2f} items/s |"]
+              f"{g['retrain_run_bytes'] / 1e6:.2f} MB |"]
+    if "direct" in r:
+        d, v, e = r["direct"], r["validate"], r["evaluate"]
+        for stage, s in d["stages"].items():
+            lines += [f"| `vlgrpo {stage}` run alone (own temporary Prefect server) | {s['stage_command_s']:.2f} s |",
+                      f"| {stage}: plain process calling the core directly | {s['direct_process_s']:.2f} s "
+                      f"(work inside {s['work_s']:.2f} s) |",
+                      f"| **{stage}: orchestration overhead** (stage command − plain process) | "
+                      f"**{s['overhead_s']:.2f} s** |"]
+        lines += [f"| trivial `@flow` in a fresh process (temporary Prefect server) | {d['trivial_flow_s']:.2f} s |",
+                  f"| trivial `@flow` in a fresh process (running server, PREFECT_API_URL set) | "
+                  f"{d['trivial_flow_served_s']:.2f} s |",
+                  f"| `import prefect` alone | {d['import_prefect_s']:.2f} s |",
+                  f"| validate ({v['rows']} rows, cached images) | {v['rows_per_s']:.0f} rows/s |",
+                  f"| evaluation ({e['items']} items, untrained tiny model: full-length answers) | "
+                  f"{e['items_per_s']:.2f} items/s |"]
     return "\n".join(lines)
 
 

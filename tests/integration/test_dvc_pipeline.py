@@ -157,6 +157,7 @@ def test_failed_stage_leaves_outputs_and_registry_untouched(project):
     assert "no valid rows" in out and "train.max_prompt_tokens=10" in out, out[-3000:]
     assert _ran(p.stdout) == ["data"]
     assert (root / "data" / "manifest.jsonl").read_bytes() == before_manifest
+    assert "Traceback" not in out  # invalid data is an expected failure, not a crash
     assert {d: _md5_tree(root / "models" / d) for d in ("base", "candidate")} == before_models
     assert {s: (root / "reports" / f"{s}.json").read_bytes() for s in stages} == before_reports
     assert sorted(str(v.version) for v in client.search_model_versions("name='vlgrpo-dvc-test'")) == before_versions
