@@ -4,9 +4,10 @@
 position of a micro-batch (the module DDP / accelerate wrap); ``score_micro_batch`` turns them into per-token
 log-probs (and entropies); ``score_batch`` does a whole step without gradients (old policy, reference).
 
-Shared work (``train.shared_work``): the prompt and its image run once per prompt, its KV cache is expanded
-to the prompt's completions, and gradients flow back through the expansion into the prompt and the vision
-tower. The plain path feeds every completion its own copy of prompt + image, like a generic trainer.
+Shared work (``train.shared_work``): the prompt and its images / videos run once per prompt, its KV cache is
+expanded to the prompt's completions, and gradients flow back through the expansion into the prompt and the
+vision tower. The plain path feeds every completion its own copy of prompt + images / videos, like a generic
+trainer.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def completion_positions(model: nn.Module, prompts: PromptBatch, length: int) ->
     base = unwrap(model)
     pos, _ = base.model.get_rope_index(prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids,
                                        image_grid_thw=prompts.image_grid_thw,
+                                       video_grid_thw=prompts.video_grid_thw,
+                                       second_per_grid_ts=prompts.second_per_grid_ts,
                                        attention_mask=prompts.attention_mask)      # (3, P, L)
     last = pos[:, :, -1:]                                                           # (3, P, 1)
     step = torch.arange(1, length + 1, device=pos.device).view(1, 1, -1)
@@ -59,30 +62,21 @@ class CompletionScorer(nn.Module):
         return run(prompts, completion_ids, completion_mask, repeats)
 
     def _plain(self, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor, r: int) -> torch.Tensor:
-        # G full copies of prompt + image: what a generic trainer does
-        ids, mask, mm, pv, grid = p.input_ids, p.attention_mask, p.mm_token_type_ids, p.pixel_values, \
-            p.image_grid_thw
-        P, C = ids.shape[0], c_ids.shape[1]
-        kw = {}
-        if pv is not None:
-            rows = grid.prod(-1)                                              # rows per image
-            per_prompt_imgs = grid.shape[0] // P                              # same count for every prompt
-            img_rows = rows.view(P, per_prompt_imgs).sum(1).tolist()
-            chunks = torch.split(pv, img_rows)
-            kw["pixel_values"] = torch.cat([c for c in chunks for _ in range(r)])
-            kw["image_grid_thw"] = grid.view(P, per_prompt_imgs, 3).repeat_interleave(r, 0).reshape(-1, 3)
-        full_ids = torch.cat([ids.repeat_interleave(r, 0), c_ids], 1)        # (n, L + C)
-        full_mask = torch.cat([mask.repeat_interleave(r, 0), c_mask], 1)
-        full_mm = torch.cat([mm.repeat_interleave(r, 0), torch.zeros_like(c_ids)], 1)
+        # r full copies of prompt + images / videos: what a generic trainer does
+        rep = p.select([i for i in range(len(p)) for _ in range(r)])
+        C = c_ids.shape[1]
+        full_ids = torch.cat([rep.input_ids, c_ids], 1)                      # (n, L + C)
+        full_mask = torch.cat([rep.attention_mask, c_mask], 1)
+        full_mm = torch.cat([rep.mm_token_type_ids, torch.zeros_like(c_ids)], 1)
         out = self.model(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=full_mm,
-                         logits_to_keep=C + 1, use_cache=False, **kw)
+                         logits_to_keep=C + 1, use_cache=False, **rep.vision_kwargs())
         return out.logits[:, :-1]                                             # (n, C, V): position t predicts t+1
 
     def _shared(self, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor, r: int) -> torch.Tensor:
-        # 1) prompt + image once per prompt; keep its KV cache and the logits of its last position
+        # 1) prompt + images / videos once per prompt; keep its KV cache and the logits of its last position
         out = self.model(input_ids=p.input_ids, attention_mask=p.attention_mask,
-                         mm_token_type_ids=p.mm_token_type_ids, pixel_values=p.pixel_values,
-                         image_grid_thw=p.image_grid_thw, use_cache=True, logits_to_keep=1)
+                         mm_token_type_ids=p.mm_token_type_ids, use_cache=True, logits_to_keep=1,
+                         **p.vision_kwargs())
         first = out.logits[:, -1:].repeat_interleave(r, 0)                   # (n, 1, V) predicts token 0
         C = c_ids.shape[1]
         if C == 1:
