@@ -64,13 +64,19 @@ def test_motion_items_are_cached_videos_the_model_sees_as_video_tokens(project):
     frames = [Image.open(project / "data" / f) for f in it.videos[0]]
     assert {f.size for f in frames} == {(56, 56)}                   # data.video_max_pixels = 56*56
     assert len({f.tobytes() for f in frames}) == 4                  # the shape moves
-    _, proc = modeling.load_model(project / "models/base")
+    model, proc = modeling.load_model(project / "models/base")
     enc = modeling.encode_prompts(proc, [it], project / "data", 3136, 12544)
     text = proc.tokenizer.decode(enc["input_ids"][0])
     # 4 frames of 56x56: 2 temporal patches x (2x2 merged patches) = 8 video tokens
     assert "<|vision_start|>" + "<|video_pad|>" * 8 + "<|vision_end|>Which way does the" in text
     assert enc["video_grid_thw"].tolist() == [[2, 4, 4]] and "pixel_values" not in enc
     assert enc["pixel_values_videos"].shape[0] == 2 * 4 * 4
+    # the other consumers of a prompt: evaluation's decoding and the base stage's supervised batch
+    (ans,) = modeling.generate_answers(model, proc, [it], project / "data", modeling.Decoding(1, 3, 3136, 12544))
+    assert 1 <= len(ans.token_ids) <= 3
+    sup = modeling.supervised_batch(proc, [it], project / "data", 3136, 12544)
+    assert int((sup["labels"] != modeling.IGNORE_INDEX).sum()) >= 2 and "pixel_values_videos" in sup
+    assert torch.isfinite(model(**sup).loss)
 
 
 def test_shared_work_equals_a_plain_forward_on_video_prompts(project):
