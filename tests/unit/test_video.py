@@ -77,6 +77,9 @@ def test_motion_items_are_cached_videos_the_model_sees_as_video_tokens(project):
     sup = modeling.supervised_batch(proc, [it], project / "data", 3136, 12544)
     assert int((sup["labels"] != modeling.IGNORE_INDEX).sum()) >= 2 and "pixel_values_videos" in sup
     assert torch.isfinite(model(**sup).loss)
+    # the validate stage on the manifest: frames checked in the video budget, video tokens counted
+    res = validate_file(project / "data/manifest.jsonl", make_cfg())
+    assert res.ok and res.valid_rows == len(items) and res.counts == {}
 
 
 def test_shared_work_equals_a_plain_forward_on_video_prompts(project):
