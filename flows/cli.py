@@ -163,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from tasks.common import StageFailed
     from vlgrpo.config import ConfigError
-    from vlgrpo.io import LockBusy
+    from vlgrpo.data.images import CorruptCacheFile
+    from vlgrpo.io import ContentMismatch, DiskFull, LockBusy
 
     try:
         _run(args)
-    except (StageFailed, ConfigError, LockBusy) as e:
+    except (StageFailed, ConfigError, LockBusy, DiskFull, ContentMismatch, CorruptCacheFile) as e:
         print(f"vlgrpo {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,20 +18,24 @@ from tasks.tracking import log_report, stage_run
 def register_task(root, cfg, evaluation: dict, run_id: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from tasks.registry import champion_version, log_candidate, promote, register_version
+    from tasks.registry import champion_version, promote, promotion_record, register_candidate
 
     client = MlflowClient()
     name = cfg.register.model_name
-    info = log_candidate(root, root / cfg.train.out_dir, cfg.data.min_pixels, cfg.data.max_pixels)
     decision = evaluation["decision"]
     tags = {"evaluate.promote": str(decision["promote"]), "evaluate.reasons": "; ".join(decision["reasons"]),
             "evaluate.primary_metric": cfg.evaluate.primary_metric}
-    version = register_version(client, name, info, run_id, tags)
+    # Idempotent: a version an interrupted run created for these same files is finished, not duplicated.
+    version, reused = register_candidate(client, name, root, root / cfg.train.out_dir, run_id, tags,
+                                         (cfg.data.min_pixels, cfg.data.max_pixels))
     out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
-           "promoted": False, "decision": decision}
+           "promoted": False, "decision": decision, "reused_version": reused}
     evaluated_against = evaluation.get("champion_version")
     current = champion_version(client, name)
-    if decision["promote"] and current != evaluated_against:
+    done = promotion_record(client, name, version) if decision["promote"] and reused else None
+    if done is not None:  # an interrupted run got as far as moving the alias: record it, do not redo it
+        out["promotion"], out["promoted"] = done, True
+    elif decision["promote"] and current != evaluated_against:
         # The champion moved after evaluation (e.g. a manual promotion): the comparison is stale.
         out["reasons"] = [f"champion changed since evaluation ({evaluated_against} -> {current}); "
                           f"re-run evaluate before promoting"]

@@ -4,22 +4,30 @@ Promotion is by alias (stages are deprecated): every registered version gets ali
 ``champion`` moves only when ``gates.should_promote()`` said so, or by hand with ``vlgrpo promote``. Each
 move is recorded as version tags (reason, who, when, previous champion). The alias is set only after the
 version reports READY, so it never points at a half-registered version.
+
+Registration is idempotent: each version is created with tag ``vlgrpo.candidate_sha256`` (a hash of the
+candidate's files) in the same call, so a stage killed between creating the version and setting its aliases
+or tags finds that version on the next run and finishes it, instead of registering the candidate twice.
 """
 from __future__ import annotations
 
 import getpass
+import hashlib
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.tracking import retry
+from vlgrpo.io import HASHES_FILE, disk_full, is_disk_full, sha256_file, tree_size
 
 CHAMPION, CANDIDATE = "champion", "candidate"
+FINGERPRINT_TAG = "vlgrpo.candidate_sha256"
 
 
 def champion_version(client: MlflowClient, name: str) -> str | None:
@@ -48,15 +56,78 @@ def champion_loader(name: str) -> Callable[[], Any] | None:
 
 
 def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int) -> Any:
-    """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo."""
+    """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo.
+
+    A full artifact store (a local one: ``mlartifacts/`` beside ``mlflow.db``) raises ``DiskFull`` naming
+    its folder and the model's size, and is not retried; no model version exists yet at that point.
+    """
     root = Path(root)
-    return retry(lambda: mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(root / "tasks" / "pyfunc_model.py"),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(root / "vlgrpo")],
-        model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
-    ), what="log pyfunc model")
+
+    def upload() -> Any:
+        try:
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(root / "tasks" / "pyfunc_model.py"),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(root / "vlgrpo")],
+                model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
+            )
+        except Exception as e:  # noqa: BLE001 - MLflow wraps OS errors in several types
+            if not is_disk_full(e):
+                raise
+            store = Path(urlparse(mlflow.get_artifact_uri()).path)
+            raise disk_full(store / "model", tree_size(checkpoint) + tree_size(root / "vlgrpo"), "about") from e
+
+    return retry(upload, what="log pyfunc model")
+
+
+def candidate_fingerprint(checkpoint: Path) -> str:
+    """sha256 over the names and contents of the model folder's top-level files (weights, config, processor).
+
+    Training checkpoints (a sub-folder) and the hashes file are left out: they do not change what is served.
+    """
+    h = hashlib.sha256()
+    for p in sorted(Path(checkpoint).iterdir()):
+        if p.is_file() and p.name != HASHES_FILE:
+            h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def find_version(client: MlflowClient, name: str, fingerprint: str) -> Any | None:
+    """The version registered earlier for this exact candidate (e.g. by a run killed half-way), if any."""
+    found = retry(lambda: client.search_model_versions(
+        f"name = '{name}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"), what="search model versions")
+    live = [mv for mv in found if mv.status != "FAILED_REGISTRATION"]
+    return min(live, key=lambda mv: int(mv.version)) if live else None
+
+
+def register_candidate(client: MlflowClient, name: str, root: Path, checkpoint: Path, run_id: str,
+                       tags: dict[str, str], pixels: tuple[int, int]) -> tuple[str, bool]:
+    """Register the candidate once: re-use the version an earlier (interrupted) run created for the same
+    files, or log the pyfunc model and create one. Returns (version, re_used)."""
+    fingerprint = candidate_fingerprint(checkpoint)
+    existing = find_version(client, name, fingerprint)
+    if existing is None:
+        info = log_candidate(root, checkpoint, *pixels)
+        version = register_version(client, name, info, run_id, {**tags, FINGERPRINT_TAG: fingerprint})
+        return version, False
+    version = str(existing.version)
+    _wait_ready(client, name, existing)
+    # Finish what the interrupted run may not have done: its tags and the candidate alias.
+    for k, v in tags.items():
+        retry(lambda k=k, v=v: client.set_model_version_tag(name, version, k, v), what="tag version")
+    retry(lambda: client.set_registered_model_alias(name, CANDIDATE, version), what="set candidate alias")
+    return version, True
+
+
+def _wait_ready(client: MlflowClient, name: str, mv: Any, timeout_s: float = 300) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while mv.status != "READY":
+        if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise RuntimeError(f"model version {name}/{mv.version} did not become READY ({mv.status})")
+        time.sleep(0.5)
+        mv = retry(lambda: client.get_model_version(name, mv.version), what="poll model version")
+    return mv
 
 
 def register_version(client: MlflowClient, name: str, model_info: Any, run_id: str,
@@ -68,17 +139,21 @@ def register_version(client: MlflowClient, name: str, model_info: Any, run_id: s
         if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
             raise
     # MLflow 3 logged models live at models:/m-<id>; the registry needs that id beside the source.
+    # The tags go in the same call, so a version never exists without its candidate fingerprint.
     mv = retry(lambda: client.create_model_version(name, source=model_info.model_uri, run_id=run_id, tags=tags,
                                                    model_id=model_info.model_id),
                what="create model version")
-    deadline = time.monotonic() + timeout_s
-    while mv.status != "READY":
-        if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
-            raise RuntimeError(f"model version {name}/{mv.version} did not become READY ({mv.status})")
-        time.sleep(0.5)
-        mv = retry(lambda: client.get_model_version(name, mv.version), what="poll model version")
+    mv = _wait_ready(client, name, mv, timeout_s)
     retry(lambda: client.set_registered_model_alias(name, CANDIDATE, mv.version), what="set candidate alias")
     return str(mv.version)
+
+
+def promotion_record(client: MlflowClient, name: str, version: str) -> dict | None:
+    """The promotion recorded on ``version`` when it is the champion now (a run killed after promoting)."""
+    if champion_version(client, name) != version:
+        return None
+    tags = retry(lambda: client.get_model_version(name, version), what="read model version").tags
+    return {"version": version, **{k: v for k, v in tags.items() if k.startswith("promotion.")}}
 
 
 def promote(client: MlflowClient, name: str, version: str, reason: str, by: str | None = None) -> dict:

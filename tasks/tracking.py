@@ -56,9 +56,13 @@ def setup(root: Path, experiment: str) -> str:
 def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.5) -> T:
     """Call ``fn`` with exponential backoff; re-raise with a clear message after the last attempt."""
     attempts = attempts or int(os.environ.get("VLGRPO_MLFLOW_RETRIES", "5"))
+    from vlgrpo.io import DiskFull
+
     for i in range(attempts):
         try:
             return fn()
+        except DiskFull:  # a full disk does not clear itself in seconds: say so at once
+            raise
         except Exception as e:  # noqa: BLE001 - network and server errors come in many types
             if i == attempts - 1:
                 raise RuntimeError(f"MLflow {what} failed after {attempts} attempts: {e}") from e

@@ -170,7 +170,7 @@ def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> 
     decoding = Decoding(cfg.evaluate.batch_size, cfg.train.max_completion_length, **pix)
     acc = greedy_accuracy(model, processor, val, manifest_dir, decoding, progress=progress)
     out_dir = under_root(root, bc.out_dir)
-    save_model(model, processor, out_dir)
+    save_model(model, processor, out_dir, rebuild="vlgrpo base")
     return {
         "model": name,
         "out_dir": str(bc.out_dir),

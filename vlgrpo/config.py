@@ -419,6 +419,11 @@ class TrainConfig:
         num_iterations: optimizer updates per rollout (> 1 uses the old policy's log-probs and clipping).
         mixed_precision: ``bf16`` (default; CPU too), ``fp16`` (GPU only) or ``no`` (fp32).
         save_steps: checkpoint every this many steps (and at the last one).
+        save_total_limit: keep only the newest N complete checkpoints, deleting older ones after each save
+            (null: keep all). The newest always stays, so a killed run still resumes.
+        keep_best_checkpoint: also keep the checkpoint of the step with the highest mean reward (recorded
+            in each checkpoint's state), beyond ``save_total_limit`` (the training-batch reward; the
+            val-reward best of ``keep_best`` lives apart in ``checkpoints/best`` and is never rotated away).
         augment: label-preserving image augmentation of each step's prompts.
         subset: train on only the first N train items (null: all).
         out_dir: where the trained policy (and its checkpoints) go, under the project root.
@@ -446,6 +451,11 @@ class TrainConfig:
             on the val split go into the metrics stream (and MLflow); null: no evaluation.
         keep_best: with eval_steps, the final model in out_dir is the policy of the evaluation with the highest
             val reward, not the last one (``reports/train.json``: ``best``).
+        logprob_chunk: completion tokens scored at once: the language-model head and the log-softmax run
+            on this many tokens at a time and the backward pass recomputes one chunk at a time
+            (``vlgrpo.logprobs``), so at most logprob_chunk x vocabulary fp32 logits exist (512 x 151,936 x
+            4 B = 0.31 GB for Qwen-VL). Memory and speed only: the result is the same to float rounding, and
+            a run may resume with another value.
     """
     seed: int = 0
     max_steps: int = 60
@@ -468,6 +478,8 @@ class TrainConfig:
     num_iterations: int = 1
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     save_steps: int = 20
+    save_total_limit: int | None = None
+    keep_best_checkpoint: bool = False
     augment: bool = False
     subset: int | None = None           # use only the first N train items
     out_dir: str = "models/candidate"
@@ -482,11 +494,12 @@ class TrainConfig:
     max_resample_rounds: int = 3
     eval_steps: int | None = None
     keep_best: bool = False
+    logprob_chunk: int = 512            # completion tokens whose vocabulary-wide logits exist at once
 
     def __post_init__(self) -> None:
         k = "train"
         for n in ("max_steps", "prompts_per_step", "num_iterations", "save_steps",
-                  "max_completion_length", "max_prompt_tokens", "micro_batch_size"):
+                  "max_completion_length", "max_prompt_tokens", "micro_batch_size", "logprob_chunk"):
             _check_range(f"{k}.{n}", getattr(self, n), 1)
         _check_range(f"{k}.num_generations", self.num_generations, 2)
         _check_range(f"{k}.learning_rate", self.learning_rate, 0, lo_open=True)
@@ -517,6 +530,8 @@ class TrainConfig:
             _check_range(f"{k}.eval_steps", self.eval_steps, 1)
         if self.keep_best and self.eval_steps is None:
             _fail(f"{k}.keep_best", "needs train.eval_steps (the best checkpoint is chosen by val reward)")
+        if self.save_total_limit is not None:
+            _check_range(f"{k}.save_total_limit", self.save_total_limit, 1)
 
     @property
     def completions_per_step(self) -> int:

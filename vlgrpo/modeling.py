@@ -10,16 +10,18 @@ Everything here goes through the real transformers classes, so the tiny default 
     completions = generate_answers(model, processor, items, manifest_dir, Decoding(32, 8, min_px, max_px))
 
 Prompts are built as Qwen chat messages, images go through ``qwen_vl_utils.process_vision_info`` (which
-applies the per-image ``min_pixels``/``max_pixels``) and the processor expands each ``<|image_pad|>`` into
-one token per merged 28x28 patch (112x112 -> 16 tokens). A video (``item.videos``: its cached frames, already
-in the video pixel budget) becomes a video part of frames at their cached size; the processor expands its
-``<|video_pad|>`` into one token per merged patch per 2 frames and returns ``pixel_values_videos`` /
-``video_grid_thw`` / ``second_per_grid_ts``. Padding is on the LEFT so that generated tokens
-start at the same column for every row of a batch.
+applies the per-image ``min_pixels``/``max_pixels``, the same budget is handed to the image processor) and
+the processor expands each ``<|image_pad|>`` into one token per merged block of 2x2 patches: 28x28 px for
+Qwen2-VL / Qwen2.5-VL (112x112 -> 16 tokens), 32x32 px for Qwen3-VL. A video (``item.videos``: its cached
+frames, already in the video pixel budget) becomes a video part of frames at their cached size; the
+processor expands its ``<|video_pad|>`` into one token per merged block per 2 frames and returns
+``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts``. Padding is on the LEFT so that
+generated tokens start at the same column for every row of a batch.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import re
 import threading
@@ -32,8 +34,9 @@ import torch
 from PIL import Image
 
 from vlgrpo.config import TinyModelConfig
+from vlgrpo.data.images import check_cached_image
 from vlgrpo.data.manifest import IMAGE_TAG, VIDEO_TAG, Item
-from vlgrpo.io import atomic_dir
+from vlgrpo.io import atomic_dir, verify_content_hashes, write_content_hashes
 
 # The Qwen2/2.5-VL special tokens, in the order Qwen's own vocabulary lists them. Keeping the names lets
 # a prompt rendered for the tiny model read exactly like one rendered for a real checkpoint.
@@ -192,12 +195,17 @@ def _seeded(seed: int):
 # -------------------------------------------------------------------------------------- save / load
 
 
-def save_model(model, processor, out_dir: str | Path) -> Path:
-    """Write safetensors + config + generation config + processor + tokenizer + chat template, atomically."""
+def save_model(model, processor, out_dir: str | Path, rebuild: str | None = None) -> Path:
+    """Write safetensors + config + generation config + processor + tokenizer + chat template, atomically.
+
+    The sha256 of every file goes with them (``io.HASHES_FILE``), with ``rebuild``, the command that writes
+    the folder again: :func:`load_model` checks them, so a byte flipped on disk is found before use.
+    """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        write_content_hashes(tmp, rebuild or "the stage that wrote it")
     return out_dir
 
 
@@ -223,6 +231,7 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{src}: no config.json - not a transformers checkpoint directory "
                                  f"(expected config.json, *.safetensors, tokenizer and processor files)")
+        verify_content_hashes(p)  # a folder saved by save_model: every byte as written, or ContentMismatch
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=local)
     try:
         model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, **kw)
@@ -309,7 +318,12 @@ class _ImageCache:
                 self._d.move_to_end(key)
                 return img
         try:
-            with Image.open(path) as f:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read image: {e}") from e
+        check_cached_image(path, data)
+        try:
+            with Image.open(io.BytesIO(data)) as f:
                 img = f.convert("RGB")
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read image: {e}") from e
@@ -348,15 +362,20 @@ def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: in
     return text, vision or [], videos or []
 
 
-def _encode(processor, texts: list[str], images: list[Image.Image], videos: list[torch.Tensor]):
+def _encode(processor, texts: list[str], images: list[Image.Image], videos: list[torch.Tensor], min_pixels: int,
+            max_pixels: int):
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = "left"
-    # frames arrive resized by qwen-vl-utils (in the cache's video budget): the processor must not resize
-    # them again (its own video defaults would upscale small frames to 128 tokens each)
-    kw = {"videos": videos, "videos_kwargs": {"do_resize": False, "cap_pixels_per_frame": True}} if videos else {}
+    # The pixel budget goes to the image processor too: it resizes again with its own ``size`` otherwise,
+    # and a checkpoint's own (Qwen3-VL: shortest_edge 65536) would upscale every small image (112 px ->
+    # 256 px, 64 tokens instead of 9). With the same budget its resize of an already-fitted image is a no-op.
+    kw: dict[str, Any] = {"images": images, "images_kwargs": {"size": {"shortest_edge": min_pixels,
+                                                                        "longest_edge": max_pixels}}} if images else {}
+    if videos:  # frames arrive resized by qwen-vl-utils (the cache's video budget): never resized again here
+        kw.update(videos=videos, videos_kwargs={"do_resize": False, "cap_pixels_per_frame": True})
     try:
-        return processor(text=texts, images=images or None, padding=True, return_tensors="pt", **kw)
+        return processor(text=texts, padding=True, return_tensors="pt", **kw)
     finally:
         tok.padding_side = old
 
@@ -379,7 +398,7 @@ def encode_prompts(processor, items: Sequence[Item], manifest_dir: Path, min_pix
         texts.append(text)
         flat.extend(vision)
         flat_videos.extend(videos)
-    return _encode(processor, texts, flat, flat_videos)
+    return _encode(processor, texts, flat, flat_videos, min_pixels, max_pixels)
 
 
 def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_pixels: int, max_pixels: int,
@@ -411,7 +430,7 @@ def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_p
         flat.extend(vision)
         flat_videos.extend(videos)
         n_answer.append(len(f_ids) - len(p_ids))   # answer tokens + <|im_end|>
-    batch = _encode(processor, texts, flat, flat_videos)
+    batch = _encode(processor, texts, flat, flat_videos, min_pixels, max_pixels)
     ids = batch["input_ids"]                       # (B, T), left-padded, so answers end at column T-1
     labels = torch.full_like(ids, IGNORE_INDEX)
     T = ids.shape[1]
@@ -483,6 +502,32 @@ def split_completions(processor, sequences: torch.Tensor, stop_ids: Sequence[int
     return out
 
 
+# Decoding settings a checkpoint's generation_config.json may carry (Qwen2.5-VL ships repetition_penalty 1.05,
+# others no_repeat_ngram_size, min_length, beams, ...). ``generate`` applies whatever the checkpoint sets unless
+# the call sets it, so each is pinned here to the value that leaves the model's distribution untouched:
+# evaluation's greedy answers are then the argmax of the model's logits and its samples come from
+# softmax(logits / T) restricted only by top_p, the same distribution the trainer samples from.
+NEUTRAL_DECODING: dict[str, Any] = dict(
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0, num_beams=1, num_beam_groups=1, diversity_penalty=0.0, penalty_alpha=None,
+    length_penalty=1.0, min_length=0, min_new_tokens=None, bad_words_ids=None, force_words_ids=None,
+    constraints=None, sequence_bias=None, forced_bos_token_id=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, begin_suppress_tokens=None, typical_p=1.0, min_p=None, top_h=None,
+    epsilon_cutoff=0.0, eta_cutoff=0.0, renormalize_logits=False, guidance_scale=None, watermarking_config=None,
+    dola_layers=None, stop_strings=None, prompt_lookup_num_tokens=None, low_memory=None, token_healing=False,
+    max_time=None,
+)
+
+
+def _neutral_decoding() -> dict[str, Any]:
+    """:data:`NEUTRAL_DECODING`, limited to the fields this transformers version's GenerationConfig has (an
+    unknown key would be passed on to the model's forward)."""
+    from transformers import GenerationConfig
+
+    known = vars(GenerationConfig())
+    return {k: v for k, v in NEUTRAL_DECODING.items() if k in known}
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How ``generate_answers`` decodes: ``batch_size`` prompts at a time, at most ``max_new_tokens``, images
@@ -511,7 +556,7 @@ def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path
     was_training = model.training
     model.eval()
     results: list[Completion] = []
-    gen_kw: dict[str, Any] = dict(max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
+    gen_kw: dict[str, Any] = dict(_neutral_decoding(), max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
                                   num_return_sequences=d.num_return_sequences, eos_token_id=stops,
                                   pad_token_id=pad, suppress_tokens=vision_token_ids(processor, model))
     if d.do_sample:

@@ -25,15 +25,18 @@ Row checks give one finding per problem, ``{"line", "severity", "check", "messag
   ``ignored_audios``, ``ignored_rejected_response``,
   ``ignored_tools``, ``unused_column``.
 
-Prompt length = text tokens + visual tokens. Visual tokens are ``(h/28)*(w/28)`` of the image after
-``smart_resize`` into ``data.min_pixels..data.max_pixels``; a video's are ``ceil(F/2)`` times those of one of
-its F frames (two frames per temporal patch), each frame fitted into ``data.min_pixels..data.video_max_pixels``.
-Every frame is checked like an image (a missing or unreadable frame is that image error, naming the frame). Text tokens come from the configured tokenizer
-(``validate.tokenizer``, else ``base.model`` when it is a local folder). The offline default has no
-tokenizer yet (it is trained later, in ``base``), so we count one token per UTF-8 byte of the system and
-user text plus the chat-template scaffold (see :data:`TEMPLATE_OVERHEAD`): a byte-level BPE never produces
-more tokens than bytes, so the estimate can only over-count. Over-long rows are dropped, never truncated
-(truncation would cut image tokens and break the image-feature/token match).
+Prompt length = text tokens + visual tokens. Visual tokens are ``(h/b)*(w/b)`` of the image after
+``smart_resize`` into ``data.min_pixels..data.max_pixels`` with sides multiples of ``b``, the pixel block of
+one visual token read from ``base.model``'s processor (patch size x merge size: 28 for Qwen2-VL / Qwen2.5-VL
+and the tiny default, 32 for Qwen3-VL; 28 when ``base.model`` is null or a hub id). A video's are ``ceil(F/2)``
+times those of one of its F frames (two frames per temporal patch), each frame fitted into
+``data.min_pixels..data.video_max_pixels``; every frame is checked like an image (a missing or unreadable
+frame is that image error, naming the video and frame). Text tokens come from
+the configured tokenizer (``validate.tokenizer``, else ``base.model`` when it is a local folder). The
+offline default has no tokenizer yet (it is trained later, in ``base``), so we count one token per UTF-8
+byte of the system and user text plus the chat-template scaffold (see :data:`TEMPLATE_OVERHEAD`): a
+byte-level BPE never produces more tokens than bytes, so the estimate can only over-count. Over-long rows
+are dropped, never truncated (truncation would cut image tokens and break the image-feature/token match).
 
 The Great Expectations suite runs over the table of rows that survive the row checks (the data the model
 would see): ids non-null and unique, split and task in their sets, a solution for verifiable tasks and a
@@ -54,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from vlgrpo.config import Config
-from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, visual_tokens
+from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, vision_block, visual_tokens
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, VIDEO_TAG, Item
 from vlgrpo.data.layouts import WARNING_CHECKS as LAYOUT_WARNINGS
 from vlgrpo.data.sources import (TASK_NAMES, ImageRef, Record, assign_split, detect_kind, iter_records,
@@ -131,8 +134,8 @@ class ImageInspector:
     to change, so later rows naming the same path reuse the result without another system call.
     """
 
-    def __init__(self, min_pixels: int, max_pixels: int, deep: bool = False) -> None:
-        self.min_pixels, self.max_pixels, self.deep = min_pixels, max_pixels, deep
+    def __init__(self, min_pixels: int, max_pixels: int, deep: bool = False, factor: int = 28) -> None:
+        self.min_pixels, self.max_pixels, self.deep, self.factor = min_pixels, max_pixels, deep, factor
         self._memo: dict[str, tuple[tuple[int, int], ImageInfo | ImageError]] = {}
 
     def __call__(self, ref: ImageRef) -> ImageInfo | None:
@@ -151,7 +154,7 @@ class ImageInspector:
                 raise ImageError("missing_image", f"image file cannot be read: {path}: {e}") from None
             try:
                 result: ImageInfo | ImageError = inspect_image(path, self.min_pixels, self.max_pixels,
-                                                               deep=self.deep)
+                                                               deep=self.deep, factor=self.factor)
             except ImageError as e:
                 result = e
             hit = self._memo[path] = ((st.st_size, st.st_mtime_ns), result)
@@ -166,7 +169,7 @@ class ImageInspector:
         if hit is None:
             try:
                 result: ImageInfo | ImageError = inspect_image(ref.raw, self.min_pixels, self.max_pixels,
-                                                               deep=True, data=ref.data)
+                                                               deep=True, data=ref.data, factor=self.factor)
             except ImageError as e:
                 result = e
             hit = self._memo[key] = ((len(ref.data), 0), result)
@@ -197,12 +200,13 @@ class RowChecker:
 
     ``load`` turns an :class:`ImageRef` into an :class:`ImageInfo` (None: a remote image left unchecked) or
     raises :class:`ImageError`; validation passes an :class:`ImageInspector`, the data stage a function that
-    also normalises and caches the image. ``load_frame`` does the same for video frames, in the video budget
+    also normalises and caches the image. ``factor``: the model's visual-token block (``vision_block``).
+    ``load_frame`` does for video frames what ``load`` does for images, in the video budget
     (``data.video_max_pixels``).
     """
 
     def __init__(self, cfg: Config, source: object, load: Callable[[ImageRef], ImageInfo | None],
-                 counter: PromptCounter | None = None,
+                 counter: PromptCounter | None = None, factor: int = 28,
                  load_frame: Callable[[ImageRef], ImageInfo | None] | None = None) -> None:
         self.cfg = cfg
         self.source = source
@@ -212,7 +216,8 @@ class RowChecker:
         self.max_tokens = cfg.train.max_prompt_tokens
         d = cfg.data
         # A remote image (allowed but not fetched here) is charged the most tokens the budget allows.
-        self.remote_tokens = visual_tokens(*_largest_side_pair(d.max_pixels), d.min_pixels, d.max_pixels)
+        self.remote_tokens = visual_tokens(*_largest_side_pair(d.max_pixels), d.min_pixels, d.max_pixels,
+                                           factor)
         self._rows: set[bytes] = set()
         self._ids: dict[str, int] = {}
         self._image_split: dict[str, tuple[str, int]] = {}
@@ -484,9 +489,10 @@ def check_file(path: str | Path, cfg: Config, kind: str | None = None, root: Pat
         return "unknown", [], [finding(path, 0, "error", "unreadable_source", str(e).removeprefix(f"{path}: "))], \
             {"rows": 1, "error_rows": 1, "duplicates": 0}, "none"
     # Our cached manifest gets the fast header check; raw sources are decoded fully, as the import will.
-    inspector = ImageInspector(d.min_pixels, d.max_pixels, deep=kind != "manifest")
-    frames = ImageInspector(d.min_pixels, d.video_max_pixels, deep=kind != "manifest")
-    checker = RowChecker(cfg, path, inspector, load_frame=frames)
+    factor = vision_block(cfg.base.model)
+    inspector = ImageInspector(d.min_pixels, d.max_pixels, deep=kind != "manifest", factor=factor)
+    frames = ImageInspector(d.min_pixels, d.video_max_pixels, deep=kind != "manifest", factor=factor)
+    checker = RowChecker(cfg, path, inspector, factor=factor, load_frame=frames)
     opts = read_options(d, root, coco_split=d.split if kind == "coco" and path.is_dir() else None)
     records = iter_records(path, kind, opts)
     kept, findings, stats = check_records(records, checker)

@@ -15,6 +15,7 @@ Not a pytest test (timings are not asserted); ``make bench`` runs it. What it do
    process (temporary Prefect server included) minus ``import prefect``.
 3. ``validate`` rows/s on a ``--validate-rows`` manifest (``bench_validate.make_manifest``).
 4. Evaluation items/s on ``--eval-items`` items (``bench_evaluate.main``).
+5. DVC cache growth per run: ``.dvc/cache`` bytes added by the first run, the no-op runs and one re-training run.
 
 Prints a table, last line ``noop_dvc_repro_s=<median>``.
 """
@@ -68,6 +69,7 @@ def pipeline_overheads(tmp: Path, repeats: int) -> dict:
     out: dict = {}
     out["full_repro_s"], _ = timed([str(BIN / "vlgrpo"), "repro"], root)
     print(f"full vlgrpo repro (tiny params): {out['full_repro_s']:.1f}s", flush=True)
+    cache_first = _cache_bytes(root)
 
     noop_dvc, noop_vlgrpo = [], []
     for _ in range(repeats):                                   # alternately, so load shifts hit both
@@ -79,6 +81,7 @@ def pipeline_overheads(tmp: Path, repeats: int) -> dict:
     out["noop_dvc_repro_s"] = statistics.median(noop_dvc)
     out["noop_vlgrpo_repro_s"] = statistics.median(noop_vlgrpo)
     print(f"no-op dvc repro {noop_dvc}, no-op vlgrpo repro {noop_vlgrpo}", flush=True)
+    out["dvc_cache_growth"] = dvc_cache_growth(root, cache_first)
 
     stages = {}
     for stage, code in DIRECT.items():
@@ -100,6 +103,28 @@ def pipeline_overheads(tmp: Path, repeats: int) -> dict:
     out["trivial_flow_s"] = statistics.median(flow_s)
     out["import_prefect_s"] = statistics.median(imp_s)
     return out
+
+
+def _cache_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / ".dvc" / "cache").rglob("*") if p.is_file())
+
+
+def dvc_cache_growth(root: Path, first: int) -> dict:
+    """Bytes the DVC cache (``.dvc/cache``) gains per pipeline run: the first run (``first``), the no-op runs
+    since, and one run that re-trains (``train.seed`` + 1: a new candidate with its checkpoints, bounded by
+    ``train.save_total_limit``, and a new evaluation); disk use grows by about that much per training run."""
+    import yaml
+
+    noop = _cache_bytes(root) - first
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["seed"] += 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = _cache_bytes(root)
+    timed([str(BIN / "vlgrpo"), "repro"], root)
+    growth = {"first_run_bytes": first, "noop_runs_bytes": noop, "retrain_run_bytes": _cache_bytes(root) - before}
+    print(f"DVC cache growth: first run {first / 1e6:.2f} MB, no-op runs {noop / 1e6:.2f} MB, a re-training run "
+          f"{growth['retrain_run_bytes'] / 1e6:.2f} MB", flush=True)
+    return growth
 
 
 def validate_rate(tmp: Path, rows: int) -> dict:
@@ -148,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(r: dict) -> str:
     p, v, e = r["pipeline"], r["validate"], r["evaluate"]
+    g = p["dvc_cache_growth"]
     lines = [f"{os.cpu_count()} cores; load avg {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} "
              f"at end; wall {r['wall_s']:.0f}s", "",
              "| measurement | value |", "|---|---|",
@@ -164,6 +190,9 @@ def report(r: dict) -> str:
               f"| `import prefect` alone | {p['import_prefect_s']:.2f} s |",
               f"| **Prefect floor per flow run** (trivial flow − import) | "
               f"**{p['trivial_flow_s'] - p['import_prefect_s']:.2f} s** |",
+              f"| DVC cache growth: first run / no-op runs / a re-training run | "
+              f"{g['first_run_bytes'] / 1e6:.2f} / {g['noop_runs_bytes'] / 1e6:.2f} / "
+              f"{g['retrain_run_bytes'] / 1e6:.2f} MB |",
               f"| validate ({v['rows']} rows, cached images) | {v['rows_per_s']:.0f} rows/s |",
               f"| evaluation ({e['items']} items, untrained tiny model: full-length answers) | "
               f"{e['items_per_s']:.2f} items/s |"]

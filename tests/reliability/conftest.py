@@ -8,13 +8,14 @@ Training is CPU fp32 (``mixed_precision: "no"``) so that a resumed run can be co
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import yaml
@@ -68,7 +69,7 @@ def ready_project(tmp_path_factory) -> Path:
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
+    modeling.save_model(model, proc, root / "models/base", rebuild="vlgrpo base")
     return root
 
 
@@ -111,3 +112,88 @@ def kill9(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(60)
+
+
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+PG_USER = "vlgrpo-pg"        # PostgreSQL refuses to run as root: as root, the cluster runs as this user
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of its own (initdb, trust auth, a free loopback port) that a test may stop and
+    restart without touching the machine's shared server on 5432."""
+
+    def __init__(self, base: Path):
+        from tests.servers import free_port
+
+        self.port = free_port()
+        self.dir = base / "pgdata"
+        self.log = base / "postgres.log"
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def _as_owner(self, *cmd: str) -> list[str]:
+        return ["runuser", "-u", PG_USER, "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run(self._as_owner(*cmd), check=True, capture_output=True, timeout=120)
+
+    def init(self) -> None:
+        self._run(str(PG_BIN / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+        self._run(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+
+    def start(self) -> None:
+        # fsync off: the faults here are process-level (the OS keeps what PostgreSQL wrote), not power loss.
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-l", str(self.log), "-o", opts, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-m", mode, "-w", "stop")
+
+
+@pytest.fixture
+def throwaway_postgres():
+    """A started ThrowawayPostgres with an empty `mlflow` database; stopped and deleted afterwards."""
+    import tempfile
+
+    if PG_BIN is None:
+        pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin")
+    if os.geteuid() == 0 and subprocess.run(["id", "-u", PG_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+                       check=True)
+    # Not under pytest's tmp_path: that is private to root, and the server runs as PG_USER.
+    base = Path(tempfile.mkdtemp(prefix="vlgrpo-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, PG_USER)
+    pg = ThrowawayPostgres(base)
+    try:
+        pg.init()
+        yield pg
+    finally:
+        try:
+            pg.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass                                  # already stopped
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmpfs_at(path: Path, size_mb: int) -> Iterator[Path]:
+    """Mount a small tmpfs at ``path`` (a real filesystem that really fills up); unmount it afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the CI and test machines run tests as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(path: Path, leave_bytes: int = 0) -> Path:
+    """Take all the free space on ``path``'s filesystem but ``leave_bytes``; delete the file to free it."""
+    filler = path / ".filler"
+    free = shutil.disk_usage(path).free
+    with open(filler, "wb") as f:
+        if free > leave_bytes:
+            os.posix_fallocate(f.fileno(), 0, free - leave_bytes)
+    return filler

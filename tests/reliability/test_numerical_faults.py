@@ -143,8 +143,8 @@ def test_raising_reward_names_reward_and_item_or_is_skipped(project, fragile_plu
 
 @pytest.mark.parametrize("fault", ["loss", "grad_norm"])
 def test_non_finite_loss_or_grad_norm_stops_the_run_before_the_optimizer_steps(project, fault):
-    """A NaN/inf loss or gradient norm at step 2 (injected into the real policy: NaN logits in the training
-    forward, or an inf gradient) stops the run with an error naming the step and the quantity; the optimizer
+    """A NaN/inf loss or gradient norm at step 2 (injected into the real policy: NaN hidden states at the
+    head's input in the training forward, or an inf gradient) stops the run with an error naming the step and the quantity; the optimizer
     never steps on it (the weights are still step-1's), step-1's checkpoint and metrics row stay, and no
     model is published."""
     import dataclasses
@@ -162,9 +162,11 @@ def test_non_finite_loss_or_grad_norm_stops_the_run_before_the_optimizer_steps(p
     run_ = setup(cfg, paths)
     step_one_logged = paths.metrics_path.exists     # the fault hits from step 2 on
     if fault == "loss":
-        def nan_logits(module, _inputs, logits):
-            return logits * float("nan") if module.training and step_one_logged() else logits
-        run_.policy.lm_head.register_forward_hook(nan_logits)
+        # the training forward feeds the final norm's output (the head's input) to the chunked head +
+        # log-softmax (vlgrpo.logprobs), so NaN there makes every completion logit NaN
+        def nan_hidden(module, _inputs, hidden):
+            return hidden * float("nan") if module.training and step_one_logged() else hidden
+        run_.policy.model.language_model.norm.register_forward_hook(nan_hidden)
     else:
         run_.policy.lm_head.weight.register_hook(lambda g: g * float("inf") if step_one_logged() else g)
     with pytest.raises(TrainingError, match=rf"^step 2: {fault} is (nan|inf) \(not finite\)"):

@@ -28,7 +28,9 @@ SECTIONS = {C.DataConfig: "data", C.SyntheticConfig: "data.synthetic", C.Validat
 PATH_KEYS = {"data.out_dir", "base.out_dir", "train.out_dir"}
 # Deliberate: the pilot probes the full run's settings, not its length, output or learning rate (its
 # remedies are relative, so a lower rate later is what they apply to); pilot.overrides sets max_steps/subset.
-NOT_PILOT_DEPS = {"train.max_steps", "train.learning_rate", "train.save_steps", "train.subset"}
+NOT_PILOT_DEPS = {"train.max_steps", "train.learning_rate", "train.save_steps", "train.subset",
+                  # which checkpoints stay on disk changes no result
+                  "train.save_total_limit", "train.keep_best_checkpoint"}
 # Keys the flows themselves read (the core calls below do not see them).
 FLOW_READS = {"train": {"pilot.auto_adjust"}, "evaluate": {"register.model_name"}}
 

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 from vlgrpo.config import Config
 from vlgrpo.data.images import (ImageError, ImageInfo, Issue, cache_image, fit_image, inspect_image,
-                                normalize_bytes, read_image_bytes)
+                                normalize_bytes, read_image_bytes, vision_block)
 from vlgrpo.data.manifest import Item, write_manifest
 from vlgrpo.data.sources import ImageRef, Record, iter_records, read_options
 from vlgrpo.io import under_root
@@ -49,8 +49,8 @@ class BuildError(RuntimeError):
 class _Normaliser:
     """Loader for imported sources: decode + normalise + cache each distinct image once per run."""
 
-    def __init__(self, cache_dir: Path, min_pixels: int, max_pixels: int) -> None:
-        self.cache_dir, self.min_pixels, self.max_pixels = cache_dir, min_pixels, max_pixels
+    def __init__(self, cache_dir: Path, min_pixels: int, max_pixels: int, factor: int) -> None:
+        self.cache_dir, self.min_pixels, self.max_pixels, self.factor = cache_dir, min_pixels, max_pixels, factor
         self.cached: dict[str, str] = {}                       # ref key -> cache path (manifest-relative)
         self._memo: dict[str, ImageInfo | ImageError] = {}
 
@@ -71,7 +71,7 @@ class _Normaliser:
                     data, src = _fetch(ref.url), ref.raw
                 else:
                     data, src = read_image_bytes(ref.path), ref.path
-                img, hit = normalize_bytes(data, src, self.min_pixels, self.max_pixels)
+                img, hit = normalize_bytes(data, src, self.min_pixels, self.max_pixels, self.factor)
                 self.cached[k] = cache_image(img, self.cache_dir)
             except ImageError as e:
                 hit = e
@@ -92,7 +92,7 @@ def _fetch(url: str) -> bytes:
         raise ImageError("missing_image", f"image {url!r} could not be downloaded: {e}") from None
 
 
-def _synthetic_records(cfg: Config, out: Path, cache_dir: Path
+def _synthetic_records(cfg: Config, out: Path, cache_dir: Path, factor: int
                        ) -> tuple[Iterator[Record], Any]:
     """Generated items, each image fitted and cached; the loader re-reads the cached file's header."""
     from vlgrpo.data.synthetic import generate
@@ -101,7 +101,7 @@ def _synthetic_records(cfg: Config, out: Path, cache_dir: Path
     pending: dict[str, tuple[Issue, ...]] = {}   # cache path -> warnings raised while fitting
 
     def cached(image: Any, name: str, max_pixels: int) -> str:
-        img, issues = fit_image(image, d.min_pixels, max_pixels, name)
+        img, issues = fit_image(image, d.min_pixels, max_pixels, name, factor)
         rel = cache_image(img, cache_dir)
         pending[rel] = tuple(issues)
         return rel
@@ -118,11 +118,11 @@ def _synthetic_records(cfg: Config, out: Path, cache_dir: Path
 
     def loader(max_pixels: int):
         def load(ref: ImageRef) -> ImageInfo:
-            info = inspect_image(ref.path, d.min_pixels, max_pixels)
+            info = inspect_image(ref.path, d.min_pixels, max_pixels, factor=factor)
             extra = pending.pop(ref.raw, ())
             if extra:
                 info = ImageInfo(info.width, info.height, info.mode, info.sha256, info.target,
-                                 tuple(extra) + info.warnings)
+                                 tuple(extra) + info.warnings, factor)
             return info
         return load
 
@@ -144,8 +144,10 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
     out = under_root(root, d.out_dir)
     cache_dir = out / "cache"
     manifest = out / "manifest.jsonl"
+    # images are resized to multiples of the model's visual-token block, so the processor never resizes again
+    factor = vision_block(cfg.base.model)
     if d.source == "synthetic":
-        records, (load, load_frame) = _synthetic_records(cfg, out, cache_dir)
+        records, (load, load_frame) = _synthetic_records(cfg, out, cache_dir, factor)
         source: object = "synthetic"
         normaliser = frames = None
     else:
@@ -154,11 +156,11 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
             raise BuildError(f"data.path: {src} does not exist (data.source is {d.source!r})")
         opts = read_options(d, root, coco_split=d.split if d.source == "coco" else None)
         records = iter_records(src, d.source, opts)
-        load = normaliser = _Normaliser(cache_dir, d.min_pixels, d.max_pixels)
-        load_frame = frames = _Normaliser(cache_dir, d.min_pixels, d.video_max_pixels)
+        load = normaliser = _Normaliser(cache_dir, d.min_pixels, d.max_pixels, factor)
+        load_frame = frames = _Normaliser(cache_dir, d.min_pixels, d.video_max_pixels, factor)
         source = src
 
-    checker = RowChecker(cfg, source, load, load_frame=load_frame)
+    checker = RowChecker(cfg, source, load, factor=factor, load_frame=load_frame)
     kept, findings, stats = check_records(records, checker)
     if not kept:
         raise BuildError(f"{source}: no valid rows out of {stats['rows']}; first problems: "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlgrpo.io import atomic_write_bytes
 
-FACTOR = 28  # Qwen2.5-VL: 14 px patches merged 2x2, so sides are multiples of 28 and one token is 28x28 px
+# Side of the pixel block one visual token covers: patch size x spatial merge. Qwen2-VL / Qwen2.5-VL (and the
+# tiny default): 14 px patches merged 2x2 = 28. Qwen3-VL: 16 px patches merged 2x2 = 32. The model's own
+# value comes from its processor (:func:`vision_block`); every function here takes it as ``factor``.
+FACTOR = 28
 
 # The last 12 bytes of every complete PNG: zero-length IEND chunk + its CRC.
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -60,18 +64,36 @@ class ImageInfo:
     sha256: str                      # of the file's bytes
     target: tuple[int, int]          # (height, width) after smart_resize
     warnings: tuple[Issue, ...] = field(default_factory=tuple)
+    factor: int = FACTOR             # block side the target was computed with
 
     @property
     def visual_tokens(self) -> int:
-        """Tokens the image costs in the prompt: one per 28x28 block of the resized image."""
-        return (self.target[0] // FACTOR) * (self.target[1] // FACTOR)
+        """Tokens the image costs in the prompt: one per factor x factor block of the resized image."""
+        return (self.target[0] // self.factor) * (self.target[1] // self.factor)
 
 
 _smart_resize = None
 
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """``qwen_vl_utils.smart_resize`` with factor 28: the (height, width) the model will see.
+def vision_block(model_path: str | Path | None) -> int:
+    """The side in pixels of one visual token for the checkpoint in ``model_path``, read from its processor.
+
+    ``None`` (the tiny default) or a hub id (not read here: validation works offline) gives :data:`FACTOR`.
+    """
+    if model_path is None or not Path(model_path).is_dir():
+        return FACTOR
+    from transformers import AutoImageProcessor  # heavy; only for a local checkpoint
+
+    try:
+        proc = AutoImageProcessor.from_pretrained(str(model_path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"base.model: {model_path}: cannot read its image processor: {e}") from e
+    return int(proc.patch_size) * int(proc.merge_size)
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR
+                 ) -> tuple[int, int]:
+    """``qwen_vl_utils.smart_resize``: the (height, width) the model will see (sides multiples of ``factor``).
 
     Imported on first use because qwen_vl_utils imports torch (seconds).
     """
@@ -79,12 +101,12 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> t
     if _smart_resize is None:
         from qwen_vl_utils import smart_resize as sr
         _smart_resize = sr
-    return _smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+    return _smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def visual_tokens(height: int, width: int, min_pixels: int, max_pixels: int) -> int:
-    h, w = smart_resize(height, width, min_pixels, max_pixels)
-    return (h // FACTOR) * (w // FACTOR)
+def visual_tokens(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> int:
+    h, w = smart_resize(height, width, min_pixels, max_pixels, factor)
+    return (h // factor) * (w // factor)
 
 
 # ------------------------------------------------------------------------------------------ opening files
@@ -149,18 +171,20 @@ def _looks_complete(data: bytes, fmt: str | None) -> bool | None:
 # ----------------------------------------------------------------------------------------- normalisation
 
 
-def _budget_issues(src: object, w: int, h: int, target: tuple[int, int], min_pixels: int) -> list[Issue]:
+def _budget_issues(src: object, w: int, h: int, target: tuple[int, int], min_pixels: int,
+                   factor: int = FACTOR) -> list[Issue]:
     th, tw = target
     if (th, tw) == (h, w):
         return []
     if w * h < min_pixels:
         return [Issue("upscaled", f"{src}: {w}x{h} is below min_pixels={min_pixels}; upscaled to {tw}x{th}")]
-    return [Issue("resized", f"{src}: {w}x{h} resized to {tw}x{th} (pixel budget, sides multiple of 28)")]
+    return [Issue("resized", f"{src}: {w}x{h} resized to {tw}x{th} (pixel budget, sides multiple of {factor})")]
 
 
-def _target(src: object, h: int, w: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def _target(src: object, h: int, w: int, min_pixels: int, max_pixels: int, factor: int = FACTOR
+            ) -> tuple[int, int]:
     try:
-        return smart_resize(h, w, min_pixels, max_pixels)
+        return smart_resize(h, w, min_pixels, max_pixels, factor)
     except ValueError as e:  # aspect ratio beyond what Qwen-VL accepts (200:1)
         raise ImageError("bad_aspect_ratio", f"{src}: {w}x{h}: {e}") from None
 
@@ -187,22 +211,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def fit_image(img: Image.Image, min_pixels: int, max_pixels: int, name: object = "<image>"
-              ) -> tuple[Image.Image, list[Issue]]:
+def fit_image(img: Image.Image, min_pixels: int, max_pixels: int, name: object = "<image>",
+              factor: int = FACTOR) -> tuple[Image.Image, list[Issue]]:
     """Convert an in-memory image to RGB and resize it into the pixel budget."""
     issues: list[Issue] = []
     if img.mode != "RGB":
         issues.append(Issue("converted_mode", f"{name}: converted from mode {img.mode} to RGB"))
         img = _to_rgb(img)
     w, h = img.size
-    target = _target(name, h, w, min_pixels, max_pixels)
-    issues += _budget_issues(name, w, h, target, min_pixels)
+    target = _target(name, h, w, min_pixels, max_pixels, factor)
+    issues += _budget_issues(name, w, h, target, min_pixels, factor)
     if target != (h, w):
         img = img.resize((target[1], target[0]), Image.Resampling.BICUBIC)
     return img, issues
 
 
-def normalize_bytes(data: bytes, src: object, min_pixels: int, max_pixels: int
+def normalize_bytes(data: bytes, src: object, min_pixels: int, max_pixels: int, factor: int = FACTOR
                     ) -> tuple[Image.Image, ImageInfo]:
     """Decode, orient, convert and resize an encoded image; the info describes the source image."""
     if not data:
@@ -214,9 +238,9 @@ def normalize_bytes(data: bytes, src: object, min_pixels: int, max_pixels: int
     except (OSError, ValueError, SyntaxError):
         pass  # a broken EXIF block only loses the orientation hint; the pixels are fine
     w, h = img.size
-    out, issues = fit_image(img, min_pixels, max_pixels, src)
+    out, issues = fit_image(img, min_pixels, max_pixels, src, factor)
     info = ImageInfo(width=w, height=h, mode=mode, sha256=hashlib.sha256(data).hexdigest(),
-                     target=(out.size[1], out.size[0]), warnings=tuple(issues))
+                     target=(out.size[1], out.size[0]), warnings=tuple(issues), factor=factor)
     return out, info
 
 
@@ -231,7 +255,7 @@ def normalize_image(src: str | Path, min_pixels: int, max_pixels: int) -> tuple[
 
 
 def inspect_image(src: str | Path, min_pixels: int, max_pixels: int, deep: bool = False,
-                  data: bytes | None = None) -> ImageInfo:
+                  data: bytes | None = None, factor: int = FACTOR) -> ImageInfo:
     """Header + end-marker checks and a content hash, without decoding PNG/JPEG pixels.
 
     Used by ``validate`` where speed matters. Formats without a cheap completeness test are decoded, and
@@ -249,13 +273,13 @@ def inspect_image(src: str | Path, min_pixels: int, max_pixels: int, deep: bool 
     if deep or complete is not True:
         _decode(img, src)  # None: no cheap test; False: decode to name the exact problem
     w, h = img.size
-    target = _target(src, h, w, min_pixels, max_pixels)
+    target = _target(src, h, w, min_pixels, max_pixels, factor)
     issues = []
     if img.mode != "RGB":
         issues.append(Issue("converted_mode", f"{src}: mode {img.mode} will be converted to RGB"))
-    issues += _budget_issues(src, w, h, target, min_pixels)
+    issues += _budget_issues(src, w, h, target, min_pixels, factor)
     return ImageInfo(width=w, height=h, mode=img.mode, sha256=hashlib.sha256(data).hexdigest(),
-                     target=target, warnings=tuple(issues))
+                     target=target, warnings=tuple(issues), factor=factor)
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -279,11 +303,38 @@ def cache_image(img: Image.Image, cache_dir: str | Path) -> str:
     digest = hashlib.sha256(data).hexdigest()
     rel = Path(cache_dir.name) / digest[:2] / f"{digest}.png"
     dest = cache_dir / digest[:2] / f"{digest}.png"
-    # Same name means same bytes: an existing file of the right size is the same image, written earlier.
-    if not (dest.exists() and dest.stat().st_size == len(data)):
+    # Same name means same bytes: an existing file with exactly these bytes was written earlier. One with
+    # other bytes was damaged on disk (check_cached_image names it); it is written again here.
+    try:
+        same = dest.stat().st_size == len(data) and dest.read_bytes() == data
+    except OSError:
+        same = False
+    if not same:
         atomic_write_bytes(dest, data)
     return rel.as_posix()
 
 
-__all__ = ["FACTOR", "Issue", "ImageError", "ImageInfo", "smart_resize", "visual_tokens", "fit_image",
-           "normalize_image", "normalize_bytes", "read_image_bytes", "inspect_image", "png_bytes", "cache_image"]
+class CorruptCacheFile(ValueError):
+    """A file of the content-addressed image cache whose bytes no longer hash to its name."""
+
+
+_CACHE_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def check_cached_image(path: str | Path, data: bytes) -> None:
+    """Raise :class:`CorruptCacheFile` when ``path`` is a cache file (named by the sha256 of its bytes) and
+    ``data`` (its bytes) no longer hash to that name: a byte flipped on disk is found before the image is
+    used. Other paths are not checked."""
+    path = Path(path)
+    if path.suffix != ".png" or not _CACHE_NAME.fullmatch(path.stem) or path.parent.name != path.stem[:2]:
+        return
+    got = hashlib.sha256(data).hexdigest()
+    if got != path.stem:
+        raise CorruptCacheFile(f"{path}: content does not match its name (sha256 {got[:12]}...): the cached "
+                               f"image is corrupt - rebuild the image cache with `vlgrpo data` "
+                               f"(or `dvc repro data`)")
+
+
+__all__ = ["FACTOR", "vision_block", "Issue", "ImageError", "ImageInfo", "smart_resize", "visual_tokens",
+           "fit_image", "normalize_image", "normalize_bytes", "read_image_bytes", "inspect_image", "png_bytes",
+           "cache_image", "CorruptCacheFile", "check_cached_image"]

@@ -360,11 +360,10 @@ class ReadOptions:
 
 def read_options(data_cfg: Any, root: Path | None = None, coco_split: str | None = None) -> ReadOptions:
     """The :class:`ReadOptions` of a ``DataConfig``; relative folders are taken from ``root`` (default: cwd)."""
-    root = Path.cwd() if root is None else Path(root)
+    from vlgrpo.io import under_root
 
-    def absolute(p: str) -> Path:
-        q = Path(p).expanduser()
-        return q if q.is_absolute() else root / q
+    root = Path.cwd() if root is None else Path(root)
+    absolute = lambda p: under_root(root, p)  # noqa: E731
 
     return ReadOptions(format=data_cfg.format, columns=tuple(data_cfg.columns.items()),
                        allow_remote=data_cfg.allow_remote,

@@ -18,15 +18,18 @@ import torch
 from torch import nn
 
 from vlgrpo.config import Config
-from vlgrpo.io import atomic_dir, atomic_write_text
+from vlgrpo.io import atomic_dir, atomic_write_text, write_content_hashes
 from vlgrpo.train.errors import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 
 # Keys that do not change what a step computes: a resume may differ in them.
-# (evaluation during training decodes greedily - no random draws - and changes no weight.)
-_RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best")
+# (evaluation during training decodes greedily - no random draws - and changes no weight; logprob_chunk
+# changes only how many tokens are scored at once - memory - not the result beyond float rounding, so a run
+# that ran out of memory can resume with a smaller one.)
+_RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best", "logprob_chunk",
+                   "save_total_limit", "keep_best_checkpoint")
 REFERENCE_FILE = "ref_model.safetensors"   # the reference weights, when train.sync_ref_model moves them
 
 
@@ -105,7 +108,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
     when given), written to a temp dir and renamed."""
     from safetensors.torch import save_model as st_save
 
-    with atomic_dir(path) as tmp:
+    # A full disk names the folder and the space needed: about what the previous checkpoint took.
+    with atomic_dir(path, like=latest_checkpoint(path.parent.parent)) as tmp:
         st_save(model, str(tmp / "model.safetensors"))
         if reference is not None:
             st_save(reference, str(tmp / REFERENCE_FILE))
@@ -113,6 +117,38 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def rotate_checkpoints(out_dir: Path, limit: int | None, keep_best: bool = False,
+                       current: Path | None = None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``limit`` (``train.save_total_limit``); with
+    ``keep_best``, the one whose state records the highest ``reward`` stays too. Returns what was deleted.
+
+    Only complete checkpoints are counted and deleted. ``current`` (the one just written) always stays, even
+    when a higher-numbered leftover of another run sits beside it, so resume always has a good checkpoint.
+    A killed writer's hidden temp dir is not touched (nothing reads it).
+    """
+    done = complete_checkpoints(out_dir)
+    if limit is None or len(done) <= limit:
+        return []
+    keep = set(done[:limit]) | ({Path(current)} if current is not None else set())
+    if keep_best:
+        rewards = {p: _state_reward(p) for p in done}
+        scored = [p for p in done if rewards[p] is not None]
+        if scored:
+            keep.add(max(scored, key=lambda p: (rewards[p], int(p.name[5:]))))
+    gone = [p for p in done if p not in keep]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
+
+
+def _state_reward(path: Path) -> float | None:
+    try:
+        r = json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("reward")
+    except (OSError, ValueError):
+        return None
+    return float(r) if isinstance(r, (int, float)) and r == r else None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
@@ -166,10 +202,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def save_final(model: nn.Module, processor: Any, out_dir: Path) -> None:
-    """The trained policy (safetensors + processor) in ``out_dir``, swapped in atomically; checkpoints kept."""
+    """The trained policy (safetensors + processor) in ``out_dir``, swapped in atomically; checkpoints kept.
+
+    The files' sha256 go with them (``vlgrpo.io.write_content_hashes``), checked whenever the model loads.
+    """
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        write_content_hashes(tmp, "vlgrpo train")
         ck = out_dir / CHECKPOINT_DIR
         if ck.is_dir():
             shutil.move(str(ck), str(tmp / CHECKPOINT_DIR))

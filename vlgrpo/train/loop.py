@@ -14,9 +14,10 @@ from vlgrpo.train.setup import Run, RunPaths, setup
 from vlgrpo.train.update import update
 
 
-def save_step(run: Run, step: int) -> None:
+def save_step(run: Run, step: int, reward: float | None = None) -> None:
     """Checkpoint after 0-based ``step`` when it is a ``train.save_steps`` multiple or the last step (written
-    by the main process; every process waits for it)."""
+    by the main process; every process waits for it), then drop those beyond ``train.save_total_limit``.
+    ``reward`` (the step's mean reward) is recorded for ``train.keep_best_checkpoint``."""
     tc = run.tc
     if (step + 1) % tc.save_steps and step + 1 != tc.max_steps:
         return
@@ -25,9 +26,11 @@ def save_step(run: Run, step: int) -> None:
         state = {"step": step + 1, "seed": tc.seed, "num_items": len(run.items),
                  "data_order": {"seed": tc.seed, "prompts_per_step": tc.prompts_per_step,
                                 "next_slot": (step + 1) * tc.prompts_per_step},
-                 "train_config": dataclasses.asdict(tc), "fingerprint": run.fingerprint}
-        ckpt.save_checkpoint(run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}", run.policy,
-                             run.optimizer, run.scheduler, state, reference=run.checkpointed_reference)
+                 "train_config": dataclasses.asdict(tc), "fingerprint": run.fingerprint, "reward": reward}
+        path = run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}"
+        ckpt.save_checkpoint(path, run.policy, run.optimizer, run.scheduler, state,
+                             reference=run.checkpointed_reference)
+        ckpt.rotate_checkpoints(run.paths.out_dir, tc.save_total_limit, tc.keep_best_checkpoint, path)
     run.accelerator.wait_for_everyone()
 
 
@@ -60,7 +63,7 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
             history.append(row)
             bar.update(1)
             bar.set_postfix(step=step + 1, reward=f"{row['reward']:.3f}", refresh=False)
-            save_step(run, step)
+            save_step(run, step, row.get("reward"))
     finally:
         bar.close()
     summary = run_summary(run, history, len(history), time.perf_counter() - t_run)

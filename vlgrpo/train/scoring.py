@@ -1,8 +1,14 @@
 """Per-token log-probs of completions under a policy: the one place where the model scores completions.
 
-``CompletionScorer`` wraps a Qwen-VL model so that one ``forward`` gives the logits at every completion
-position of a micro-batch (the module DDP / accelerate wrap); ``score_micro_batch`` turns them into per-token
-log-probs (and entropies); ``score_batch`` does a whole step without gradients (old policy, reference).
+``CompletionScorer`` wraps a Qwen-VL model so that one ``forward`` gives the per-token log-probs (and
+entropies) of every completion of a micro-batch (the module DDP / accelerate wrap); ``score_micro_batch``
+slices the micro-batch's completions; ``score_batch`` does a whole step without gradients (old policy,
+reference).
+
+Memory-lean: the language model runs without its head and returns hidden states; only the completion
+positions' hidden states go through the head, ``train.logprob_chunk`` tokens at a time, fused with the
+log-softmax (``vlgrpo.logprobs``). No (completions x tokens x vocabulary) logits tensor is ever built, in the
+forward or the backward pass.
 
 Shared work (``train.shared_work``): the prompt and its images / videos run once per prompt, its KV cache is
 expanded to the prompt's completions, and gradients flow back through the expansion into the prompt and the
@@ -16,8 +22,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from vlgrpo import grpo
 from vlgrpo.config import TrainConfig
+from vlgrpo.logprobs import completion_logprobs
 from vlgrpo.train.batches import MicroBatch, PromptBatch, micro_batches
 
 
@@ -26,29 +32,37 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the model without its head: hidden states out, the head): ``model.model`` / ``lm_head`` of a Qwen-VL
+    ``...ForConditionalGeneration`` (a peft wrapper is looked through; its adapters stay in the layers)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model, inner.get_output_embeddings()
+
+
 def completion_positions(model: nn.Module, prompts: PromptBatch, length: int) -> torch.Tensor:
     """3-D (M-RoPE) positions of ``length`` text tokens that follow each prompt: (3, P, length).
 
     A prompt ends with text (the assistant header), whose three position components are equal; the tokens
     after it continue from there one by one - what ``get_rope_index`` gives on the full sequence.
     """
-    base = unwrap(model)
-    pos, _ = base.model.get_rope_index(prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids,
-                                       image_grid_thw=prompts.image_grid_thw,
-                                       video_grid_thw=prompts.video_grid_thw,
-                                       second_per_grid_ts=prompts.second_per_grid_ts,
-                                       attention_mask=prompts.attention_mask)      # (3, P, L)
+    backbone, _ = _backbone_and_head(unwrap(model))
+    pos, _ = backbone.get_rope_index(prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids,
+                                     image_grid_thw=prompts.image_grid_thw,
+                                     video_grid_thw=prompts.video_grid_thw,
+                                     second_per_grid_ts=prompts.second_per_grid_ts,
+                                     attention_mask=prompts.attention_mask)        # (3, P, L)
     last = pos[:, :, -1:]                                                           # (3, P, 1)
     step = torch.arange(1, length + 1, device=pos.device).view(1, 1, -1)
     return last + step                                                              # (3, P, length)
 
 
 class CompletionScorer(nn.Module):
-    """logits of the policy at each completion position, for one micro-batch.
+    """Per-token log-probs of the policy for one micro-batch's completions.
 
     One ``forward`` per micro-batch, so that the module can be wrapped in DistributedDataParallel (or a
     DeepSpeed engine) as a whole even though the shared path runs the language model twice (prompt, then
-    completions from the expanded cache).
+    completions from the expanded cache); the head runs inside it too, so sharded wrappers see every use of
+    its weight.
     """
 
     def __init__(self, model: nn.Module):
@@ -56,28 +70,33 @@ class CompletionScorer(nn.Module):
         self.model = model
 
     def forward(self, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                repeats: int, shared: bool) -> torch.Tensor:
-        """Prompts (p, L) each continued by ``repeats`` completions (p·repeats, C) → logits (p·repeats, C, V)."""
+                repeats: int, shared: bool, head: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts (p, L) each continued by ``repeats`` completions (p·repeats, C) → (log-probs, entropies)
+        (p·repeats, C) fp32; ``head``: ``completion_logprobs`` keywords (temperature, chunk_size,
+        with_entropy)."""
+        backbone, lm_head = _backbone_and_head(self.model)
         run = self._shared if shared else self._plain
-        return run(prompts, completion_ids, completion_mask, repeats)
+        hidden = run(backbone, prompts, completion_ids, completion_mask, repeats)     # (n, C, H)
+        return completion_logprobs(hidden, lm_head.weight, completion_ids, bias=lm_head.bias, **head)
 
-    def _plain(self, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor, r: int) -> torch.Tensor:
-        # r full copies of prompt + images / videos: what a generic trainer does
+    def _plain(self, backbone: nn.Module, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor,
+               r: int) -> torch.Tensor:
+        # r full copies of each prompt + its images / videos (cut by image_grid_thw / video_grid_thw, so
+        # prompts may carry different numbers of them): what a generic trainer does
         rep = p.select([i for i in range(len(p)) for _ in range(r)])
-        C = c_ids.shape[1]
-        full_ids = torch.cat([rep.input_ids, c_ids], 1)                      # (n, L + C)
-        full_mask = torch.cat([rep.attention_mask, c_mask], 1)
-        full_mm = torch.cat([rep.mm_token_type_ids, torch.zeros_like(c_ids)], 1)
-        out = self.model(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=full_mm,
-                         logits_to_keep=C + 1, use_cache=False, **rep.vision_kwargs())
-        return out.logits[:, :-1]                                             # (n, C, V): position t predicts t+1
+        L, C = rep.input_ids.shape[1], c_ids.shape[1]
+        out = backbone(input_ids=torch.cat([rep.input_ids, c_ids], 1),
+                       attention_mask=torch.cat([rep.attention_mask, c_mask], 1),
+                       mm_token_type_ids=torch.cat([rep.mm_token_type_ids, torch.zeros_like(c_ids)], 1),
+                       use_cache=False, **rep.vision_kwargs())
+        return out.last_hidden_state[:, L - 1:L + C - 1]                       # position t predicts t+1
 
-    def _shared(self, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor, r: int) -> torch.Tensor:
-        # 1) prompt + images / videos once per prompt; keep its KV cache and the logits of its last position
-        out = self.model(input_ids=p.input_ids, attention_mask=p.attention_mask,
-                         mm_token_type_ids=p.mm_token_type_ids, use_cache=True, logits_to_keep=1,
-                         **p.vision_kwargs())
-        first = out.logits[:, -1:].repeat_interleave(r, 0)                   # (n, 1, V) predicts token 0
+    def _shared(self, backbone: nn.Module, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor,
+                r: int) -> torch.Tensor:
+        # 1) prompt + images / videos once per prompt; keep its KV cache and the hidden state of its last position
+        out = backbone(input_ids=p.input_ids, attention_mask=p.attention_mask,
+                       mm_token_type_ids=p.mm_token_type_ids, use_cache=True, **p.vision_kwargs())
+        first = out.last_hidden_state[:, -1:].repeat_interleave(r, 0)         # (n, 1, H) predicts token 0
         C = c_ids.shape[1]
         if C == 1:
             return first
@@ -87,9 +106,9 @@ class CompletionScorer(nn.Module):
         cache.batch_repeat_interleave(r)
         pos = completion_positions(self.model, p, C - 1).repeat_interleave(r, 1)       # (3, n, C-1)
         full_mask = torch.cat([p.attention_mask.repeat_interleave(r, 0), c_mask[:, :-1]], 1)  # (n, L + C - 1)
-        rest = self.model(input_ids=c_ids[:, :-1], attention_mask=full_mask, position_ids=pos,
-                          past_key_values=cache, use_cache=True)
-        return torch.cat([first, rest.logits], 1)                             # (n, C, V)
+        rest = backbone(input_ids=c_ids[:, :-1], attention_mask=full_mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True)
+        return torch.cat([first, rest.last_hidden_state], 1)                  # (n, C, H)
 
 
 def score_micro_batch(scorer: nn.Module, mb: MicroBatch, completion_ids: torch.Tensor,
@@ -99,13 +118,8 @@ def score_micro_batch(scorer: nn.Module, mb: MicroBatch, completion_ids: torch.T
     entropies, without gradients, when asked); ``tc.shared_work`` picks the shared or the plain path."""
     c_ids = completion_ids[mb.start:mb.end]
     c_mask = completion_mask[mb.start:mb.end]
-    logits = scorer(mb.prompts, c_ids, c_mask, mb.repeats, tc.shared_work)
-    logp = grpo.selective_log_softmax(logits, c_ids, tc.temperature)
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            ent = grpo.entropy_from_logits(logits.detach(), tc.temperature)
-    return logp, ent
+    head = {"temperature": tc.temperature, "chunk_size": tc.logprob_chunk, "with_entropy": with_entropy}
+    return scorer(mb.prompts, c_ids, c_mask, mb.repeats, tc.shared_work, head)
 
 
 @torch.no_grad()

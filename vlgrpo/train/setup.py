@@ -18,6 +18,9 @@ from vlgrpo.train.prompts import load_train_items
 from vlgrpo.train.rollout import RewardSetup
 from vlgrpo.train.scoring import CompletionScorer, unwrap
 
+# train.mixed_precision -> the dtype autocast computes in (and the frozen reference is held in)
+COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
 
 @dataclass
 class Run:
@@ -109,7 +112,9 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
     model.to(device)
     ref_scorer = None
     if cfg.train.beta > 0:                           # β = 0: no reference model at all
-        ref_model, _ = modeling.load_model(paths.init_model_dir, dtype=torch.float32)
+        # The frozen reference only runs forward passes under the policy's autocast, whose matmuls are in the
+        # compute dtype anyway: holding it in that dtype (bf16/fp16) halves what a second fp32 copy costs.
+        ref_model, _ = modeling.load_model(paths.init_model_dir, dtype=COMPUTE_DTYPE[cfg.train.mixed_precision])
         ref_model.to(device).eval().requires_grad_(False)
         ref_scorer = CompletionScorer(ref_model)
     model.train()
