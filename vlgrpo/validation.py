@@ -16,9 +16,9 @@ Row checks give one finding per problem, ``{"line", "severity", "check", "messag
 - errors (the row is excluded): ``invalid_json``, ``invalid_dataset``, ``unreadable_source``,
   ``unknown_layout``, ``bad_schema``, ``missing_image``, ``empty_image``, ``truncated_image``,
   ``not_an_image``, ``decompression_bomb``, ``bad_aspect_ratio``, ``empty_solution``, ``no_image``,
-  ``no_user_prompt``, ``image_tag_mismatch``, ``video_tag_mismatch``, ``missing_video``, ``unsupported_video``,
-  ``video_frame_mismatch`` (frames of one video of different sizes), ``unsupported_grounding``, ``path_escape``, ``remote_url``,
-  ``prompt_too_long``, ``duplicate_id``, ``image_in_two_splits``;
+  ``no_user_prompt``, ``image_tag_mismatch``, ``video_tag_mismatch``, ``missing_video``,
+  ``unsupported_video``, ``video_frame_mismatch`` (frames of one video of different sizes),
+  ``unsupported_grounding``, ``path_escape``, ``remote_url``, ``prompt_too_long``, ``duplicate_id``, ``image_in_two_splits``;
 - warnings (the row is kept and repaired by the data stage): ``converted_mode``, ``resized``,
   ``upscaled``, ``duplicate_row`` (an exact copy of an earlier row; the copy is dropped), ``sampled_frames``
   (a video longer than ``data.video_max_frames``), and what a row carries that vlgrpo does not use:

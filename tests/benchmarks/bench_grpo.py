@@ -1,7 +1,8 @@
 """GRPO throughput: vlgrpo's trainer against TRL 1.x ``GRPOTrainer`` on the tiny default Qwen2.5-VL (issue 6).
 
     .venv/bin/python -m tests.benchmarks.bench_grpo [--steps 5] [--warmup 1] [--threads 2] [--sizes 112,448]
-        [--no-ablations] [--video-size 224 | --no-video] [--json out.json] [--device cpu|cuda] [--precision no|bf16] [--model-config JSON]
+        [--no-ablations] [--video-size 224 | --no-video] [--json out.json] [--device cpu|cuda]
+        [--precision no|bf16] [--model-config JSON]
 
 Not a pytest test (timings are not asserted); ``make bench`` runs it. The last line printed is
 ``ratio_vs_trl=<vlgrpo samples/s ÷ TRL samples/s at the largest image size>``.

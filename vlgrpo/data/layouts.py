@@ -22,20 +22,22 @@ layout              recognised by / what it reads
 
 Every layout also reads ``images`` or ``image`` (a path, ``{"path": ...}``, ``{"bytes": ...}`` or raw bytes,
 or a list of them), ``videos`` or ``video`` (each video a folder of frame images or a list of frame paths;
-``<video>`` tags mark where they go, as ``<image>`` tags do for images), ``system``, ``solution`` (the reward target; else the last assistant turn / response /
-output / answer), and the vlgrpo columns ``id``, ``split``, ``task``, ``references``. Every other column is
-kept in ``Item.extra`` and handed to reward functions (as ms-swift's GRPO does).
+``<video>`` tags mark where they go, as ``<image>`` tags do for images), ``system``, ``solution`` (the reward
+target; else the last assistant turn / response / output / answer), and the vlgrpo columns ``id``, ``split``,
+``task``, ``references``. Every other column is kept in ``Item.extra`` and handed to reward functions (as
+ms-swift's GRPO does).
 
 The prompt is every turn up to the last non-assistant one (earlier turns included, the chat template renders
 them); assistant turns after it are the answer. ``<image>`` (``<video>``) tags are counted across all prompt
 turns, tool responses included; rows without any tag get one per image (video) at the start of the first turn
 (ms-swift's rule).
 
-Nothing is dropped silently: ``audios`` (not supported yet; their tags are removed from the prompt), ``rejected_response`` / ``rejected_messages`` / ``rejected_images`` (preference data) and ``tools``
-(agent schemas; kept as an extra column but not rendered) each raise a warning naming what is not used.
-Grounding rows whose text has ms-swift's ``<ref-object>`` / ``<bbox>`` placeholders are refused
-(``unsupported_grounding``): the box text depends on the model family's coordinate convention, so write
-boxes into the text in the model's own format; an ``objects`` column without placeholders is an extra column.
+Nothing is dropped silently: ``audios`` (not supported yet; their tags are removed from the prompt),
+``rejected_response`` / ``rejected_messages`` / ``rejected_images`` (preference data) and ``tools`` (agent
+schemas; kept as an extra column but not rendered) each raise a warning naming what is not used. Grounding
+rows whose text has ms-swift's ``<ref-object>`` / ``<bbox>`` placeholders are refused
+(``unsupported_grounding``): the box text depends on the model family's coordinate convention, so write boxes
+into the text in the model's own format; an ``objects`` column without placeholders is an extra column.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ IMAGE_KEYS = ("images", "image")
 VIDEO_KEYS = ("videos", "video")
 AUDIO_TAG = "<audio>"
 # Columns vlgrpo reads itself on every layout (never copied to ``extra``).
-COMMON_KEYS = {"images", "image", "videos", "video", "system", "system_prompt", "solution", "id", "split", "task", "references"}
+COMMON_KEYS = {"images", "image", "videos", "video", "system", "system_prompt", "solution", "id", "split", "task",
+               "references"}
 # Present but not used by GRPO on images: warned about, never silently dropped.
 IGNORED = {"audios": "ignored_audios",
            "audio": "ignored_audios", "rejected_response": "ignored_rejected_response",
