@@ -165,7 +165,7 @@ class SyntheticConfig:
             _fail(k, "needs at least two shapes and two colours so questions have more than one answer")
 
 
-TASKS = ("count", "color", "shape", "exists", "caption", "ground")
+TASKS = ("count", "color", "shape", "exists", "caption", "ground", "motion")
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,13 @@ class DataConfig:
             (by a hash of the first image's content, so one image never lands in two splits).
         task_mix: relative weights of the synthetic tasks (count, color, shape, exists, caption, and ground:
             "Where is the red square?", answered with its box ``[x1, y1, x2, y2]`` in pixels, scored by
-            ``iou`` and by accuracy at IoU >= 0.5).
+            ``iou`` and by accuracy at IoU >= 0.5, and motion: a 4-frame video, "Which way does the shape
+            move?", answered left / right / up / down; off by default).
         min_pixels / max_pixels: pixel budget every image is resized into (Qwen-VL ``smart_resize``).
+        video_max_frames: most frames a video keeps (an even number, Qwen-VL's temporal patch is 2 frames);
+            longer frame folders / lists are sampled uniformly down to it (a ``sampled_frames`` warning).
+        video_max_pixels: pixel budget of each video frame (``data.min_pixels`` .. this); frames are
+            resized into it and cached like images. A video of F frames costs F/2 x (h/28)(w/28) tokens.
         allow_remote: let ``http(s)://`` image URLs through (downloaded by the data stage).
         synthetic: knobs of the synthetic scene generator.
     """
@@ -218,6 +223,8 @@ class DataConfig:
                                                                  "exists": 1.0, "caption": 0.0})
     min_pixels: int = 3136           # 56*56
     max_pixels: int = 12544          # 112*112
+    video_max_frames: int = 8
+    video_max_pixels: int = 3136     # 56*56 per frame: 4 tokens per 2 frames
     allow_remote: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -238,6 +245,9 @@ class DataConfig:
             _fail("data.task_mix", "weights must not all be 0")
         _check_range("data.min_pixels", self.min_pixels, 28 * 28)
         _check_range("data.max_pixels", self.max_pixels, self.min_pixels)
+        _check_range("data.video_max_pixels", self.video_max_pixels, self.min_pixels)
+        if self.video_max_frames < 2 or self.video_max_frames % 2:
+            _fail("data.video_max_frames", f"must be an even number >= 2, got {self.video_max_frames}")
         if self.source != "synthetic" and not self.path:
             _fail("data.path", f"is required when data.source is {self.source!r}")
         for old, new in self.columns.items():

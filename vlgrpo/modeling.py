@@ -12,7 +12,10 @@ Everything here goes through the real transformers classes, so the tiny default 
 Prompts are built as Qwen chat messages, images go through ``qwen_vl_utils.process_vision_info`` (which
 applies the per-image ``min_pixels``/``max_pixels``, the same budget is handed to the image processor) and
 the processor expands each ``<|image_pad|>`` into one token per merged block of 2x2 patches: 28x28 px for
-Qwen2-VL / Qwen2.5-VL (112x112 -> 16 tokens), 32x32 px for Qwen3-VL. Padding is on the LEFT so that
+Qwen2-VL / Qwen2.5-VL (112x112 -> 16 tokens), 32x32 px for Qwen3-VL. A video (``item.videos``: its cached
+frames, already in the video pixel budget) becomes a video part of frames at their cached size; the
+processor expands its ``<|video_pad|>`` into one token per merged block per 2 frames and returns
+``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts``. Padding is on the LEFT so that
 generated tokens start at the same column for every row of a batch.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ from PIL import Image
 
 from vlgrpo.config import TinyModelConfig
 from vlgrpo.data.images import check_cached_image
-from vlgrpo.data.manifest import IMAGE_TAG, Item
+from vlgrpo.data.manifest import IMAGE_TAG, VIDEO_TAG, Item
 from vlgrpo.io import atomic_dir, verify_content_hashes, write_content_hashes
 
 # The Qwen2/2.5-VL special tokens, in the order Qwen's own vocabulary lists them. Keeping the names lets
@@ -251,9 +254,19 @@ def count_parameters(model) -> int:
 # -------------------------------------------------------------------------------------------- prompts
 
 
+def _video_part(frames: Sequence[Path | str | Image.Image], min_pixels: int, max_pixels: int) -> dict:
+    """A video part; decoded frames (cached in the video budget) keep their size, paths get the budget."""
+    frames = [f if isinstance(f, Image.Image) else str(f) for f in frames]
+    part = {"type": "video", "video": frames, "min_pixels": min_pixels, "max_pixels": max_pixels}
+    if isinstance(frames[0], Image.Image):
+        part["resized_width"], part["resized_height"] = frames[0].size
+    return part
+
+
 def build_messages(item: Item, image_paths: Sequence[Path | str | Image.Image], min_pixels: int,
-                   max_pixels: int) -> list[dict]:
-    """Qwen chat messages for one item: each ``<image>`` tag in the prompt turns becomes an image part.
+                   max_pixels: int, videos: Sequence[Sequence[Path | str | Image.Image]] = ()) -> list[dict]:
+    """Qwen chat messages for one item: each ``<image>`` (``<video>``) tag in the prompt turns becomes an
+    image (video) part; ``videos`` holds each video's frames.
 
     Multi-turn items (``item.turns``) render every earlier turn; tags are numbered across turns in order.
     Images without a tag go first in the first turn (the common "image then question" layout).
@@ -263,23 +276,28 @@ def build_messages(item: Item, image_paths: Sequence[Path | str | Image.Image], 
     if n_tags > len(image_paths):
         raise ValueError(f"item {item.id}: question has {n_tags} {IMAGE_TAG} tags "
                          f"but only {len(image_paths)} images")
+    n_video_tags = sum(t["content"].count(VIDEO_TAG) for t in turns)
+    if n_video_tags != len(videos):
+        raise ValueError(f"item {item.id}: question has {n_video_tags} {VIDEO_TAG} tags but {len(videos)} videos")
 
     def image_part(img) -> dict:
         ref = img if isinstance(img, Image.Image) else str(img)
         return {"type": "image", "image": ref, "min_pixels": min_pixels, "max_pixels": max_pixels}
 
     untagged = len(image_paths) - n_tags
-    queue = list(image_paths[untagged:])
+    queue, video_queue = list(image_paths[untagged:]), list(videos)
     messages = []
     if item.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": item.system}]})
     for n, turn in enumerate(turns):
         content: list[dict] = [image_part(img) for img in image_paths[:untagged]] if n == 0 else []
-        for i, text in enumerate(turn["content"].split(IMAGE_TAG)):
-            if i > 0:
+        for piece in re.split(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})", turn["content"]):
+            if piece == IMAGE_TAG:
                 content.append(image_part(queue.pop(0)))
-            if text:
-                content.append({"type": "text", "text": text})
+            elif piece == VIDEO_TAG:
+                content.append(_video_part(video_queue.pop(0), min_pixels, max_pixels))
+            elif piece:
+                content.append({"type": "text", "text": piece})
         messages.append({"role": turn["role"], "content": content})
     return messages
 
@@ -327,26 +345,35 @@ def _item_images(item: Item, manifest_dir: Path) -> list[Image.Image]:
     return [IMAGE_CACHE.get(Path(manifest_dir) / rel) for rel in item.images]
 
 
-def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: int, max_pixels: int):
-    """(prompt text, resized images) for one item, through process_vision_info and the chat template."""
+def _item_videos(item: Item, manifest_dir: Path) -> list[list[Image.Image]]:
+    return [[IMAGE_CACHE.get(Path(manifest_dir) / rel) for rel in frames] for frames in item.videos]
+
+
+def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: int, max_pixels: int,
+            manifest_dir: Path):
+    """(prompt text, resized images, videos as frame tensors) for one item, through process_vision_info and
+    the chat template."""
     from qwen_vl_utils import process_vision_info
 
-    messages = build_messages(item, list(images), min_pixels, max_pixels)
+    messages = build_messages(item, list(images), min_pixels, max_pixels, _item_videos(item, manifest_dir))
     patch = getattr(processor.image_processor, "patch_size", PATCH_SIZE)
-    vision, _ = process_vision_info(messages, image_patch_size=patch)
+    vision, videos = process_vision_info(messages, image_patch_size=patch)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text, vision or []
+    return text, vision or [], videos or []
 
 
-def _encode(processor, texts: list[str], images: list[Image.Image], min_pixels: int, max_pixels: int):
+def _encode(processor, texts: list[str], images: list[Image.Image], videos: list[torch.Tensor], min_pixels: int,
+            max_pixels: int):
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = "left"
     # The pixel budget goes to the image processor too: it resizes again with its own ``size`` otherwise,
     # and a checkpoint's own (Qwen3-VL: shortest_edge 65536) would upscale every small image (112 px ->
     # 256 px, 64 tokens instead of 9). With the same budget its resize of an already-fitted image is a no-op.
-    kw = {"images": images, "images_kwargs": {"size": {"shortest_edge": min_pixels,
-                                                        "longest_edge": max_pixels}}} if images else {}
+    kw: dict[str, Any] = {"images": images, "images_kwargs": {"size": {"shortest_edge": min_pixels,
+                                                                        "longest_edge": max_pixels}}} if images else {}
+    if videos:  # frames arrive resized by qwen-vl-utils (the cache's video budget): never resized again here
+        kw.update(videos=videos, videos_kwargs={"do_resize": False, "cap_pixels_per_frame": True})
     try:
         return processor(text=texts, padding=True, return_tensors="pt", **kw)
     finally:
@@ -358,18 +385,20 @@ def encode_prompts(processor, items: Sequence[Item], manifest_dir: Path, min_pix
     """Left-padded prompts ending in the assistant header -> BatchFeature.
 
     Keys: ``input_ids`` / ``attention_mask`` (B, T); ``pixel_values`` (sum of patches, C*2*14*14);
-    ``image_grid_thw`` (n_images, 3), rows in item order. ``images`` overrides the item's files (e.g.
+    ``image_grid_thw`` (n_images, 3), rows in item order; for items with videos also ``pixel_values_videos``,
+    ``video_grid_thw`` (n_videos, 3) and ``second_per_grid_ts`` (n_videos,). ``images`` overrides the item's files (e.g.
     augmented copies), one list per item.
     """
     if images is not None and len(images) != len(items):
         raise ValueError(f"images: got {len(images)} lists for {len(items)} items")
-    texts, flat = [], []
+    texts, flat, flat_videos = [], [], []
     for i, it in enumerate(items):
         imgs = images[i] if images is not None else _item_images(it, manifest_dir)
-        text, vision = _render(processor, it, imgs, min_pixels, max_pixels)
+        text, vision, videos = _render(processor, it, imgs, min_pixels, max_pixels, manifest_dir)
         texts.append(text)
         flat.extend(vision)
-    return _encode(processor, texts, flat, min_pixels, max_pixels)
+        flat_videos.extend(videos)
+    return _encode(processor, texts, flat, flat_videos, min_pixels, max_pixels)
 
 
 def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_pixels: int, max_pixels: int,
@@ -384,12 +413,12 @@ def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_p
         answers = [it.solution or (it.references[0] if it.references else "") for it in items]
     if len(answers) != len(items):
         raise ValueError(f"answers: got {len(answers)} for {len(items)} items")
-    texts, flat, n_answer = [], [], []
+    texts, flat, flat_videos, n_answer = [], [], [], []
     for i, (it, ans) in enumerate(zip(items, answers)):
         if not ans:
             raise ValueError(f"item {it.id}: no solution or reference to supervise on")
         imgs = images[i] if images is not None else _item_images(it, manifest_dir)
-        prompt, vision = _render(processor, it, imgs, min_pixels, max_pixels)
+        prompt, vision, videos = _render(processor, it, imgs, min_pixels, max_pixels, manifest_dir)
         full = prompt + ans + "<|im_end|>"
         # Count answer tokens as they are tokenised in context (a merge could cross the boundary):
         # the prompt's ids must be a prefix of the full ids, else the labels would be misaligned.
@@ -399,8 +428,9 @@ def supervised_batch(processor, items: Sequence[Item], manifest_dir: Path, min_p
             raise ValueError(f"item {it.id}: answer {ans!r} merges with the prompt's last token")
         texts.append(full)
         flat.extend(vision)
+        flat_videos.extend(videos)
         n_answer.append(len(f_ids) - len(p_ids))   # answer tokens + <|im_end|>
-    batch = _encode(processor, texts, flat, min_pixels, max_pixels)
+    batch = _encode(processor, texts, flat, flat_videos, min_pixels, max_pixels)
     ids = batch["input_ids"]                       # (B, T), left-padded, so answers end at column T-1
     labels = torch.full_like(ids, IGNORE_INDEX)
     T = ids.shape[1]

@@ -16,17 +16,22 @@ Row checks give one finding per problem, ``{"line", "severity", "check", "messag
 - errors (the row is excluded): ``invalid_json``, ``invalid_dataset``, ``unreadable_source``,
   ``unknown_layout``, ``bad_schema``, ``missing_image``, ``empty_image``, ``truncated_image``,
   ``not_an_image``, ``decompression_bomb``, ``bad_aspect_ratio``, ``empty_solution``, ``no_image``,
-  ``no_user_prompt``, ``image_tag_mismatch``, ``unsupported_grounding``, ``path_escape``, ``remote_url``,
-  ``prompt_too_long``, ``duplicate_id``, ``image_in_two_splits``;
+  ``no_user_prompt``, ``image_tag_mismatch``, ``video_tag_mismatch``, ``missing_video``,
+  ``unsupported_video``, ``video_frame_mismatch`` (frames of one video of different sizes),
+  ``unsupported_grounding``, ``path_escape``, ``remote_url``, ``prompt_too_long``, ``duplicate_id``, ``image_in_two_splits``;
 - warnings (the row is kept and repaired by the data stage): ``converted_mode``, ``resized``,
-  ``upscaled``, ``duplicate_row`` (an exact copy of an earlier row; the copy is dropped), and what a row
-  carries that vlgrpo does not use: ``ignored_videos``, ``ignored_audios``, ``ignored_rejected_response``,
+  ``upscaled``, ``duplicate_row`` (an exact copy of an earlier row; the copy is dropped), ``sampled_frames``
+  (a video longer than ``data.video_max_frames``), and what a row carries that vlgrpo does not use:
+  ``ignored_audios``, ``ignored_rejected_response``,
   ``ignored_tools``, ``unused_column``.
 
 Prompt length = text tokens + visual tokens. Visual tokens are ``(h/b)*(w/b)`` of the image after
 ``smart_resize`` into ``data.min_pixels..data.max_pixels`` with sides multiples of ``b``, the pixel block of
 one visual token read from ``base.model``'s processor (patch size x merge size: 28 for Qwen2-VL / Qwen2.5-VL
-and the tiny default, 32 for Qwen3-VL; 28 when ``base.model`` is null or a hub id). Text tokens come from
+and the tiny default, 32 for Qwen3-VL; 28 when ``base.model`` is null or a hub id). A video's are ``ceil(F/2)``
+times those of one of its F frames (two frames per temporal patch), each frame fitted into
+``data.min_pixels..data.video_max_pixels``; every frame is checked like an image (a missing or unreadable
+frame is that image error, naming the video and frame). Text tokens come from
 the configured tokenizer (``validate.tokenizer``, else ``base.model`` when it is a local folder). The
 offline default has no tokenizer yet (it is trained later, in ``base``), so we count one token per UTF-8
 byte of the system and user text plus the chat-template scaffold (see :data:`TEMPLATE_OVERHEAD`): a
@@ -53,7 +58,7 @@ from typing import Any, Callable, Iterable
 
 from vlgrpo.config import Config
 from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, vision_block, visual_tokens
-from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
+from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, VIDEO_TAG, Item
 from vlgrpo.data.layouts import WARNING_CHECKS as LAYOUT_WARNINGS
 from vlgrpo.data.sources import (TASK_NAMES, ImageRef, Record, assign_split, detect_kind, iter_records,
                                  read_options)
@@ -62,9 +67,10 @@ from vlgrpo.io import atomic_dir, atomic_write_json
 ERROR_CHECKS = ("invalid_json", "invalid_dataset", "unreadable_source", "unknown_layout", "bad_schema",
                 "missing_image", "empty_image", "truncated_image", "not_an_image", "decompression_bomb",
                 "bad_aspect_ratio", "empty_solution", "no_image", "no_user_prompt", "image_tag_mismatch",
+                "video_tag_mismatch", "missing_video", "unsupported_video", "video_frame_mismatch",
                 "unsupported_grounding", "path_escape", "remote_url", "prompt_too_long", "duplicate_id",
                 "image_in_two_splits")
-WARNING_CHECKS = ("converted_mode", "resized", "upscaled", "duplicate_row") + LAYOUT_WARNINGS
+WARNING_CHECKS = ("converted_mode", "resized", "upscaled", "duplicate_row", "sampled_frames") + LAYOUT_WARNINGS
 
 # Qwen chat template around one user turn:
 #   <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{<|vision_start|><|image_pad|>..<|vision_end|>}
@@ -106,8 +112,8 @@ class PromptCounter:
     def text_tokens(self, item: Item) -> int:
         system = item.system if item.system is not None else DEFAULT_SYSTEM
         turns = item.prompt_turns
-        text = "\n".join(t["content"].replace(IMAGE_TAG, "") for t in turns)
-        n_img = sum(t["content"].count(IMAGE_TAG) for t in turns)
+        text = "\n".join(t["content"].replace(IMAGE_TAG, "").replace(VIDEO_TAG, "") for t in turns)
+        n_img = sum(t["content"].count(IMAGE_TAG) + t["content"].count(VIDEO_TAG) for t in turns)
         # Turns beyond the one the base overhead covers: their role name and scaffold.
         extra = sum(TURN_OVERHEAD + len(t["role"].encode("utf-8")) for t in turns[1:])
         if self.tokenizer is None:
@@ -186,6 +192,7 @@ class Checked:
     prompt_tokens: int = 0
     duplicate: bool = False
     refs: list[ImageRef] = field(default_factory=list)
+    videos: list[list[ImageRef]] = field(default_factory=list)
 
 
 class RowChecker:
@@ -194,13 +201,17 @@ class RowChecker:
     ``load`` turns an :class:`ImageRef` into an :class:`ImageInfo` (None: a remote image left unchecked) or
     raises :class:`ImageError`; validation passes an :class:`ImageInspector`, the data stage a function that
     also normalises and caches the image. ``factor``: the model's visual-token block (``vision_block``).
+    ``load_frame`` does for video frames what ``load`` does for images, in the video budget
+    (``data.video_max_pixels``).
     """
 
     def __init__(self, cfg: Config, source: object, load: Callable[[ImageRef], ImageInfo | None],
-                 counter: PromptCounter | None = None, factor: int = 28) -> None:
+                 counter: PromptCounter | None = None, factor: int = 28,
+                 load_frame: Callable[[ImageRef], ImageInfo | None] | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.load = load
+        self.load_frame = load_frame or load
         self.counter = counter or PromptCounter(cfg)
         self.max_tokens = cfg.train.max_prompt_tokens
         d = cfg.data
@@ -230,7 +241,8 @@ class RowChecker:
 
         if not item.text:
             out.append(self._f(n, "error", "no_user_prompt", "no user prompt text"))
-        if not rec.refs and not any(e.check in ("path_escape", "remote_url") for e in rec.errors):
+        if not rec.refs and not rec.videos and not item.videos \
+                and not any(e.check in ("path_escape", "remote_url") for e in rec.errors):
             out.append(self._f(n, "error", "no_image", "the item has no image"))
         if item.task == "caption":
             if not any(r.strip() for r in item.references):
@@ -253,6 +265,10 @@ class RowChecker:
             tokens_img += info.visual_tokens
             for w in info.warnings:
                 out.append(self._f(n, "warning", w.check, w.message))
+        for v, frames in enumerate(rec.videos, 1):
+            tokens_v, first = _video_frames(self, n, v, frames, out)
+            tokens_img += tokens_v
+            infos += first
 
         tokens = self.counter.text_tokens(item) + tokens_img
         if tokens > self.max_tokens:
@@ -261,7 +277,7 @@ class RowChecker:
                                f"{self.counter.source}) > train.max_prompt_tokens={self.max_tokens}; "
                                "the row is dropped, not truncated"))
         if any(f["severity"] == "error" for f in out):
-            return Checked(n, item, False, out, infos, tokens, refs=rec.refs)
+            return Checked(n, item, False, out, infos, tokens, refs=rec.refs, videos=rec.videos)
 
         if item.split is None:
             # Imported rows without a split: keyed by the image content, so every row about one image
@@ -278,11 +294,33 @@ class RowChecker:
                                    f"image {info.sha256[:12]} is in split {item.split!r} here and in "
                                    f"{seen[0]!r} on line {seen[1]}"))
         if any(f["severity"] == "error" for f in out):
-            return Checked(n, item, False, out, infos, tokens, refs=rec.refs)
+            return Checked(n, item, False, out, infos, tokens, refs=rec.refs, videos=rec.videos)
         self._ids[item.id] = n
         for info in infos:
             self._image_split.setdefault(info.sha256, (item.split, n))
-        return Checked(n, item, True, out, infos, tokens, refs=rec.refs)
+        return Checked(n, item, True, out, infos, tokens, refs=rec.refs, videos=rec.videos)
+
+
+def _video_frames(checker: RowChecker, n: int, v: int, frames: list[ImageRef], out: list[dict[str, Any]]
+                  ) -> tuple[int, list[ImageInfo]]:
+    """Check video ``v``'s frames like images → (its visual tokens, [its first frame's info] for the split
+    key); a frame error or frames of different sizes are findings in ``out``."""
+    infos = []
+    for k, ref in enumerate(frames, 1):
+        try:
+            info = checker.load_frame(ref)
+        except ImageError as e:
+            out.append(checker._f(n, "error", e.check, f"video {v} frame {k}: {e.message}"))
+            continue
+        if info is not None:
+            infos.append(info)
+            out += [checker._f(n, "warning", w.check, f"video {v} frame {k}: {w.message}") for w in info.warnings]
+    sizes = {i.target for i in infos}
+    if len(sizes) > 1:
+        out.append(checker._f(n, "error", "video_frame_mismatch", f"video {v}: frames of different sizes "
+                              f"after resizing ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))})"))
+    per_frame = max((i.visual_tokens for i in infos), default=checker.remote_tokens)
+    return -(-len(frames) // 2) * per_frame, infos[:1]
 
 
 def _largest_side_pair(max_pixels: int) -> tuple[int, int]:
@@ -430,7 +468,7 @@ def rows_table(kept: list[Checked]) -> dict[str, list[Any]]:
         "task": [c.item.task for c in kept],
         "solution": [c.item.solution for c in kept],
         "n_references": [len(c.item.references) for c in kept],
-        "n_images": [len(c.item.images) for c in kept],
+        "n_images": [len(c.item.images) + len(c.item.videos) for c in kept],  # visual inputs: images + videos
         "prompt_chars": [len(c.item.text) for c in kept],
         "prompt_tokens": [c.prompt_tokens for c in kept],
     }
@@ -453,7 +491,8 @@ def check_file(path: str | Path, cfg: Config, kind: str | None = None, root: Pat
     # Our cached manifest gets the fast header check; raw sources are decoded fully, as the import will.
     factor = vision_block(cfg.base.model)
     inspector = ImageInspector(d.min_pixels, d.max_pixels, deep=kind != "manifest", factor=factor)
-    checker = RowChecker(cfg, path, inspector, factor=factor)
+    frames = ImageInspector(d.min_pixels, d.video_max_pixels, deep=kind != "manifest", factor=factor)
+    checker = RowChecker(cfg, path, inspector, factor=factor, load_frame=frames)
     opts = read_options(d, root, coco_split=d.split if kind == "coco" and path.is_dir() else None)
     records = iter_records(path, kind, opts)
     kept, findings, stats = check_records(records, checker)

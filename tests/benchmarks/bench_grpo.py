@@ -1,7 +1,8 @@
 """GRPO throughput: vlgrpo's trainer against TRL 1.x ``GRPOTrainer`` on the tiny default Qwen2.5-VL (issue 6).
 
     .venv/bin/python -m tests.benchmarks.bench_grpo [--steps 5] [--warmup 1] [--threads 2] [--sizes 112,448]
-        [--no-ablations] [--json out.json] [--device cpu|cuda] [--precision no|bf16] [--model-config JSON]
+        [--no-ablations] [--video-size 224 | --no-video] [--json out.json] [--device cpu|cuda]
+        [--precision no|bf16] [--model-config JSON]
 
 Not a pytest test (timings are not asserted); ``make bench`` runs it. The last line printed is
 ``ratio_vs_trl=<vlgrpo samples/s ÷ TRL samples/s at the largest image size>``.
@@ -37,6 +38,10 @@ path (``train.shared_work: false``: G copies of prompt + image everywhere, like 
 (no reference model at all), and the default with ``OMP_WAIT_POLICY=PASSIVE`` (CPU threads that sleep instead of
 spinning), with the trainer's own per-phase timings (generate / score / update), which split the shared-work
 gain into generation prefill, reference forward and policy forward+backward.
+
+Video (``--video-size``, default 224): the same settings on the synthetic ``motion`` task (4-frame videos,
+frames of that size: 224 px -> 2 temporal patches x 64 = 128 video tokens a prompt), vlgrpo's shared work
+against its plain path (TRL's GRPOTrainer has no video input to compare with), alternating the same way.
 """
 from __future__ import annotations
 
@@ -78,11 +83,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def size_params(size: int) -> dict:
-    """params.yaml ``data`` overrides for square synthetic images of ``size`` px, kept at that size."""
-    return {"num_train": NUM_TRAIN, "num_val": 0, "num_test": 0, "seed": 0,
-            "min_pixels": min(3136, size * size), "max_pixels": size * size,
-            "synthetic": {"canvas_size": size}}
+def size_params(size: int, video: bool = False) -> dict:
+    """params.yaml ``data`` overrides for square synthetic images of ``size`` px, kept at that size (``video``:
+    the motion task, its frames at that size)."""
+    out = {"num_train": NUM_TRAIN, "num_val": 0, "num_test": 0, "seed": 0,
+           "min_pixels": min(3136, size * size), "max_pixels": size * size,
+           "synthetic": {"canvas_size": size}}
+    if video:
+        out.update(task_mix={"motion": 1.0}, video_max_pixels=size * size)
+    return out
 
 
 class Gate:
@@ -155,7 +164,7 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     data_order_module.step_prompt_indices = gated        # a pause before each step; the real function does the work
     steps = spec["total_steps"]
     cfg = config_from_dict({
-        "data": {**size_params(spec["size"]), "out_dir": "data"},
+        "data": {**size_params(spec["size"], spec.get("video", False)), "out_dir": "data"},
         "rewards": {"weights": {"accuracy": 1.0}},
         "train": {"max_steps": steps, "save_steps": steps, "prompts_per_step": PROMPTS_PER_STEP,
                   "num_generations": NUM_GENERATIONS, "micro_batch_size": PROMPTS_PER_STEP * NUM_GENERATIONS,
@@ -170,7 +179,8 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     params = sum(p.numel() for p in model.parameters())
     del model
     enc = modeling.encode_prompts(proc, [item], root / "data", cfg.data.min_pixels, cfg.data.max_pixels)
-    image_tokens = int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+    pads = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+    image_tokens = int(torch.isin(enc["input_ids"], torch.tensor(pads)).sum())   # visual tokens a prompt
     out = Path(spec["out"])
     metrics = out / "metrics.jsonl"
     summary = train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", spec["model"], out / "model", metrics),
@@ -281,9 +291,10 @@ def worker_main(spec: dict) -> None:
 # ============================================================================================== parent
 
 
-def prepare(tmp: Path, sizes: list[int], model_cfg: dict) -> dict[int, Path]:
-    """One dataset per image size (under tmp/size-<n>/data) and the model (tmp/model): ``build_tiny`` with the
-    default ``TinyModelConfig`` updated by ``model_cfg``. Returns the dataset roots."""
+def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None = None) -> dict:
+    """One dataset per image size (under tmp/size-<n>/data; the video one under tmp/video-<n>, key
+    ``"video"``) and the model (tmp/model): ``build_tiny`` with the default ``TinyModelConfig`` updated by
+    ``model_cfg``. Returns the dataset roots."""
     from vlgrpo import modeling
     from vlgrpo.config import TinyModelConfig, config_from_dict
     from vlgrpo.data.build import build_dataset
@@ -295,6 +306,10 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict) -> dict[int, Path]:
         build_dataset(config_from_dict({"data": size_params(s)}), root)
         roots[s] = root
     items = read_manifest(roots[sizes[0]] / "data" / "manifest.jsonl")
+    if video_size:
+        roots["video"] = tmp / f"video-{video_size}"
+        build_dataset(config_from_dict({"data": size_params(video_size, video=True)}), roots["video"])
+        items += read_manifest(roots["video"] / "data" / "manifest.jsonl")
     model, proc = modeling.build_tiny([t for it in items for t in (it.question, it.solution)] * 4,
                                       TinyModelConfig(**model_cfg), seed=0)
     modeling.save_model(model, proc, tmp / "model")
@@ -385,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
     ap.add_argument("--sizes", default="112,448", help="square image sizes in px, comma-separated")
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--video-size", type=int, default=224, help="frame side of the video row, px")
+    ap.add_argument("--no-video", action="store_true", help="skip the video row")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="TRL's own default (recompute activations in backward); off = the same work as vlgrpo")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -407,10 +424,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "steps": args.steps, "device": args.device, "precision": args.precision,
                      "model_config": model_cfg, "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-                     "sizes": {}, "ablations": {}}
+                     "sizes": {}, "ablations": {}, "video": {}}
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         tmp = Path(tmp)
-        roots = prepare(tmp, sizes, model_cfg)
+        video_size = None if args.no_video else args.video_size
+        roots = prepare(tmp, sizes, model_cfg, video_size)
         print(f"setup: datasets {sizes} px, tiny model saved ({time.perf_counter() - t_start:.0f}s)", flush=True)
 
         def spec(kind, size, tag, **kw):
@@ -436,6 +454,15 @@ def main(argv: list[str] | None = None) -> dict:
                             total, tmp)
             results["ablations"] = {"size": s, **{n: summarise(m, args.warmup, args.steps) for n, m in got.items()}}
             print(f"ablations at {s}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        if video_size:
+            t0 = time.perf_counter()
+            vspec = dict(size=video_size, video=True, root=str(roots["video"]))
+            got = run_group({"video, shared (default)": {**spec("vlgrpo", sizes[0], "video-shared"), **vspec},
+                             "video, plain (shared_work false)": {**spec("vlgrpo", sizes[0], "video-plain",
+                                                                         shared=False), **vspec}}, total, tmp)
+            results["video"] = {"size": video_size, **{n: summarise(m, args.warmup, args.steps)
+                                                       for n, m in got.items()}}
+            print(f"video at {video_size}: done in {time.perf_counter() - t0:.0f}s", flush=True)
     results["wall_s"] = time.perf_counter() - t_start
     results["loadavg_start"], results["loadavg_end"] = load0, os.getloadavg()
     largest = results["sizes"][sizes[-1]]
@@ -518,7 +545,25 @@ def report(r: dict) -> str:
         if ps:
             lines.append(f"- OMP_WAIT_POLICY=PASSIVE: step {ps['step_s']:.2f}s vs {sh['step_s']:.2f}s with the "
                          f"environment's policy, {r['omp_wait_policy']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _video_report(r.get("video")))
+
+
+def _video_report(v: dict | None) -> list[str]:
+    if not v:
+        return []
+    lines = ["", f"video (motion task, 4 frames of {v['size']}x{v['size']}; vlgrpo, the trainer's own phase "
+                 "timings, medians, s):", "",
+             "| variant | visual tokens | samples/s | step s | generate | score | update | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n, m in v.items():
+        if n != "size":
+            p = m["phases"]
+            lines.append(f"| {n} | {m['image_tokens']} | {m['samples_per_s']:.2f} | {m['step_s']:.2f} | "
+                         f"{p['generate']:.3f} | {p['score']:.3f} | {p['update']:.3f} | {m['peak_rss_mb']:.0f} |")
+    sh, pl = v["video, shared (default)"], v["video, plain (shared_work false)"]
+    lines += ["", f"- video, shared work on vs off: steps {pl['step_s'] / sh['step_s']:.2f}x faster; peak RSS "
+                  f"shared/plain = {sh['peak_rss_mb'] / pl['peak_rss_mb']:.2f}"]
+    return lines
 
 if __name__ == "__main__":
     main()

@@ -192,19 +192,19 @@ def test_json_array_lines_and_broken_array(tmp_path):
 def test_nothing_dropped_silently(tmp_path):
     _images(tmp_path)
     rows = [
-        {"messages": [{"role": "user", "content": "<image><video>What happens?"}], "images": ["a.png"],
-         "videos": ["clip.mp4"], "solution": "it rolls"},
+        {"messages": [{"role": "user", "content": "<image><audio>What happens?"}], "images": ["a.png"],
+         "audios": ["clip.wav"], "solution": "it rolls"},
         {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red"}],
          "rejected_response": "blue", "images": ["b.png"]},
     ]
     src = _write(tmp_path / "w.jsonl", rows)
     r1, r2 = iter_records(src)
-    assert r1.item.question == "<image>What happens?" and not r1.errors   # <video> removed, row kept
-    assert [w.check for w in r1.warnings] == ["ignored_videos"] and "1 video(s) in 'videos'" in r1.warnings[0].message
+    assert r1.item.question == "<image>What happens?" and not r1.errors   # <audio> removed, row kept
+    assert [w.check for w in r1.warnings] == ["ignored_audios"] and "1 audio(s) in 'audios'" in r1.warnings[0].message
     assert r2.item.solution == "red" and [w.check for w in r2.warnings] == ["ignored_rejected_response"]
     _, kept, findings, _, _ = check_file(src, _cfg())
-    assert len(kept) == 2 and sorted(f["check"] for f in findings) == ["ignored_rejected_response",
-                                                                      "ignored_videos"]
+    assert len(kept) == 2 and sorted(f["check"] for f in findings) == ["ignored_audios",
+                                                                      "ignored_rejected_response"]
     assert findings[0]["message"].startswith(f"{src}:1: ")
 
 

@@ -10,6 +10,9 @@
   oriented, converted to RGB, resized into the budget and cached. Rows without a split get one from a hash
   of their first image's content (so one image never lands in two splits), ``data.val_fraction`` and
   ``data.test_fraction`` setting the proportions.
+- Videos (frame folders / lists): every frame is normalised like an image, into ``data.min_pixels`` ..
+  ``data.video_max_pixels``, and cached in the same content-addressed cache; the manifest row lists each
+  video's cached frames.
 
 Every row goes through the same checks as ``validate`` (:class:`vlgrpo.validation.RowChecker`); rows with an
 error are left out and reported in the summary, warnings (converted, resized, duplicate rows) are repaired.
@@ -97,23 +100,33 @@ def _synthetic_records(cfg: Config, out: Path, cache_dir: Path, factor: int
     d = cfg.data
     pending: dict[str, tuple[Issue, ...]] = {}   # cache path -> warnings raised while fitting
 
+    def cached(image: Any, name: str, max_pixels: int) -> str:
+        img, issues = fit_image(image, d.min_pixels, max_pixels, name, factor)
+        rel = cache_image(img, cache_dir)
+        pending[rel] = tuple(issues)
+        return rel
+
     def records() -> Iterator[Record]:
         for n, (item, image) in enumerate(generate(d), 1):
-            img, issues = fit_image(image, d.min_pixels, d.max_pixels, f"{item.id}.png", factor)
-            rel = cache_image(img, cache_dir)
-            pending[rel] = tuple(issues)
-            item.images = [rel]
-            yield Record(n, item, [ImageRef(raw=rel, path=out / rel)], key=item.to_json())
+            if isinstance(image, list):  # a video task: its frames
+                item.videos = [[cached(f, f"{item.id}-{k}.png", d.video_max_pixels) for k, f in enumerate(image)]]
+                yield Record(n, item, [], key=item.to_json(),
+                             videos=[[ImageRef(raw=rel, path=out / rel) for rel in item.videos[0]]])
+                continue
+            item.images = [cached(image, f"{item.id}.png", d.max_pixels)]
+            yield Record(n, item, [ImageRef(raw=item.images[0], path=out / item.images[0])], key=item.to_json())
 
-    def load(ref: ImageRef) -> ImageInfo:
-        info = inspect_image(ref.path, d.min_pixels, d.max_pixels, factor=factor)
-        extra = pending.pop(ref.raw, ())
-        if extra:
-            info = ImageInfo(info.width, info.height, info.mode, info.sha256, info.target,
-                             tuple(extra) + info.warnings, factor)
-        return info
+    def loader(max_pixels: int):
+        def load(ref: ImageRef) -> ImageInfo:
+            info = inspect_image(ref.path, d.min_pixels, max_pixels, factor=factor)
+            extra = pending.pop(ref.raw, ())
+            if extra:
+                info = ImageInfo(info.width, info.height, info.mode, info.sha256, info.target,
+                                 tuple(extra) + info.warnings, factor)
+            return info
+        return load
 
-    return records(), load
+    return records(), (loader(d.max_pixels), loader(d.video_max_pixels))
 
 
 def source_path(cfg: Config, root: Path) -> Path:
@@ -134,9 +147,9 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
     # images are resized to multiples of the model's visual-token block, so the processor never resizes again
     factor = vision_block(cfg.base.model)
     if d.source == "synthetic":
-        records, load = _synthetic_records(cfg, out, cache_dir, factor)
+        records, (load, load_frame) = _synthetic_records(cfg, out, cache_dir, factor)
         source: object = "synthetic"
-        normaliser = None
+        normaliser = frames = None
     else:
         src = source_path(cfg, root)
         if not src.exists():
@@ -144,9 +157,10 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
         opts = read_options(d, root, coco_split=d.split if d.source == "coco" else None)
         records = iter_records(src, d.source, opts)
         load = normaliser = _Normaliser(cache_dir, d.min_pixels, d.max_pixels, factor)
+        load_frame = frames = _Normaliser(cache_dir, d.min_pixels, d.video_max_pixels, factor)
         source = src
 
-    checker = RowChecker(cfg, source, load, factor=factor)
+    checker = RowChecker(cfg, source, load, factor=factor, load_frame=load_frame)
     kept, findings, stats = check_records(records, checker)
     if not kept:
         raise BuildError(f"{source}: no valid rows out of {stats['rows']}; first problems: "
@@ -154,11 +168,12 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
 
     items: list[Item] = []
     for c in kept:
-        if normaliser is not None:
+        if normaliser is not None and frames is not None:
             c.item.images = [normaliser.cached[normaliser.key(r)] for r in c.refs]
+            c.item.videos = [[frames.cached[frames.key(r)] for r in v] for v in c.videos]
         items.append(c.item)
     write_manifest(manifest, items)
-    referenced = {p for it in items for p in it.images}
+    referenced = {p for it in items for p in it.images + [f for v in it.videos for f in v]}
     pruned = prune_cache(out, cache_dir, referenced)
 
     counts = Counter(f["check"] for f in findings)

@@ -21,20 +21,23 @@ layout              recognised by / what it reads
 ==================  =========================================================================================
 
 Every layout also reads ``images`` or ``image`` (a path, ``{"path": ...}``, ``{"bytes": ...}`` or raw bytes,
-or a list of them), ``system``, ``solution`` (the reward target; else the last assistant turn / response /
-output / answer), and the vlgrpo columns ``id``, ``split``, ``task``, ``references``. Every other column is
-kept in ``Item.extra`` and handed to reward functions (as ms-swift's GRPO does).
+or a list of them), ``videos`` or ``video`` (each video a folder of frame images or a list of frame paths;
+``<video>`` tags mark where they go, as ``<image>`` tags do for images), ``system``, ``solution`` (the reward
+target; else the last assistant turn / response / output / answer), and the vlgrpo columns ``id``, ``split``,
+``task``, ``references``. Every other column is kept in ``Item.extra`` and handed to reward functions (as
+ms-swift's GRPO does).
 
 The prompt is every turn up to the last non-assistant one (earlier turns included, the chat template renders
-them); assistant turns after it are the answer. ``<image>`` tags are counted across all prompt turns, tool
-responses included; rows without any tag get one per image at the start of the first turn (ms-swift's rule).
+them); assistant turns after it are the answer. ``<image>`` (``<video>``) tags are counted across all prompt
+turns, tool responses included; rows without any tag get one per image (video) at the start of the first turn
+(ms-swift's rule).
 
-Nothing is dropped silently: ``videos`` / ``audios`` (not supported yet; their tags are removed from the
-prompt), ``rejected_response`` / ``rejected_messages`` / ``rejected_images`` (preference data) and ``tools``
-(agent schemas; kept as an extra column but not rendered) each raise a warning naming what is not used.
-Grounding rows whose text has ms-swift's ``<ref-object>`` / ``<bbox>`` placeholders are refused
-(``unsupported_grounding``): the box text depends on the model family's coordinate convention, so write
-boxes into the text in the model's own format; an ``objects`` column without placeholders is an extra column.
+Nothing is dropped silently: ``audios`` (not supported yet; their tags are removed from the prompt),
+``rejected_response`` / ``rejected_messages`` / ``rejected_images`` (preference data) and ``tools`` (agent
+schemas; kept as an extra column but not rendered) each raise a warning naming what is not used. Grounding
+rows whose text has ms-swift's ``<ref-object>`` / ``<bbox>`` placeholders are refused
+(``unsupported_grounding``): the box text depends on the model family's coordinate convention, so write boxes
+into the text in the model's own format; an ``objects`` column without placeholders is an extra column.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vlgrpo.data.images import Issue
-from vlgrpo.data.manifest import IMAGE_TAG
+from vlgrpo.data.manifest import IMAGE_TAG, VIDEO_TAG
 
 LAYOUTS = ("messages", "llava", "sharegpt", "alpaca", "query_response", "problem_solution")
 LAYOUT_HINTS = {
@@ -57,15 +60,17 @@ LAYOUT_HINTS = {
 PROMPT_KEYS = ("problem", "question", "prompt", "query")
 SOLUTION_KEYS = ("solution", "answer")
 IMAGE_KEYS = ("images", "image")
-VIDEO_TAG, AUDIO_TAG = "<video>", "<audio>"
+VIDEO_KEYS = ("videos", "video")
+AUDIO_TAG = "<audio>"
 # Columns vlgrpo reads itself on every layout (never copied to ``extra``).
-COMMON_KEYS = {"images", "image", "system", "system_prompt", "solution", "id", "split", "task", "references"}
+COMMON_KEYS = {"images", "image", "videos", "video", "system", "system_prompt", "solution", "id", "split", "task",
+               "references"}
 # Present but not used by GRPO on images: warned about, never silently dropped.
-IGNORED = {"videos": "ignored_videos", "video": "ignored_videos", "audios": "ignored_audios",
+IGNORED = {"audios": "ignored_audios",
            "audio": "ignored_audios", "rejected_response": "ignored_rejected_response",
            "rejected_messages": "ignored_rejected_response", "rejected_images": "ignored_rejected_response",
            "tools": "ignored_tools"}
-WARNING_CHECKS = ("ignored_videos", "ignored_audios", "ignored_rejected_response", "ignored_tools",
+WARNING_CHECKS = ("ignored_audios", "ignored_rejected_response", "ignored_tools",
                   "unused_column")
 _USER = {"user", "human"}
 _ASSISTANT = {"assistant", "gpt", "bot", "model", "tool_call", "function_call"}
@@ -80,6 +85,7 @@ class Parsed:
     answer: str | None = None
     system: str | None = None
     images: list[Any] = field(default_factory=list)              # raw entries: path str / dict / bytes
+    videos: list[Any] = field(default_factory=list)              # raw entries: folder str / list of frame paths
     extra: dict[str, Any] = field(default_factory=dict)
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
@@ -186,7 +192,9 @@ def _turns_reader(role_key: str, content_key: str) -> Callable[[dict, Parsed], s
                 continue
             content = t.get(content_key, t.get("content", t.get("value")))
             if not any(k in row for k in IMAGE_KEYS):
-                out.images += _inline_images(content)
+                out.images += _inline_media(content, ("image", "image_url"))
+            if not any(k in row for k in VIDEO_KEYS):
+                out.videos += _inline_media(content, ("video", "video_url"))
             text = content_text(content)
             if str(raw_role).lower() in ("tool_call", "function_call"):
                 text = f"<tool_call>\n{text}\n</tool_call>"  # Qwen's (hermes) rendering of a tool call
@@ -195,15 +203,15 @@ def _turns_reader(role_key: str, content_key: str) -> Callable[[dict, Parsed], s
     return read
 
 
-def _inline_images(content: Any) -> list[Any]:
-    """Image sources written inside OpenAI-style parts (``{"type": "image", "image": "a.png"}``,
-    ``{"type": "image_url", "image_url": {"url": ...}}``), for rows without an images column."""
+def _inline_media(content: Any, kinds: tuple[str, str]) -> list[Any]:
+    """Image (video) sources written inside OpenAI-style parts (``{"type": "image", "image": "a.png"}``,
+    ``{"type": "image_url", "image_url": {"url": ...}}``), for rows without an images (videos) column."""
     if not isinstance(content, list):
         return []
     found = []
     for part in content:
-        if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
-            src = part.get("image", part.get("image_url"))
+        if isinstance(part, dict) and part.get("type") in kinds:
+            src = part.get(kinds[0], part.get(kinds[1]))
             src = src.get("url") if isinstance(src, dict) and "url" in src else src
             if src is not None:
                 found.append(src)
@@ -325,6 +333,23 @@ def _images(row: dict[str, Any], out: Parsed) -> None:
                                                   f"{{'bytes': ...}} or image bytes, got {e!r}"[:200]))
 
 
+def _videos(row: dict[str, Any], out: Parsed) -> None:
+    """``videos`` / ``video``: one entry (a frame folder) or a list whose items are folders or frame lists."""
+    key = next((k for k in VIDEO_KEYS if k in row and row[k] not in (None, [], "")), None)
+    if key is None:
+        return
+    v = row[key]
+    # a list of strings is a list of videos, except under ``video`` where it is one video's frames
+    entries = [v] if isinstance(v, str) or (key == "video" and isinstance(v, list)) else v
+    out.videos = []
+    for e in entries if isinstance(entries, list) else [entries]:
+        if isinstance(e, str) or (isinstance(e, list) and e and all(isinstance(f, str) for f in e)):
+            out.videos.append(e)
+        else:
+            out.errors.append(Issue("bad_schema", f"a '{key}' entry must be a frame folder or a list of frame "
+                                                  f"paths, got {e!r}"[:200]))
+
+
 def _warn_ignored(row: dict[str, Any], out: Parsed) -> set[str]:
     seen = set()
     for key, check in IGNORED.items():
@@ -348,7 +373,7 @@ def _warn_ignored(row: dict[str, Any], out: Parsed) -> set[str]:
 
 def _strip_media_tags(out: Parsed) -> None:
     for t in out.turns:
-        for tag, check in ((VIDEO_TAG, "ignored_videos"), (AUDIO_TAG, "ignored_audios")):
+        for tag, check in ((AUDIO_TAG, "ignored_audios"),):
             if tag in t["content"]:
                 t["content"] = t["content"].replace(tag, "")
                 if not any(w.check == check for w in out.warnings):
@@ -371,16 +396,18 @@ def _plain_text(v: Any) -> str:
 
 
 def _place_untagged(out: Parsed) -> None:
-    """No tag anywhere: one ``<image>`` per image at the start of the first turn (ms-swift's rule)."""
+    """No tag anywhere: one ``<image>`` per image (``<video>`` per video) at the start of the first turn
+    (ms-swift's rule)."""
     if not out.turns:
         return  # no prompt at all: reported as such (no_user_prompt), not as a tag mismatch
-    tags = sum(t["content"].count(IMAGE_TAG) for t in out.turns)
-    if tags == 0 and out.images:
-        out.turns[0]["content"] = IMAGE_TAG * len(out.images) + out.turns[0]["content"]
-    elif tags != len(out.images):
-        out.errors.append(Issue("image_tag_mismatch",
-                                f"{tags} {IMAGE_TAG} tag(s) across the prompt turns but {len(out.images)} "
-                                "image(s); the model would see mismatched image tokens"))
+    for tag, media, kind in ((VIDEO_TAG, out.videos, "video"), (IMAGE_TAG, out.images, "image")):
+        tags = sum(t["content"].count(tag) for t in out.turns)
+        if tags == 0 and media:
+            out.turns[0]["content"] = tag * len(media) + out.turns[0]["content"]
+        elif tags != len(media):
+            out.errors.append(Issue(f"{kind}_tag_mismatch",
+                                    f"{tags} {tag} tag(s) across the prompt turns but {len(media)} "
+                                    f"{kind}(s); the model would see mismatched {kind} tokens"))
 
 
 def _split_answer(out: Parsed) -> None:
@@ -400,6 +427,7 @@ def parse_row(row: dict[str, Any], layout: str) -> Parsed:
         out.system = system  # the column wins over a system turn, as in ms-swift
     _split_answer(out)
     _images(row, out)
+    _videos(row, out)
     consumed |= _warn_ignored(row, out)
     _strip_media_tags(out)
     _check_grounding(out, row)

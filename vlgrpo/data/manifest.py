@@ -10,10 +10,12 @@ Schema of one line (``Item.to_json``):
      "scene": {"width":112,"height":112,"objects":[{"shape":..,"color":..,"size":..,"x":..,"y":..}]} | null,
      "system": null | "...",
      "extra": {...},                                         # any extra columns, passed to rewards
-     "turns": [{"role": "user"|"assistant"|"tool", "content": "..."}, ...]}   # only for multi-turn prompts
+     "turns": [{"role": "user"|"assistant"|"tool", "content": "..."}, ...],   # only for multi-turn prompts
+     "videos": [["cache/cd/cd34....png", ...], ...]}         # only for rows with videos: frames in order
 
 ``turns`` (absent when empty) holds every prompt turn of a multi-turn row in order, the last user turn
-included; ``question`` is then that last user turn. ``<image>`` tags count across all turns, in order.
+included; ``question`` is then that last user turn. ``<image>`` tags count across all turns, in order, and so
+do ``<video>`` tags, each matching one entry of ``videos`` (a video is its list of cached frames).
 
 Only the first three keys plus ``images`` and ``question`` are required to build an ``Item``.
 """
@@ -27,6 +29,7 @@ from typing import Any, Iterable, Iterator
 from vlgrpo.io import atomic_path
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
 SPLITS = ("train", "val", "test")
 
 
@@ -43,11 +46,13 @@ class Item:
     system: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     turns: list[dict[str, str]] = field(default_factory=list)
+    videos: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> str:
         d = asdict(self)
-        if not d["turns"]:  # single-turn rows (the common case) keep the compact schema
-            del d["turns"]
+        for key in ("turns", "videos"):  # single-turn, image-only rows (the common case) keep the compact schema
+            if not d[key]:
+                del d[key]
         return json.dumps(d, ensure_ascii=False, sort_keys=False)
 
     @classmethod
@@ -56,7 +61,8 @@ class Item:
                    images=list(d["images"]), solution=d.get("solution", "") or "",
                    references=list(d.get("references") or []), scene=d.get("scene"),
                    system=d.get("system"), extra=dict(d.get("extra") or {}),
-                   turns=[dict(t) for t in d.get("turns") or []])
+                   turns=[dict(t) for t in d.get("turns") or []],
+                   videos=[list(v) for v in d.get("videos") or []])
 
     @property
     def prompt_turns(self) -> list[dict[str, str]]:
@@ -66,7 +72,7 @@ class Item:
     @property
     def text(self) -> str:
         """The question without image tags (what a person reads)."""
-        return self.question.replace(IMAGE_TAG, "").strip()
+        return self.question.replace(IMAGE_TAG, "").replace(VIDEO_TAG, "").strip()
 
     def columns(self) -> dict[str, Any]:
         """Per-item columns handed to reward functions as keyword arguments."""

@@ -23,6 +23,12 @@ file exists wins (none: it is reported missing under the first). The resolved fi
 lie inside the dataset's folder, ``data.image_base`` or one of ``data.image_roots``; anything else - ``..``
 or an absolute path elsewhere, or a symlink pointing out - is a ``path_escape`` error. A URL (``http://``,
 ``s3://``, ...) is a ``remote_url`` error unless ``data.allow_remote`` is true.
+
+Videos (jsonl / hf rows). A video is a folder of frame images (read in natural order of their names:
+``f2.png`` before ``f10.png``) or a list of frame paths; each frame is resolved and confined like an image.
+More than ``data.video_max_frames`` frames are sampled evenly down to it (a ``sampled_frames`` warning).
+A folder that does not exist or holds no frames is ``missing_video``; a video file (``.mp4`` and the like)
+is ``unsupported_video``: no decoder is installed (extract its frames into a folder, e.g. with ffmpeg).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
 
 KINDS = ("manifest", "jsonl", "hf", "coco", "flickr30k")
 # Task names a manifest may carry: the synthetic ones plus 'vqa' for imported question/answer rows.
-TASK_NAMES = ("count", "color", "shape", "exists", "caption", "vqa", "ground")
+TASK_NAMES = ("count", "color", "shape", "exists", "caption", "vqa", "ground", "motion")
 CAPTION_PROMPT = f"{IMAGE_TAG}Describe this image in one sentence."
 SPLIT_ALIASES = {"train": "train", "training": "train", "restval": "train", "val": "val",
                  "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test"}
@@ -83,7 +89,8 @@ class Record:
 
     ``item.split`` is None when the source has no split (assigned later from the image content).
     ``key`` is the row's exact content, for duplicate-row detection. ``warnings`` name what the row carries
-    but vlgrpo does not use (videos, preference data, tool schemas).
+    but vlgrpo does not use (audio, preference data, tool schemas) or repairs (frames sampled).
+    ``videos`` holds each video's frames, in order.
     """
     line: int
     item: Item | None
@@ -91,6 +98,7 @@ class Record:
     errors: list[Issue] = field(default_factory=list)
     key: str | None = None
     warnings: list[Issue] = field(default_factory=list)
+    videos: list[list[ImageRef]] = field(default_factory=list)
 
 
 class PathResolver:
@@ -301,7 +309,9 @@ def _jsonl_records(path: str | Path, allow_remote: bool,
             yield Record(n, None, errors=errors, key=text)
             continue
         refs, errs = _resolve_all(item.images, resolve)
-        yield Record(n, item, refs, errors + errs, key=text)
+        videos = [_resolve_all(v, resolve) for v in item.videos]
+        errs += [e for _, ve in videos for e in ve]
+        yield Record(n, item, refs, errors + errs, key=text, videos=[v for v, _ in videos])
 
 
 def manifest_item(obj: dict, line: int, stem: str) -> tuple[Item | None, list[Issue]]:
@@ -341,6 +351,7 @@ class ReadOptions:
     image_base: Path | None = None
     image_roots: tuple[Path, ...] = ()
     coco_split: str | None = None
+    video_max_frames: int = 8
 
     def resolver(self, base: Path, root: Path) -> "PathResolver":
         return PathResolver(base, root, self.allow_remote, image_base=self.image_base,
@@ -357,7 +368,8 @@ def read_options(data_cfg: Any, root: Path | None = None, coco_split: str | None
     return ReadOptions(format=data_cfg.format, columns=tuple(data_cfg.columns.items()),
                        allow_remote=data_cfg.allow_remote,
                        image_base=absolute(data_cfg.image_base) if data_cfg.image_base else None,
-                       image_roots=tuple(absolute(r) for r in data_cfg.image_roots), coco_split=coco_split)
+                       image_roots=tuple(absolute(r) for r in data_cfg.image_roots), coco_split=coco_split,
+                       video_max_frames=data_cfg.video_max_frames)
 
 
 def _rename(row: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> dict[str, Any]:
@@ -387,6 +399,39 @@ def _image_ref(entry: Any, label: str, resolve: PathResolver) -> ImageRef | Issu
     return ImageRef(raw=label, data=buf.getvalue())
 
 
+FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def video_frames(entry: str | list[str], label: str, resolve: PathResolver, max_frames: int
+                 ) -> tuple[list[ImageRef], list[Issue], list[Issue]]:
+    """One video entry (a frame folder or a list of frame paths) → (frame refs, errors, warnings)."""
+    if isinstance(entry, str):
+        folder = resolve(entry)
+        if isinstance(folder, Issue):
+            return [], [folder], []
+        if folder.path is None or not folder.path.is_dir():
+            if folder.path is not None and folder.path.is_file():
+                return [], [Issue("unsupported_video", f"{label} {entry!r} is a video file; no video decoder is "
+                                                       "installed: extract its frames into a folder and give that")], []
+            return [], [Issue("missing_video", f"{label}: frame folder not found: {entry!r}")], []
+        names = sorted((p.name for p in folder.path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
+        if not names:
+            return [], [Issue("missing_video", f"{label}: frame folder {entry!r} holds no frame images")], []
+        entry = [str(folder.path / n) for n in names]
+    warnings = []
+    if len(entry) > max_frames:  # evenly spaced, first and last kept
+        keep = [round(i * (len(entry) - 1) / (max_frames - 1)) for i in range(max_frames)]
+        warnings.append(Issue("sampled_frames", f"{label}: {len(entry)} frames sampled evenly down to "
+                                                f"data.video_max_frames={max_frames}"))
+        entry = [entry[i] for i in keep]
+    refs, errors = _resolve_all(entry, resolve)
+    return refs, errors, warnings
+
+
 def _split(value: Any, errors: list[Issue]) -> str | None:
     if value is None:
         return None
@@ -396,11 +441,18 @@ def _split(value: Any, errors: list[Issue]) -> str | None:
     return mapped
 
 
-def row_item(obj: dict[str, Any], layout: str, line: int, stem: str, resolve: PathResolver
-             ) -> tuple[Item, list[ImageRef], list[Issue], list[Issue]]:
-    """One row in ``layout`` as (Item with split None unless the row has one, image refs, errors, warnings)."""
+def row_item(obj: dict[str, Any], layout: str, line: int, stem: str, resolve: PathResolver,
+             max_frames: int = 8) -> tuple[Item, list[ImageRef], list[Issue], list[Issue], list[list[ImageRef]]]:
+    """One row in ``layout`` as (Item with split None unless the row has one, image refs, errors, warnings,
+    each video's frame refs)."""
     p = parse_row(obj, layout)
     errors = list(p.errors)
+    videos: list[list[ImageRef]] = []
+    for i, entry in enumerate(p.videos, 1):
+        frames, errs, warns = video_frames(entry, f"video {i}", resolve, max_frames)
+        videos.append(frames)
+        errors += errs
+        p.warnings += warns
     refs: list[ImageRef] = []
     labels: list[str] = []
     for i, entry in enumerate(p.images, 1):
@@ -428,8 +480,8 @@ def row_item(obj: dict[str, Any], layout: str, line: int, stem: str, resolve: Pa
     item = Item(id=str(ident) if ident is not None else f"{stem}-{line}", split=_split(obj.get("split"), errors),
                 task=task, question=question, images=labels, solution=solution, references=references,
                 scene=None, system=p.system if isinstance(p.system, str) else None, extra=p.extra,
-                turns=p.turns if multi else [])
-    return item, refs, errors, p.warnings
+                turns=p.turns if multi else [], videos=[[f.raw for f in v] for v in videos])
+    return item, refs, errors, p.warnings, videos
 
 
 def row_records(rows: Iterator[tuple[int, str, Any]], opts: ReadOptions, resolve: PathResolver,
@@ -447,8 +499,8 @@ def row_records(rows: Iterator[tuple[int, str, Any]], opts: ReadOptions, resolve
             if layout is None:
                 yield Record(n, None, errors=[Issue("unknown_layout", unknown_layout_message(list(obj), f"row {n}"))])
                 return
-        item, refs, errors, warnings = row_item(obj, layout, n, stem, resolve)
-        yield Record(n, item, refs, errors, key=key, warnings=warnings)
+        item, refs, errors, warnings, videos = row_item(obj, layout, n, stem, resolve, opts.video_max_frames)
+        yield Record(n, item, refs, errors, key=key, warnings=warnings, videos=videos)
 
 
 def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:

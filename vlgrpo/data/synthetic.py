@@ -5,6 +5,7 @@ are checked against the scene graph.
     from vlgrpo.data.synthetic import generate
     for item, image in generate(DataConfig(num_train=8, num_val=2, num_test=2)):
         ...  # item.images == []: the caller caches `image` and fills the path
+             # (a ``motion`` item is a video: `image` is its list of frames, for item.videos)
 
 Determinism: item ``i`` of split ``s`` draws everything (task, scene, question) from its own generator
 seeded with ``(cfg.seed, s, i)``, so the same config gives byte-identical images and items, and changing
@@ -35,7 +36,9 @@ BACKGROUNDS = {"gray": (128, 128, 128), "grey": (128, 128, 128), "black": (0, 0,
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 VERIFIABLE_TASKS = ("count", "color", "shape", "exists")
 # fixed order (new tasks go last): the same weights map to the same draws, so existing items never change
-TASK_ORDER = ("count", "color", "shape", "exists", "caption", "ground")
+TASK_ORDER = ("count", "color", "shape", "exists", "caption", "ground", "motion")
+DIRECTIONS = ("left", "right", "up", "down")
+MOTION_FRAMES = 4
 
 ONE_WORD = " Answer with one word."
 NUMBER = " Answer with a number."
@@ -302,6 +305,25 @@ def make_ground(rng: np.random.Generator, scene: dict[str, Any], syn: Any) -> tu
     return f"Where is the {color} {shape}?" + BOX_PROMPT, "[" + ", ".join(map(str, box)) + "]", {"qtype": "ground"}
 
 
+def make_motion(rng: np.random.Generator, syn: Any) -> tuple[str, str, dict, list[Image.Image]]:
+    """A video of ``MOTION_FRAMES`` frames: one shape crossing the canvas left / right / up / down; asked
+    which way it moves. The answer is drawn first (balanced); the shape keeps a clear margin at both ends."""
+    size, direction = syn.canvas_size, _pick(rng, DIRECTIONS)
+    s = int(rng.integers(syn.min_object_size, min(syn.max_object_size, size // 3) + 1))
+    obj = {"shape": _pick(rng, syn.shapes), "color": _pick(rng, syn.colors), "size": s}
+    lo, hi = int(np.ceil(s / 2)), size - int(np.ceil(s / 2))
+    across = [round(lo + (hi - lo) * k / (MOTION_FRAMES - 1)) for k in range(MOTION_FRAMES)]
+    if direction in ("left", "up"):
+        across.reverse()
+    other = int(rng.integers(lo, hi + 1))
+    path = [(a, other) if direction in ("left", "right") else (other, a) for a in across]
+    scene = {"width": size, "height": size, "background": syn.background, "objects": [{**obj, "x": path[0][0],
+             "y": path[0][1]}], "path": [list(p) for p in path]}
+    frames = [render({**scene, "objects": [{**obj, "x": x, "y": y}]}) for x, y in path]
+    q = f"Which way does the {obj['color']} {obj['shape']} move? Answer left, right, up or down."
+    return q, direction, {"qtype": "motion", "scene": scene}, frames
+
+
 MAKERS = {"count": make_count, "color": make_color, "shape": make_shape, "exists": make_exists,
           "caption": make_caption, "ground": make_ground}
 
@@ -316,12 +338,18 @@ def _task_weights(task_mix: dict[str, float]) -> tuple[list[str], np.ndarray]:
 
 
 def make_item(cfg: Any, split: str, index: int) -> tuple[Any, Image.Image]:
-    """Item ``index`` of ``split`` and its image, from that item's own generator."""
-    from vlgrpo.data.manifest import IMAGE_TAG, Item
+    """Item ``index`` of ``split`` and its image (a list of frames for a video task), from that item's own
+    generator."""
+    from vlgrpo.data.manifest import IMAGE_TAG, VIDEO_TAG, Item
 
     rng = item_rng(cfg.seed, split, index)
     tasks, probs = _task_weights(cfg.task_mix)
     task = tasks[int(rng.choice(len(tasks), p=probs))]
+    if task == "motion":
+        question, solution, extra, frames = make_motion(rng, cfg.synthetic)
+        scene = extra.pop("scene")
+        return Item(id=f"syn-{split}-{index:06d}", split=split, task=task, question=VIDEO_TAG + question,
+                    images=[], solution=solution, scene=scene, extra=extra), frames
     # Count questions are planned before the scene (balanced answers); the others adapt to the scene.
     extra_args = (plan_count(rng, cfg.synthetic),) if task == "count" else ()
     for _ in range(_SCENE_TRIES):

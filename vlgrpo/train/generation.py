@@ -1,6 +1,6 @@
 """Sampling G completions per prompt (the rollout's generation), with a private random stream per prompt.
 
-Shared work: each prompt (image included) is prefilled once and its KV cache expanded to its G samples;
+Shared work: each prompt (images and videos included) is prefilled once and its KV cache expanded to its G samples;
 the plain path prefills G copies. Both draw the same tokens from the same generators.
 """
 from __future__ import annotations
@@ -61,16 +61,15 @@ def _prefill(model: nn.Module, prompts: PromptBatch, G: int, shared: bool):
     positions (3, N, 1) of the first completion token)."""
     if shared:
         out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                    mm_token_type_ids=prompts.mm_token_type_ids, pixel_values=prompts.pixel_values,
-                    image_grid_thw=prompts.image_grid_thw, use_cache=True, logits_to_keep=1)
+                    mm_token_type_ids=prompts.mm_token_type_ids, use_cache=True, logits_to_keep=1,
+                    **prompts.vision_kwargs())
         cache = out.past_key_values
         cache.batch_repeat_interleave(G)
         return (cache, out.logits[:, -1].repeat_interleave(G, 0), prompts.attention_mask.repeat_interleave(G, 0),
                 completion_positions(model, prompts, 1).repeat_interleave(G, 1))
     rep = prompts.select([i for i in range(len(prompts)) for _ in range(G)])
     out = model(input_ids=rep.input_ids, attention_mask=rep.attention_mask,
-                mm_token_type_ids=rep.mm_token_type_ids, pixel_values=rep.pixel_values,
-                image_grid_thw=rep.image_grid_thw, use_cache=True, logits_to_keep=1)
+                mm_token_type_ids=rep.mm_token_type_ids, use_cache=True, logits_to_keep=1, **rep.vision_kwargs())
     return out.past_key_values, out.logits[:, -1], rep.attention_mask, completion_positions(model, rep, 1)
 
 

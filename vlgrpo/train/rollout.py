@@ -82,7 +82,8 @@ def encode_step(run: "Run", step: int, slots: list[int], items: list[Any]) -> Pr
     imgs = P.step_images(items, mdir, run.tc, step, slots)
     enc = modeling.encode_prompts(run.processor, items, mdir, run.cfg.data.min_pixels, run.cfg.data.max_pixels,
                                   images=imgs)
-    return PromptBatch.from_encoded(enc, [len(it.images) for it in items]).to(run.device)
+    return PromptBatch.from_encoded(enc, [len(it.images) for it in items],
+                                    [len(it.videos) for it in items]).to(run.device)
 
 
 def sample(run: "Run", prompts: PromptBatch, step: int, slots: list[int]):

@@ -10,9 +10,10 @@ positions' hidden states go through the head, ``train.logprob_chunk`` tokens at 
 log-softmax (``vlgrpo.logprobs``). No (completions x tokens x vocabulary) logits tensor is ever built, in the
 forward or the backward pass.
 
-Shared work (``train.shared_work``): the prompt and its image run once per prompt, its KV cache is expanded
-to the prompt's completions, and gradients flow back through the expansion into the prompt and the vision
-tower. The plain path feeds every completion its own copy of prompt + image, like a generic trainer.
+Shared work (``train.shared_work``): the prompt and its images / videos run once per prompt, its KV cache is
+expanded to the prompt's completions, and gradients flow back through the expansion into the prompt and the
+vision tower. The plain path feeds every completion its own copy of prompt + images / videos, like a generic
+trainer.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def completion_positions(model: nn.Module, prompts: PromptBatch, length: int) ->
     backbone, _ = _backbone_and_head(unwrap(model))
     pos, _ = backbone.get_rope_index(prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids,
                                      image_grid_thw=prompts.image_grid_thw,
+                                     video_grid_thw=prompts.video_grid_thw,
+                                     second_per_grid_ts=prompts.second_per_grid_ts,
                                      attention_mask=prompts.attention_mask)        # (3, P, L)
     last = pos[:, :, -1:]                                                           # (3, P, 1)
     step = torch.arange(1, length + 1, device=pos.device).view(1, 1, -1)
@@ -78,22 +81,21 @@ class CompletionScorer(nn.Module):
 
     def _plain(self, backbone: nn.Module, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor,
                r: int) -> torch.Tensor:
-        # r full copies of each prompt + its images (cut by image_grid_thw, so prompts may carry different
-        # numbers of images): what a generic trainer does
+        # r full copies of each prompt + its images / videos (cut by image_grid_thw / video_grid_thw, so
+        # prompts may carry different numbers of them): what a generic trainer does
         rep = p.select([i for i in range(len(p)) for _ in range(r)])
         L, C = rep.input_ids.shape[1], c_ids.shape[1]
         out = backbone(input_ids=torch.cat([rep.input_ids, c_ids], 1),
                        attention_mask=torch.cat([rep.attention_mask, c_mask], 1),
                        mm_token_type_ids=torch.cat([rep.mm_token_type_ids, torch.zeros_like(c_ids)], 1),
-                       pixel_values=rep.pixel_values, image_grid_thw=rep.image_grid_thw, use_cache=False)
+                       use_cache=False, **rep.vision_kwargs())
         return out.last_hidden_state[:, L - 1:L + C - 1]                       # position t predicts t+1
 
     def _shared(self, backbone: nn.Module, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor,
                 r: int) -> torch.Tensor:
-        # 1) prompt + image once per prompt; keep its KV cache and the hidden state of its last position
+        # 1) prompt + images / videos once per prompt; keep its KV cache and the hidden state of its last position
         out = backbone(input_ids=p.input_ids, attention_mask=p.attention_mask,
-                       mm_token_type_ids=p.mm_token_type_ids, pixel_values=p.pixel_values,
-                       image_grid_thw=p.image_grid_thw, use_cache=True)
+                       mm_token_type_ids=p.mm_token_type_ids, use_cache=True, **p.vision_kwargs())
         first = out.last_hidden_state[:, -1:].repeat_interleave(r, 0)         # (n, 1, H) predicts token 0
         C = c_ids.shape[1]
         if C == 1:
