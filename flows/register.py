@@ -22,7 +22,8 @@ def register_task(root, cfg, evaluation: dict, run_id: str) -> dict:
 
     client = MlflowClient()
     name = cfg.register.model_name
-    info = log_candidate(root, root / cfg.train.out_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+    info = log_candidate(root, root / cfg.train.out_dir, cfg.data.min_pixels, cfg.data.max_pixels,
+                         merge_lora=cfg.register.merge_lora)
     decision = evaluation["decision"]
     tags = {"evaluate.promote": str(decision["promote"]), "evaluate.reasons": "; ".join(decision["reasons"]),
             "evaluate.primary_metric": cfg.evaluate.primary_metric}

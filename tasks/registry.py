@@ -47,16 +47,29 @@ def champion_loader(name: str) -> Callable[[], Any] | None:
     return load
 
 
-def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int) -> Any:
-    """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo."""
+def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int,
+                  merge_lora: bool = False) -> Any:
+    """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo.
+
+    A LoRA candidate (a peft adapter directory) is logged as it is - the adapter, megabytes, which names its
+    base model (``models/base`` or a hub id) and needs it where the model is loaded - or, with
+    ``merge_lora``, as the base with the adapter merged in (a self-contained checkpoint).
+    """
+    import tempfile
+
+    from vlgrpo import lora
+
     root = Path(root)
-    return retry(lambda: mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(root / "tasks" / "pyfunc_model.py"),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(root / "vlgrpo")],
-        model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
-    ), what="log pyfunc model")
+    with tempfile.TemporaryDirectory(prefix="vlgrpo-merged-") as tmp:
+        if lora.is_adapter_dir(checkpoint) and merge_lora:
+            checkpoint = lora.save_merged(checkpoint, Path(tmp) / "merged")
+        return retry(lambda: mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(root / "tasks" / "pyfunc_model.py"),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(root / "vlgrpo")],
+            model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
+        ), what="log pyfunc model")
 
 
 def register_version(client: MlflowClient, name: str, model_info: Any, run_id: str,
