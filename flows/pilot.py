@@ -17,6 +17,7 @@ from prefect import flow
 from tasks.common import StageFailed, load, manifest_path, report_path, write_report
 from tasks.model import grpo_task, publish_pilot, val_reward_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
+from vlgrpo.train.paths import RunPaths
 
 
 @flow(name="pilot", log_prints=True)
@@ -29,8 +30,9 @@ def pilot_flow(params: str = "params.yaml") -> dict:
     metrics.unlink(missing_ok=True)  # a pilot is always a fresh run
     with stage_run("pilot", cfg, root) as run_id, tempfile.TemporaryDirectory(dir=root) as tmp:
         with StreamForwarder(metrics, run_id):
-            summary = grpo_task(cfg, pilot_cfg, root, manifest_path(cfg, root), root / cfg.base.out_dir,
-                                Path(tmp) / "pilot-model", metrics, "pilot-progress")
+            paths = RunPaths.under(root, manifest_path(cfg, root), cfg.base.out_dir, Path(tmp) / "pilot-model",
+                                   metrics)
+            summary = grpo_task(dataclasses.replace(cfg, train=pilot_cfg), paths, "pilot-progress")
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         val_reward = val_reward_task(cfg, pilot_cfg, manifest_path(cfg, root), Path(tmp) / "pilot-model", root)
         decision = dataclasses.asdict(pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps,

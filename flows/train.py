@@ -7,11 +7,14 @@ last complete checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from prefect import flow
 
 from tasks.common import StageFailed, load, manifest_path, read_report, report_path, write_report
 from tasks.model import grpo_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
+from vlgrpo.train.paths import RunPaths
 
 
 @flow(name="train", log_prints=True)
@@ -35,8 +38,8 @@ def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
     with stage_run("train", cfg, root) as run_id:
         mlflow.set_tags({"forced": str(force), "auto_adjust_changes": "; ".join(map(str, changes)) or "none"})
         with StreamForwarder(metrics, run_id):
-            summary = grpo_task(cfg, train_cfg, root, manifest_path(cfg, root), root / cfg.base.out_dir,
-                                root / train_cfg.out_dir, metrics, "train-progress")
+            paths = RunPaths.under(root, manifest_path(cfg, root), cfg.base.out_dir, train_cfg.out_dir, metrics)
+            summary = grpo_task(dataclasses.replace(cfg, train=train_cfg), paths, "train-progress")
         report = {**summary, "forced": force, "pilot_passed": bool(pilot and pilot.get("passed")),
                   "auto_adjust_changes": changes, "mlflow_run_id": run_id}
         log_report(write_report(root, "train", report))

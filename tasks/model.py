@@ -1,4 +1,4 @@
-"""Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.base / trainer / gates."""
+"""Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.base / train / gates."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common import BackgroundLoop
 from vlgrpo.config import Config, TrainConfig
+from vlgrpo.train.paths import RunPaths
 
 
 # Training is never retried: a retry would silently double the compute and hide the failure.
@@ -22,13 +23,12 @@ def base_task(cfg: Config, root: Path, manifest: Path) -> dict[str, Any]:
 
 
 @task(name="grpo", retries=0, cache_policy=NO_CACHE)
-def grpo_task(cfg: Config, train_cfg: TrainConfig, root: Path, manifest: Path, init_dir: Path,
-              out_dir: Path, metrics: Path, artifact_key: str) -> dict[str, Any]:
-    from vlgrpo.trainer import train_grpo
+def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]:
+    """GRPO with ``cfg.train`` (the pilot passes its overrides applied to it) on ``paths``."""
+    from vlgrpo.train import train_grpo
 
-    with ProgressWatcher(metrics, train_cfg.max_steps, artifact_key):
-        return train_grpo(cfg, train_cfg, root, manifest, init_model_dir=init_dir, out_dir=out_dir,
-                          metrics_path=metrics, progress=True)
+    with ProgressWatcher(paths.metrics_path, cfg.train.max_steps, artifact_key):
+        return train_grpo(cfg, paths, progress=True)
 
 
 @task(name="pilot-val-reward", retries=0, cache_policy=NO_CACHE)

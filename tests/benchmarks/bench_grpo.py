@@ -24,7 +24,7 @@ reference scoring, forward/backward, optimizer (not the per-step logging). Rates
 ``--steps`` measured steps after ``--warmup`` steps.
 
 The gates: TRL's is a ``TrainerCallback`` (``on_step_begin`` waits, ``on_step_end`` stops the clock); vlgrpo's
-``train_grpo`` has no callbacks, so the worker wraps ``vlgrpo.trainer.step_prompt_indices`` (called first thing in
+``train_grpo`` has no callbacks, so the worker wraps ``vlgrpo.train.prompts.step_prompt_indices`` (called first thing in
 every step) with a function that waits at the gate and then calls the real one - nothing of the trainer's work
 is replaced - and takes the step time from the trainer's own ``step_time_s`` minus the time spent at the gate.
 
@@ -140,18 +140,19 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import vlgrpo.trainer as T
+    import vlgrpo.train.prompts as data_order_module
+    from vlgrpo.train import RunPaths, train_grpo
     from vlgrpo import modeling
     from vlgrpo.config import config_from_dict
     from vlgrpo.data.manifest import read_manifest
 
-    real = T.step_prompt_indices
+    real = data_order_module.step_prompt_indices
 
     def gated(*args, **kwargs):
         gate.wait()
         return real(*args, **kwargs)
 
-    T.step_prompt_indices = gated        # a pause before each step; the real function does the work
+    data_order_module.step_prompt_indices = gated        # a pause before each step; the real function does the work
     steps = spec["total_steps"]
     cfg = config_from_dict({
         "data": {**size_params(spec["size"]), "out_dir": "data"},
@@ -172,8 +173,8 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     image_tokens = int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
     out = Path(spec["out"])
     metrics = out / "metrics.jsonl"
-    summary = T.train_grpo(cfg, cfg.train, root, "data/manifest.jsonl", spec["model"], out / "model", metrics,
-                           progress=False)
+    summary = train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", spec["model"], out / "model", metrics),
+                         progress=False)
     rows = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
     # The trainer's own clock starts just before the gate: take the pause out of the step and of its first phase.
     gate.step_times = [r["step_time_s"] - w for r, w in zip(rows, gate.pauses)]

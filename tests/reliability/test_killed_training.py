@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from tests.project import run
 from tests.reliability.conftest import VLGRPO, kill9, spawn, wait_for
-from vlgrpo import trainer as T
+from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.checkpoint import CHECKPOINT_DIR, STATE_FILE, latest_checkpoint
 
 pytestmark = pytest.mark.reliability
 # Wall-clock measurements differ between runs by nature; everything else must match exactly.
@@ -33,7 +34,7 @@ def _train_in_process(root: Path, out: str, metrics: str, stop_after: int | None
     from vlgrpo.config import load_config
 
     cfg = load_config(root / "params.yaml")
-    return T.train_grpo(cfg, cfg.train, root, "data/manifest.jsonl", "models/base", out, metrics,
+    return train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", "models/base", out, metrics),
                         progress=False, stop_after=stop_after)
 
 
@@ -63,11 +64,11 @@ def test_sigkilled_train_stage_resumes_and_matches_uninterrupted_run(project, re
     log = tmp_path / "killed.log"
     proc = spawn([VLGRPO, "train", "--force"], project, log, **cli_env)
     try:
-        wait_for(lambda: T.latest_checkpoint(candidate) is not None, 600, proc, log, poll=0.02)
+        wait_for(lambda: latest_checkpoint(candidate) is not None, 600, proc, log, poll=0.02)
     finally:
         kill9(proc)                          # the stage, its Prefect server and everything in its group
     assert proc.returncode == -9, "the stage ended before it could be killed"
-    assert T.latest_checkpoint(candidate).name == "step-2"
+    assert latest_checkpoint(candidate).name == "step-2"
     assert not (candidate / "model.safetensors").exists()    # no final model from the killed run
     assert not (project / "reports/train.json").exists()
 
@@ -88,22 +89,22 @@ def test_sigkilled_train_stage_resumes_and_matches_uninterrupted_run(project, re
 def test_partial_and_unreadable_checkpoints_are_never_loaded(project, reference, capfd):
     out = project / "models/candidate"
     s = _train_in_process(project, "models/candidate", "reports/train_metrics.jsonl", stop_after=3)
-    assert not s["finished"] and T.latest_checkpoint(out).name == "step-2"
-    ckpts = out / T.CHECKPOINT_DIR
+    assert not s["finished"] and latest_checkpoint(out).name == "step-2"
+    ckpts = out / CHECKPOINT_DIR
     good = ckpts / "step-2"
 
     # A writer killed before its rename leaves a hidden temp dir (complete-looking, newer step number).
     tmp = ckpts / ".step-4.k1ll3d.tmp"
     shutil.copytree(good, tmp)
-    (tmp / T.STATE_FILE).write_text(json.dumps({"step": 4}))
+    (tmp / STATE_FILE).write_text(json.dumps({"step": 4}))
     # A dir without the state file (written last) is incomplete.
     shutil.copytree(good, ckpts / "step-6")
-    (ckpts / "step-6" / T.STATE_FILE).unlink()
+    (ckpts / "step-6" / STATE_FILE).unlink()
     # A renamed dir whose bytes never reached the disk (power loss): state file there, weights truncated.
     shutil.copytree(good, ckpts / "step-8")
     weights = ckpts / "step-8" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert T.latest_checkpoint(out).name == "step-8"          # looks complete by name and state file ...
+    assert latest_checkpoint(out).name == "step-8"          # looks complete by name and state file ...
 
     s = _train_in_process(project, "models/candidate", "reports/train_metrics.jsonl")
     assert s["resumed_from"] == 2 and s["finished"]          # ... but resume skipped it for step-2
@@ -114,10 +115,10 @@ def test_partial_and_unreadable_checkpoints_are_never_loaded(project, reference,
 def test_no_readable_checkpoint_refuses_instead_of_starting_over(project, reference):
     out = project / "models/candidate"
     s = _train_in_process(project, "models/candidate", "reports/train_metrics.jsonl", stop_after=2)
-    assert T.latest_checkpoint(out).name == "step-2"
-    st = out / T.CHECKPOINT_DIR / "step-2" / "optimizer.pt"
+    assert latest_checkpoint(out).name == "step-2"
+    st = out / CHECKPOINT_DIR / "step-2" / "optimizer.pt"
     st.write_bytes(st.read_bytes()[:100])
-    with pytest.raises(T.TrainingError, match=r"step-2: cannot resume from this checkpoint"):
+    with pytest.raises(TrainingError, match=r"step-2: cannot resume from this checkpoint"):
         _train_in_process(project, "models/candidate", "reports/train_metrics.jsonl")
     assert not (out / "model.safetensors").exists()
     assert s["steps"] == 2

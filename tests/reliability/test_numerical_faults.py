@@ -15,7 +15,9 @@ import pytest
 
 from tests.project import run
 from tests.reliability.conftest import VLGRPO, update_params
-from vlgrpo import trainer as T
+from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.checkpoint import STATE_FILE, latest_checkpoint
+from vlgrpo.train.prompts import step_prompt_indices
 
 pytestmark = pytest.mark.reliability
 
@@ -54,8 +56,8 @@ def test_nan_reward_stops_pipeline_keeps_checkpoint_registers_nothing(project, c
 
     # The last good checkpoint stays and loads; nothing after it was published.
     candidate = project / "models/candidate"
-    assert T.latest_checkpoint(candidate).name == "step-2"
-    state = json.loads((candidate / "checkpoints/step-2" / T.STATE_FILE).read_text())
+    assert latest_checkpoint(candidate).name == "step-2"
+    state = json.loads((candidate / "checkpoints/step-2" / STATE_FILE).read_text())
     assert state["step"] == 2
     assert not (candidate / "model.safetensors").exists()
     for stage in ("train", "evaluate", "register"):
@@ -83,7 +85,7 @@ def _first_failing_item(root: Path) -> tuple[int, str]:
     cfg = load_config(root / "params.yaml")
     items = read_manifest(root / "data/manifest.jsonl", split="train")
     for step in range(cfg.train.max_steps):
-        for i in T.step_prompt_indices(step, cfg.train.prompts_per_step, len(items), cfg.train.seed):
+        for i in step_prompt_indices(step, cfg.train.prompts_per_step, len(items), cfg.train.seed):
             if items[i].task == "count":
                 return step + 1, items[i].id
     raise AssertionError("no counting question in the run: the test would prove nothing")
@@ -93,8 +95,8 @@ def _train(root: Path, out: str) -> dict:
     from vlgrpo.config import load_config
 
     cfg = load_config(root / "params.yaml")
-    return T.train_grpo(cfg, cfg.train, root, "data/manifest.jsonl", "models/base", out,
-                        f"reports/{Path(out).name}.jsonl", progress=False)
+    return train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", "models/base", out,
+                        f"reports/{Path(out).name}.jsonl"), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,7 @@ def test_raising_reward_names_reward_and_item_or_is_skipped(project, fragile_plu
                                     "on_error": on_error})
     step, item = _first_failing_item(project)
     if on_error == "raise":
-        with pytest.raises(T.TrainingError) as e:
+        with pytest.raises(TrainingError) as e:
             _train(project, "models/fragile")
         assert str(e.value).startswith(f"step {step}: reward 'rel_fragile' failed on item {item}: "
                                        f"ValueError: cannot parse a count answer"), str(e.value)
@@ -129,7 +131,7 @@ def test_raising_reward_names_reward_and_item_or_is_skipped(project, fragile_plu
     cfg = load_config(project / "params.yaml")
     items = read_manifest(project / "data/manifest.jsonl", split="train")
     mixed = [s for s in range(4) if {items[i].task == "count" for i in
-                                     T.step_prompt_indices(s, cfg.train.prompts_per_step, len(items), 0)}
+                                     step_prompt_indices(s, cfg.train.prompts_per_step, len(items), 0)}
              == {True, False}]
     assert mixed, "no step mixes counting and other questions: the test would prove nothing"
     for s in mixed:

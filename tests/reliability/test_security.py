@@ -28,7 +28,8 @@ import torch
 from tests.project import run
 from tests.reliability.conftest import REPO, VLGRPO, update_params
 from tests.servers import mlflow_server
-from vlgrpo import trainer as T
+from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.reliability
 CODE_DIRS = ("vlgrpo", "tasks", "flows")
@@ -81,14 +82,14 @@ def _train(root: Path, stop_after: int | None = None) -> dict:
     from vlgrpo.config import load_config
 
     cfg = load_config(root / "params.yaml")
-    return T.train_grpo(cfg, cfg.train, root, "data/manifest.jsonl", "models/base", "models/candidate",
-                        "reports/train_metrics.jsonl", progress=False, stop_after=stop_after)
+    return train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", "models/base", "models/candidate",
+                        "reports/train_metrics.jsonl"), progress=False, stop_after=stop_after)
 
 
 def test_weights_are_safetensors_and_a_malicious_checkpoint_pickle_is_refused(project, tmp_path):
     s = _train(project, stop_after=2)
     assert s["steps"] == 2
-    ckpt = T.latest_checkpoint(project / "models/candidate")
+    ckpt = latest_checkpoint(project / "models/candidate")
     assert ckpt.name == "step-2"
 
     # Only safetensors hold weights; the .pt files are optimizer/scheduler/RNG state, plain tensors.
@@ -102,7 +103,7 @@ def test_weights_are_safetensors_and_a_malicious_checkpoint_pickle_is_refused(pr
 
     sentinel = tmp_path / "pwned"
     torch.save(_Payload(sentinel), ckpt / "optimizer.pt")
-    with pytest.raises(T.TrainingError, match=r"step-2: cannot resume from this checkpoint: .*[Ww]eights.only"):
+    with pytest.raises(TrainingError, match=r"step-2: cannot resume from this checkpoint: .*[Ww]eights.only"):
         _train(project)
     assert not sentinel.exists()
     # The payload is live: a plain pickle load (weights_only=False), in a separate process, runs it.

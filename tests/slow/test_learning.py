@@ -5,6 +5,7 @@ This runs the stages' core functions on the project's own params.yaml (nothing s
 temporary folder, and prints the wall times (the issue's budget is 10 minutes for base + pilot + train on
 2 cores; timings are reported, not asserted).
 """
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ def test_default_pipeline_candidate_beats_base_by_0_20(tmp_path):
     from vlgrpo.evaluate import evaluate_models
     from vlgrpo.gates import pilot_passed
     from vlgrpo.modeling import load_model
-    from vlgrpo.trainer import train_grpo
+    from vlgrpo.train import RunPaths, train_grpo
 
     cfg = load_config(ROOT / "params.yaml")
     build_dataset(cfg, tmp_path)
@@ -36,8 +37,8 @@ def test_default_pipeline_candidate_beats_base_by_0_20(tmp_path):
 
     t = time.perf_counter()
     pilot_cfg = cfg.pilot.train_config(cfg.train)
-    train_grpo(cfg, pilot_cfg, tmp_path, manifest, tmp_path / cfg.base.out_dir, tmp_path / "pilot",
-               tmp_path / "pilot.jsonl", progress=False)
+    train_grpo(dataclasses.replace(cfg, train=pilot_cfg),
+               RunPaths.under(tmp_path, manifest, cfg.base.out_dir, "pilot", "pilot.jsonl"), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "pilot.jsonl").read_text().splitlines()]
     decision = pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps,
                             reward_weights=cfg.rewards.weights)
@@ -45,8 +46,8 @@ def test_default_pipeline_candidate_beats_base_by_0_20(tmp_path):
     assert decision.passed, decision.reasons
 
     t = time.perf_counter()
-    summary = train_grpo(cfg, cfg.train, tmp_path, manifest, tmp_path / cfg.base.out_dir,
-                         tmp_path / cfg.train.out_dir, tmp_path / "train.jsonl", progress=False)
+    summary = train_grpo(cfg, RunPaths.under(tmp_path, manifest, cfg.base.out_dir, cfg.train.out_dir,
+                                             "train.jsonl"), progress=False)
     times["train"] = time.perf_counter() - t
     assert summary["steps"] == cfg.train.max_steps
 

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from vlgrpo import modeling
-from vlgrpo import trainer as T
+from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
@@ -55,8 +55,8 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     modeling.save_model(model, proc, tmp_path / "models/base")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
-    one = T.train_grpo(cfg, cfg.train, tmp_path, "data/manifest.jsonl", "models/base", "out1",
-                       "reports/one.jsonl", progress=False)
+    one = train_grpo(cfg, RunPaths.under(tmp_path, "data/manifest.jsonl", "models/base", "out1",
+                       "reports/one.jsonl"), progress=False)
     assert one["num_processes"] == 1
 
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -64,7 +64,7 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
            "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
            "--main_process_port", str(_free_port()),
-           "-m", "vlgrpo.trainer", "params.yaml", "out2", "reports/two.jsonl"]
+           "-m", "vlgrpo.train", "params.yaml", "out2", "reports/two.jsonl"]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])

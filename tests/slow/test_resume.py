@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from vlgrpo import modeling
-from vlgrpo import trainer as T
+from vlgrpo.train import RunPaths, train_grpo
+from vlgrpo.train.checkpoint import latest_checkpoint
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
@@ -46,7 +47,7 @@ def project(tmp_path_factory):
     items = read_manifest(root / "data/manifest.jsonl")
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
     modeling.save_model(model, proc, root / "models/base")
-    ref = T.train_grpo(cfg, cfg.train, root, "data/manifest.jsonl", "models/base", "ref", "reports/ref.jsonl",
+    ref = train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", "models/base", "ref", "reports/ref.jsonl"),
                        progress=False)
     assert ref["finished"]
     return root, cfg
@@ -64,8 +65,8 @@ def _assert_same_as_reference(root, name):
 
 
 def _train(root, cfg, name, stop_after=None):
-    return T.train_grpo(cfg, cfg.train, root, "data/manifest.jsonl", "models/base", name,
-                        f"reports/{name}.jsonl", progress=False, stop_after=stop_after)
+    return train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", "models/base", name,
+                        f"reports/{name}.jsonl"), progress=False, stop_after=stop_after)
 
 
 @pytest.mark.slow
@@ -73,7 +74,7 @@ def test_stop_after_checkpoint_then_resume_is_exact(project):
     root, cfg = project
     s = _train(root, cfg, "stopped", stop_after=3)      # steps 1-3 run; the last checkpoint is step-2
     assert not s["finished"] and s["steps"] == 3
-    assert T.latest_checkpoint(root / "stopped").name == "step-2"
+    assert latest_checkpoint(root / "stopped").name == "step-2"
     assert len(_metrics(root / "reports/stopped.jsonl")) == 3
     s = _train(root, cfg, "stopped")
     assert s["resumed_from"] == 2 and s["finished"]
@@ -86,18 +87,18 @@ def test_stop_after_checkpoint_then_resume_is_exact(project):
 def test_sigkill_after_checkpoint_then_resume_is_exact(project):
     root, cfg = project
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "vlgrpo.trainer", "params.yaml", "killed",
+    proc = subprocess.Popen([sys.executable, "-m", "vlgrpo.train", "params.yaml", "killed",
                              "reports/killed.jsonl"], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
-        while T.latest_checkpoint(root / "killed") is None and proc.poll() is None and time.time() < deadline:
+        while latest_checkpoint(root / "killed") is None and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)                 # no cleanup handlers run
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    ck = T.latest_checkpoint(root / "killed")
+    ck = latest_checkpoint(root / "killed")
     assert ck is not None and int(ck.name[5:]) < 5
     s = _train(root, cfg, "killed")
     assert s["resumed_from"] == int(ck.name[5:]) and s["finished"]

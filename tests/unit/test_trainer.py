@@ -1,4 +1,5 @@
-"""The GRPO trainer loop (vlgrpo.trainer) on a tiny Qwen2.5-VL and a small synthetic manifest."""
+"""The GRPO trainer loop (vlgrpo.train) on a tiny Qwen2.5-VL and a small synthetic manifest."""
+import dataclasses
 import json
 import textwrap
 
@@ -7,10 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from vlgrpo import grpo, modeling
-from vlgrpo import trainer as T
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
+from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.batches import PromptBatch, StepBatch
+from vlgrpo.train.checkpoint import truncate_metrics
+from vlgrpo.train.generation import SamplingSpec, generate_group_completions, sample_next
+from vlgrpo.train.prompts import data_order, drop_long_prompts, step_generator, step_images, step_prompt_indices
+from vlgrpo.train.scoring import CompletionScorer
+from vlgrpo.train.update import update_phase
 
 TRL_NAMES = ["loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/low_mean",
              "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
@@ -57,8 +64,8 @@ def project(tmp_path_factory):
 
 def run(project, name, **train):
     cfg = make_cfg(project, **train)
-    return cfg, T.train_grpo(cfg, cfg.train, project, "data/manifest.jsonl", "models/base", f"out/{name}",
-                             f"reports/{name}.jsonl", progress=False)
+    return cfg, train_grpo(cfg, RunPaths.under(project, "data/manifest.jsonl", "models/base", f"out/{name}",
+                             f"reports/{name}.jsonl"), progress=False)
 
 
 def lines(path):
@@ -97,23 +104,23 @@ def test_bf16_default_runs_on_cpu(project):
 def test_augment_changes_the_step_images_reproducibly(project):
     cfg = make_cfg(project, augment=True)
     items = read_manifest(project / "data/manifest.jsonl", split="train")[:2]
-    a = T._step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
-    b = T._step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
+    a = step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
+    b = step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
     orig = modeling.IMAGE_CACHE.get(project / "data" / items[0].images[0])
     assert a[0][0].tobytes() == b[0][0].tobytes() != orig.tobytes()
     assert a[0][0].size == orig.size
-    assert T._step_images(items, project / "data", make_cfg(project).train, 3, [0, 1]) is None
+    assert step_images(items, project / "data", make_cfg(project).train, 3, [0, 1]) is None
     _, s = run(project, "aug", max_steps=1, augment=True)
     assert s["finished"]
 
 
 def test_fp16_on_cpu_is_refused(project):
-    with pytest.raises(T.TrainingError, match="fp16 needs a GPU"):
+    with pytest.raises(TrainingError, match="fp16 needs a GPU"):
         run(project, "fp16", mixed_precision="fp16")
 
 
 def test_nan_reward_names_step_and_reward(project):
-    with pytest.raises(T.TrainingError, match=r"step 1: .*broken_nan"):
+    with pytest.raises(TrainingError, match=r"step 1: .*broken_nan"):
         run(project, "nan", weights={"broken_nan": 1.0})
 
 
@@ -124,21 +131,21 @@ def test_over_long_prompts_are_dropped_not_truncated(project):
     enc = modeling.encode_prompts(proc, items, project / "data", cfg.data.min_pixels, cfg.data.max_pixels)
     lengths = enc["attention_mask"].sum(1).tolist()
     limit = sorted(lengths)[len(lengths) // 2]
-    kept, dropped = T._drop_long_prompts(proc, items, project / "data", cfg.data, limit)
+    kept, dropped = drop_long_prompts(proc, items, project / "data", cfg.data, limit)
     assert dropped == sum(n > limit for n in lengths) > 0
     assert [it.id for it in kept] == [it.id for it, n in zip(items, lengths) if n <= limit]
-    with pytest.raises(T.TrainingError, match="max_prompt_tokens"):
+    with pytest.raises(TrainingError, match="max_prompt_tokens"):
         run(project, "toolong", max_prompt_tokens=min(lengths) - 1)
 
 
 def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
     model, proc = modeling.load_model(project / "models/base")
     items = read_manifest(project / "data/manifest.jsonl", split="train")[:3]
-    prompts = T.PromptBatch.from_encoded(
+    prompts = PromptBatch.from_encoded(
         modeling.encode_prompts(proc, items, project / "data", 3136, 12544), [1] * 3)
     stops, pad = modeling.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
-    gens = [T.generate_group_completions(model, prompts, 4, 6, 1.0, 0.9, stops, pad,
-                                         [T.step_generator(0, 5, k, 0) for k in range(3)], shared=sh)
+    gens = [generate_group_completions(model, prompts, SamplingSpec(4, 6, 1.0, 0.9, tuple(stops), pad),
+                                         [step_generator(0, 5, k, 0) for k in range(3)], shared=sh)
             for sh in (True, False)]
     for a, b in zip(*gens):
         assert torch.equal(a, b)              # same draws: the cache expansion changes nothing
@@ -149,8 +156,8 @@ def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
         model.zero_grad(set_to_none=True)
         cfg = make_cfg(project, prompts_per_step=3, micro_batch_size=2, beta=0.0, loss_type="bnpo",
                        max_completion_length=6)
-        sums = T.update_phase(T.CompletionScorer(model), T.StepBatch(prompts, ids, mask, adv, None, None),
-                              cfg.train, shared=sh, accelerator=None, global_num_tokens=float(mask.sum()))
+        sums = update_phase(CompletionScorer(model), StepBatch(prompts, ids, mask, adv, None, None),
+                              dataclasses.replace(cfg.train, shared_work=sh))
         out[sh] = (sums["loss"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-5)
     for n, g in out[False][1].items():
@@ -161,48 +168,48 @@ def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
 def test_sample_next_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    draws = T.sample_next(logits, 1.0, 0.7, g)
+    draws = sample_next(logits, 1.0, 0.7, g)
     # nucleus for 0.7: tokens 0 (0.5) and 1 (crosses 0.7); renormalised 0.625 / 0.375
     assert set(draws.tolist()) == {0, 1}
     assert (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.04)
-    assert set(T.sample_next(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
+    assert set(sample_next(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
 
 
 def test_data_order_is_a_pure_function_of_seed_and_epoch():
-    a = T.step_prompt_indices(3, 4, 10, seed=1)
-    assert a == T.step_prompt_indices(3, 4, 10, seed=1)
+    a = step_prompt_indices(3, 4, 10, seed=1)
+    assert a == step_prompt_indices(3, 4, 10, seed=1)
     # slots 12..15 of the concatenated epoch orders: epoch 1 positions 2..5
-    assert a == [int(i) for i in T.data_order(10, 1, 1)[2:6]]
-    epoch0 = [i for s in range(2) for i in T.step_prompt_indices(s, 5, 10, seed=1)]
+    assert a == [int(i) for i in data_order(10, 1, 1)[2:6]]
+    epoch0 = [i for s in range(2) for i in step_prompt_indices(s, 5, 10, seed=1)]
     assert sorted(epoch0) == list(range(10))   # every item once per epoch
 
 
 def test_truncate_metrics_keeps_earlier_steps(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
-    T.truncate_metrics(p, 2)
+    truncate_metrics(p, 2)
     assert [r["step"] for r in lines(p)] == [1, 2]
 
 
 def test_resume_fingerprint_tracks_what_a_step_computes(tmp_path):
     """A checkpoint of a run with another learning rate, reward weight, base model or prompt list must not be
     resumed (it would hand back that run's policy); save/log cadence may differ."""
-    import dataclasses
+
     from types import SimpleNamespace
 
     from vlgrpo.config import Config
-    from vlgrpo.trainer import run_fingerprint
+    from vlgrpo.train.checkpoint import run_fingerprint
 
     init = tmp_path / "base"
     init.mkdir()
     (init / "model.safetensors").write_bytes(b"x" * 10)
     cfg = Config()
     items = [SimpleNamespace(id=f"i{k}") for k in range(4)]
-    fp = run_fingerprint(cfg, cfg.train, init, items)
-    assert fp == run_fingerprint(cfg, dataclasses.replace(cfg.train, save_steps=7, log_every=3), init, items)
-    assert fp != run_fingerprint(cfg, dataclasses.replace(cfg.train, learning_rate=5e-4), init, items)
+    fp = run_fingerprint(cfg, init, items)
+    assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, log_every=3)), init, items)
+    assert fp != run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=5e-4)), init, items)
     other_rewards = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, weights={"accuracy": 2.0}))
-    assert fp != run_fingerprint(other_rewards, cfg.train, init, items)
-    assert fp != run_fingerprint(cfg, cfg.train, init, items[:3])
+    assert fp != run_fingerprint(other_rewards, init, items)
+    assert fp != run_fingerprint(cfg, init, items[:3])
     (init / "model.safetensors").write_bytes(b"y" * 11)
-    assert fp != run_fingerprint(cfg, cfg.train, init, items)
+    assert fp != run_fingerprint(cfg, init, items)

@@ -9,14 +9,19 @@ objective is the plain k3 term, so the oracle runs with that correction off. ``e
 ``epsilon_low`` 0.2 so a swapped clip bound would show.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from vlgrpo import grpo, modeling
-from vlgrpo import trainer as T
 from vlgrpo.config import DataConfig, TinyModelConfig, TrainConfig
 from vlgrpo.data.synthetic import generate
+from vlgrpo.train.batches import micro_batches, PromptBatch, StepBatch
+from vlgrpo.train.generation import SamplingSpec, generate_group_completions
+from vlgrpo.train.prompts import step_generator
+from vlgrpo.train.scoring import CompletionScorer, score_batch
+from vlgrpo.train.update import update_phase
 
 G, P, C = 4, 2, 8            # 2 prompts × 4 completions, up to 8 tokens
 N = P * G
@@ -33,10 +38,10 @@ def setup(tmp_path_factory):
     modeling.save_model(model, proc, d)
     model, proc = modeling.load_model(d)
     enc = modeling.encode_prompts(proc, items, None, 3136, 12544, images=images)
-    prompts = T.PromptBatch.from_encoded(enc, [1] * P)
+    prompts = PromptBatch.from_encoded(enc, [1] * P)
     stops = modeling.stop_token_ids(proc, model)
-    ids, mask, _ = T.generate_group_completions(model, prompts, G, C, 1.0, 1.0, stops,
-                                                proc.tokenizer.pad_token_id, [T.step_generator(0, 0, k, 0) for k in range(P)])
+    ids, mask, _ = generate_group_completions(model, prompts, SamplingSpec(G, C, 1.0, 1.0, tuple(stops),
+                                                proc.tokenizer.pad_token_id), [step_generator(0, 0, k, 0) for k in range(P)])
     # make lengths differ for sure: cut two completions short (masks must matter in every loss type)
     mask = mask.clone()
     mask[1, 3:] = 0
@@ -51,8 +56,8 @@ def setup(tmp_path_factory):
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
                      max_completion_length=C)
-    ref_logp = T.score_batch(T.CompletionScorer(ref), prompts, ids, mask, tc, shared=False)
-    cur = T.score_batch(T.CompletionScorer(model), prompts, ids, mask, tc, shared=False)
+    ref_logp = score_batch(CompletionScorer(ref), prompts, ids, mask, dataclasses.replace(tc, shared_work=False))
+    cur = score_batch(CompletionScorer(model), prompts, ids, mask, dataclasses.replace(tc, shared_work=False))
     old_logp = cur + 0.3 * torch.randn(cur.shape, generator=torch.Generator().manual_seed(2))
     return dict(dir=d, proc=proc, prompts=prompts, ids=ids, mask=mask, adv=adv, ref_logp=ref_logp,
                 old_logp=old_logp)
@@ -111,10 +116,9 @@ def _our_loss_and_grads(s, loss_type, beta, with_old, shared, micro_batch_size=N
     tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=micro_batch_size,
                      loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
                      max_completion_length=C, mixed_precision="no")
-    batch = T.StepBatch(s["prompts"], s["ids"], s["mask"], s["adv"], s["old_logp"] if with_old else None,
+    batch = StepBatch(s["prompts"], s["ids"], s["mask"], s["adv"], s["old_logp"] if with_old else None,
                         s["ref_logp"] if beta else None)
-    sums = T.update_phase(T.CompletionScorer(model), batch, tc, shared=shared, accelerator=None,
-                          global_num_tokens=float(s["mask"].sum()))
+    sums = update_phase(CompletionScorer(model), batch, dataclasses.replace(tc, shared_work=shared))
     return sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -148,7 +152,7 @@ def test_loss_and_grads_match_trl(setup, trl_trainer, loss_type, beta, with_old)
 def test_four_accumulated_micro_batches_equal_full_batch(setup, loss_type, shared):
     full, g_full = _our_loss_and_grads(setup, loss_type, 0.04, True, shared, micro_batch_size=N)
     acc, g_acc = _our_loss_and_grads(setup, loss_type, 0.04, True, shared, micro_batch_size=N // 4)
-    assert len(T.micro_batches(setup["prompts"], G, N // 4)) == 4
+    assert len(micro_batches(setup["prompts"], G, N // 4)) == 4
     assert acc["loss"] == pytest.approx(full["loss"], abs=1e-6, rel=1e-5)
     _assert_grads_close(g_acc, g_full, atol=1e-5)
 
@@ -157,7 +161,7 @@ def test_four_accumulated_micro_batches_equal_full_batch(setup, loss_type, share
 def test_micro_batches_keep_each_samples_image_rows(setup, mbs):
     pr = setup["prompts"]
     spans = pr.pixel_spans()
-    for mb in T.micro_batches(pr, G, mbs):
+    for mb in micro_batches(pr, G, mbs):
         first = mb.start // G
         want = torch.cat([pr.pixel_values[spans[i][0]:spans[i][1]] for i in range(first, (mb.end - 1) // G + 1)])
         assert torch.equal(mb.prompts.pixel_values, want)

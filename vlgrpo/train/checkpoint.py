@@ -1,0 +1,165 @@
+"""Checkpoint I/O: ``out_dir/checkpoints/step-N`` (weights, optimizer, scheduler, RNG, trainer state), written
+atomically, resumed exactly, and guarded by a fingerprint of what a step computes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pickle
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlgrpo.config import Config
+from vlgrpo.io import atomic_dir, atomic_write_text
+from vlgrpo.train.errors import TrainingError
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+# Keys that do not change what a step computes: a resume may differ in them.
+_RESUME_NEUTRAL = ("save_steps", "log_every", "out_dir")
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoints/step-N`` dirs, newest first (complete = renamed into place, holding the state
+    file; a killed writer's hidden ``.step-N.*.tmp`` dir never matches)."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+            and p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoints/step-N``, or None."""
+    done = complete_checkpoints(out_dir)
+    return done[0] if done else None
+
+
+def run_fingerprint(cfg: Config, init_model_dir: str | Path, items: Sequence[Any]) -> str:
+    """What a checkpoint must share with this run to be resumed: the step-defining ``cfg.train`` settings,
+    rewards, pixel budget, the starting weights and the prompt list (ids in order)."""
+    h = hashlib.sha256()
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _RESUME_NEUTRAL}
+    h.update(json.dumps({"train": train, "rewards": dataclasses.asdict(cfg.rewards),
+                         "pixels": [cfg.data.min_pixels, cfg.data.max_pixels]}, sort_keys=True,
+                        default=str).encode())
+    for f in sorted(Path(init_model_dir).glob("*.safetensors")):
+        st = f.stat()  # size + mtime: checkpoints can be GBs, and a rewritten base gets a new mtime
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update("\n".join(it.id for it in items).encode())
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """The fingerprint stored in a checkpoint's state file; None when it cannot be read."""
+    try:
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def drop_superseded(out_dir: Path, fingerprint: str, is_main: bool) -> None:
+    """Delete ``out_dir/checkpoints`` when a readable checkpoint in it names another run.
+
+    Resuming it would silently return that run's policy (other train/reward settings, data or base model).
+    A checkpoint whose state cannot be read is left to ``resume`` (it skips it). The previous final model
+    stays in ``out_dir`` until this run's model replaces it. Only the main process deletes.
+    """
+    if any(checkpoint_fingerprint(p) not in (None, fingerprint) for p in complete_checkpoints(out_dir)):
+        if is_main:
+            print(f"{out_dir / CHECKPOINT_DIR}: checkpoints from a run with other settings, data or base "
+                  f"model - starting a fresh run", file=sys.stderr)
+            shutil.rmtree(out_dir / CHECKPOINT_DIR)
+
+
+def _rng_state() -> dict[str, Any]:
+    # numpy's state as plain Python values: the file must load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.random.get_rng_state(),
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Weights (safetensors) + optimizer + scheduler + RNG + trainer state, written to a temp dir and renamed."""
+    from safetensors.torch import save_model as st_save
+
+    with atomic_dir(path) as tmp:
+        st_save(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Overwrite weights, optimizer, scheduler and RNG from ``path``; returns its trainer state.
+    Raises TrainingError (naming the path) when any part cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as st_load
+
+    try:
+        st_load(model, str(path / "model.safetensors"))
+        # weights_only: a checkpoint dir is data, never code - a pickle that builds objects is refused.
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        raise TrainingError(f"{path}: cannot resume from this checkpoint: {e}") from e
+
+
+def resume(out_dir: Path, model: nn.Module, optimizer, scheduler) -> tuple[Path | None, dict[str, Any]]:
+    """Load the newest checkpoint that reads back whole → (its path, its trainer state), or (None, {}).
+
+    An unreadable one (truncated by a crash after the rename, e.g. power loss before the bytes hit the disk)
+    is skipped with a warning, so a run resumes from the last good one. Each attempt overwrites weights,
+    optimizer, scheduler and RNG entirely. If none reads, the newest one's error is raised: starting over
+    silently would throw the work away."""
+    errors: list[TrainingError] = []
+    for path in complete_checkpoints(out_dir):
+        try:
+            return path, load_checkpoint(path, model, optimizer, scheduler)
+        except TrainingError as e:
+            print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    return None, {}
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the metric lines of steps ≤ ``last_step`` (a resumed run re-logs the later ones)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def save_final(model: nn.Module, processor: Any, out_dir: Path) -> None:
+    """The trained policy (safetensors + processor) in ``out_dir``, swapped in atomically; checkpoints kept."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        ck = out_dir / CHECKPOINT_DIR
+        if ck.is_dir():
+            shutil.move(str(ck), str(tmp / CHECKPOINT_DIR))

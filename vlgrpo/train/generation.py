@@ -1,0 +1,114 @@
+"""Sampling G completions per prompt (the rollout's generation), with a private random stream per prompt.
+
+Shared work: each prompt (image included) is prefilled once and its KV cache expanded to its G samples;
+the plain path prefills G copies. Both draw the same tokens from the same generators.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from vlgrpo.train.batches import PromptBatch
+from vlgrpo.train.scoring import completion_positions, unwrap
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample: G completions of at most ``max_new_tokens`` at ``temperature`` / ``top_p``, stopping
+    at any of ``stop_ids``; finished rows are filled with ``pad_id``."""
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop_ids: tuple[int, ...]
+    pad_id: int
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits / T) restricted to the top-p nucleus; (B, V) → (B,)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays in)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if generator is not None and generator.device != probs.device:
+        # the per-slot generators live on the CPU (same draws on every device); (G, V) is small to move
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def vision_token_ids(model: nn.Module) -> list[int]:
+    """Ids of the image/video placeholder and delimiter tokens, from the model's config."""
+    c = unwrap(model).config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(getattr(c, n)) for n in names if getattr(c, n, None) is not None})
+
+
+def _prefill(model: nn.Module, prompts: PromptBatch, G: int, shared: bool):
+    """Run the prompts once → (KV cache for N = P·G rows, last logits (N, V), attention mask (N, L),
+    positions (3, N, 1) of the first completion token)."""
+    if shared:
+        out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                    mm_token_type_ids=prompts.mm_token_type_ids, pixel_values=prompts.pixel_values,
+                    image_grid_thw=prompts.image_grid_thw, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)
+        return (cache, out.logits[:, -1].repeat_interleave(G, 0), prompts.attention_mask.repeat_interleave(G, 0),
+                completion_positions(model, prompts, 1).repeat_interleave(G, 1))
+    rep = prompts.select([i for i in range(len(prompts)) for _ in range(G)])
+    out = model(input_ids=rep.input_ids, attention_mask=rep.attention_mask,
+                mm_token_type_ids=rep.mm_token_type_ids, pixel_values=rep.pixel_values,
+                image_grid_thw=rep.image_grid_thw, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1], rep.attention_mask, completion_positions(model, rep, 1)
+
+
+@torch.no_grad()
+def generate_group_completions(model: nn.Module, prompts: PromptBatch, spec: SamplingSpec,
+                               generators: Sequence[torch.Generator], shared: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G sampled completions per prompt → (ids (N, C) right-padded, mask (N, C), terminated (N,)).
+
+    ``mask`` covers each completion up to and including its stop token; C is the longest completion.
+    ``generators[p]`` draws prompt p's G samples. Shared: prefill each prompt once, expand its KV cache to G
+    rows, then decode token by token. Plain: G copies of each prompt are prefilled
+    (``generate(num_return_sequences=G)``-style).
+    """
+    G, P = spec.num_generations, len(prompts)
+    cache, logits, mask, next_pos = _prefill(model, prompts, G, shared)
+    N, dev = P * G, logits.device
+    stops = torch.tensor(sorted(set(spec.stop_ids)), device=dev)
+    banned = vision_token_ids(model)
+    tokens = torch.full((N, spec.max_new_tokens), spec.pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    terminated = torch.zeros(N, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(N, dtype=torch.long, device=dev)
+    for t in range(spec.max_new_tokens):
+        # a sampled <|image_pad|> would read as an image placeholder when the completion is fed back
+        # ("image features and image tokens do not match"): vision tokens are never sampled
+        logits[:, banned] = float("-inf")
+        tok = torch.cat([sample_next(logits[p * G:(p + 1) * G], spec.temperature, spec.top_p, generators[p])
+                         for p in range(P)])                                  # each prompt's own stream
+        tok = torch.where(done, torch.full_like(tok, spec.pad_id), tok)
+        tokens[:, t] = tok
+        lengths += (~done).long()
+        hit = torch.isin(tok, stops) & ~done
+        terminated |= hit
+        done |= hit
+        if bool(done.all()) or t == spec.max_new_tokens - 1:
+            break
+        # every row attends to the token it just fed (a finished row feeds padding nobody reads)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    C = max(1, int(lengths.max()))
+    ids = tokens[:, :C]
+    comp_mask = (torch.arange(C, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return ids, comp_mask, terminated

@@ -1,0 +1,72 @@
+"""The GRPO training loop: set-up, then per step one rollout, one update, one metrics row, a checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from vlgrpo.config import Config
+from vlgrpo.train import checkpoint as ckpt
+from vlgrpo.train.metrics import StepClock, append_row, metrics_row, run_summary
+from vlgrpo.train.rollout import rollout
+from vlgrpo.train.setup import Run, RunPaths, setup
+from vlgrpo.train.update import update
+
+
+def save_step(run: Run, step: int) -> None:
+    """Checkpoint after 0-based ``step`` when it is a ``train.save_steps`` multiple or the last step (written
+    by the main process; every process waits for it)."""
+    tc = run.tc
+    if (step + 1) % tc.save_steps and step + 1 != tc.max_steps:
+        return
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        state = {"step": step + 1, "seed": tc.seed, "num_items": len(run.items),
+                 "data_order": {"seed": tc.seed, "prompts_per_step": tc.prompts_per_step,
+                                "next_slot": (step + 1) * tc.prompts_per_step},
+                 "train_config": dataclasses.asdict(tc), "fingerprint": run.fingerprint}
+        ckpt.save_checkpoint(run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}", run.policy,
+                             run.optimizer, run.scheduler, state)
+    run.accelerator.wait_for_everyone()
+
+
+def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: int | None = None
+               ) -> dict[str, Any]:
+    """GRPO-train the policy in ``paths.init_model_dir`` on the manifest's train split with ``cfg.train``.
+
+    Resumes from the newest complete checkpoint in ``out_dir/checkpoints``. ``stop_after``: stop (as if
+    killed) after that many steps of this run's step count - checkpoints written so far stay. Returns a summary
+    dict (steps, wall time, throughput, ``final``: the last metrics row). The final model goes to ``out_dir``
+    (atomically, the checkpoints kept inside it).
+    """
+    from tqdm.auto import tqdm
+
+    run = setup(cfg, paths)
+    tc, main = run.tc, run.accelerator.is_main_process
+    history: list[dict[str, Any]] = []
+    t_run = time.perf_counter()
+    bar = tqdm(total=tc.max_steps, initial=run.start_step, desc="grpo", dynamic_ncols=True,
+               disable=not (progress and main))
+    try:
+        for step in range(run.start_step, tc.max_steps):
+            if stop_after is not None and len(history) >= stop_after:
+                break
+            clock = StepClock()
+            ro = rollout(run, step, clock)
+            upd = update(run, ro.batch, step)
+            clock.lap("update")
+            row = metrics_row(run, step, ro, upd, clock)
+            if main:
+                append_row(run.paths.metrics_path, row)
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(step=step + 1, reward=f"{row['reward']:.3f}", refresh=False)
+            save_step(run, step)
+    finally:
+        bar.close()
+    summary = run_summary(run, history, len(history), time.perf_counter() - t_run)
+    if summary["finished"] and main:
+        ckpt.save_final(run.policy, run.processor, run.paths.out_dir)
+    run.accelerator.wait_for_everyone()
+    summary["wall_s"] = time.perf_counter() - t_run
+    return summary

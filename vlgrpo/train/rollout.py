@@ -1,0 +1,141 @@
+"""One rollout: this step's prompts → G sampled completions each → rewards → group advantages → the batch
+the update consumes (with old-policy / reference log-probs when the maths needs them)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from vlgrpo import grpo
+from vlgrpo.train import prompts as P
+from vlgrpo.train.batches import PromptBatch, StepBatch
+from vlgrpo.train.errors import TrainingError
+from vlgrpo.train.generation import generate_group_completions
+from vlgrpo.train.scoring import score_batch, unwrap
+
+if TYPE_CHECKING:
+    from vlgrpo.train.metrics import StepClock
+    from vlgrpo.train.setup import Run
+
+
+@dataclass
+class RewardSetup:
+    """The reward functions of ``rewards.weights``, resolved once per run, in the weights' order."""
+    weights: dict[str, float]
+    fns: dict[str, Callable]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+    def weight_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.weights[n] for n in self.names], dtype=torch.float32)
+
+
+@dataclass
+class Rollout:
+    """What one step's rollout gives: the local update batch, the local ``terminated`` flags, and the
+    rewards of all processes' completions (per reward (N_global, K), weighted total (N_global,), per-group
+    std (P_global,))."""
+    batch: StepBatch
+    terminated: torch.Tensor
+    rewards: torch.Tensor
+    total: torch.Tensor
+    group_std: torch.Tensor
+
+
+def reward_tensor(step: int, per_reward: dict[str, list], names: Sequence[str]) -> torch.Tensor:
+    """(N, K) with NaN for None; a NaN/inf score is an error naming the step and the reward."""
+    cols = []
+    for name in names:
+        vals = []
+        for v in per_reward[name]:
+            if v is None:
+                vals.append(float("nan"))
+                continue
+            if not math.isfinite(float(v)):
+                raise TrainingError(f"step {step}: reward {name!r} returned {v} (not finite)")
+            vals.append(float(v))
+        cols.append(vals)
+    return torch.tensor(cols, dtype=torch.float32).T.reshape(-1, len(names))
+
+
+def step_slots(run: "Run", step: int) -> tuple[list[int], list[Any]]:
+    """This process's global prompt slots of ``step`` and their manifest items."""
+    n = run.local_prompts
+    global_idx = P.step_prompt_indices(step, run.tc.prompts_per_step, len(run.items), run.tc.seed)
+    slots = list(range(run.rank * n, (run.rank + 1) * n))
+    return slots, [run.items[i] for i in global_idx[slots[0]:slots[-1] + 1]]
+
+
+def encode_step(run: "Run", step: int, slots: list[int], items: list[Any]) -> PromptBatch:
+    """The step's prompts (augmented images when ``train.augment``), encoded and on the run's device."""
+    from vlgrpo import modeling
+
+    mdir = run.paths.manifest.parent
+    imgs = P.step_images(items, mdir, run.tc, step, slots)
+    enc = modeling.encode_prompts(run.processor, items, mdir, run.cfg.data.min_pixels, run.cfg.data.max_pixels,
+                                  images=imgs)
+    return PromptBatch.from_encoded(enc, [len(it.images) for it in items]).to(run.device)
+
+
+def sample(run: "Run", prompts: PromptBatch, step: int, slots: list[int]):
+    """G completions per prompt from the current policy (eval mode, autocast) → (ids, mask, terminated)."""
+    base = unwrap(run.scorer).model
+    base.eval()
+    with run.accelerator.autocast():
+        out = generate_group_completions(base, prompts, run.sampling,
+                                         [P.step_generator(run.tc.seed, step, k, 0) for k in slots],
+                                         shared=run.tc.shared_work)
+    base.train()
+    return out
+
+
+def score_rewards(run: "Run", step: int, items: list[Any], completions: tuple) -> torch.Tensor:
+    """Decode the completions and score them with the reward registry → local (N_local, K), NaN for None."""
+    from vlgrpo import rewards as R
+
+    G = run.tc.num_generations
+    c_ids, c_mask, term = completions
+    texts = [run.processor.tokenizer.decode(ids[:int(m.sum())], skip_special_tokens=True).strip()
+             for ids, m in zip(c_ids.tolist(), c_mask)]
+    prompts_txt = [it.text for it in items for _ in range(G)]
+    columns: dict[str, list] = {}
+    for it in items:
+        for k, v in it.columns().items():
+            columns.setdefault(k, []).extend([v] * G)
+    columns["terminated"] = term.tolist()
+    try:
+        rb = R.compute_rewards(run.rewards.weights, prompts_txt, texts, columns,
+                               on_error=run.cfg.rewards.on_error, rewards=run.rewards.fns)
+    except R.RewardError as e:
+        raise TrainingError(f"step {step + 1}: {e}") from e
+    return reward_tensor(step + 1, rb.per_reward, run.rewards.names)
+
+
+def rollout(run: "Run", step: int, clock: "StepClock") -> Rollout:
+    """Run one step's rollout (0-based ``step``) on this process; ``clock`` gets a lap per phase
+    (encode, generate, rewards, score). Advantages are computed over the rewards of all processes."""
+    slots, items = step_slots(run, step)
+    prompts = encode_step(run, step, slots, items)
+    clock.lap("encode")
+    c_ids, c_mask, term = sample(run, prompts, step, slots)
+    clock.lap("generate")
+    local_r = score_rewards(run, step, items, (c_ids, c_mask, term)).to(run.device)   # (N_local, K)
+    all_r = run.accelerator.gather(local_r).cpu()                                     # (N_global, K)
+    total = grpo.total_rewards(all_r, run.rewards.weight_tensor())                    # (N_global,)
+    adv_all, std = grpo.group_advantages(total, run.tc.num_generations, run.tc.scale_rewards)
+    n_local = run.local_prompts * run.tc.num_generations
+    adv = adv_all[run.rank * n_local:(run.rank + 1) * n_local].to(run.device)
+    clock.lap("rewards")
+    # old policy / reference log-probs only when the maths needs them
+    old_logp = (score_batch(run.scorer, prompts, c_ids, c_mask, run.tc, run.accelerator)
+                if run.tc.num_iterations > 1 else None)
+    ref_logp = (score_batch(run.ref_scorer, prompts, c_ids, c_mask, run.tc, run.accelerator)
+                if run.ref_scorer is not None else None)
+    global_tokens = float(run.accelerator.gather(c_mask.sum().reshape(1).float()).sum())
+    batch = StepBatch(prompts, c_ids, c_mask, adv, old_logp, ref_logp, global_tokens, run.world)
+    clock.lap("score")
+    return Rollout(batch, term, all_r, total, std)

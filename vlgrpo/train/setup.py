@@ -1,0 +1,155 @@
+"""Set-up of a GRPO run: paths, accelerator, policy (and reference), optimizer + schedule, train prompts,
+rewards, and the resume point - everything the loop reads, in one ``Run``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlgrpo import grpo
+from vlgrpo.config import Config, TrainConfig
+from vlgrpo.train import checkpoint as ckpt
+from vlgrpo.train.errors import TrainingError
+from vlgrpo.train.generation import SamplingSpec
+from vlgrpo.train.paths import RunPaths
+from vlgrpo.train.prompts import load_train_items
+from vlgrpo.train.rollout import RewardSetup
+from vlgrpo.train.scoring import CompletionScorer, unwrap
+
+
+@dataclass
+class Run:
+    """The state of one GRPO run: set up once by ``setup``, read (and the model / optimizer / scheduler
+    advanced) by every step."""
+    cfg: Config
+    paths: RunPaths
+    accelerator: Any
+    scorer: nn.Module                 # the policy, wrapped (DDP / autocast) by accelerate
+    ref_scorer: nn.Module | None      # the frozen reference; None when beta is 0
+    optimizer: Any
+    scheduler: Any
+    processor: Any
+    items: list[Any]                  # train prompts that fit train.max_prompt_tokens
+    dropped: int                      # over-long prompts left out
+    rewards: RewardSetup
+    sampling: SamplingSpec
+    fingerprint: str = ""
+    start_step: int = 0
+    resumed_from: int | None = None
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def local_prompts(self) -> int:
+        return self.tc.prompts_per_step // self.world
+
+    @property
+    def policy(self) -> nn.Module:
+        """The bare policy model (unwrapped)."""
+        return unwrap(self.scorer).model
+
+
+def make_accelerator(mixed_precision: str):
+    """An Accelerator for this run. accelerate keeps its state per process; a second run in the same process
+    (pilot then train, or tests) may ask for another precision, so the precision part of that state is reset
+    (the process group, if any, is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def build_optimizer(model: nn.Module, tc: TrainConfig):
+    """AdamW at ``train.learning_rate`` and its schedule (linear warm-up over ``train.warmup_ratio`` of the
+    updates, then linear decay; one update = one optimizer step, ``num_iterations`` per GRPO step)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    total_updates = tc.max_steps * tc.num_iterations
+    warmup = grpo.warmup_steps_for(total_updates, tc.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: grpo.lr_multiplier(u, total_updates, warmup))
+    return optimizer, scheduler
+
+
+def load_models(cfg: Config, paths: RunPaths, device: torch.device):
+    """The policy (train mode) and, when beta > 0, a frozen reference scorer → (model, processor, ref_scorer)."""
+    from vlgrpo import modeling
+
+    model, processor = modeling.load_model(paths.init_model_dir, dtype=torch.float32)
+    model.to(device)
+    ref_scorer = None
+    if cfg.train.beta > 0:                           # β = 0: no reference model at all
+        ref_model, _ = modeling.load_model(paths.init_model_dir, dtype=torch.float32)
+        ref_model.to(device).eval().requires_grad_(False)
+        ref_scorer = CompletionScorer(ref_model)
+    model.train()
+    return model, processor, ref_scorer
+
+
+def reward_setup(cfg: Config, root: Path) -> RewardSetup:
+    """Load the reward plugins and resolve the functions of ``rewards.weights``."""
+    from vlgrpo import rewards as R
+
+    weights = dict(cfg.rewards.weights)
+    R.load_plugins(cfg.rewards.plugins)
+    return RewardSetup(weights, R.resolve_rewards(list(weights), cfg.rewards, root=root))
+
+
+def _restore(run: Run) -> None:
+    """Resume from the newest good checkpoint of this run (another run's are deleted first); a resumed run
+    drops the metric lines after the checkpoint's step."""
+    acc = run.accelerator
+    ckpt.drop_superseded(run.paths.out_dir, run.fingerprint, acc.is_main_process)
+    acc.wait_for_everyone()
+    path, state = ckpt.resume(run.paths.out_dir, run.policy, run.optimizer, run.scheduler)
+    if path is not None:
+        run.start_step = run.resumed_from = int(state["step"])
+        if acc.is_main_process:
+            ckpt.truncate_metrics(run.paths.metrics_path, run.start_step)
+    acc.wait_for_everyone()
+
+
+def setup(cfg: Config, paths: RunPaths) -> Run:
+    """Everything a run needs before its first step (``cfg.train`` is the run's train section) → a Run,
+    resumed from its newest checkpoint when there is one. Raises TrainingError on a set-up that cannot train
+    (fp16 on CPU, prompts_per_step not divisible by the processes, too few prompts)."""
+    from vlgrpo import modeling
+
+    tc = cfg.train
+    if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingError("train.mixed_precision: fp16 needs a GPU (loss scaling); use bf16 or no on CPU")
+    accelerator = make_accelerator(tc.mixed_precision)
+    if tc.prompts_per_step % accelerator.num_processes:
+        raise TrainingError(f"train.prompts_per_step ({tc.prompts_per_step}) must be divisible by the number "
+                            f"of processes ({accelerator.num_processes})")
+    torch.manual_seed(tc.seed)
+    model, processor, ref_scorer = load_models(cfg, paths, accelerator.device)
+    optimizer, scheduler = build_optimizer(model, tc)
+    scorer, optimizer = accelerator.prepare(CompletionScorer(model), optimizer)
+    sampling = SamplingSpec(tc.num_generations, tc.max_completion_length, tc.temperature, tc.top_p,
+                            tuple(modeling.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id)
+    items, dropped = load_train_items(cfg, processor, paths.manifest)
+    run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
+              reward_setup(cfg, paths.root), sampling)
+    run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
+    _restore(run)
+    return run

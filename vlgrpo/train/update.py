@@ -1,0 +1,84 @@
+"""One update: the GRPO loss of a step's batch, accumulated over micro-batches, then optimizer steps.
+
+The loss of each micro-batch is its numerator over the *step's* normaliser (vlgrpo.grpo.loss_normalizer),
+so the accumulated gradient is the gradient of the whole batch's loss.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from vlgrpo import grpo
+from vlgrpo.config import TrainConfig
+from vlgrpo.train.batches import StepBatch, micro_batches
+from vlgrpo.train.errors import check_finite
+from vlgrpo.train.scoring import score_micro_batch
+
+if TYPE_CHECKING:
+    from vlgrpo.train.setup import Run
+
+
+def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerator=None) -> dict[str, float]:
+    """One optimizer step's backward passes over ``batch`` in micro-batches of ``tc.micro_batch_size``
+    (gradients accumulate in the parameters) → local metric sums: ``loss`` and ``<name>#sum`` /
+    ``<name>#count`` pairs for entropy, kl and the clip ratios. ``accelerator`` None: plain backward."""
+    mbs = micro_batches(batch.prompts, tc.num_generations, tc.micro_batch_size)
+    mask = batch.completion_mask
+    global_tokens = batch.global_num_tokens if batch.global_num_tokens is not None else float(mask.sum())
+    norm = grpo.loss_normalizer(tc.loss_type, num_sequences=mask.shape[0], num_tokens=float(mask.sum()),
+                                global_num_tokens=global_tokens,
+                                max_completion_length=tc.max_completion_length,
+                                num_processes=batch.num_processes)
+    sums: dict[str, float] = {"loss": 0.0}
+    for i, mb in enumerate(mbs):
+        last = i == len(mbs) - 1
+        sl = slice(mb.start, mb.end)
+        # gradients are all-reduced once per step, on the last micro-batch
+        with (accelerator.no_sync(scorer) if (accelerator is not None and not last) else nullcontext()):
+            with (accelerator.autocast() if accelerator is not None else nullcontext()):
+                logp, ent = score_micro_batch(scorer, mb, batch.completion_ids, mask, tc, with_entropy=True)
+            old = batch.old_logp[sl] if batch.old_logp is not None else None
+            ref = batch.ref_logp[sl] if batch.ref_logp is not None else None
+            tl, ratio, kl = grpo.per_token_loss(logp, old, ref, batch.advantages[sl], tc.epsilon_low,
+                                                tc.epsilon_high, tc.beta)
+            loss = grpo.aggregate_loss(tl, mask[sl], tc.loss_type, norm)
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+        sums["loss"] += float(loss.detach())
+        m = mask[sl]
+        _add(sums, "entropy", grpo.masked_sum_count(ent, m))
+        if kl is not None:
+            _add(sums, "kl", grpo.masked_sum_count(kl, m))
+        for name, ind in grpo.clip_indicators(ratio.detach(), batch.advantages[sl], tc.epsilon_low,
+                                              tc.epsilon_high).items():
+            _add(sums, name, grpo.masked_sum_count(ind, m))
+    return sums
+
+
+def _add(sums: dict[str, float], name: str, sc: tuple[float, float]) -> None:
+    sums[name + "#sum"] = sums.get(name + "#sum", 0.0) + sc[0]
+    sums[name + "#count"] = sums.get(name + "#count", 0.0) + sc[1]
+
+
+def update(run: "Run", batch: StepBatch, step: int) -> tuple[dict[str, float], list[float]]:
+    """``train.num_iterations`` optimizer updates on one step's batch (0-based ``step``) → (metric sums added
+    over the iterations, grad norm of each iteration). A non-finite loss or grad norm raises TrainingError
+    before the optimizer steps."""
+    agg: dict[str, float] = {}
+    grad_norms: list[float] = []
+    for _ in range(run.tc.num_iterations):
+        sums = update_phase(run.scorer, batch, run.tc, run.accelerator)
+        check_finite(step + 1, "loss", sums["loss"])
+        gn = float(run.accelerator.clip_grad_norm_(run.scorer.parameters(), run.tc.max_grad_norm))
+        check_finite(step + 1, "grad_norm", gn)
+        grad_norms.append(gn)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        for k, v in sums.items():
+            agg[k] = agg.get(k, 0.0) + v
+    return agg, grad_norms
