@@ -191,3 +191,15 @@ def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 
     model, processor = load_merged(adapter_dir)
     return modeling.save_model(model, processor, out_dir)
+
+
+class AdaptersOff(nn.Module):
+    """A scorer of the reference policy: ``scorer`` (the LoRA policy's) run with its adapters switched off."""
+
+    def __init__(self, scorer: nn.Module):
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, *args, **kwargs):
+        with adapters_disabled(self.scorer):
+            return self.scorer(*args, **kwargs)

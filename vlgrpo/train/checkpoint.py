@@ -23,9 +23,11 @@ from vlgrpo.train.errors import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter.safetensors"        # a LoRA run's checkpointed weights
 
 # Keys that do not change what a step computes: a resume may differ in them.
-_RESUME_NEUTRAL = ("save_steps", "log_every", "out_dir")
+# (gradient checkpointing recomputes the same operations: the same numbers, less memory)
+_RESUME_NEUTRAL = ("save_steps", "log_every", "out_dir", "gradient_checkpointing")
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -98,11 +100,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Weights (safetensors) + optimizer + scheduler + RNG + trainer state, written to a temp dir and renamed."""
-    from safetensors.torch import save_model as st_save
+    """Weights (safetensors) + optimizer + scheduler + RNG + trainer state, written to a temp dir and renamed.
+    A LoRA policy's weights are its adapters (``adapter.safetensors``): the base is frozen and named by the
+    run's fingerprint."""
+    from safetensors.torch import save_file, save_model as st_save
+
+    from vlgrpo import lora
 
     with atomic_dir(path) as tmp:
-        st_save(model, str(tmp / "model.safetensors"))
+        if lora.peft_model(model) is not None:
+            save_file(lora.trainable_state(model), str(tmp / ADAPTER_FILE))
+        else:
+            st_save(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
@@ -113,17 +122,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict[
     """Overwrite weights, optimizer, scheduler and RNG from ``path``; returns its trainer state.
     Raises TrainingError (naming the path) when any part cannot be read."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model as st_load
+    from safetensors.torch import load_file, load_model as st_load
+
+    from vlgrpo import lora
 
     try:
-        st_load(model, str(path / "model.safetensors"))
+        if lora.peft_model(model) is not None:
+            lora.load_trainable_state(model, load_file(str(path / ADAPTER_FILE)))
+        else:
+            st_load(model, str(path / "model.safetensors"))
         # weights_only: a checkpoint dir is data, never code - a pickle that builds objects is refused.
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
         return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
-            SafetensorError) as e:
+            SafetensorError, lora.LoraError) as e:
         raise TrainingError(f"{path}: cannot resume from this checkpoint: {e}") from e
 
 

@@ -32,6 +32,8 @@ def completion_positions(model: nn.Module, prompts: PromptBatch, length: int) ->
     after it continue from there one by one - what ``get_rope_index`` gives on the full sequence.
     """
     base = unwrap(model)
+    if hasattr(base, "get_base_model"):       # a peft LoRA model: the transformers model inside it
+        base = base.get_base_model()
     pos, _ = base.model.get_rope_index(prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids,
                                        image_grid_thw=prompts.image_grid_thw,
                                        attention_mask=prompts.attention_mask)      # (3, P, L)
