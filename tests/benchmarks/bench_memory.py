@@ -136,16 +136,17 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import vlgrpo.trainer as T
+    import vlgrpo.train.prompts as data_order_module
     from vlgrpo.config import config_from_dict
+    from vlgrpo.train import RunPaths, train_grpo
 
-    real = T.step_prompt_indices
+    real = data_order_module.step_prompt_indices
 
     def gated(*args, **kwargs):
         gate.wait()
         return real(*args, **kwargs)
 
-    T.step_prompt_indices = gated        # a pause before each step; the real function does the work
+    data_order_module.step_prompt_indices = gated    # a pause before each step; the real function does the work
     steps = spec["total_steps"]
     cfg = config_from_dict({
         "data": data_params(),
@@ -159,8 +160,8 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     })
     out = Path(spec["out"])
     metrics = out / "metrics.jsonl"
-    T.train_grpo(cfg, cfg.train, spec["root"], "data/manifest.jsonl", spec["model"], out / "model", metrics,
-                 progress=False)
+    train_grpo(cfg, RunPaths.under(spec["root"], "data/manifest.jsonl", spec["model"], out / "model", metrics),
+               progress=False)
     rows = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
     gate.step_times = [r["step_time_s"] - w for r, w in zip(rows, gate.pauses)]
     gate.finish(threads=torch.get_num_threads(), gpu_peak_mb=_gpu_peak_mb(spec["device"]),
