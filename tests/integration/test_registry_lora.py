@@ -82,11 +82,11 @@ def test_adapter_and_merged_register_load_and_serve_alike(tmp_path, monkeypatch,
     assert lora.is_adapter_dir(cand) and lora.adapter_base(cand) == str(adapter_dir / "base")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    setup(tmp_path, "vlgrpo-lora")
+    exp = setup(tmp_path, "vlgrpo-lora")          # artifacts beside tmp_path/mlflow.db
     client, name = MlflowClient(), "vlgrpo-lora-test"
     versions = {}
     for merged in (False, True):
-        with mlflow.start_run() as run:
+        with mlflow.start_run(experiment_id=exp) as run:
             info = log_candidate(ROOT, cand, 3136, 12544, merge_lora=merged)
             versions[merged] = register_version(client, name, info, run.info.run_id, {})
     # the adapter version holds no base weights; the merged one is a full checkpoint

@@ -18,8 +18,6 @@ from vlgrpo.checkpointing import enable_gradient_checkpointing
 from vlgrpo.config import ConfigError, DataConfig, LoraConfig, TinyModelConfig, TrainConfig, config_from_dict
 from vlgrpo.data.synthetic import generate
 from vlgrpo.train.batches import PromptBatch, StepBatch
-from vlgrpo.train.generation import SamplingSpec, generate_group_completions
-from vlgrpo.train.prompts import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_batch
 from vlgrpo.train.update import update_phase
 
@@ -39,9 +37,10 @@ def setup(tmp_path_factory):
     model, proc = modeling.load_model(d)
     prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items, None, 3136, 12544, images=images),
                                        [1] * P)
-    spec = SamplingSpec(G, C, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)), proc.tokenizer.pad_token_id,
-                        tuple(modeling.vision_token_ids(proc, model)))
-    ids, mask, _ = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in range(P)])
+    # completions: random text tokens (the maths does not care how they were sampled)
+    text_ids = torch.arange(len(modeling.SPECIAL_TOKENS), len(proc.tokenizer))   # no special / vision token
+    ids = text_ids[torch.randint(len(text_ids), (N, C), generator=torch.Generator().manual_seed(0))]
+    mask = torch.ones(N, C, dtype=torch.long)
     mask = mask.clone()
     mask[1, 3:] = 0
     mask[6, 1:] = 0
