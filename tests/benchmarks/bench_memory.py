@@ -1,6 +1,6 @@
 """Memory and speed at real width: full fine-tuning, LoRA and LoRA + gradient checkpointing, vlgrpo vs TRL (issue 11).
 
-    .venv/bin/python -m tests.benchmarks.bench_memory [--steps 3] [--warmup 1] [--threads 2] [--layers 2]
+    .venv/bin/python -m tests.benchmarks.bench_memory [--steps 2] [--warmup 1] [--threads 2] [--layers 2]
         [--vision-depth 2] [--rows full,lora,lora_ckpt] [--device cpu|cuda] [--json out.json]
 
 Not a pytest test (nothing is asserted); ``make bench`` runs it. The last line printed is
@@ -261,7 +261,7 @@ def summarise(msg: dict, warmup: int, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="measured steps per trainer and row (median)")
+    ap.add_argument("--steps", type=int, default=2, help="measured steps per trainer and row (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=2, help="language-model layers (the 3B has 36)")
