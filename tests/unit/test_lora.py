@@ -140,7 +140,7 @@ def test_lora_loss_and_adapter_grads_match_trl_peft(setup, trl_lora, loss_type):
     want = _grads(tr.model)
     assert all("lora_" in n for n in want) and len(want) == 2 * len(lora.target_modules(
         modeling.load_model(s["dir"])[0], LC))
-    for shared, ckpt, tol in [(False, False, 1e-5), (True, False, 1e-4), (True, True, 1e-4)]:
+    for shared, ckpt, tol in [(False, False, 1e-5), (True, False, 1e-5), (True, True, 1e-5)]:
         pm = _lora_model(s, ckpt)
         scorer = CompletionScorer(pm)
         with lora.adapters_disabled(scorer):          # the reference log-probs as the trainer makes them
@@ -148,7 +148,9 @@ def test_lora_loss_and_adapter_grads_match_trl_peft(setup, trl_lora, loss_type):
         batch = StepBatch(s["prompts"], s["ids"], s["mask"], s["adv"], s["old_logp"], ref)
         sums = update_phase(scorer, batch, dataclasses.replace(tc, shared_work=shared))
         assert sums["loss"] == pytest.approx(trl_loss.item(), abs=tol, rel=tol), (shared, ckpt)
-        _assert_close(_grads(pm), want, tol)
+        worst = _assert_close(_grads(pm), want, tol)
+        print(f"{loss_type} shared={shared} ckpt={ckpt}: |Δloss| {abs(sums['loss'] - trl_loss.item()):.2g}, "
+              f"max |Δgrad| {worst:.2g}")
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -176,7 +178,8 @@ def test_gradient_checkpointing_same_grads_fewer_saved_bytes(setup, shared):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         out[ckpt] = (sums["loss"], grads, saved[0])
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-7)
-    _assert_close(out[True][1], out[False][1], 1e-5)
+    worst = _assert_close(out[True][1], out[False][1], 1e-5)
+    print(f"checkpointing shared={shared}: max |Δgrad| {worst:.2g}, saved bytes {out[True][2]} vs {out[False][2]}")
     assert any(".visual." in n for n in out[True][1])          # the vision tower got its gradients too
     assert out[True][2] < 0.5 * out[False][2]
 
