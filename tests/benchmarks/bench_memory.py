@@ -294,15 +294,22 @@ def main(argv: list[str] | None = None) -> dict:
                         "out": str(tmp / "out" / f"{kind}-{row}"), "threads": args.threads,
                         "device": args.device, "lora_targets": targets, **ROWS[row]}
                 t1 = time.perf_counter()
-                got = run_group({kind: spec}, total, tmp, module="tests.benchmarks.bench_memory")
+                try:
+                    got = run_group({kind: spec}, total, tmp, module="tests.benchmarks.bench_memory")
+                except RuntimeError as e:
+                    # a run the machine cannot hold (SIGKILL from the kernel's OOM killer: exit -9) is a result
+                    # too; the other rows still run
+                    res["rows"][row][kind] = {"error": str(e).splitlines()[0]}
+                    print(f"{row} / {kind}: FAILED after {time.perf_counter() - t1:.0f}s: {e}", flush=True)
+                    continue
                 res["rows"][row][kind] = summarise(got[kind], args.warmup, args.steps)
                 res["loadavg"].append(os.getloadavg())
                 print(f"{row} / {kind}: {time.perf_counter() - t1:.0f}s, peak RSS "
                       f"{res['rows'][row][kind]['peak_rss_mb']:.0f} MB, load {os.getloadavg()[0]:.1f}", flush=True)
     res["wall_s"] = time.perf_counter() - t0
     key = "gpu_peak_mb" if args.device == "cuda" else "peak_rss_mb"
-    if "lora_ckpt" in res["rows"]:
-        r = res["rows"]["lora_ckpt"]
+    r = res["rows"].get("lora_ckpt", {})
+    if all("error" not in r.get(k, {"error": 1}) for k in ("vlgrpo", "trl")):
         res["memory_ratio_vs_trl"] = r["vlgrpo"][key] / r["trl"][key]
     print(report(res, key))
     if args.json:
@@ -324,10 +331,17 @@ def report(r: dict, key: str) -> str:
              f"TRL/vlgrpo step time |", "|---|---|---|---|---|---|---|"]
     for row, by in r["rows"].items():
         v, t = by["vlgrpo"], by["trl"]
+        if "error" in v or "error" in t:
+            err = "; ".join(f"{n}: {m['error']}" for n, m in by.items() if "error" in m)
+            lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(
+                [f"{v[key]:.0f}" if key in v else "failed", f"{t[key]:.0f}" if key in t else "failed", "-",
+                 f"{v['step_s']:.2f}" if "step_s" in v else "-", f"{t['step_s']:.2f}" if "step_s" in t else "-",
+                 "-"]) + f" | ({err})")
+            continue
         lines.append(f"| {ROW_TITLES[row]} | {v[key]:.0f} | {t[key]:.0f} | {v[key] / t[key]:.2f} | "
                      f"{v['step_s']:.2f} | {t['step_s']:.2f} | {t['step_s'] / v['step_s']:.2f}x |")
     rows = r["rows"]
-    if "full" in rows and "lora_ckpt" in rows:
+    if all(key in rows.get(k, {}).get("vlgrpo", {}) for k in ("full", "lora_ckpt")):
         lines += ["", f"- vlgrpo LoRA + checkpointing peak / vlgrpo full fine-tuning peak = "
                       f"{rows['lora_ckpt']['vlgrpo'][key] / rows['full']['vlgrpo'][key]:.2f}"]
     return "\n".join(lines)

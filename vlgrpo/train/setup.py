@@ -82,9 +82,11 @@ def make_accelerator(mixed_precision: str):
 def build_optimizer(model: nn.Module, tc: TrainConfig):
     """AdamW at ``train.learning_rate`` and its schedule (linear warm-up over ``train.warmup_ratio`` of the
     updates, then linear decay; one update = one optimizer step, ``num_iterations`` per GRPO step)."""
-    # only what trains (with LoRA: the adapters) gets AdamW state
+    # only what trains (with LoRA: the adapters) gets AdamW state. The fused kernel updates each tensor in
+    # place; the default (foreach) one allocates temporaries the size of all weights (GBs at real width).
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused)
     total_updates = tc.max_steps * tc.num_iterations
     warmup = grpo.warmup_steps_for(total_updates, tc.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
