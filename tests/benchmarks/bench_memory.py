@@ -1,7 +1,7 @@
 """Memory and speed at real width: full fine-tuning, LoRA and LoRA + gradient checkpointing, vlgrpo vs TRL (issue 11).
 
     .venv/bin/python -m tests.benchmarks.bench_memory [--steps 2] [--warmup 1] [--threads 2] [--layers 2]
-        [--vision-depth 2] [--rows full,lora,lora_ckpt] [--device cpu|cuda] [--json out.json]
+        [--vision-depth 2] [--rows lora_ckpt,lora,full] [--device cpu|cuda] [--json out.json]
 
 Not a pytest test (nothing is asserted); ``make bench`` runs it. The last line printed is
 ``memory_ratio_vs_trl=<vlgrpo LoRA+ckpt peak RSS ÷ TRL LoRA+ckpt peak RSS>`` (on a GPU: peak GPU memory).
@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=2, help="language-model layers (the 3B has 36)")
     ap.add_argument("--vision-depth", type=int, default=2, help="vision blocks (the 3B has 32)")
-    ap.add_argument("--rows", default="full,lora,lora_ckpt")
+    # LoRA rows first: the full fine-tuning row needs ~12 GB a process and is the one a shared machine may
+    # not hold
+    ap.add_argument("--rows", default="lora_ckpt,lora,full")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -329,7 +331,8 @@ def report(r: dict, key: str) -> str:
              f"wall {r['wall_s']:.0f}s", "",
              f"| row | vlgrpo {mem} | TRL {mem} | vlgrpo/TRL memory | vlgrpo step s | TRL step s | "
              f"TRL/vlgrpo step time |", "|---|---|---|---|---|---|---|"]
-    for row, by in r["rows"].items():
+    for row in [k for k in ROWS if k in r["rows"]]:               # table order: full, lora, lora_ckpt
+        by = r["rows"][row]
         v, t = by["vlgrpo"], by["trl"]
         if "error" in v or "error" in t:
             err = "; ".join(f"{n}: {m['error']}" for n, m in by.items() if "error" in m)
