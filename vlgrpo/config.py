@@ -150,8 +150,40 @@ TASKS = ("count", "color", "shape", "exists", "caption")
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic", "jsonl", "coco", "flickr30k"] = "synthetic"
-    path: str | None = None          # jsonl file / coco root / flickr30k root; unused for synthetic
+    """The ``data`` stage: where items come from and how images are fitted. Dataset layouts: docs/datasets.md.
+
+    Fields:
+        source: ``synthetic`` (generated scenes), ``jsonl`` (ms-swift-style rows: a ``.jsonl`` file or a
+            ``.json`` array; ``json`` is the same reader), ``hf`` (a Hugging Face ``datasets.save_to_disk``
+            folder, a ``.parquet`` file or a folder of them), ``coco`` or ``flickr30k``.
+        path: the file or folder of an imported source, relative to the project root; unused for synthetic.
+        format: the row layout of ``jsonl`` / ``hf`` rows; ``auto`` detects it from the first row. One of
+            ``messages``, ``llava``, ``sharegpt``, ``alpaca``, ``query_response``, ``problem_solution``.
+        columns: renames applied to every row before the layout is read, ``{column in the data: name vlgrpo
+            reads}`` (ms-swift's ``--columns``), e.g. ``{question_text: problem, img: image}``.
+        image_base: folder that relative image paths are looked up in first (before the dataset's folder);
+            relative to the project root. It is also an allowed image folder.
+        image_roots: more folders images may live in (absolute paths and ``../`` paths into them are
+            allowed; relative paths are also looked up there, after the dataset's folder). Anything outside
+            the dataset's folder, ``image_base`` and these is a ``path_escape`` error.
+        split: COCO annotation split (``captions_<split>.json``).
+        seed: seed of the synthetic generator.
+        out_dir: where ``manifest.jsonl`` and the image cache are written.
+        num_train / num_val / num_test: synthetic items per split.
+        val_fraction / test_fraction: share of imported rows without their own split that go to val / test
+            (by a hash of the first image's content, so one image never lands in two splits).
+        task_mix: relative weights of the synthetic tasks.
+        min_pixels / max_pixels: pixel budget every image is resized into (Qwen-VL ``smart_resize``).
+        allow_remote: let ``http(s)://`` image URLs through (downloaded by the data stage).
+        synthetic: knobs of the synthetic scene generator.
+    """
+    source: Literal["synthetic", "jsonl", "json", "hf", "coco", "flickr30k"] = "synthetic"
+    path: str | None = None          # jsonl/json file, hf folder or parquet, coco / flickr30k root
+    format: Literal["auto", "messages", "llava", "sharegpt", "alpaca", "query_response",
+                    "problem_solution"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    image_base: str | None = None
+    image_roots: tuple[str, ...] = ()
     split: str = "train2017"         # coco annotation split (captions_<split>.json)
     seed: int = 0
     out_dir: str = "data"
@@ -186,6 +218,11 @@ class DataConfig:
         _check_range("data.max_pixels", self.max_pixels, self.min_pixels)
         if self.source != "synthetic" and not self.path:
             _fail("data.path", f"is required when data.source is {self.source!r}")
+        for old, new in self.columns.items():
+            if not new.strip():
+                _fail(f"data.columns.{old}", "must name the column vlgrpo should read it as")
+        if any(not r.strip() for r in self.image_roots):
+            _fail("data.image_roots", "entries must be folder paths, not empty strings")
 
 
 @dataclass(frozen=True)

@@ -267,30 +267,34 @@ def count_parameters(model) -> int:
 
 def build_messages(item: Item, image_paths: Sequence[Path | str | Image.Image], min_pixels: int,
                    max_pixels: int) -> list[dict]:
-    """Qwen chat messages for one item: each ``<image>`` tag in the question becomes an image part.
+    """Qwen chat messages for one item: each ``<image>`` tag in the prompt turns becomes an image part.
 
-    Images without a tag in the question go first (the common "image then question" layout).
+    Multi-turn items (``item.turns``) render every earlier turn; tags are numbered across turns in order.
+    Images without a tag go first in the first turn (the common "image then question" layout).
     """
-    if item.question.count(IMAGE_TAG) > len(image_paths):
-        raise ValueError(f"item {item.id}: question has {item.question.count(IMAGE_TAG)} {IMAGE_TAG} tags "
+    turns = item.prompt_turns
+    n_tags = sum(t["content"].count(IMAGE_TAG) for t in turns)
+    if n_tags > len(image_paths):
+        raise ValueError(f"item {item.id}: question has {n_tags} {IMAGE_TAG} tags "
                          f"but only {len(image_paths)} images")
 
     def image_part(img) -> dict:
         ref = img if isinstance(img, Image.Image) else str(img)
         return {"type": "image", "image": ref, "min_pixels": min_pixels, "max_pixels": max_pixels}
 
-    pieces = item.question.split(IMAGE_TAG)
-    untagged = len(image_paths) - (len(pieces) - 1)
-    content: list[dict] = [image_part(img) for img in image_paths[:untagged]]
-    for i, text in enumerate(pieces):
-        if i > 0:
-            content.append(image_part(image_paths[untagged + i - 1]))
-        if text:
-            content.append({"type": "text", "text": text})
+    untagged = len(image_paths) - n_tags
+    queue = list(image_paths[untagged:])
     messages = []
     if item.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": item.system}]})
-    messages.append({"role": "user", "content": content})
+    for n, turn in enumerate(turns):
+        content: list[dict] = [image_part(img) for img in image_paths[:untagged]] if n == 0 else []
+        for i, text in enumerate(turn["content"].split(IMAGE_TAG)):
+            if i > 0:
+                content.append(image_part(queue.pop(0)))
+            if text:
+                content.append({"type": "text", "text": text})
+        messages.append({"role": turn["role"], "content": content})
     return messages
 
 

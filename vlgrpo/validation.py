@@ -5,17 +5,23 @@
                            data_docs_dir=Path("reports/data_docs"))
     print(format_summary(result), file=sys.stderr); sys.exit(0 if result.ok else 1)
 
-``validate_file`` takes our manifest or any raw source (ms-swift JSONL, COCO captions JSON, Karpathy
-Flickr30k JSON; see :mod:`vlgrpo.data.sources` for what "line" means in each).
+``validate_file`` takes our manifest or any raw source (rows in any ms-swift layout as ``.jsonl`` or a ``.json``
+array, a Hugging Face ``save_to_disk`` folder or parquet files, COCO captions JSON, Karpathy Flickr30k JSON;
+see :mod:`vlgrpo.data.sources` for what "line" means in each). It never raises for bad data: a file or
+folder it cannot read at all is one ``unreadable_source`` finding, an unknown row layout one
+``unknown_layout`` finding naming the keys seen and the layouts supported.
 
 Row checks give one finding per problem, ``{"line", "severity", "check", "message"}``:
 
-- errors (the row is excluded): ``invalid_json``, ``bad_schema``, ``missing_image``, ``empty_image``,
-  ``truncated_image``, ``not_an_image``, ``decompression_bomb``, ``bad_aspect_ratio``, ``empty_solution``,
-  ``no_image``, ``no_user_prompt``, ``image_tag_mismatch``, ``path_escape``, ``remote_url``,
+- errors (the row is excluded): ``invalid_json``, ``invalid_dataset``, ``unreadable_source``,
+  ``unknown_layout``, ``bad_schema``, ``missing_image``, ``empty_image``, ``truncated_image``,
+  ``not_an_image``, ``decompression_bomb``, ``bad_aspect_ratio``, ``empty_solution``, ``no_image``,
+  ``no_user_prompt``, ``image_tag_mismatch``, ``unsupported_grounding``, ``path_escape``, ``remote_url``,
   ``prompt_too_long``, ``duplicate_id``, ``image_in_two_splits``;
 - warnings (the row is kept and repaired by the data stage): ``converted_mode``, ``resized``,
-  ``upscaled``, ``duplicate_row`` (an exact copy of an earlier row; the copy is dropped).
+  ``upscaled``, ``duplicate_row`` (an exact copy of an earlier row; the copy is dropped), and what a row
+  carries that vlgrpo does not use: ``ignored_videos``, ``ignored_audios``, ``ignored_rejected_response``,
+  ``ignored_tools``, ``unused_column``.
 
 Prompt length = text tokens + visual tokens. Visual tokens are ``(h/28)*(w/28)`` of the image after
 ``smart_resize`` into ``data.min_pixels..data.max_pixels``. Text tokens come from the configured tokenizer
@@ -46,14 +52,17 @@ from typing import Any, Callable, Iterable
 from vlgrpo.config import Config
 from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, visual_tokens
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
-from vlgrpo.data.sources import TASK_NAMES, ImageRef, Record, assign_split, detect_kind, iter_records
+from vlgrpo.data.layouts import WARNING_CHECKS as LAYOUT_WARNINGS
+from vlgrpo.data.sources import (TASK_NAMES, ImageRef, Record, assign_split, detect_kind, iter_records,
+                                 read_options)
 from vlgrpo.io import atomic_dir, atomic_write_json
 
-ERROR_CHECKS = ("invalid_json", "bad_schema", "missing_image", "empty_image", "truncated_image",
-                "not_an_image", "decompression_bomb", "bad_aspect_ratio", "empty_solution", "no_image",
-                "no_user_prompt", "image_tag_mismatch", "path_escape", "remote_url", "prompt_too_long",
-                "duplicate_id", "image_in_two_splits")
-WARNING_CHECKS = ("converted_mode", "resized", "upscaled", "duplicate_row")
+ERROR_CHECKS = ("invalid_json", "invalid_dataset", "unreadable_source", "unknown_layout", "bad_schema",
+                "missing_image", "empty_image", "truncated_image", "not_an_image", "decompression_bomb",
+                "bad_aspect_ratio", "empty_solution", "no_image", "no_user_prompt", "image_tag_mismatch",
+                "unsupported_grounding", "path_escape", "remote_url", "prompt_too_long", "duplicate_id",
+                "image_in_two_splits")
+WARNING_CHECKS = ("converted_mode", "resized", "upscaled", "duplicate_row") + LAYOUT_WARNINGS
 
 # Qwen chat template around one user turn:
 #   <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{<|vision_start|><|image_pad|>..<|vision_end|>}
@@ -62,6 +71,8 @@ WARNING_CHECKS = ("converted_mode", "resized", "upscaled", "duplicate_row")
 # adds <|vision_start|> and <|vision_end|> around its pads. Qwen2.5-VL inserts this system prompt if none.
 TEMPLATE_OVERHEAD = 5 + len(b"system\n\nuser\n\nassistant\n")
 VISION_WRAP = 2
+# Each earlier turn of a multi-turn prompt: <|im_start|>{role}\n ... <|im_end|>\n (role bytes added per turn).
+TURN_OVERHEAD = 2 + len(b"\n\n")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
@@ -92,14 +103,17 @@ class PromptCounter:
 
     def text_tokens(self, item: Item) -> int:
         system = item.system if item.system is not None else DEFAULT_SYSTEM
-        text = item.question.replace(IMAGE_TAG, "")
-        n_img = item.question.count(IMAGE_TAG)
+        turns = item.prompt_turns
+        text = "\n".join(t["content"].replace(IMAGE_TAG, "") for t in turns)
+        n_img = sum(t["content"].count(IMAGE_TAG) for t in turns)
+        # Turns beyond the one the base overhead covers: their role name and scaffold.
+        extra = sum(TURN_OVERHEAD + len(t["role"].encode("utf-8")) for t in turns[1:])
         if self.tokenizer is None:
             content = len(system.encode("utf-8")) + len(text.encode("utf-8"))
         else:
             enc = self.tokenizer(system + "\n" + text, add_special_tokens=False)["input_ids"]
             content = len(enc)
-        return content + TEMPLATE_OVERHEAD + VISION_WRAP * n_img
+        return content + TEMPLATE_OVERHEAD + extra + VISION_WRAP * n_img
 
 
 # ----------------------------------------------------------------------------------------- image loading
@@ -117,6 +131,8 @@ class ImageInspector:
         self._memo: dict[str, tuple[tuple[int, int], ImageInfo | ImageError]] = {}
 
     def __call__(self, ref: ImageRef) -> ImageInfo | None:
+        if ref.data is not None:
+            return self._in_memory(ref)
         if ref.path is None:
             return None  # a remote image (allowed): validation does not fetch it
         path = str(ref.path)
@@ -134,6 +150,21 @@ class ImageInspector:
             except ImageError as e:
                 result = e
             hit = self._memo[path] = ((st.st_size, st.st_mtime_ns), result)
+        if isinstance(hit[1], ImageError):
+            raise hit[1]
+        return hit[1]
+
+    def _in_memory(self, ref: ImageRef) -> ImageInfo:
+        """Image bytes held in the dataset (a Hugging Face image column): always decoded fully."""
+        key = "bytes:" + hashlib.blake2b(ref.data, digest_size=16).hexdigest()
+        hit = self._memo.get(key)
+        if hit is None:
+            try:
+                result: ImageInfo | ImageError = inspect_image(ref.raw, self.min_pixels, self.max_pixels,
+                                                               deep=True, data=ref.data)
+            except ImageError as e:
+                result = e
+            hit = self._memo[key] = ((len(ref.data), 0), result)
         if isinstance(hit[1], ImageError):
             raise hit[1]
         return hit[1]
@@ -189,6 +220,7 @@ class RowChecker:
                                "exact duplicate of an earlier row; the copy is dropped")], duplicate=True)
             self._rows.add(digest)
         out = [self._f(n, "error", e.check, e.message) for e in rec.errors]
+        out += [self._f(n, "warning", w.check, w.message) for w in rec.warnings]
         item = rec.item
         if item is None:
             return Checked(n, None, False, out)
@@ -401,29 +433,38 @@ def rows_table(kept: list[Checked]) -> dict[str, list[Any]]:
     }
 
 
-def check_file(path: str | Path, cfg: Config, kind: str | None = None
+def check_file(path: str | Path, cfg: Config, kind: str | None = None, root: Path | None = None
                ) -> tuple[str, list[Checked], list[dict[str, Any]], dict[str, int], str]:
-    """Row checks only (no Great Expectations): (kind, kept rows, findings, stats, tokenizer source)."""
+    """Row checks only (no Great Expectations): (kind, kept rows, findings, stats, tokenizer source).
+
+    ``root``: the folder ``data.image_base`` / ``data.image_roots`` are relative to (default: cwd).
+    A source that cannot be opened at all comes back as one ``unreadable_source`` finding (kind ``unknown``).
+    """
     path = Path(path)
-    kind = kind or detect_kind(path)
     d = cfg.data
+    try:
+        kind = kind or detect_kind(path)
+    except (ValueError, OSError) as e:
+        return "unknown", [], [finding(path, 0, "error", "unreadable_source", str(e).removeprefix(f"{path}: "))], \
+            {"rows": 1, "error_rows": 1, "duplicates": 0}, "none"
     # Our cached manifest gets the fast header check; raw sources are decoded fully, as the import will.
     inspector = ImageInspector(d.min_pixels, d.max_pixels, deep=kind != "manifest")
     checker = RowChecker(cfg, path, inspector)
-    records = iter_records(path, kind, allow_remote=d.allow_remote,
-                           coco_split=d.split if kind == "coco" and path.is_dir() else None)
+    opts = read_options(d, root, coco_split=d.split if kind == "coco" and path.is_dir() else None)
+    records = iter_records(path, kind, opts)
     kept, findings, stats = check_records(records, checker)
     return kind, kept, findings, stats, checker.counter.source
 
 
 def validate_file(path: str | Path, cfg: Config, report_path: Path | None = None,
-                  data_docs_dir: Path | None = None) -> ValidationResult:
+                  data_docs_dir: Path | None = None, root: Path | None = None) -> ValidationResult:
     """Validate a manifest or raw source file; write the JSON report (atomically) if ``report_path``.
 
     ``data_docs_dir``: where the Great Expectations Data Docs site (HTML) goes; None writes none.
+    ``root``: the folder relative ``data.image_base`` / ``data.image_roots`` start from (default: cwd).
     """
     path = Path(path)
-    kind, kept, findings, stats, tokenizer = check_file(path, cfg)
+    kind, kept, findings, stats, tokenizer = check_file(path, cfg, root=root)
     counts: dict[str, int] = {}
     for f in findings:
         counts[f["check"]] = counts.get(f["check"], 0) + 1

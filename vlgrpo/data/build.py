@@ -5,7 +5,8 @@
 
 - ``synthetic``: items and images come from :func:`vlgrpo.data.synthetic.generate` (deterministic in
   ``data.seed``); each image is fitted into the pixel budget and cached.
-- ``jsonl`` / ``coco`` / ``flickr30k``: rows come from :mod:`vlgrpo.data.sources`; every image is decoded,
+- ``jsonl`` / ``json`` / ``hf`` / ``coco`` / ``flickr30k``: rows come from :mod:`vlgrpo.data.sources` (any
+  layout of :mod:`vlgrpo.data.layouts`; docs/datasets.md); every image is decoded,
   oriented, converted to RGB, resized into the budget and cached. Rows without a split get one from a hash
   of their first image's content (so one image never lands in two splits), ``data.val_fraction`` and
   ``data.test_fraction`` setting the proportions.
@@ -20,6 +21,7 @@ the previous manifest and every image it references untouched.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.request
 from collections import Counter
@@ -30,7 +32,7 @@ from vlgrpo.config import Config
 from vlgrpo.data.images import (ImageError, ImageInfo, Issue, cache_image, fit_image, inspect_image,
                                 normalize_bytes, read_image_bytes)
 from vlgrpo.data.manifest import Item, write_manifest
-from vlgrpo.data.sources import ImageRef, Record, iter_records
+from vlgrpo.data.sources import ImageRef, Record, iter_records, read_options
 from vlgrpo.validation import RowChecker, check_records
 
 REMOTE_TIMEOUT_S = 30
@@ -50,6 +52,8 @@ class _Normaliser:
 
     @staticmethod
     def key(ref: ImageRef) -> str:
+        if ref.data is not None:  # bytes held in the dataset: the same picture in two rows is one entry
+            return "bytes:" + hashlib.blake2b(ref.data, digest_size=16).hexdigest()
         return ref.url if ref.path is None else str(ref.path)
 
     def __call__(self, ref: ImageRef) -> ImageInfo:
@@ -57,9 +61,13 @@ class _Normaliser:
         hit = self._memo.get(k)
         if hit is None:
             try:
-                data = _fetch(ref.url) if ref.path is None else read_image_bytes(ref.path)
-                img, hit = normalize_bytes(data, ref.raw if ref.path is None else ref.path,
-                                           self.min_pixels, self.max_pixels)
+                if ref.data is not None:
+                    data, src = ref.data, ref.raw
+                elif ref.path is None:
+                    data, src = _fetch(ref.url), ref.raw
+                else:
+                    data, src = read_image_bytes(ref.path), ref.path
+                img, hit = normalize_bytes(data, src, self.min_pixels, self.max_pixels)
                 self.cached[k] = cache_image(img, self.cache_dir)
             except ImageError as e:
                 hit = e
@@ -131,8 +139,8 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
         src = source_path(cfg, root)
         if not src.exists():
             raise BuildError(f"data.path: {src} does not exist (data.source is {d.source!r})")
-        records = iter_records(src, d.source, allow_remote=d.allow_remote,
-                               coco_split=d.split if d.source == "coco" else None)
+        opts = read_options(d, root, coco_split=d.split if d.source == "coco" else None)
+        records = iter_records(src, d.source, opts)
         load = normaliser = _Normaliser(cache_dir, d.min_pixels, d.max_pixels)
         source = src
 

@@ -9,7 +9,11 @@ Schema of one line (``Item.to_json``):
      "references": ["a red circle ..."],                     # reference captions (caption items)
      "scene": {"width":112,"height":112,"objects":[{"shape":..,"color":..,"size":..,"x":..,"y":..}]} | null,
      "system": null | "...",
-     "extra": {...}}                                         # any extra columns, passed to rewards
+     "extra": {...},                                         # any extra columns, passed to rewards
+     "turns": [{"role": "user"|"assistant"|"tool", "content": "..."}, ...]}   # only for multi-turn prompts
+
+``turns`` (absent when empty) holds every prompt turn of a multi-turn row in order, the last user turn
+included; ``question`` is then that last user turn. ``<image>`` tags count across all turns, in order.
 
 Only the first three keys plus ``images`` and ``question`` are required to build an ``Item``.
 """
@@ -38,16 +42,26 @@ class Item:
     scene: dict[str, Any] | None = None
     system: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    turns: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=False)
+        d = asdict(self)
+        if not d["turns"]:  # single-turn rows (the common case) keep the compact schema
+            del d["turns"]
+        return json.dumps(d, ensure_ascii=False, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Item":
         return cls(id=str(d["id"]), split=d["split"], task=d["task"], question=d["question"],
                    images=list(d["images"]), solution=d.get("solution", "") or "",
                    references=list(d.get("references") or []), scene=d.get("scene"),
-                   system=d.get("system"), extra=dict(d.get("extra") or {}))
+                   system=d.get("system"), extra=dict(d.get("extra") or {}),
+                   turns=[dict(t) for t in d.get("turns") or []])
+
+    @property
+    def prompt_turns(self) -> list[dict[str, str]]:
+        """Every prompt turn in order (a single user turn when the row is not multi-turn)."""
+        return self.turns or [{"role": "user", "content": self.question}]
 
     @property
     def text(self) -> str:

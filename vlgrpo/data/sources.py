@@ -3,24 +3,31 @@
 Kinds (``detect_kind`` tells them apart, so ``vlgrpo validate --data`` accepts any of them):
 
 - ``manifest``  - our own ``manifest.jsonl`` (schema in :mod:`vlgrpo.data.manifest`).
-- ``jsonl``     - the ms-swift GRPO format: one object a line with ``messages`` (chat turns; ``<image>`` in the
-  user text marks where an image goes), ``images`` (paths relative to the file's folder, or
-  ``{"path": ...}`` dicts), ``solution``, and any extra columns (kept in ``Item.extra``, passed to rewards).
+- ``jsonl``     - rows in any ms-swift layout (:mod:`vlgrpo.data.layouts`: messages, LLaVA, ShareGPT, Alpaca,
+  query/response, problem/solution), one JSON object a line, or a ``.json`` file holding an array of them.
+  Extra columns are kept in ``Item.extra`` and passed to rewards.
+- ``hf``        - a Hugging Face dataset: a ``datasets.save_to_disk`` folder or parquet file(s)
+  (:mod:`vlgrpo.data.hf`); its rows go through the same layouts.
 - ``coco``      - COCO captions: ``<root>/annotations/captions_<split>.json`` + an image folder.
 - ``flickr30k`` - the Karpathy split file ``<root>/dataset_flickr30k.json`` + an image folder.
 
-Line numbers: for the JSON-lines kinds a record's ``line`` is its line in the file. COCO and Flickr30k are
-one JSON document, so there ``line`` is the 1-based position of the entry in the file's ``images`` array
-(COCO: the image entry that all its captions attach to); a file that is not valid JSON at all is reported at
-the line the JSON parser stopped on.
+Line numbers: for JSON lines a record's ``line`` is its line in the file; for a JSON array, the line its
+element starts on; for a Hugging Face dataset, the 1-based row number. COCO and Flickr30k are one JSON
+document, so there ``line`` is the 1-based position of the entry in the file's ``images`` array (COCO: the
+image entry that all its captions attach to); a file that is not valid JSON at all is reported at the line
+the JSON parser stopped on.
 
-Image paths are confined to the dataset's folder: ``..``, an absolute path elsewhere, or a symlink whose
-target lies outside (checked with ``Path.resolve``) is a ``path_escape`` error; a URL (``http://``,
+Image paths. A relative path is looked up, in order, in ``data.image_base`` (when set), the dataset's own
+folder (COCO / Flickr30k: its image folder), then each ``data.image_roots`` folder; the first place where the
+file exists wins (none: it is reported missing under the first). The resolved file (symlinks followed) must
+lie inside the dataset's folder, ``data.image_base`` or one of ``data.image_roots``; anything else - ``..``
+or an absolute path elsewhere, or a symlink pointing out - is a ``path_escape`` error. A URL (``http://``,
 ``s3://``, ...) is a ``remote_url`` error unless ``data.allow_remote`` is true.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,9 +35,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from vlgrpo.data.images import Issue
+from vlgrpo.data.layouts import SOLUTION_KEYS, detect_layout, parse_row, unknown_layout_message
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
 
-KINDS = ("manifest", "jsonl", "coco", "flickr30k")
+KINDS = ("manifest", "jsonl", "hf", "coco", "flickr30k")
 # Task names a manifest may carry: the synthetic ones plus 'vqa' for imported question/answer rows.
 TASK_NAMES = ("count", "color", "shape", "exists", "caption", "vqa")
 CAPTION_PROMPT = f"{IMAGE_TAG}Describe this image in one sentence."
@@ -51,17 +59,22 @@ def _bad_unicode(text: str, obj: Any) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
 _MANIFEST_KEYS = {"id", "split", "task", "question", "images"}
-_SWIFT_KEYS = {"messages", "images", "solution", "id", "split", "task", "references", "system", "query",
-               "response"}
 
 
 @dataclass
 class ImageRef:
-    """One image reference as written in the source, and where it points."""
+    """One image reference as written in the source, and where it points.
+
+    Exactly one of ``path`` (a resolved local file), ``url`` (a remote image) or ``data`` (encoded bytes
+    held in the dataset itself, e.g. a Hugging Face image column) is set; ``raw`` names it in messages.
+    """
     raw: str
-    path: Path | None = None     # resolved local file (None for a remote URL)
+    path: Path | None = None
     url: str | None = None
+    data: bytes | None = None
 
 
 @dataclass
@@ -69,21 +82,27 @@ class Record:
     """One row of a source: an item candidate, or only the reasons it could not become one.
 
     ``item.split`` is None when the source has no split (assigned later from the image content).
-    ``key`` is the row's exact content, for duplicate-row detection.
+    ``key`` is the row's exact content, for duplicate-row detection. ``warnings`` name what the row carries
+    but vlgrpo does not use (videos, preference data, tool schemas).
     """
     line: int
     item: Item | None
     refs: list[ImageRef] = field(default_factory=list)
     errors: list[Issue] = field(default_factory=list)
     key: str | None = None
+    warnings: list[Issue] = field(default_factory=list)
 
 
 class PathResolver:
-    """Resolve image references against a base folder and confine them to ``root``; memoised per run."""
+    """Resolve image references (see the module docstring for the order) and confine them; memoised."""
 
-    def __init__(self, base: Path, root: Path, allow_remote: bool) -> None:
+    def __init__(self, base: Path, root: Path, allow_remote: bool, image_base: Path | None = None,
+                 image_roots: tuple[Path, ...] = ()) -> None:
         self.base = Path(base)
+        self.bases = ([Path(image_base)] if image_base else []) + [self.base] + [Path(r) for r in image_roots]
         self.root = Path(root).resolve()
+        self.roots = [self.root] + [Path(r).resolve() for r in ([image_base] if image_base else [])
+                                    + list(image_roots)]
         self.allow_remote = allow_remote
         self._memo: dict[str, ImageRef | Issue] = {}
 
@@ -92,6 +111,18 @@ class PathResolver:
         if hit is None:
             hit = self._memo[raw] = self._resolve(raw)
         return hit
+
+    def _candidate(self, raw_path: str) -> Path:
+        p = Path(raw_path)
+        if p.is_absolute():
+            return p
+        for base in self.bases:
+            try:
+                if (base / p).exists():
+                    return base / p
+            except OSError:
+                continue
+        return self.bases[0] / p
 
     def _resolve(self, raw: str) -> ImageRef | Issue:
         if raw.startswith("file://"):
@@ -104,17 +135,18 @@ class PathResolver:
             raw_path = raw
         if "\x00" in raw_path:  # no file system accepts it; os calls would raise ValueError
             return Issue("bad_schema", f"image path {raw[:200]!r} contains a NUL byte")
-        p = Path(raw_path)
-        if not p.is_absolute():
-            p = self.base / p
+        p = self._candidate(raw_path)
         try:
             resolved = p.resolve()  # follows symlinks, so a link pointing out is caught too
         except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
             return Issue("missing_image", f"image {raw[:200]!r} cannot be resolved: "
                                           f"{getattr(e, 'strerror', None) or e}")
-        if not resolved.is_relative_to(self.root):
+        if not any(resolved.is_relative_to(r) for r in self.roots):
+            allowed = ", ".join(str(r) for r in self.roots[1:])
             return Issue("path_escape",
-                         f"image {raw!r} resolves to {resolved}, outside the dataset folder {self.root}")
+                         f"image {raw!r} resolves to {resolved}, outside the dataset folder {self.root}"
+                         + (f" and data.image_base/image_roots ({allowed})" if allowed else "")
+                         + "; add its folder to data.image_roots to allow it")
         return ImageRef(raw=raw, path=resolved)
 
 
@@ -132,28 +164,33 @@ def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def detect_kind(path: str | Path) -> str:
-    """Which reader a file (or a COCO / Flickr30k root folder) needs; ValueError naming the file if none."""
+    """Which reader a file (or a dataset folder) needs; ValueError naming the file if none."""
     path = Path(path)
     if path.is_dir():
         if (path / "dataset_flickr30k.json").is_file():
             return "flickr30k"
         if sorted((path / "annotations").glob("captions_*.json")):
             return "coco"
-        raise ValueError(f"{path}: a folder, but neither a COCO root (annotations/captions_<split>.json) "
-                         f"nor a Flickr30k root (dataset_flickr30k.json)")
+        from vlgrpo.data.hf import is_hf_folder
+        if is_hf_folder(path):
+            return "hf"
+        raise ValueError(f"{path}: a folder, but neither a COCO root (annotations/captions_<split>.json), "
+                         f"a Flickr30k root (dataset_flickr30k.json), a datasets.save_to_disk folder "
+                         f"(state.json / dataset_dict.json) nor a folder of parquet files")
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
+    if path.suffix in (".parquet", ".arrow"):
+        return "hf"
     if path.suffix == ".json":
         if path.name.startswith("dataset_"):
             return "flickr30k"
         if path.name.startswith("captions_"):
             return "coco"
-        head = _read_head(path)
-        if '"sentences"' in head:
-            return "flickr30k"
-        if '"annotations"' in head or '"caption"' in head:
-            return "coco"
-        raise ValueError(f"{path}: a .json file that is neither COCO captions nor a Karpathy split file")
+        if _is_json_array(path):
+            return "jsonl"
+        doc_kind = _document_kind(path)
+        if doc_kind is not None:
+            return doc_kind
     # JSON lines: the first line that parses decides; our manifest has all of its required keys.
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f):
@@ -168,24 +205,49 @@ def detect_kind(path: str | Path) -> str:
     return "jsonl"
 
 
+def _document_kind(path: Path) -> str | None:
+    """COCO / Flickr30k for a ``.json`` document with an ``images`` array of their shape, else None."""
+    head = _read_head(path)
+    first = head.split("\n", 1)[0]
+    try:  # a one-line document (or the first line of JSON lines)
+        obj = json.loads(first)
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict) and not isinstance(obj.get("images"), list):
+        return None  # a JSON-lines row in a .json file
+    if '"sentences"' in head:
+        return "flickr30k"
+    if '"annotations"' in head or '"caption"' in head:
+        return "coco"
+    return None
+
+
 def _read_head(path: Path, n: int = 1 << 16) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read(n)
 
 
-def iter_records(path: str | Path, kind: str | None = None, *, allow_remote: bool = False,
-                 coco_split: str | None = None) -> Iterator[Record]:
-    """Records of any kind; ``path`` is the file (or, for COCO / Flickr30k, the file or its root folder)."""
+def iter_records(path: str | Path, kind: str | None = None, opts: ReadOptions | None = None, *,
+                 allow_remote: bool | None = None, coco_split: str | None = None) -> Iterator[Record]:
+    """Records of any kind; ``path`` is the file (or, for COCO / Flickr30k / hf, the file or its folder)."""
     path = Path(path)
+    opts = opts or ReadOptions()
+    if allow_remote is not None or coco_split is not None:  # the older keyword form
+        opts = ReadOptions(opts.format, opts.columns, opts.allow_remote if allow_remote is None else allow_remote,
+                           opts.image_base, opts.image_roots,
+                           coco_split if coco_split is not None else opts.coco_split)
     kind = kind or detect_kind(path)
     if kind == "manifest":
-        return iter_manifest_records(path, allow_remote=allow_remote)
-    if kind == "jsonl":
-        return iter_swift_records(path, allow_remote=allow_remote)
+        return iter_manifest_records(path, allow_remote=opts.allow_remote)
+    if kind in ("jsonl", "json"):
+        return iter_row_records(path, opts)
+    if kind == "hf":
+        from vlgrpo.data.hf import iter_hf_records  # imports pyarrow / datasets: only when needed
+        return iter_hf_records(path, opts)
     if kind == "coco":
-        return iter_coco_records(path, split=coco_split, allow_remote=allow_remote)
+        return iter_coco_records(path, split=opts.coco_split, opts=opts)
     if kind == "flickr30k":
-        return iter_flickr_records(path, allow_remote=allow_remote)
+        return iter_flickr_records(path, opts=opts)
     raise ValueError(f"unknown source kind {kind!r}; allowed: {', '.join(KINDS)}")
 
 
@@ -267,110 +329,217 @@ def iter_manifest_records(path: str | Path, allow_remote: bool = False) -> Itera
     return _jsonl_records(path, allow_remote, manifest_item)
 
 
-def _content_text(content: Any) -> str:
-    """Chat content as text: a string, or a list of parts where image parts become ``<image>`` tags."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict):
-                kind = part.get("type")
-                if kind == "text":
-                    parts.append(str(part.get("text", "")))
-                elif kind in ("image", "image_url"):
-                    parts.append(IMAGE_TAG)
-        return "".join(parts)
-    return str(content)
+@dataclass(frozen=True)
+class ReadOptions:
+    """How rows are read: ``data.format``, ``data.columns``, ``data.allow_remote`` and the image folders.
+
+    ``image_base`` / ``image_roots`` are absolute (resolved against the project root by :func:`read_options`).
+    """
+    format: str = "auto"
+    columns: tuple[tuple[str, str], ...] = ()
+    allow_remote: bool = False
+    image_base: Path | None = None
+    image_roots: tuple[Path, ...] = ()
+    coco_split: str | None = None
+
+    def resolver(self, base: Path, root: Path) -> "PathResolver":
+        return PathResolver(base, root, self.allow_remote, image_base=self.image_base,
+                            image_roots=self.image_roots)
 
 
-def _swift_images(obj: dict[str, Any]) -> list[str] | Issue:
-    images = obj.get("images", [])
-    if images is None:
-        return []
-    if isinstance(images, (str, dict)):
-        images = [images]
-    if not isinstance(images, list):
-        return Issue("bad_schema", f"'images' must be a list, got {type(images).__name__}")
-    out = []
-    for im in images:
-        if isinstance(im, dict) and isinstance(im.get("path"), str):
-            out.append(im["path"])
-        elif isinstance(im, str):
-            out.append(im)
+def read_options(data_cfg: Any, root: Path | None = None, coco_split: str | None = None) -> ReadOptions:
+    """The :class:`ReadOptions` of a ``DataConfig``; relative folders are taken from ``root`` (default: cwd)."""
+    root = Path.cwd() if root is None else Path(root)
+
+    def absolute(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else root / q
+
+    return ReadOptions(format=data_cfg.format, columns=tuple(data_cfg.columns.items()),
+                       allow_remote=data_cfg.allow_remote,
+                       image_base=absolute(data_cfg.image_base) if data_cfg.image_base else None,
+                       image_roots=tuple(absolute(r) for r in data_cfg.image_roots), coco_split=coco_split)
+
+
+def _rename(row: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """ms-swift's ``--columns``: ``{old: new}`` renames before the layout is detected."""
+    if not columns:
+        return row
+    row = dict(row)
+    for old, new in columns:
+        if old in row:
+            row[new] = row.pop(old)
+    return row
+
+
+def _image_ref(entry: Any, label: str, resolve: PathResolver) -> ImageRef | Issue:
+    """A raw image entry (path, ``{"path"}``, ``{"bytes"}``, bytes, PIL image) as an ImageRef."""
+    if isinstance(entry, dict):
+        data = entry.get("bytes")
+        if isinstance(data, (bytes, bytearray)):
+            return ImageRef(raw=label, data=bytes(data))
+        entry = entry.get("path")
+    if isinstance(entry, (bytes, bytearray)):
+        return ImageRef(raw=label, data=bytes(entry))
+    if isinstance(entry, str):
+        return resolve(entry)
+    buf = io.BytesIO()  # a decoded PIL image: re-encode losslessly so it is checked and cached like a file
+    entry.save(buf, format="PNG")
+    return ImageRef(raw=label, data=buf.getvalue())
+
+
+def _split(value: Any, errors: list[Issue]) -> str | None:
+    if value is None:
+        return None
+    mapped = SPLIT_ALIASES.get(str(value).lower())
+    if mapped is None:
+        errors.append(Issue("bad_schema", f"split {value!r} is not one of {', '.join(SPLITS)}"))
+    return mapped
+
+
+def row_item(obj: dict[str, Any], layout: str, line: int, stem: str, resolve: PathResolver
+             ) -> tuple[Item, list[ImageRef], list[Issue], list[Issue]]:
+    """One row in ``layout`` as (Item with split None unless the row has one, image refs, errors, warnings)."""
+    p = parse_row(obj, layout)
+    errors = list(p.errors)
+    refs: list[ImageRef] = []
+    labels: list[str] = []
+    for i, entry in enumerate(p.images, 1):
+        r = _image_ref(entry, f"{stem}:{line}:image{i}", resolve)
+        if isinstance(r, Issue):
+            errors.append(r)
+            labels.append(entry if isinstance(entry, str) else str(entry.get("path")))
         else:
-            return Issue("bad_schema", f"an 'images' entry must be a path or {{'path': ...}}, got {im!r}"[:200])
-    return out
-
-
-def swift_item(obj: dict[str, Any], line: int, stem: str) -> tuple[Item, list[Issue]]:
-    """Turn one ms-swift row into an Item (split None when the row has none) plus row-level problems."""
-    errors: list[Issue] = []
-    messages = obj.get("messages")
-    system = obj.get("system")
-    question, history, answer = "", [], None
-    if isinstance(messages, list):
-        turns = [m for m in messages if isinstance(m, dict)]
-        users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
-        for m in turns:
-            if m.get("role") == "system" and system is None:
-                system = _content_text(m.get("content"))
-        if users:
-            last = users[-1]
-            question = _content_text(turns[last].get("content"))
-            history = [{"role": m.get("role"), "content": _content_text(m.get("content"))}
-                       for m in turns[:last] if m.get("role") != "system"]
-            after = [m for m in turns[last + 1:] if m.get("role") == "assistant"]
-            if after:
-                answer = _content_text(after[-1].get("content"))
-    elif messages is not None:
-        errors.append(Issue("bad_schema", f"'messages' must be a list of turns, got {type(messages).__name__}"))
-    elif "query" in obj:  # ms-swift's query/response variant
-        question = _content_text(obj.get("query"))
-        answer = obj.get("response")
-
-    images = _swift_images(obj)
-    if isinstance(images, Issue):
-        errors.append(images)
-        images = []
-    tags = question.count(IMAGE_TAG) + sum(str(h["content"]).count(IMAGE_TAG) for h in history)
-    if tags == 0 and images:
-        question = IMAGE_TAG * len(images) + question  # ms-swift puts untagged images before the text
-    elif tags != len(images):
-        errors.append(Issue("image_tag_mismatch",
-                            f"{tags} {IMAGE_TAG} tag(s) but {len(images)} image(s); "
-                            "the model would see mismatched image tokens"))
-
-    solution = obj.get("solution", answer)
-    solution = "" if solution is None else (solution if isinstance(solution, str) else json.dumps(solution))
+            refs.append(r)
+            labels.append(r.raw)
+    users = [t for t in p.turns if t["role"] == "user"]
+    question = users[-1]["content"] if users else ""
+    multi = len(p.turns) > 1 or (p.turns and p.turns[0]["role"] != "user")
+    solution = obj.get("solution", p.answer)
+    if solution is None and any(k in obj for k in SOLUTION_KEYS):
+        solution = next(obj[k] for k in SOLUTION_KEYS if k in obj)
+    solution = "" if solution is None else (solution if isinstance(solution, str)
+                                            else json.dumps(solution, ensure_ascii=False))
     task = obj.get("task") if obj.get("task") in TASK_NAMES else "vqa"
-    refs = obj.get("references")
-    references = [str(r) for r in refs] if isinstance(refs, list) else []
+    ref_col = obj.get("references")
+    references = [str(r) for r in ref_col] if isinstance(ref_col, list) else []
     if task == "caption" and not references and solution.strip():
         references = [solution]
-    split = obj.get("split")
-    if split is not None:
-        mapped = SPLIT_ALIASES.get(str(split).lower())
-        if mapped is None:
-            errors.append(Issue("bad_schema", f"split {split!r} is not one of {', '.join(SPLITS)}"))
-        split = mapped
-    extra = {k: v for k, v in obj.items() if k not in _SWIFT_KEYS}
-    if history:
-        extra["history"] = history
-    item = Item(id=str(obj["id"]) if obj.get("id") is not None else f"{stem}-{line}", split=split,
-                task=task, question=question, images=images, solution=solution, references=references,
-                scene=None, system=system if isinstance(system, str) else None, extra=extra)
-    return item, errors
+    ident = obj.get("id")
+    item = Item(id=str(ident) if ident is not None else f"{stem}-{line}", split=_split(obj.get("split"), errors),
+                task=task, question=question, images=labels, solution=solution, references=references,
+                scene=None, system=p.system if isinstance(p.system, str) else None, extra=p.extra,
+                turns=p.turns if multi else [])
+    return item, refs, errors, p.warnings
+
+
+def row_records(rows: Iterator[tuple[int, str, Any]], opts: ReadOptions, resolve: PathResolver,
+                stem: str) -> Iterator[Record]:
+    """Records from (line, duplicate key, parsed row or Issue): the layout comes from ``data.format`` or,
+    for ``auto``, from the first row; when no layout fits, one ``unknown_layout`` error and nothing else."""
+    layout = None if opts.format == "auto" else opts.format
+    for n, key, obj in rows:
+        if isinstance(obj, Issue):
+            yield Record(n, None, errors=[obj])
+            continue
+        obj = _rename(obj, opts.columns)
+        if layout is None:
+            layout = detect_layout(obj)
+            if layout is None:
+                yield Record(n, None, errors=[Issue("unknown_layout", unknown_layout_message(list(obj), f"row {n}"))])
+                return
+        item, refs, errors, warnings = row_item(obj, layout, n, stem, resolve)
+        yield Record(n, item, refs, errors, key=key, warnings=warnings)
+
+
+def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(line, element text, element or Issue) for each element of a JSON array file.
+
+    Elements are decoded one at a time, so each is reported at the line it starts on; a syntax error
+    stops the file there (there is no way to resynchronise inside a broken JSON document).
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield 1, "", Issue("invalid_json", f"not UTF-8 text: {e}")
+        return
+    dec = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        yield 1, "", Issue("invalid_json", "expected a JSON array of rows")
+        return
+    i += 1
+    line, counted = 1, 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        if text.startswith("]", i):
+            return
+        line += text.count("\n", counted, i)
+        counted = i
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except ValueError as e:
+            yield line, "", Issue("invalid_json", f"not valid JSON: {e}")
+            return
+        except RecursionError:
+            yield line, "", Issue("invalid_json", "JSON nested too deeply to parse")
+            return
+        chunk = text[i:end]
+        if not isinstance(obj, dict):
+            yield line, chunk, Issue("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+        elif _bad_unicode(chunk, obj):
+            yield line, chunk, Issue("invalid_json", "not valid Unicode text (a lone surrogate)")
+        else:
+            yield line, chunk, obj
+        i = end
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        if text.startswith(",", i):
+            i += 1
+        elif not text.startswith("]", i):
+            line += text.count("\n", counted, i)
+            counted = i
+            yield line, "", Issue("invalid_json", "expected ',' or ']' after an array element")
+            return
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"\xef\xbb\xbf[") or head.startswith(b"[")
+
+
+def iter_row_records(path: str | Path, opts: ReadOptions = ReadOptions()) -> Iterator[Record]:
+    """ms-swift-style rows from a ``.jsonl`` file or a ``.json`` array, any layout of :mod:`layouts`.
+
+    Relative image paths resolve against ``data.image_base``, the file's folder, then ``data.image_roots``.
+    """
+    path = Path(path)
+    resolve = opts.resolver(path.parent, path.parent)
+    if _is_json_array(path):
+        rows = _json_array(path)
+    else:
+        rows = _one_document(path) if path.suffix == ".json" else None
+        rows = rows or _json_lines(path)
+    return row_records(rows, opts, resolve, path.stem)
+
+
+def _one_document(path: Path) -> list[tuple[int, str, Any]] | None:
+    """A ``.json`` file holding one (pretty-printed) row object; None when it is not one JSON document."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None  # JSON lines under a .json name, or broken: the line reader reports it line by line
+    if not isinstance(obj, dict):
+        return [(1, text, Issue("invalid_json", f"expected a JSON array of rows, got {type(obj).__name__}"))]
+    return [(1, text, obj)]
 
 
 def iter_swift_records(path: str | Path, allow_remote: bool = False) -> Iterator[Record]:
-    """ms-swift JSONL; image paths are relative to the file's folder and confined to it."""
-    return _jsonl_records(path, allow_remote, swift_item)
-
+    """ms-swift rows (kept for callers of the old name): :func:`iter_row_records` with default options."""
+    return iter_row_records(path, ReadOptions(allow_remote=allow_remote))
 
 # ------------------------------------------------------------------------------------------ JSON documents
 
@@ -419,9 +588,10 @@ def coco_paths(path: str | Path, split: str | None = None) -> tuple[Path, Path, 
     return ann, image_dir, root
 
 
-def iter_coco_records(path: str | Path, split: str | None = None, allow_remote: bool = False
-                      ) -> Iterator[Record]:
+def iter_coco_records(path: str | Path, split: str | None = None, allow_remote: bool = False,
+                      opts: ReadOptions | None = None) -> Iterator[Record]:
     """One caption item per COCO image entry, carrying all of that image's reference captions."""
+    opts = opts or ReadOptions(allow_remote=allow_remote)
     ann, image_dir, root = coco_paths(path, split)
     doc = _load_document(ann)
     if isinstance(doc, Record):
@@ -433,7 +603,7 @@ def iter_coco_records(path: str | Path, split: str | None = None, allow_remote: 
         if isinstance(a, dict) and isinstance(a.get("caption"), str) and not isinstance(a.get("image_id"),
                                                                                       (list, dict)):
             captions.setdefault(a.get("image_id"), []).append(a["caption"].strip())
-    resolve = PathResolver(image_dir, root, allow_remote)
+    resolve = opts.resolver(image_dir, root)
     for n, entry in enumerate(doc["images"], 1):
         if not isinstance(entry, dict) or "id" not in entry or isinstance(entry["id"], (list, dict)) \
                 or not isinstance(entry.get("file_name"), str):
@@ -460,14 +630,16 @@ def flickr_paths(path: str | Path) -> tuple[Path, Path, Path]:
     return ann, image_dir, root
 
 
-def iter_flickr_records(path: str | Path, allow_remote: bool = False) -> Iterator[Record]:
+def iter_flickr_records(path: str | Path, allow_remote: bool = False, opts: ReadOptions | None = None
+                        ) -> Iterator[Record]:
     """One caption item per Karpathy image entry (``filename``, ``sentences[].raw``, ``split``)."""
+    opts = opts or ReadOptions(allow_remote=allow_remote)
     ann, image_dir, root = flickr_paths(path)
     doc = _load_document(ann)
     if isinstance(doc, Record):
         yield doc
         return
-    resolve = PathResolver(image_dir, root, allow_remote)
+    resolve = opts.resolver(image_dir, root)
     for n, entry in enumerate(doc["images"], 1):
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
             yield Record(n, None, errors=[Issue("bad_schema", "image entry needs a 'filename'")])
