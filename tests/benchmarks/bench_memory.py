@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     res: dict = {"machine": _machine(args.device), "device": args.device, "threads": args.threads,
                  "layers": args.layers, "vision_depth": args.vision_depth, "steps": args.steps,
-                 "warmup": args.warmup, "loadavg": [os.getloadavg()], "rows": {}}
+                 "warmup": args.warmup, "loadavg": [os.getloadavg()], "rows": {},
+                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         tmp = Path(tmp)
         root, res["params"] = prepare(tmp, args.layers, args.vision_depth)
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
 def report(r: dict, key: str) -> str:
     loads = ", ".join(f"{la[0]:.1f}" for la in r["loadavg"])
     mem = "peak GPU MB" if key == "gpu_peak_mb" else "peak RSS MB"
-    lines = [f"machine: {r['machine']}; device {r['device']}; torch threads {r['threads']}; model: Qwen2.5-VL-3B "
+    lines = [f"machine: {r['machine']}; device {r['device']}; torch threads {r['threads']}, OMP_WAIT_POLICY "
+             f"{r['omp_wait_policy']}; model: Qwen2.5-VL-3B "
              f"widths, {r['layers']} language layers + {r['vision_depth']} vision blocks "
              f"({r['params'] / 1e9:.2f}B parameters); {r['warmup']} warm-up + {r['steps']} measured steps per "
              f"run, one process at a time; 1-min load average before/after each run: {loads}; "
