@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 res["rows"][row][kind] = summarise(got[kind], args.warmup, args.steps)
                 res["loadavg"].append(os.getloadavg())
-                print(f"{row} / {kind}: {time.perf_counter() - t1:.0f}s, peak RSS "
-                      f"{res['rows'][row][kind]['peak_rss_mb']:.0f} MB, load {os.getloadavg()[0]:.1f}", flush=True)
+                m = res["rows"][row][kind]
+                print(f"{row} / {kind}: {time.perf_counter() - t1:.0f}s, peak RSS {m['peak_rss_mb']:.0f} MB, steps "
+                      f"{', '.join(f'{x:.1f}' for x in m['step_times'])} s, load {os.getloadavg()[0]:.1f}", flush=True)
     res["wall_s"] = time.perf_counter() - t0
     key = "gpu_peak_mb" if args.device == "cuda" else "peak_rss_mb"
     r = res["rows"].get("lora_ckpt", {})
