@@ -2,12 +2,11 @@
 
 Run: `vlgrpo train [--force]`; under DVC: `dvc repro train`. Refuses to start unless reports/pilot.json
 says the pilot passed (`--force` overrides; recorded in reports/train.json and the MLflow run). With
-`pilot.auto_adjust: true` the pilot's remedies are applied and recorded. A killed run resumes from its
-last complete checkpoint.
+`pilot.auto_adjust: true` the pilot's remedies (relative: "learning rate x0.5") are applied to the values
+params.yaml gives now, and the MLflow run logs the values it trains with (tag `auto_adjust_changes`: what
+changed, from what to what). A killed run resumes from its last complete checkpoint.
 """
 from __future__ import annotations
-
-import dataclasses
 
 from prefect import flow
 
@@ -19,8 +18,6 @@ from vlgrpo.train.paths import RunPaths
 
 @flow(name="train", log_prints=True)
 def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
-    import mlflow
-
     from vlgrpo.gates import PilotDecision, apply_adjustments
 
     cfg, root = load(params)
@@ -29,21 +26,23 @@ def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
         why = "no pilot report (run `vlgrpo pilot` first)" if pilot is None else \
             "the pilot did not pass: " + "; ".join(pilot.get("reasons", []))
         raise StageFailed(f"train refuses to start: {why}. Fix it, or pass --force to override (recorded).")
-    train_cfg, changes = cfg.train, []
+    changes: list[str] = []
     if cfg.pilot.auto_adjust and pilot:
         known = {f for f in PilotDecision.__dataclass_fields__}
-        train_cfg, changes = apply_adjustments(cfg.train, PilotDecision(**{k: v for k, v in pilot.items()
-                                                                          if k in known}))
+        # the remedies scale the values params.yaml gives now; cfg is the one config the run uses from here
+        cfg, changes = apply_adjustments(cfg, PilotDecision(**{k: v for k, v in pilot.items() if k in known}))
     metrics = report_path(root, "train_metrics", ".jsonl")
-    with stage_run("train", cfg, root) as run_id:
-        mlflow.set_tags({"forced": str(force), "auto_adjust_changes": "; ".join(map(str, changes)) or "none"})
+    tags = {"forced": str(force), "auto_adjust_changes": "; ".join(changes) or "none"}
+    with stage_run("train", cfg, root, tags=tags) as run_id:      # params: the effective values
         with StreamForwarder(metrics, run_id):
-            paths = RunPaths.under(root, manifest_path(cfg, root), cfg.base.out_dir, train_cfg.out_dir, metrics)
-            summary = grpo_task(dataclasses.replace(cfg, train=train_cfg), paths, "train-progress")
+            paths = RunPaths.under(root, manifest_path(cfg, root), cfg.base.out_dir, cfg.train.out_dir, metrics)
+            summary = grpo_task(cfg, paths, "train-progress")
         report = {**summary, "forced": force, "pilot_passed": bool(pilot and pilot.get("passed")),
                   "auto_adjust_changes": changes, "mlflow_run_id": run_id}
         log_report(write_report(root, "train", report))
-    print(f"train: {summary.get('steps')} steps; final reward {summary.get('final_reward')}")
+    final = (summary.get("final") or {}).get("reward")
+    print(f"train: {summary.get('steps')} steps; final reward "
+          + (f"{final:.4f}" if final is not None else "none (no step ran)"))
     return report
 
 

@@ -20,7 +20,7 @@ def validate_flow(params: str = "params.yaml", data: str | None = None, report: 
     cfg, root = load(params)
     data_path = Path(data) if data else manifest_path(cfg, root)
     report_file = Path(report) if report else report_path(root, "validate")
-    docs = report_file.with_name(report_file.stem + "_docs")
+    docs = report_file.with_name(report_file.stem + "_docs") if cfg.validate.data_docs else None
     with stage_run("validate", cfg, root):
         try:
             out = validate_task(cfg, data_path, report_file, docs)

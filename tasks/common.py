@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vlgrpo.config import Config, load_config
-from vlgrpo.io import atomic_write_json
+from vlgrpo.io import atomic_write_json, under_root
 
 STAGES = ("data", "validate", "base", "pilot", "train", "evaluate", "register")
 
@@ -42,7 +42,7 @@ def read_report(root: Path, stage: str) -> dict[str, Any] | None:
 
 
 def manifest_path(cfg: Config, root: Path) -> Path:
-    return Path(root) / cfg.data.out_dir / "manifest.jsonl"
+    return under_root(root, cfg.data.out_dir) / "manifest.jsonl"
 
 
 class BackgroundLoop(abc.ABC):

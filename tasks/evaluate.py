@@ -24,7 +24,8 @@ def evaluate_task(cfg: Config, root: Path, manifest: Path, run_id: str) -> dict[
               "candidate": lambda: load_model(root / cfg.train.out_dir),
               "champion": champion}
     result = evaluate_models(cfg, manifest, models, progress=True, root=root)
-    write_evaluation_outputs(result, root, manifest, train_metrics=report_path(root, "train_metrics", ".jsonl"))
+    write_evaluation_outputs(result, root, manifest, train_metrics=report_path(root, "train_metrics", ".jsonl"),
+                             n_samples=cfg.evaluate.report_samples)
     # register checks the champion did not move between this comparison and the promotion.
     return {**metrics_only(result), "champion_version": getattr(champion, "version", None),
             "mlflow_run_id": run_id}

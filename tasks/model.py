@@ -1,6 +1,7 @@
 """Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.base / train / gates."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ def val_reward_task(cfg: Config, train_cfg: TrainConfig, manifest: Path, model_d
 
     items = read_manifest(manifest, split="val")[:max_items]
     model, processor = load_model(model_dir)
-    return mean_sampled_reward(model, processor, items, manifest.parent, cfg, train_cfg, seed=train_cfg.seed)
+    return mean_sampled_reward(model, processor, items, manifest.parent, dataclasses.replace(cfg, train=train_cfg),
+                               seed=train_cfg.seed)
 
 
 class ProgressWatcher(BackgroundLoop):

@@ -37,7 +37,7 @@ class VLGRPOPyfunc(PythonModel):
         from PIL import Image
 
         from vlgrpo.data.manifest import IMAGE_TAG, Item
-        from vlgrpo.modeling import generate_answers
+        from vlgrpo.modeling import Decoding, generate_answers
 
         params = params or {}
         records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else model_input
@@ -50,10 +50,9 @@ class VLGRPOPyfunc(PythonModel):
                 q = str(rec["question"])
                 items.append(Item(id=str(i), split="test", task=str(rec.get("task", "vqa")),
                                   question=q if IMAGE_TAG in q else IMAGE_TAG + q, images=[name]))
-            outs = generate_answers(self.model, self.processor, items, Path(tmp),
-                                    batch_size=int(params.get("batch_size", 8)),
-                                    max_new_tokens=int(params.get("max_new_tokens", 32)),
-                                    min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            decoding = Decoding(int(params.get("batch_size", 8)), int(params.get("max_new_tokens", 32)),
+                                self.min_pixels, self.max_pixels)
+            outs = generate_answers(self.model, self.processor, items, Path(tmp), decoding)
         return [o.text for o in outs]
 
 

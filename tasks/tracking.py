@@ -111,11 +111,15 @@ def _data_md5(lock: Path) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: Config, root: Path) -> Iterator[str]:
-    """Open the stage's MLflow run (nested under the pipeline run when there is one); yield its id."""
+def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """Open the stage's MLflow run (nested under the pipeline run when there is one); yield its id.
+
+    ``cfg`` is logged as the run's params: pass the config the stage really runs with (e.g. after the
+    pilot's auto-adjustments), and say what differs from params.yaml in ``tags``.
+    """
     exp_id = setup(root, cfg.register.experiment)
     parent = os.environ.get(PARENT_ENV)
-    tags = {"vlgrpo.stage": stage, **provenance_tags(root)}
+    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **(tags or {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent, nested=bool(parent),
                           tags=tags, log_system_metrics=stage in ("base", "pilot", "train")) as run:
         mlflow.log_params(flat_params(cfg))

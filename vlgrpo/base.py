@@ -7,7 +7,7 @@ Two routes, one output (``<root>/<base.out_dir>``: safetensors + processor + tok
 
 - ``base.model`` names a checkpoint (local path or hub id): it is loaded with the transformers Auto classes
   (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; ``trust_remote_code`` only if set) and saved unchanged.
-- ``base.model: null`` (the offline default): the tiny Qwen2.5-VL of DESIGN.md section 3 is built with a
+- ``base.model: null`` (the offline default): the tiny Qwen2.5-VL (shape: ``base.tiny``) is built with a
   tokenizer trained on the manifest's text, then *warm-started* by a short supervised pass (cross-entropy
   on the answer tokens only, AdamW at a constant rate) on the train split's verifiable items and captions.
 
@@ -34,7 +34,8 @@ import torch
 
 from vlgrpo.config import Config
 from vlgrpo.data.manifest import Item, read_manifest
-from vlgrpo.modeling import (build_tiny, count_parameters, generate_answers, load_model, save_model,
+from vlgrpo.io import under_root
+from vlgrpo.modeling import (Decoding, build_tiny, count_parameters, generate_answers, load_model, save_model,
                              supervised_batch)
 
 try:  # the shared strict matcher; a local fallback keeps this module importable on its own
@@ -78,14 +79,17 @@ def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[
     return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
 
 
-def warm_start(model, processor, pairs: Sequence[tuple[Item, str]], manifest_dir: Path, *, steps: int,
-               batch_size: int, learning_rate: float, seed: int, min_pixels: int, max_pixels: int,
-               progress: bool = True, eval_fn=None, eval_every: int = 0) -> list[dict[str, float]]:
-    """Supervised cross-entropy on the answer tokens; returns the per-step log (loss, and eval if given)."""
+def warm_start(model, processor, pairs: Sequence[tuple[Item, str]], manifest_dir: Path, cfg: Config,
+               progress: bool = True) -> list[dict[str, float]]:
+    """Supervised cross-entropy on the answer tokens (``base.warmup_steps`` steps of ``base.batch_size``
+    pairs at ``base.learning_rate``, seeded by ``base.seed``; images sized by ``data.min/max_pixels``);
+    returns the per-step log (step, loss)."""
     from tqdm.auto import tqdm
 
     if not pairs:
         raise ValueError("warm start: the train split has no item with a solution or a reference caption")
+    bc, min_pixels, max_pixels = cfg.base, cfg.data.min_pixels, cfg.data.max_pixels
+    steps, batch_size, learning_rate, seed = bc.warmup_steps, bc.batch_size, bc.learning_rate, bc.seed
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     model.train()
@@ -103,26 +107,19 @@ def warm_start(model, processor, pairs: Sequence[tuple[Item, str]], manifest_dir
                                      f"lower base.learning_rate (now {learning_rate})")
         loss.backward()
         opt.step()
-        rec = {"step": step, "loss": round(loss.item(), 5)}
-        if eval_fn is not None and eval_every and step % eval_every == 0:
-            rec.update(eval_fn(model))
-            model.train()
-        log.append(rec)
+        log.append({"step": step, "loss": round(loss.item(), 5)})
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return log
 
 
-def greedy_accuracy(model, processor, items: Sequence[Item], manifest_dir: Path, *, batch_size: int,
-                    max_new_tokens: int, min_pixels: int, max_pixels: int,
+def greedy_accuracy(model, processor, items: Sequence[Item], manifest_dir: Path, decoding: Decoding,
                     progress: bool = False) -> dict[str, Any]:
-    """Strict normalised exact match of greedy answers on the items that have a solution."""
+    """Strict normalised exact match of greedy answers (``decoding``) on the items that have a solution."""
     items = [it for it in items if it.solution]
     if not items:
         return {"val_accuracy": None, "val_accuracy_by_task": {}, "val_items": 0, "val_terminated": None}
-    comps = generate_answers(model, processor, items, manifest_dir, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
-                             progress=progress, desc="base val")
+    comps = generate_answers(model, processor, items, manifest_dir, decoding, "base val" if progress else None)
     by_task: dict[str, list[bool]] = defaultdict(list)
     for it, c in zip(items, comps):
         by_task[it.task].append(answers_match(c.text, it.solution))
@@ -144,16 +141,11 @@ def _thin(points: list, n: int) -> list:
     return kept if kept[-1] == points[-1] else kept + [points[-1]]
 
 
-def _resolve(root: Path, p: str | Path) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else root / p
-
-
 def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> dict[str, Any]:
     """Build or load the base policy, write ``<root>/<base.out_dir>``, return the report dict."""
     t0 = time.perf_counter()
     root = Path(root)
-    manifest = _resolve(root, manifest)
+    manifest = under_root(root, manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: manifest not found; run the data stage first")
     manifest_dir = manifest.parent
@@ -163,7 +155,7 @@ def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> 
     bc, pix = cfg.base, dict(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     log: list[dict[str, float]] = []
     if bc.model:
-        local = _resolve(root, bc.model)
+        local = under_root(root, bc.model)
         src = local if local.exists() else bc.model
         model, processor = load_model(src, trust_remote_code=bc.trust_remote_code)
         name, steps = str(bc.model), 0
@@ -171,14 +163,13 @@ def run_base(cfg: Config, root: Path, manifest: Path, progress: bool = True) -> 
         if not train:
             raise ValueError(f"{manifest}: no train items to train the tiny model's tokenizer on")
         model, processor = build_tiny(corpus_texts(items), bc.tiny, seed=bc.seed)
-        log = warm_start(model, processor, warm_start_targets(train), manifest_dir, steps=bc.warmup_steps,
-                         batch_size=bc.batch_size, learning_rate=bc.learning_rate, seed=bc.seed,
-                         progress=progress, **pix)
+        log = warm_start(model, processor, warm_start_targets(train), manifest_dir, cfg, progress=progress)
         name, steps = "tiny-qwen2.5-vl", bc.warmup_steps
     t_train = time.perf_counter() - t0
-    acc = greedy_accuracy(model, processor, val, manifest_dir, batch_size=cfg.evaluate.batch_size,
-                          max_new_tokens=cfg.train.max_completion_length, progress=progress, **pix)
-    out_dir = _resolve(root, bc.out_dir)
+    # decoded like evaluation decodes (its batch size, the length the policy is tuned at)
+    decoding = Decoding(cfg.evaluate.batch_size, cfg.train.max_completion_length, **pix)
+    acc = greedy_accuracy(model, processor, val, manifest_dir, decoding, progress=progress)
+    out_dir = under_root(root, bc.out_dir)
     save_model(model, processor, out_dir)
     return {
         "model": name,

@@ -101,10 +101,21 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+# Keys that params.yaml files written for an earlier version may still hold.
+_RETIRED = {
+    "validate.max_prompt_tokens": "moved: the one prompt-length limit is train.max_prompt_tokens",
+    "train.log_every": "removed: every step is logged",
+}
+
+
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - names)
+    for key in unknown:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in _RETIRED:
+            _fail(dotted, _RETIRED[dotted])
     if unknown:
         _fail(f"{prefix}.{unknown[0]}" if prefix else unknown[0],
               f"unknown key; allowed keys in '{prefix or 'top level'}': {', '.join(sorted(names))}")
@@ -117,7 +128,16 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Difficulty knobs of the CLEVR-like scene generator."""
+    """``data.synthetic``: difficulty knobs of the CLEVR-like scene generator (``data.source: synthetic``).
+
+    Attributes:
+        canvas_size: side of the square image, in pixels (28-4096).
+        min_objects / max_objects: objects drawn per scene (at least 1; max >= min).
+        min_object_size / max_object_size: bounding-box side of an object, in pixels (>= 4; max <= canvas).
+        shapes: shapes to draw from (circle, square, triangle); at least two, so answers vary.
+        colors: colours to draw from (red, green, blue, yellow, ...); at least two.
+        background: background colour name.
+    """
     canvas_size: int = 112
     min_objects: int = 1
     max_objects: int = 3
@@ -145,7 +165,7 @@ class SyntheticConfig:
             _fail(k, "needs at least two shapes and two colours so questions have more than one answer")
 
 
-TASKS = ("count", "color", "shape", "exists", "caption")
+TASKS = ("count", "color", "shape", "exists", "caption", "ground")
 
 
 @dataclass(frozen=True)
@@ -172,7 +192,9 @@ class DataConfig:
         num_train / num_val / num_test: synthetic items per split.
         val_fraction / test_fraction: share of imported rows without their own split that go to val / test
             (by a hash of the first image's content, so one image never lands in two splits).
-        task_mix: relative weights of the synthetic tasks.
+        task_mix: relative weights of the synthetic tasks (count, color, shape, exists, caption, and ground:
+            "Where is the red square?", answered with its box ``[x1, y1, x2, y2]`` in pixels, scored by
+            ``iou`` and by accuracy at IoU >= 0.5).
         min_pixels / max_pixels: pixel budget every image is resized into (Qwen-VL ``smart_resize``).
         allow_remote: let ``http(s)://`` image URLs through (downloaded by the data stage).
         synthetic: knobs of the synthetic scene generator.
@@ -227,20 +249,35 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ValidateConfig:
+    """``validate``: the data quality gate (Great Expectations suite + per-row checks).
+
+    The prompt-length limit it checks is ``train.max_prompt_tokens`` (the one limit: what training accepts).
+
+    Attributes:
+        max_error_fraction: share of rows that may fail a row check before the stage fails (0-1).
+        tokenizer: tokenizer (path or hub id) to count text tokens with; None: ``base.model`` when it is a
+            local folder, else a conservative one-token-per-UTF-8-byte estimate (the offline default's
+            tokenizer is trained later, and a byte-level BPE never needs more tokens than bytes).
+        data_docs: also build the Great Expectations data docs (HTML) under ``reports/data_docs``.
+    """
     max_error_fraction: float = 0.0
-    max_prompt_tokens: int = 512
-    # Conservative text-token estimate for the offline default, whose tokenizer is trained later:
-    # one token per UTF-8 byte can never under-count a byte-level BPE.
     tokenizer: str | None = None
     data_docs: bool = True
 
     def __post_init__(self) -> None:
         _check_range("validate.max_error_fraction", self.max_error_fraction, 0, 1)
-        _check_range("validate.max_prompt_tokens", self.max_prompt_tokens, 1)
 
 
 @dataclass(frozen=True)
 class TinyModelConfig:
+    """``base.tiny``: shape of the tiny offline Qwen2.5-VL built when ``base.model`` is null.
+
+    Attributes:
+        hidden_size / num_hidden_layers / num_attention_heads / num_key_value_heads / intermediate_size:
+            the language model (hidden_size divisible by the heads; kv heads divide the heads).
+        vision_depth / vision_hidden_size / vision_num_heads: the vision tower.
+        vocab_size: size of the byte-level BPE trained on the dataset's text.
+    """
     hidden_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -262,6 +299,18 @@ class TinyModelConfig:
 
 @dataclass(frozen=True)
 class BaseConfig:
+    """``base``: the model GRPO starts from (the ``base`` stage writes it to ``out_dir``).
+
+    Attributes:
+        model: a local folder or hub id of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint; null builds the tiny
+            offline Qwen2.5-VL (``tiny``) and warm-starts it on the train split.
+        trust_remote_code: passed to transformers when loading ``model``.
+        out_dir: where the base model is saved, under the project root.
+        seed: seed of the tiny model's initialisation and warm start.
+        warmup_steps: supervised warm-start steps of the tiny model (0: none; unused for a given ``model``).
+        batch_size / learning_rate: of the supervised warm start.
+        tiny: shape of the tiny model (:class:`TinyModelConfig`).
+    """
     model: str | None = None          # None = build the tiny offline Qwen2.5-VL
     trust_remote_code: bool = False
     out_dir: str = "models/base"
@@ -279,12 +328,40 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class RewardsConfig:
+    """``rewards``: what GRPO optimises and evaluation reports (one set-up for both: ``rewards.setup_rewards``).
+
+    Attributes:
+        weights: reward name -> weight; the total reward is the weighted sum of the rewards that apply to an
+            item (built-ins: accuracy, format, detail_f1, reference, fluency, clip_score; or a plugin's).
+        plugins: Python files (relative to the project root) that register more rewards with
+            ``@vlgrpo.rewards.register("name")``.
+        on_error: ``raise`` stops on a reward that fails; ``skip`` scores that item None (left out of the sum).
+        clip_model: local CLIP folder for ``clip_score`` (relative to the project root); never downloaded.
+        fluency_min_words / fluency_max_words: the word window ``fluency`` rewards.
+        overlong_buffer / overlong_max_length: the ``soft_overlong`` reward (DAPO's soft overlong
+            punishment, TRL's ``get_soft_overlong_punishment``): 0 up to L_max - overlong_buffer completion
+            tokens, then linear down to -1 at L_max, -1 beyond; L_max = overlong_max_length, or
+            ``train.max_completion_length`` when null.
+        iou_box_format: the box convention of the model's answers, for ``iou`` and the accuracy of box items:
+            ``qwen2.5`` absolute pixels of the image the model sees (after the data.min_pixels /
+            max_pixels resize), ``qwen3`` 0-1000 relative coordinates. The gold box (the item's solution) is
+            always in pixels of the original image.
+        models: learned reward models, reward name -> local folder (relative to the project root) of a
+            transformers sequence-classification model and its tokenizer (safetensors, no remote code); each
+            scores prompt + completion (logit 0). A name here is used like any reward in ``weights``.
+        model_batch_size: texts per reward-model forward.
+    """
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     plugins: tuple[str, ...] = ()
     on_error: Literal["raise", "skip"] = "raise"
     clip_model: str | None = None
     fluency_min_words: int = 1
     fluency_max_words: int = 30
+    overlong_buffer: int = 2
+    overlong_max_length: int | None = None
+    iou_box_format: Literal["qwen2.5", "qwen3"] = "qwen2.5"
+    models: dict[str, str] = field(default_factory=dict)
+    model_batch_size: int = 32
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -294,6 +371,13 @@ class RewardsConfig:
                 _fail(f"rewards.weights.{name}", "must be a number, got NaN")
         _check_range("rewards.fluency_min_words", self.fluency_min_words, 0)
         _check_range("rewards.fluency_max_words", self.fluency_max_words, self.fluency_min_words)
+        _check_range("rewards.overlong_buffer", self.overlong_buffer, 1)
+        if self.overlong_max_length is not None:
+            _check_range("rewards.overlong_max_length", self.overlong_max_length, self.overlong_buffer)
+        _check_range("rewards.model_batch_size", self.model_batch_size, 1)
+        for name, path in self.models.items():
+            if not path:
+                _fail(f"rewards.models.{name}", "must be a local model directory")
 
 
 LM_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -345,6 +429,65 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """``train``: the GRPO run (the ``pilot`` stage runs it with ``pilot.overrides`` applied).
+
+    Attributes:
+        seed: seeds the data order and every sampling stream (per step and prompt slot: exact resume).
+        max_steps: GRPO steps (one step = one rollout + ``num_iterations`` optimizer updates).
+        prompts_per_step: prompts per step over all processes (divisible by the number of processes).
+        num_generations: completions sampled per prompt (G >= 2; the group of the advantages).
+        micro_batch_size: completions per forward/backward; the step's batch is accumulated over
+            prompts_per_step * num_generations / micro_batch_size micro-batches (a multiple or a divisor of G).
+        learning_rate: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the updates with a linear warm-up, then cosine decay to 0.
+        max_grad_norm: gradients are clipped to this global norm.
+        temperature / top_p: sampling of the rollouts; log-probs are taken at the same temperature.
+        max_completion_length: tokens a completion may have (C).
+        max_prompt_tokens: prompts with more tokens (image tokens included) are dropped, never truncated
+            (that could cut image tokens); the ``validate`` stage checks the data against the same limit.
+        beta: weight of the k3 KL penalty to the base model (0: no reference model is loaded at all).
+        epsilon_low / epsilon_high: PPO clip range [1 - epsilon_low, 1 + epsilon_high] of the ratio.
+        loss_type: how per-token losses are aggregated: ``grpo`` (mean over completions of their token mean),
+            ``bnpo`` (token mean of each process's step), ``dr_grpo`` (sum / (completions x
+            max_completion_length)), ``dapo`` (token mean over the whole step, all processes).
+        scale_rewards: advantages divide by the ``group``'s reward std, the ``batch``'s, or not at all
+            (``none``).
+        num_iterations: optimizer updates per rollout (> 1 uses the old policy's log-probs and clipping).
+        mixed_precision: ``bf16`` (default; CPU too), ``fp16`` (GPU only) or ``no`` (fp32).
+        save_steps: checkpoint every this many steps (and at the last one).
+        augment: label-preserving image augmentation of each step's prompts.
+        subset: train on only the first N train items (null: all).
+        out_dir: where the trained policy (and its checkpoints) go, under the project root.
+        shared_work: encode each prompt and image once per group and expand its KV cache to the G
+            completions (false: G full copies, like generic trainers; same maths).
+        importance_sampling_level: where the PPO ratio is taken: ``token`` (GRPO), ``sequence`` (GSPO, TRL's
+            option of that name: one ratio per completion, exp of the mean token log-ratio, clipped as a
+            whole) or ``sequence_token`` (GSPO-token, ms-swift's: the sequence ratio's value with a per-token
+            gradient). Only matters when the policy moved since sampling (num_iterations > 1).
+        mask_truncated_completions: completions that hit max_completion_length without a stop token are
+            left out of the loss (mask zeroed, tokens not counted), as TRL's option (DAPO).
+        top_entropy_quantile: rho of "Beyond the 80/20 rule" (TRL's option): the policy term keeps only the
+            completion tokens whose entropy is in the top rho quantile of the micro-batch (over all
+            processes); 1.0 keeps all, 0.0 only the highest-entropy token, 0.2 is the paper's value. The KL
+            term still covers every token.
+        sync_ref_model / ref_model_mixup_alpha / ref_model_sync_steps: TR-DPO (TRL's options): after every
+            ref_model_sync_steps-th optimizer update, pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref.
+            Needs beta > 0. The reference weights go into the checkpoints (exact resume).
+        dynamic_sampling / max_resample_rounds: DAPO's dynamic sampling: groups whose G rewards all tie
+            (no signal) are replaced by groups of fresh prompts, drawn at random per (seed, step, round), for
+            up to max_resample_rounds extra rounds; when they run out, tied groups fill the step (the batch
+            size never changes). Logged: dynamic/resample_rounds, dynamic/groups_sampled,
+            dynamic/frac_dropped (``vlgrpo.train.dynamic``).
+        eval_steps: every this many steps (and after the last), greedy ``eval/accuracy`` and ``eval/reward``
+            on the val split go into the metrics stream (and MLflow); null: no evaluation.
+        keep_best: with eval_steps, the final model in out_dir is the policy of the evaluation with the highest
+            val reward, not the last one (``reports/train.json``: ``best``).
+        gradient_checkpointing: recompute each decoder layer and vision block in the backward pass instead
+            of keeping their activations (less memory, about one more forward; same gradients; the
+            shared-work KV cache is kept: ``vlgrpo.checkpointing``).
+        lora: peft LoRA / QLoRA instead of full fine-tuning (``LoraConfig``).
+    """
     seed: int = 0
     max_steps: int = 60
     prompts_per_step: int = 8
@@ -369,8 +512,17 @@ class TrainConfig:
     augment: bool = False
     subset: int | None = None           # use only the first N train items
     out_dir: str = "models/candidate"
-    log_every: int = 1
     shared_work: bool = True            # encode each prompt/image once per group (false: G copies)
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
+    mask_truncated_completions: bool = False
+    top_entropy_quantile: float = 1.0
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
+    eval_steps: int | None = None
+    keep_best: bool = False
     # Recompute each language-model decoder layer and vision block in the backward pass instead of keeping
     # their activations (less memory, about one more forward of compute); same gradients.
     gradient_checkpointing: bool = False
@@ -378,7 +530,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         k = "train"
-        for n in ("max_steps", "prompts_per_step", "num_iterations", "save_steps", "log_every",
+        for n in ("max_steps", "prompts_per_step", "num_iterations", "save_steps",
                   "max_completion_length", "max_prompt_tokens", "micro_batch_size"):
             _check_range(f"{k}.{n}", getattr(self, n), 1)
         _check_range(f"{k}.num_generations", self.num_generations, 2)
@@ -400,6 +552,19 @@ class TrainConfig:
             _fail(f"{k}.micro_batch_size", "must be a multiple or a divisor of num_generations")
         if self.subset is not None:
             _check_range(f"{k}.subset", self.subset, 1)
+        _check_range(f"{k}.top_entropy_quantile", self.top_entropy_quantile, 0, 1)
+        _check_range(f"{k}.ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0, 1)
+        _check_range(f"{k}.ref_model_sync_steps", self.ref_model_sync_steps, 1)
+        _check_range(f"{k}.max_resample_rounds", self.max_resample_rounds, 0)
+        if self.sync_ref_model and self.beta == 0:
+            _fail(f"{k}.sync_ref_model", "needs train.beta > 0 (with beta 0 there is no reference model)")
+        if self.sync_ref_model and self.lora.enabled:
+            _fail(f"{k}.sync_ref_model", "cannot be used with train.lora: the LoRA reference is the base with the "
+                                        "adapters off, there are no reference weights to mix into")
+        if self.eval_steps is not None:
+            _check_range(f"{k}.eval_steps", self.eval_steps, 1)
+        if self.keep_best and self.eval_steps is None:
+            _fail(f"{k}.keep_best", "needs train.eval_steps (the best checkpoint is chosen by val reward)")
 
     @property
     def completions_per_step(self) -> int:
@@ -413,7 +578,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PilotConfig:
-    """The small gate run: ``overrides`` replace keys of ``train``; the gate thresholds live here."""
+    """``pilot``: the small GRPO run that gates the full one (``vlgrpo.gates.pilot_passed``).
+
+    Attributes:
+        overrides: train keys replaced for the pilot run (e.g. fewer steps, a subset of the data).
+        max_kl: the gate fails when the KL to the base model exceeds this.
+        min_reward_slope: the gate fails when the reward trend per step is significantly below this.
+        max_grad_norm_spike: a grad norm above this many times the median (or a loss this many median absolute
+            deviations out) is diagnosed "unstable" (remedy: learning rate x0.5).
+        overfit_gap: train reward above the held-out val reward by more than this is diagnosed "overfitting"
+            (remedy: augmentation on).
+        alignment_low: alignment rewards below this while the surface rewards are above 1 - this is diagnosed
+            "modality misalignment" (remedy: alignment reward weights x2).
+        auto_adjust: the train stage applies the pilot's remedies to the values params.yaml gives then
+            (relative remedies; recorded in reports/train.json and as the MLflow tag auto_adjust_changes).
+    """
     overrides: dict[str, Any] = field(default_factory=lambda: {"max_steps": 10, "subset": 64})
     max_kl: float = 1.0
     min_reward_slope: float = 0.0
@@ -443,6 +622,21 @@ class PilotConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    """``evaluate``: base vs candidate vs champion on the held-out test split, and the promotion rule.
+
+    Attributes:
+        primary_metric: the metric the candidate must improve (a reward name, ``reward``, or pass@k).
+        min_improvement: candidate minus reference on the primary metric must reach this (and exceed 0, unless
+            negative: then a non-improvement is accepted on purpose).
+        guard_metrics: metric -> largest drop allowed against the reference; a bigger drop blocks promotion.
+        batch_size: prompts per generation batch.
+        samples_k: also sample k answers per item and report pass@k (0: greedy only).
+        bootstrap: bootstrap resamples of the 95% intervals (>= 100).
+        max_items: evaluate only the first N test items (null: all).
+        seed: seed of the sampled answers and of the bootstrap.
+        max_new_tokens: answer length; null: ``train.max_completion_length`` (what the policy was tuned at).
+        report_samples: items shown (thumbnail, question, answers) in reports/evaluate.md.
+    """
     primary_metric: str = "accuracy"
     min_improvement: float = 0.0
     guard_metrics: dict[str, float] = field(default_factory=lambda: {"format": 0.05})
@@ -469,6 +663,14 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class RegisterConfig:
+    """``register``: the MLflow model registry and experiment.
+
+    Attributes:
+        model_name: registered model name; aliases ``candidate`` and ``champion`` point at its versions.
+        experiment: MLflow experiment of the pipeline's runs.
+        merge_lora: for a LoRA candidate, log the base with the adapter merged in (self-contained) instead
+            of the adapter alone (small; needs the base it names where it is loaded).
+    """
     model_name: str = "vlgrpo-qwen-vl"
     experiment: str = "vlgrpo"
     # For a LoRA candidate (train.lora.enabled): false logs only the adapter (megabytes; loading it needs the
@@ -483,6 +685,7 @@ class RegisterConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole ``params.yaml``: one section per stage (see each section's class for its keys)."""
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     base: BaseConfig = field(default_factory=BaseConfig)

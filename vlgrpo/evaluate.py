@@ -72,14 +72,18 @@ def pass_at_k_name(k: int) -> str:
     return f"pass_at_{k}"
 
 
-def columns_for(items: Sequence[Item], terminated: Sequence[bool]) -> dict[str, list[Any]]:
-    """Per-completion reward columns (``Item.columns()`` keys plus ``terminated``), one entry per item."""
+def columns_for(items: Sequence[Item], terminated: Sequence[bool],
+                lengths: Sequence[int] | None = None) -> dict[str, list[Any]]:
+    """Per-completion reward columns (``Item.columns()`` keys plus ``terminated`` and, when given,
+    ``completion_length`` in tokens), one entry per item."""
     keys: list[str] = []
     rows = [it.columns() for it in items]
     for r in rows:
         keys.extend(k for k in r if k not in keys)
     cols = {k: [r.get(k) for r in rows] for k in keys}
     cols["terminated"] = list(terminated)
+    if lengths is not None:
+        cols["completion_length"] = list(lengths)
     return cols
 
 
@@ -99,8 +103,10 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
     terminated = [bool(c.terminated) for c in completions]
     # Weights only matter for the total; scoring the unweighted extras with weight 0 keeps them out of it.
     weights = {n: float(cfg.rewards.weights.get(n, 0.0)) for n in names}
-    batch = compute_rewards(weights, [it.question for it in items], texts, columns_for(items, terminated),
-                            on_error=cfg.rewards.on_error, rewards=rewards)
+    lengths = [len(c.token_ids) for c in completions]
+    batch = compute_rewards(weights, [it.question for it in items], texts,
+                            columns_for(items, terminated, lengths), on_error=cfg.rewards.on_error,
+                            rewards=rewards)
     records = []
     for i, c in enumerate(completions):
         rec: dict[str, float | None] = {n: batch.per_reward[n][i] for n in names}
@@ -124,7 +130,7 @@ def pass_at_k(items: Sequence[Item], sampled: Sequence[Any], k: int,
         raise ValueError(f"pass_at_k: {len(sampled)} sampled completions for {len(items)} items x k={k}")
     rep = [it for it in items for _ in range(k)]
     acc = compute_rewards({"accuracy": 1.0}, [it.question for it in rep], [c.text for c in sampled],
-                          columns_for(rep, [c.terminated for c in sampled]),
+                          columns_for(rep, [c.terminated for c in sampled], [len(c.token_ids) for c in sampled]),
                           rewards=rewards).per_reward["accuracy"]
     out: list[float | None] = []
     for i in range(len(items)):
@@ -205,30 +211,33 @@ def held_out_items(manifest: str | Path, max_items: int | None) -> list[Item]:
 
 
 def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config, *,
-              rewards: Mapping[str, Callable] | None = None, progress: bool = True,
-              desc: str = "evaluate") -> tuple[list[str], list[dict[str, Any]], float]:
-    """Greedy (and optionally sampled) answers of one model, scored: ``(answers, records, seconds)``."""
+              rewards: Mapping[str, Callable] | None = None, progress: str | None = None
+              ) -> tuple[list[str], list[dict[str, Any]], float]:
+    """Greedy (and optionally sampled) answers of one model, scored: ``(answers, records, seconds)``;
+    ``progress``: the label of the progress bars (None: none)."""
     import torch
 
-    from vlgrpo.modeling import generate_answers
+    import dataclasses
+
+    from vlgrpo.modeling import Decoding, generate_answers
 
     ev = cfg.evaluate
-    gen = dict(batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens or cfg.train.max_completion_length,
-               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    greedy_dec = Decoding(ev.batch_size, ev.max_new_tokens or cfg.train.max_completion_length,
+                          cfg.data.min_pixels, cfg.data.max_pixels)
     t0 = time.perf_counter()
-    greedy = generate_answers(model, processor, items, manifest_dir, do_sample=False, progress=progress,
-                              desc=f"{desc} (greedy)", **gen)
+    greedy = generate_answers(model, processor, items, manifest_dir, greedy_dec,
+                              f"{progress} (greedy)" if progress else None)
     records = score_completions(items, greedy, cfg, rewards)
     if ev.samples_k > 0:
         # Seeded so that pass@k is reproducible; the caller's RNG stream is restored afterwards.
         state = torch.random.get_rng_state()
         torch.manual_seed(ev.seed)
         try:
-            sampled = generate_answers(model, processor, items, manifest_dir, do_sample=True,
-                                       temperature=cfg.train.temperature, top_p=cfg.train.top_p,
-                                       num_return_sequences=ev.samples_k, progress=progress,
-                                       desc=f"{desc} (pass@{ev.samples_k})",
-                                       **{**gen, "batch_size": max(1, ev.batch_size // ev.samples_k)})
+            sampled_dec = dataclasses.replace(
+                greedy_dec, batch_size=max(1, ev.batch_size // ev.samples_k), do_sample=True,
+                temperature=cfg.train.temperature, top_p=cfg.train.top_p, num_return_sequences=ev.samples_k)
+            sampled = generate_answers(model, processor, items, manifest_dir, sampled_dec,
+                                       f"{progress} (pass@{ev.samples_k})" if progress else None)
         finally:
             torch.random.set_rng_state(state)
         for rec, v in zip(records, pass_at_k(items, sampled, ev.samples_k, rewards)):
@@ -236,44 +245,60 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
     return [c.text for c in greedy], records, time.perf_counter() - t0
 
 
-def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
-                        train_cfg: Any = None, *, samples: int = 4, seed: int = 0,
-                        rewards: Mapping[str, Callable] | None = None, progress: bool = False) -> float:
+def val_metrics(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
+                rewards: Mapping[str, Callable] | None = None) -> dict[str, float | None]:
+    """Evaluation during training (``train.eval_steps``): greedy ``eval/accuracy`` (over items with a
+    verifiable answer; None when there are none) and ``eval/reward`` (mean weighted reward) on ``items``.
+
+    Greedy decoding draws no random numbers, so evaluating does not change what training samples next.
+    """
+    import dataclasses
+
+    quick = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, samples_k=0))
+    _, records, secs = run_model(model, processor, items, manifest_dir, quick, rewards=rewards, progress=None)
+    acc = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    return {"eval/accuracy": sum(acc) / len(acc) if acc else None,
+            "eval/reward": sum(r["reward"] for r in records) / len(records), "eval/seconds": secs}
+
+
+def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config, *,
+                        samples: int = 4, seed: int = 0) -> float:
     """Mean weighted reward of ``samples`` sampled answers per item, decoded like training rollouts
-    (``train.temperature`` / ``top_p`` / ``max_completion_length``).
+    (``cfg.train``'s ``temperature`` / ``top_p`` / ``max_completion_length``: pass the pilot's config
+    as ``dataclasses.replace(cfg, train=pilot_train)``).
 
     The pilot's over-fitting check compares this on val items with the train reward of the metrics stream:
     both are sampled rewards of the same policy, so the gap measures generalisation, not decoding.
     """
     import torch
 
-    from vlgrpo.modeling import generate_answers
+    from vlgrpo.modeling import Decoding, generate_answers
 
-    tc = train_cfg or cfg.train
+    tc = cfg.train
     if not items:
         raise ValueError("mean_sampled_reward: no items to score")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        comps = generate_answers(model, processor, items, manifest_dir, batch_size=max(1, cfg.evaluate.batch_size
-                                                                                        // samples),
-                                 max_new_tokens=tc.max_completion_length, do_sample=True,
-                                 temperature=tc.temperature, top_p=tc.top_p, num_return_sequences=samples,
-                                 min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                                 progress=progress, desc="val reward")
+        decoding = Decoding(max(1, cfg.evaluate.batch_size // samples), tc.max_completion_length,
+                            cfg.data.min_pixels, cfg.data.max_pixels, do_sample=True, temperature=tc.temperature,
+                            top_p=tc.top_p, num_return_sequences=samples)
+        comps = generate_answers(model, processor, items, manifest_dir, decoding)
     finally:
         torch.random.set_rng_state(state)
     rep = [it for it in items for _ in range(samples)]
-    records = score_completions(rep, comps, cfg, rewards)
+    records = score_completions(rep, comps, cfg)
     return sum(r["reward"] for r in records) / len(records)
 
 
-def _resolve_rewards(cfg: Config, root: Path) -> dict[str, Callable]:
-    from vlgrpo.rewards import load_plugins, resolve_rewards
+def resolve_reward_fns(cfg: Config, root: Path, manifest_dir: Path) -> dict[str, Callable]:
+    """The reward functions the report shows, set up as training does (``rewards.setup_rewards``; item images
+    under ``manifest_dir``), by name."""
+    from vlgrpo.rewards import setup_rewards
 
-    if cfg.rewards.plugins:
-        load_plugins([p if Path(p).is_absolute() else root / p for p in cfg.rewards.plugins])
-    return resolve_rewards(reward_names(cfg), cfg.rewards, root=root)
+    return setup_rewards(reward_names(cfg), cfg.rewards, root, manifest_dir,
+                         pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
+                         max_completion_length=cfg.evaluate.max_new_tokens or cfg.train.max_completion_length)
 
 
 def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
@@ -304,7 +329,7 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = _resolve_rewards(cfg, root)
+    rewards = resolve_reward_fns(cfg, root, manifest.parent)
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "
@@ -323,8 +348,8 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
         model, processor = models[name]()
         try:
             answers[name], records[name], secs = run_model(model, processor, items, manifest.parent, cfg,
-                                                           rewards=rewards, progress=progress,
-                                                           desc=f"evaluate {name}")
+                                                           rewards=rewards,
+                                                           progress=f"evaluate {name}" if progress else None)
         finally:
             del model, processor  # one model in memory at a time
             gc.collect()

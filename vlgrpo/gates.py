@@ -10,7 +10,10 @@
 when nothing is NaN/inf, the reward does not trend down, and the KL stays bounded. Independently it
 *diagnoses* the problems GRPO runs commonly hit and proposes a remedy for each, with a machine-applicable
 ``adjust`` mapping of dotted config keys (``train.learning_rate``, ``rewards.weights.detail_f1``,
-``train.augment``) to new values:
+``train.augment``) to a rule: ``{"scale": f}`` (multiply the value the full run is given by f) or
+``{"set": v}``. Remedies are relative on purpose: the pilot stage does not depend on every train key, so a
+value the user changes after the pilot (a lower learning rate, say) is what the remedy applies to - an
+absolute "5e-4" stored by the pilot would silently override it:
 
 - unstable: NaN/inf, or a grad-norm spike above ``pilot.max_grad_norm_spike`` x the median grad norm, or a
   loss outlier that far out in median-absolute-deviation units -> halve the learning rate.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -83,12 +87,6 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, fl
     return out
 
 
-def _median(xs: Sequence[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
 def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """``(slope, standard error)`` of the ordinary least-squares line y = a + b x.
 
@@ -135,7 +133,7 @@ def _diagnose_unstable(rows, pilot_cfg, train_cfg, bad: list[str]) -> dict[str, 
         evidence.append(f"non-finite values: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""))
     grads = _series(rows, "grad_norm")
     if len(grads) >= 3:
-        med = _median([g for _, g in grads])
+        med = statistics.median([g for _, g in grads])
         step, peak = max(grads, key=lambda sg: sg[1])
         if med > 0 and peak > pilot_cfg.max_grad_norm_spike * med:
             evidence.append(f"grad_norm spike {peak:.4g} at step {step:g} = {peak / med:.1f}x the median "
@@ -145,8 +143,8 @@ def _diagnose_unstable(rows, pilot_cfg, train_cfg, bad: list[str]) -> dict[str, 
         # GRPO's loss hovers around 0 (advantages are zero-mean), so "x times the median" is meaningless;
         # measure outliers in median-absolute-deviation units instead.
         vals = [v for _, v in losses]
-        med = _median(vals)
-        mad = _median([abs(v - med) for v in vals])
+        med = statistics.median(vals)
+        mad = statistics.median([abs(v - med) for v in vals])
         if mad > 0:
             step, v = max(losses, key=lambda sv: abs(sv[1] - med))
             if abs(v - med) > pilot_cfg.max_grad_norm_spike * mad:
@@ -154,12 +152,12 @@ def _diagnose_unstable(rows, pilot_cfg, train_cfg, bad: list[str]) -> dict[str, 
                                 f"median {med:.4g} (limit {pilot_cfg.max_grad_norm_spike:g})")
     if not evidence:
         return None
-    new_lr = train_cfg.learning_rate * LR_FACTOR
+    lr = train_cfg.learning_rate
     return {"problem": "unstable",
             "evidence": "; ".join(evidence),
-            "remedy": f"lower train.learning_rate {train_cfg.learning_rate:g} -> {new_lr:g} (or accumulate more "
-                      f"micro-batches per step: lower train.micro_batch_size / raise train.prompts_per_step)",
-            "adjust": {"train.learning_rate": new_lr}}
+            "remedy": f"lower train.learning_rate x{LR_FACTOR:g} (now {lr:g} -> {lr * LR_FACTOR:g}; or accumulate "
+                      f"more micro-batches per step: lower train.micro_batch_size / raise train.prompts_per_step)",
+            "adjust": {"train.learning_rate": {"scale": LR_FACTOR}}}
 
 
 def _diagnose_misalignment(rows, pilot_cfg, reward_weights) -> dict[str, Any] | None:
@@ -174,14 +172,15 @@ def _diagnose_misalignment(rows, pilot_cfg, reward_weights) -> dict[str, Any] | 
     if not low or not surface or min(surface.values()) < high_cut:
         return None
     weights = dict(reward_weights or {})
-    adjust = {f"rewards.weights.{n}": float(weights.get(n, 1.0)) * WEIGHT_FACTOR for n in sorted(low)}
+    adjust = {f"rewards.weights.{n}": {"scale": WEIGHT_FACTOR} for n in sorted(low)}
     fmt = lambda d: ", ".join(f"{k}={v:.3f}" for k, v in sorted(d.items()))  # noqa: E731
+    now = ", ".join(f"rewards.weights.{n} {weights.get(n, 1.0):g} -> {weights.get(n, 1.0) * WEIGHT_FACTOR:g}"
+                    for n in sorted(low))
     return {"problem": "modality_misalignment",
             "evidence": f"alignment rewards low ({fmt(low)} < {pilot_cfg.alignment_low:g}) while surface rewards "
                         f"are high ({fmt(surface)} >= {high_cut:g}): answers have the right form but do not "
                         f"describe the image",
-            "remedy": "raise the alignment reward weights x" + f"{WEIGHT_FACTOR:g}: "
-                      + ", ".join(f"{k} -> {v:g}" for k, v in adjust.items()),
+            "remedy": f"raise the alignment reward weights x{WEIGHT_FACTOR:g} (now {now})",
             "adjust": adjust}
 
 
@@ -203,7 +202,7 @@ def _diagnose_overfit(rows, pilot_cfg, train_cfg, val_reward) -> dict[str, Any] 
                           "or fewer steps (train.max_steps)", "adjust": {}}
     return {"problem": "overfitting", "evidence": evidence,
             "remedy": "turn label-preserving augmentation on (train.augment: true)",
-            "adjust": {"train.augment": True}}
+            "adjust": {"train.augment": {"set": True}}}
 
 
 # ---------------------------------------------------------------------------------------------- the gates
@@ -211,7 +210,7 @@ def _diagnose_overfit(rows, pilot_cfg, train_cfg, val_reward) -> dict[str, Any] 
 
 def _throughput(rows: Sequence[Mapping[str, Any]]) -> float | None:
     s = [v for _, v in _series(rows, "samples_per_s") if v > 0]
-    return _median(s) if s else None
+    return statistics.median(s) if s else None
 
 
 def pilot_passed(metrics_rows: Sequence[Mapping[str, Any]], pilot_cfg: Any, train_cfg: Any, full_steps: int,
@@ -280,12 +279,24 @@ def pilot_passed(metrics_rows: Sequence[Mapping[str, Any]], pilot_cfg: Any, trai
                          estimated_full_seconds=est, reward_slope=slope, reward_slope_se=se, max_kl=max_kl)
 
 
-def apply_adjustments(cfg: Any, decision: PilotDecision | Mapping[str, Any]) -> tuple[Any, list[str]]:
-    """Apply every diagnosis' ``adjust`` to a config; returns ``(new_cfg, changes)``.
+def _adjusted(old: Any, rule: Any) -> tuple[Any, str]:
+    """(new value, how) for one ``adjust`` rule applied to ``old``."""
+    if isinstance(rule, Mapping) and "scale" in rule:
+        return old * rule["scale"], f"x{rule['scale']:g}"
+    if isinstance(rule, Mapping) and "set" in rule:
+        return rule["set"], "set"
+    return rule, "set"               # a bare value: a pilot report written before remedies were relative
 
-    ``cfg`` is a TrainConfig (then only ``train.*`` keys apply; others are listed as not applied) or the
-    whole Config (then ``rewards.weights.*`` apply too). Each change names the key, old -> new, and why.
-    The result is rebuilt through the config's own checks, so an impossible value still raises ConfigError.
+
+def apply_adjustments(cfg: Any, decision: PilotDecision | Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """Apply every diagnosis' ``adjust`` to a config (with ``dataclasses.replace``) → ``(new_cfg, changes)``.
+
+    ``cfg`` is the config the full run is given: a TrainConfig (then only ``train.*`` keys apply; others are
+    listed as not applied) or the whole Config (then ``rewards.weights.*`` apply too). A ``{"scale": f}`` rule
+    multiplies *that* value, so a value changed after the pilot is what gets scaled. Each change names the
+    key, the configured and the effective value, the rule and why, e.g.
+    ``train.learning_rate: 0.0001 -> 5e-05 (x0.5; unstable)``. The result is rebuilt through the config's own
+    checks, so an impossible value still raises ConfigError.
     """
     from vlgrpo.config import Config, TrainConfig  # local: keeps this module importable without yaml
 
@@ -293,30 +304,31 @@ def apply_adjustments(cfg: Any, decision: PilotDecision | Mapping[str, Any]) -> 
     whole = isinstance(cfg, Config)
     if not whole and not isinstance(cfg, TrainConfig):
         raise TypeError(f"apply_adjustments: expected Config or TrainConfig, got {type(cfg).__name__}")
-    train_changes: dict[str, Any] = {}
-    weight_changes: dict[str, float] = {}
-    changes: list[str] = []
     train = cfg.train if whole else cfg
+    weights = dict(cfg.rewards.weights) if whole else {}
+    train_changes: dict[str, Any] = {}
+    changes: list[str] = []
     for d in diagnoses:
-        for key, value in (d.get("adjust") or {}).items():
+        for key, rule in (d.get("adjust") or {}).items():
             section, _, rest = key.partition(".")
+            name = rest[len("weights."):]
             if section == "train" and rest in {f.name for f in dataclasses.fields(TrainConfig)}:
-                train_changes[rest] = value
-                changes.append(f"{key}: {getattr(train, rest)!r} -> {value!r} ({d['problem']})")
-            elif whole and section == "rewards" and rest.startswith("weights."):
-                name = rest[len("weights."):]
-                weight_changes[name] = float(value)
-                changes.append(f"{key}: {cfg.rewards.weights.get(name)!r} -> {value!r} ({d['problem']})")
+                old = getattr(train, rest)
+                train_changes[rest], how = _adjusted(old, rule)
+                changes.append(f"{key}: {old!r} -> {train_changes[rest]!r} ({how}; {d['problem']})")
+            elif whole and section == "rewards" and rest.startswith("weights.") and name in weights:
+                old = weights[name]
+                new, how = _adjusted(old, rule)
+                weights[name] = float(new)
+                changes.append(f"{key}: {old!r} -> {weights[name]!r} ({how}; {d['problem']})")
             else:
-                changes.append(f"{key}: not applied to a {type(cfg).__name__} ({d['problem']}); change it in "
-                               f"params.yaml")
+                changes.append(f"{key}: not applied to this {type(cfg).__name__} ({d['problem']}); change it "
+                               f"in params.yaml")
     new_train = dataclasses.replace(train, **train_changes) if train_changes else train
     if not whole:
         return new_train, changes
-    new_rewards = cfg.rewards
-    if weight_changes:
-        new_rewards = dataclasses.replace(cfg.rewards, weights={**cfg.rewards.weights, **weight_changes})
-    return dataclasses.replace(cfg, train=new_train, rewards=new_rewards), changes
+    return dataclasses.replace(cfg, train=new_train,
+                               rewards=dataclasses.replace(cfg.rewards, weights=weights)), changes
 
 
 def should_promote(candidate: Mapping[str, Any], base: Mapping[str, Any], champion: Mapping[str, Any] | None,

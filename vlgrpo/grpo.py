@@ -1,11 +1,14 @@
-"""The GRPO maths as small pure tensor functions (DESIGN.md §4).
+"""The GRPO maths as small pure tensor functions (docs/architecture.md, "The GRPO maths as implemented").
 
 Notation: a step samples G completions o_1..o_G for each prompt q; N = P*G completions in all, each of at most
 T completion tokens; ``mask`` (N, T) is 1 on real completion tokens and 0 on padding.
 
     r_i     = Σ_k w_k R_k(q, o_i)                       rewards that are None are left out of the sum
     A_i     = (r_i − mean_group(r)) / (std_group(r) + 1e-4)
-    ρ_i,t   = exp(logπθ(o_i,t) − logπold(o_i,t))
+    ρ_i,t   = exp(logπθ(o_i,t) − logπold(o_i,t))           importance_sampling_level "token" (default)
+    s_i     = exp(mean_t (logπθ − logπold))                  "sequence" (GSPO): ρ_i,t := s_i for every t
+    ρ_i,t   = sg[s_i] · πθ(o_i,t) / sg[πθ(o_i,t)]             "sequence_token" (GSPO-token): value s_i,
+                                                                gradient per token
     ℓ_i,t   = −min(ρ·A_i, clip(ρ, 1−ε_low, 1+ε_high)·A_i) + β·KL_i,t
     KL_i,t  = exp(ref − logp) − (ref − logp) − 1        (k3 estimator; ref − logp clamped to ±20)
 
@@ -19,13 +22,16 @@ step, passed in, never recomputed per micro-batch).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
+ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 STD_EPS = 1e-4        # added to the std before dividing (TRL and the DeepSeekMath paper use the same)
 KL_LOG_CLAMP = 20.0   # |ref − logp| is clamped here so exp() cannot overflow in low precision
 
@@ -81,6 +87,13 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     return torch.nan_to_num(adv, nan=0.0), std
 
 
+def informative_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Per group (P,) bool: do its G rewards differ? A group whose rewards all tie (or are all NaN) has
+    advantage 0 for every completion - no learning signal - and is what dynamic sampling drops."""
+    std = nan_std(rewards.view(-1, num_generations), dim=1)
+    return ~torch.isclose(std, torch.zeros_like(std))
+
+
 def frac_zero_std(std: torch.Tensor) -> float:
     """Fraction of completions whose group had all-equal rewards (zero advantage: no learning signal)."""
     return torch.isclose(std, torch.zeros_like(std)).float().mean().item()
@@ -130,20 +143,101 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = KL_LOG_CLAM
     return torch.exp(d) - d - 1.0
 
 
-def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                   advantages: torch.Tensor, epsilon_low: float, epsilon_high: float, beta: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """ℓ = clipped surrogate + β·KL; returns (ℓ (N, T), ρ (N, T), KL (N, T) or None when β = 0)."""
+def log_importance_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                           level: ImportanceSamplingLevel = "token") -> torch.Tensor:
+    """log ρ per token (N, T) for ``level`` token; (N, 1) for sequence and sequence_token.
+
+    sequence (GSPO, TRL's ``importance_sampling_level="sequence"``): the length-normalised log-ratio of the
+    whole completion, one weight per sequence. sequence_token (GSPO-token, ms-swift's name): the same value,
+    but written ``logp − sg[logp] + sg[seq]`` so each token keeps its own gradient path (it returns (N, T)).
+    """
+    log_ratio = logp - old_logp
+    if level == "token":
+        return log_ratio
+    m = mask.to(log_ratio.dtype)
+    seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)   # (N, 1)
+    if level == "sequence":
+        return seq
+    if level == "sequence_token":
+        return logp - logp.detach() + seq.detach()
+    raise ValueError(f"importance_sampling_level must be one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, "
+                     f"got {level!r}")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The per-token loss settings (``train.*`` of the same names)."""
+    epsilon_low: float
+    epsilon_high: float
+    beta: float
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+
+
+def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                      advantages: torch.Tensor, mask: torch.Tensor, spec: LossSpec,
+                      keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ℓ = keep · clipped surrogate(ρ at ``spec.importance_sampling_level``) + β·KL, as TRL composes it.
+
+    ``mask`` (N, T) is needed for the sequence-level weights; ``keep`` (N, T) bool, optional: tokens whose
+    policy term counts (the high-entropy mask); the KL term applies to every token either way (TRL does the
+    same). Returns (ℓ (N, T), ρ (N, T) - a sequence weight repeated over its tokens -, KL (N, T) or None).
+    """
     if old_logp is None:                                                   # on-policy: ρ ≡ 1 in value
         old_logp = logp.detach()
-    loss, ratio = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    ratio = torch.exp(log_importance_weights(logp, old_logp, mask, spec.importance_sampling_level))
+    a = advantages.unsqueeze(1)                                            # (N, 1)
+    clipped = torch.clamp(ratio, 1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high)
+    loss = -torch.min(ratio * a, clipped * a).expand_as(logp)              # (N, T)
+    if keep is not None:
+        loss = loss * keep.to(loss.dtype)
     kl = None
-    if beta != 0.0:
+    if spec.beta != 0.0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs the reference model's log-probs (ref_logp)")
         kl = k3_kl(logp, ref_logp)
-        loss = loss + beta * kl
-    return loss, ratio, kl
+        loss = loss + spec.beta * kl
+    return loss, ratio.expand_as(logp), kl
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Tokens whose entropy is in the top ``quantile`` of the batch's completion tokens (bool (N, T)).
+
+    The threshold is the (1 − quantile) quantile (linear interpolation) of the entropies of all real tokens,
+    gathered over processes by ``gather`` (a function taking this process's 1-D tensor and returning all
+    processes' values) - TRL's ``get_high_entropy_mask``: quantile 1.0 keeps everything, 0.0 only the
+    highest-entropy token(s). Padding is never kept.
+    """
+    m = mask.bool()
+    values = entropies[m].float()
+    if gather is not None:
+        values = gather(values)
+    if values.numel() == 0:
+        return torch.zeros_like(m)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (entropies * m.to(entropies.dtype) >= threshold) & m
+
+
+def drop_truncated(mask: torch.Tensor, terminated: torch.Tensor) -> torch.Tensor:
+    """``train.mask_truncated_completions``: completions that hit the length limit without a stop token get
+    an all-zero mask (no loss, no tokens counted), like TRL's; (N, T), (N,) → (N, T)."""
+    return mask * terminated.to(mask.dtype).unsqueeze(1)
+
+
+@torch.no_grad()
+def mix_into_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO reference update, in place: π_ref ← α·π_θ + (1 − α)·π_ref, parameter by parameter."""
+    for ref_p, p in zip(reference.parameters(), policy.parameters(), strict=True):
+        ref_p.mul_(1.0 - alpha).add_(p.detach().to(ref_p.dtype), alpha=alpha)
+
+
+def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                   advantages: torch.Tensor, epsilon_low: float, epsilon_high: float, beta: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ℓ = clipped surrogate + β·KL at token level; returns (ℓ (N, T), ρ (N, T), KL (N, T) or None when β = 0).
+    The token-level case of :func:`policy_token_loss` (which the trainer calls)."""
+    spec = LossSpec(epsilon_low, epsilon_high, beta, "token")
+    return policy_token_loss(logp, old_logp, ref_logp, advantages, torch.ones_like(logp), spec)
 
 
 # ---------------------------------------------------------------------------------------- aggregation

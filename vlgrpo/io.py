@@ -118,10 +118,10 @@ def project_lock(root: str | Path, what: str = "pipeline") -> Iterator[Path]:
 
 
 def under_root(root: str | Path, p: str | Path) -> Path:
-    """``p`` as a path under the project ``root`` when it is relative; an absolute ``p`` as it is.
+    """``p`` as a path under the project ``root`` when it is relative; an absolute ``p`` (or ``~/...``) as it is.
 
     The one rule for every path a stage reads from params.yaml (data, models, reward plugins, CLIP weights):
     relative to the project root, never to the current directory, so a stage runs the same from any folder.
     """
-    p = Path(p)
+    p = Path(p).expanduser()
     return p if p.is_absolute() else Path(root) / p

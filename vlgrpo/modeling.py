@@ -7,7 +7,7 @@ Everything here goes through the real transformers classes, so the tiny default 
     save_model(model, processor, "models/base")
     model, processor = load_model("models/base")                      # or a hub id / real checkpoint
     batch = encode_prompts(processor, items, manifest_dir, min_pixels, max_pixels)
-    completions = generate_answers(model, processor, items, manifest_dir, batch_size=32, ...)
+    completions = generate_answers(model, processor, items, manifest_dir, Decoding(32, 8, min_px, max_px))
 
 Prompts are built as Qwen chat messages, images go through ``qwen_vl_utils.process_vision_info`` (which
 applies the per-image ``min_pixels``/``max_pixels``) and the processor expands each ``<|image_pad|>`` into
@@ -440,13 +440,23 @@ def stop_token_ids(processor, model=None) -> list[int]:
     return sorted(ids)
 
 
-def vision_token_ids(processor) -> list[int]:
-    """Ids of the vision placeholders. A sampled completion must never contain one: the next forward
-    pass would count it as an image slot ("Image features and image tokens do not match")."""
+def vision_token_ids(processor, model=None) -> list[int]:
+    """Ids of the vision placeholder and delimiter tokens, which no sampled completion may contain: the next
+    forward pass would count one as an image slot ("Image features and image tokens do not match").
+
+    The one list both training and evaluation suppress: the tokenizer's ``<|vision_start|>``,
+    ``<|vision_end|>``, ``<|vision_pad|>``, ``<|image_pad|>``, ``<|video_pad|>`` and, when ``model`` is given,
+    the ids its config names (``image_token_id``, ``video_token_id``, ``vision_start_token_id``,
+    ``vision_end_token_id``), which a checkpoint may map differently from its tokenizer.
+    """
     tok = processor.tokenizer
     names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
     ids = {tok.convert_tokens_to_ids(n) for n in names}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+    if model is not None:
+        c = model.module.config if hasattr(model, "module") else model.config
+        keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        ids |= {getattr(c, k) for k in keys if getattr(c, k, None) is not None}
+    return sorted(int(i) for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
 
 
 def split_completions(processor, sequences: torch.Tensor, stop_ids: Sequence[int]) -> list[Completion]:
@@ -466,32 +476,47 @@ def split_completions(processor, sequences: torch.Tensor, stop_ids: Sequence[int
     return out
 
 
-def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path, *, batch_size: int,
-                     max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                     top_p: float = 1.0, num_return_sequences: int = 1, min_pixels: int, max_pixels: int,
-                     progress: bool = False, desc: str = "generate") -> list[Completion]:
-    """Answers for ``items`` in order (``num_return_sequences`` consecutive completions per item)."""
+@dataclass(frozen=True)
+class Decoding:
+    """How ``generate_answers`` decodes: ``batch_size`` prompts at a time, at most ``max_new_tokens``, images
+    resized into [``min_pixels``, ``max_pixels``]; greedy, or sampled (``do_sample``) at ``temperature`` /
+    ``top_p`` with ``num_return_sequences`` answers per item."""
+    batch_size: int
+    max_new_tokens: int
+    min_pixels: int
+    max_pixels: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+
+
+def generate_answers(model, processor, items: Sequence[Item], manifest_dir: Path, decoding: Decoding,
+                     progress: str | None = None) -> list[Completion]:
+    """Answers for ``items`` in order (``num_return_sequences`` consecutive completions per item);
+    ``progress``: the label of a progress bar (None: no bar)."""
     from tqdm.auto import tqdm
 
+    d = decoding
     stops = stop_token_ids(processor, model)
     pad = processor.tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     results: list[Completion] = []
-    gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                  num_return_sequences=num_return_sequences, eos_token_id=stops,
-                                  pad_token_id=pad, suppress_tokens=vision_token_ids(processor))
-    if do_sample:
-        gen_kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    gen_kw: dict[str, Any] = dict(max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
+                                  num_return_sequences=d.num_return_sequences, eos_token_id=stops,
+                                  pad_token_id=pad, suppress_tokens=vision_token_ids(processor, model))
+    if d.do_sample:
+        gen_kw.update(temperature=d.temperature, top_p=d.top_p, top_k=0)
     else:
         gen_kw.update(temperature=None, top_p=None, top_k=None)
-    bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(items), desc=progress or "generate", disable=progress is None, leave=False)
     try:
         with torch.inference_mode():
-            for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                batch = encode_prompts(processor, chunk, manifest_dir, min_pixels, max_pixels).to(device)
+            for start in range(0, len(items), d.batch_size):
+                chunk = items[start:start + d.batch_size]
+                batch = encode_prompts(processor, chunk, manifest_dir, d.min_pixels, d.max_pixels).to(device)
                 out = model.generate(**batch, **gen_kw)       # (B*n, T + new)
                 new = out[:, batch["input_ids"].shape[1]:]
                 results.extend(split_completions(processor, new, stops))

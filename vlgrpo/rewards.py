@@ -14,8 +14,17 @@ Adding a reward: decorate a function with ``@register("name")`` in a Python file
 (``make_fluency``, ``make_reference``, ``make_clip_score``) whose result keeps a stable ``__name__``: the
 name is the metric name everywhere (logs, reports, MLflow).
 
-Built in: ``accuracy``, ``format``, ``detail_f1``, ``reference`` (CIDEr-D), ``fluency``; ``clip_score``
-needs a local CLIP checkpoint (``rewards.clip_model``) and is built by :func:`resolve_rewards`.
+Built in: ``accuracy``, ``format``, ``detail_f1``, ``reference`` (CIDEr-D), ``fluency``, ``soft_overlong``
+(needs the ``completion_length`` column: completion tokens), ``iou`` (grounding: box answers); ``clip_score``
+needs a local CLIP checkpoint (``rewards.clip_model``) and learned reward models (``rewards.models``) a local
+sequence-classification model; both are built by :func:`resolve_rewards`.
+
+Boxes (``iou``, and ``accuracy`` on items whose solution is a box: IoU >= 0.5): the gold box is the item's
+solution, ``[x1, y1, x2, y2]`` in pixels of the original image, as JSON (``[..]``, ``{"bbox_2d": [..]}`` or a
+list of those; the first box counts). Answers are parsed the same way, or as the first four numbers of the
+text; they are in the model's convention (``rewards.iou_box_format``): Qwen2.5-VL answers in absolute pixels
+of the image it sees (the original resized by ``smart_resize`` into the pixel budget), Qwen3-VL in 0-1000
+relative coordinates.
 """
 from __future__ import annotations
 
@@ -132,18 +141,159 @@ def _is_short_answer_item(task: Any, solution: Any) -> bool:
     return task in VERIFIABLE_TASKS or bool(solution)
 
 
+# ---- boxes (grounding)
+
+Box = tuple[float, float, float, float]
+_NUMBER = r"[-+]?\d+(?:\.\d+)?"
+
+
+def _box_from_json(value: Any) -> Box | None:
+    """The first box in a parsed JSON value: a 4-number list, {"bbox_2d"|"bbox"|"box": ..} or a list of them."""
+    if isinstance(value, Mapping):
+        for key in ("bbox_2d", "bbox", "box"):
+            if key in value:
+                return _box_from_json(value[key])
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            box = tuple(float(v) for v in value)
+            return box if all(math.isfinite(v) for v in box) else None
+        return _box_from_json(value[0]) if value else None
+    return None
+
+
+def parse_box(text: Any, strict: bool = False) -> Box | None:
+    """A box from a model answer or a solution; None when there is none.
+
+    Tries the whole text as JSON, then its first ``[...]`` / ``{...}`` span; unless ``strict``, falls back to
+    the first four numbers of the text (``(10,20),(50,60)``, ``x1=10 y1=20 ...``).
+    """
+    import json
+
+    if isinstance(text, (list, tuple, Mapping)):
+        return _box_from_json(text)
+    if not isinstance(text, str) or not text.strip():
+        return None
+    candidates = [text.strip()] + re.findall(r"\[[^\[\]]*(?:\[[^\[\]]*\][^\[\]]*)*\]|\{[^{}]*\}", text)
+    for c in candidates:
+        try:
+            box = _box_from_json(json.loads(c))
+        except (ValueError, RecursionError):
+            continue
+        if box is not None:
+            return box
+    if strict:
+        return None
+    nums = re.findall(_NUMBER, text)
+    return tuple(float(v) for v in nums[:4]) if len(nums) >= 4 else None
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two [x1, y1, x2, y2] boxes; a box with x2 <= x1 or y2 <= y1 is empty (0)."""
+    if a[2] <= a[0] or a[3] <= a[1] or b[2] <= b[0] or b[3] <= b[1]:
+        return 0.0
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class BoxConvention(NamedTuple):
+    """How a model's box answers map to original-image pixels (``rewards.iou_box_format`` + pixel budget)."""
+    box_format: str = "qwen2.5"
+    min_pixels: int = 3136
+    max_pixels: int = 12544
+    root: str = "."
+
+    def to_pixels(self, box: Box, size: tuple[int, int]) -> Box:
+        """``box`` in the model's convention → pixels of an original image of ``size`` (width, height)."""
+        w, h = size
+        if self.box_format == "qwen3":                               # 0-1000 relative
+            sx, sy = w / 1000.0, h / 1000.0
+        elif self.box_format == "qwen2.5":                           # pixels of the resized image it sees
+            from vlgrpo.data.images import smart_resize
+            rh, rw = smart_resize(h, w, self.min_pixels, self.max_pixels)
+            sx, sy = w / rw, h / rh
+        else:
+            raise ValueError(f"iou_box_format must be 'qwen2.5' or 'qwen3', got {self.box_format!r}")
+        return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _image_size(columns: Mapping[str, Any], i: int, root: str) -> tuple[int, int] | None:
+    """(width, height) of item i's original image: ``image_size`` column, the scene, or the file's header."""
+    size = (columns.get("image_size") or [None] * (i + 1))[i]
+    if size:
+        return int(size[0]), int(size[1])
+    scene = (columns.get("scene") or [None] * (i + 1))[i]
+    if scene and "width" in scene:
+        return int(scene["width"]), int(scene["height"])
+    images = (columns.get("images") or [None] * (i + 1))[i]
+    if images:
+        from PIL import Image
+        with Image.open(Path(root) / images[0]) as im:               # reads the header only
+            return im.size
+    return None
+
+
+def box_scores(completions: Sequence[str], columns: Mapping[str, Any], conv: BoxConvention
+               ) -> list[float | None]:
+    """IoU of each answer's box with the gold box; None when the solution is not a box (not a grounding item),
+    0.0 when the answer holds no box."""
+    sols = _col(columns, "solution", len(completions))
+    out: list[float | None] = []
+    for i, (c, s) in enumerate(zip(completions, sols)):
+        gold = parse_box(s, strict=True)
+        if gold is None:
+            out.append(None)
+            continue
+        pred = parse_box(c)
+        size = _image_size(columns, i, conv.root) if pred is not None else None
+        if pred is None or size is None:
+            out.append(0.0)
+            continue
+        out.append(box_iou(conv.to_pixels(pred, size), gold))
+    return out
+
+
+def make_iou(conv: BoxConvention = BoxConvention()) -> RewardFn:
+    """Grounding reward: IoU in [0, 1] of the answer's box with the gold box (see the module docstring)."""
+
+    def iou(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
+        return box_scores(completions, columns, conv)
+
+    iou.__name__ = iou.__qualname__ = "iou"
+    return iou
+
+
+IOU_MATCH = 0.5      # a box answer counts as correct (accuracy 1) at IoU >= 0.5, the usual grounding bar
+
+
 # -------------------------------------------------------------------------------------- built-ins
 
 
-@register("accuracy")
-def accuracy(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
-    """1.0 when the normalised completion *equals* the normalised solution; None when there is no solution."""
-    sols = _col(columns, "solution", len(completions))
-    out: list[float | None] = []
-    for c, s in zip(completions, sols):
-        gold = normalize_answer(s)
-        out.append(None if not gold else float(normalize_answer(c) == gold))
-    return out
+def make_accuracy(conv: BoxConvention = BoxConvention()) -> RewardFn:
+    """1.0 when the normalised completion *equals* the normalised solution; None when there is no solution.
+    A box solution (grounding) is matched by IoU >= 0.5 under ``conv`` instead."""
+
+    def accuracy(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
+        sols = _col(columns, "solution", len(completions))
+        ious = box_scores(completions, columns, conv)
+        out: list[float | None] = []
+        for c, s, iou_ in zip(completions, sols, ious):
+            gold = normalize_answer(s)
+            if iou_ is not None:
+                out.append(float(iou_ >= IOU_MATCH))
+            else:
+                out.append(None if not gold else float(normalize_answer(c) == gold))
+        return out
+
+    accuracy.__name__ = accuracy.__qualname__ = "accuracy"
+    return accuracy
+
+
+accuracy = register("accuracy")(make_accuracy())
+register("iou")(make_iou())
 
 
 @register("format")
@@ -157,6 +307,8 @@ def format_reward(prompts: Sequence[str], completions: Sequence[str], **columns:
         text = c.strip()
         if not text or not done:
             out.append(0.0)
+        elif parse_box(sol, strict=True) is not None:                # grounding: one box on one line
+            out.append(float("\n" not in text and parse_box(text) is not None))
         elif _is_short_answer_item(task, sol):
             out.append(float("\n" not in text and len(_words(text)) <= MAX_SHORT_ANSWER_WORDS))
         else:
@@ -364,6 +516,72 @@ def fluency_score(text: str, terminated: bool, min_words: int, max_words: int, n
 register("fluency")(make_fluency())
 
 
+# ---- soft_overlong
+
+
+def soft_overlong_penalty(length: int, max_length: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_length − buffer tokens, then linear to −1 at max_length,
+    −1 beyond."""
+    start = max_length - buffer
+    if length <= start:
+        return 0.0
+    if length <= max_length:
+        return (start - length) / buffer
+    return -1.0
+
+
+def make_soft_overlong(max_length: int, buffer: int) -> RewardFn:
+    """``soft_overlong`` reward over the ``completion_length`` column (completion tokens, stop token included)."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"soft_overlong: need 0 < buffer <= max_length, got buffer={buffer}, "
+                         f"max_length={max_length}")
+
+    def soft_overlong(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        lengths = columns.get("completion_length")
+        if lengths is None:
+            raise KeyError("soft_overlong needs the 'completion_length' column (completion tokens)")
+        return [soft_overlong_penalty(int(n), max_length, buffer) for n in lengths]
+
+    soft_overlong.__name__ = soft_overlong.__qualname__ = "soft_overlong"
+    return soft_overlong
+
+
+# ---- learned reward models
+
+
+def make_reward_model(name: str, path: str | Path, batch_size: int = 32, device: str = "cpu") -> RewardFn:
+    """A learned reward: a local transformers sequence-classification model scores ``prompt + completion``
+    (logit 0, like TRL's reward models), ``batch_size`` texts per forward.
+
+    ``path``: a directory with the model (safetensors) and its tokenizer; never downloaded, no remote code.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"reward model {name!r}: rewards.models.{name} = {path} is not a local directory")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False, use_safetensors=True).to(device).eval()
+    if tokenizer.pad_token is None:                  # batches are padded; the model must know the pad id
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def score(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            add_special_tokens=False).to(device)
+            out += model(**enc).logits[:, 0].float().tolist()
+        return out
+
+    score.__name__ = score.__qualname__ = name
+    return score
+
+
 # ---- clip_score
 
 
@@ -422,21 +640,63 @@ def make_clip_score(path: str | Path, root: str | Path = ".", device: str = "cpu
 # ------------------------------------------------------------------------------------------- resolving
 
 
-def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".") -> dict[str, RewardFn]:
+def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".", *,
+                    image_root: str | Path | None = None, pixels: tuple[int, int] | None = None,
+                    max_completion_length: int | None = None) -> dict[str, RewardFn]:
     """Reward functions for ``names``, building the configured ones from ``cfg`` (a ``RewardsConfig``):
-    ``fluency`` uses its word window, ``clip_score`` its ``clip_model`` (a local path)."""
+    ``fluency`` uses its word window, ``clip_score`` its ``clip_model`` (a local path), ``accuracy`` / ``iou``
+    its box convention with ``pixels`` (data.min_pixels, data.max_pixels; images read under ``image_root``,
+    the manifest's folder, default ``root``), ``soft_overlong`` its buffer and maximum (default
+    ``max_completion_length``), and every name in ``rewards.models`` its learned model (under ``root``)."""
+    from vlgrpo.io import under_root
+
+
     out: dict[str, RewardFn] = {}
+    conv = None
+    if cfg is not None:
+        conv = BoxConvention(cfg.iou_box_format, *(pixels or (3136, 12544)), str(image_root or root))
+    models = dict(getattr(cfg, "models", None) or {})
     for name in names:
-        if name == "clip_score" and name not in REWARDS:
+        if name in models:
+            if name in REWARDS:
+                raise KeyError(f"rewards.models.{name}: {name!r} is already a registered reward; pick "
+                               f"another name")
+            out[name] = make_reward_model(name, under_root(root, models[name]), cfg.model_batch_size)
+        elif name in ("accuracy", "iou") and conv is not None:
+            out[name] = (make_accuracy if name == "accuracy" else make_iou)(conv)
+        elif name == "soft_overlong":
+            max_len = (cfg.overlong_max_length if cfg is not None else None) or max_completion_length
+            if max_len is None:
+                raise KeyError("reward 'soft_overlong' needs rewards.overlong_max_length or "
+                               "train.max_completion_length")
+            out[name] = make_soft_overlong(max_len, cfg.overlong_buffer if cfg is not None else 2)
+        elif name == "clip_score" and name not in REWARDS:
             model = getattr(cfg, "clip_model", None)
             if not model:
                 raise KeyError("reward 'clip_score' needs rewards.clip_model (a local CLIP directory)")
-            out[name] = make_clip_score(model, root=root)
+            out[name] = make_clip_score(under_root(root, model), root=image_root or root)
         elif name == "fluency" and cfg is not None:
             out[name] = make_fluency(cfg.fluency_min_words, cfg.fluency_max_words)
         else:
             out[name] = get_reward(name)
     return out
+
+
+def setup_rewards(names: Iterable[str], cfg: Any, root: str | Path, manifest_dir: str | Path, *,
+                  pixels: tuple[int, int] | None = None, max_completion_length: int | None = None
+                  ) -> dict[str, RewardFn]:
+    """The one reward set-up of training and evaluation: load ``cfg.plugins`` and build ``names``.
+
+    Plugin files, ``clip_model`` and ``models`` are taken relative to the project ``root`` (never the current
+    directory, so a stage runs the same from any folder); the ``images`` column a reward reads is relative to
+    ``manifest_dir``, like the manifest's own image paths. ``pixels`` (data.min_pixels, data.max_pixels) and
+    ``max_completion_length`` configure the box rewards and ``soft_overlong`` (see :func:`resolve_rewards`).
+    """
+    from vlgrpo.io import under_root
+
+    load_plugins([under_root(root, p) for p in cfg.plugins])
+    return resolve_rewards(names, cfg, root=root, image_root=manifest_dir, pixels=pixels,
+                           max_completion_length=max_completion_length)
 
 
 # ------------------------------------------------------------------------------------------ combining

@@ -200,7 +200,7 @@ class RowChecker:
         self.source = source
         self.load = load
         self.counter = counter or PromptCounter(cfg)
-        self.max_tokens = cfg.validate.max_prompt_tokens
+        self.max_tokens = cfg.train.max_prompt_tokens
         d = cfg.data
         # A remote image (allowed but not fetched here) is charged the most tokens the budget allows.
         self.remote_tokens = visual_tokens(*_largest_side_pair(d.max_pixels), d.min_pixels, d.max_pixels)
@@ -255,7 +255,7 @@ class RowChecker:
         if tokens > self.max_tokens:
             out.append(self._f(n, "error", "prompt_too_long",
                                f"prompt is {tokens} tokens ({tokens_img} visual + {tokens - tokens_img} text, "
-                               f"{self.counter.source}) > validate.max_prompt_tokens={self.max_tokens}; "
+                               f"{self.counter.source}) > train.max_prompt_tokens={self.max_tokens}; "
                                "the row is dropped, not truncated"))
         if any(f["severity"] == "error" for f in out):
             return Checked(n, item, False, out, infos, tokens, refs=rec.refs)
@@ -473,7 +473,7 @@ def validate_file(path: str | Path, cfg: Config, report_path: Path | None = None
     valid_rows = len(kept)
     table = rows_table(kept)
     del kept  # 100k items with nested dicts would make every garbage collection inside GX slow
-    suite_ok, expectations = run_suite(table, cfg.validate.max_prompt_tokens, data_docs_dir)
+    suite_ok, expectations = run_suite(table, cfg.train.max_prompt_tokens, data_docs_dir)
     ok = error_fraction <= cfg.validate.max_error_fraction and suite_ok
     result = ValidationResult(ok=ok, input=str(path), kind=kind, rows=rows, valid_rows=valid_rows,
                               error_rows=stats["error_rows"], error_fraction=error_fraction,

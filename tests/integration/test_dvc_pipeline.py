@@ -2,7 +2,7 @@
 
 One real project (git + DVC, tiny params) is driven through the life a user gives it:
 first run → push/pull in a fresh clone → no-op repro → a learning-rate change re-runs only what depends on
-it → an experiment → a validation failure that must leave outputs and the registry untouched.
+it → an experiment → a stage that fails on a changed limit must leave outputs and the registry untouched.
 """
 import hashlib
 import json
@@ -134,28 +134,31 @@ def test_experiment_run_with_a_set_param(project):
     assert _aliases(client)["candidate"] == "2"
 
 
-def test_failed_validation_leaves_outputs_and_registry_untouched(project):
+def test_failed_stage_leaves_outputs_and_registry_untouched(project):
+    """train.max_prompt_tokens is the one prompt-length limit: the data stage's row checks (the same checks as
+    validate's) drop prompts over it, so dvc re-runs `data` first; with every prompt too long it fails, and
+    nothing after it runs or changes."""
     root, _ = project
     client = _client(root)
     before_models = {d: _md5_tree(root / "models" / d) for d in ("base", "candidate")}
-    before_reports = {s: (root / "reports" / f"{s}.json").read_bytes() for s in ("train", "evaluate", "register")}
+    before_manifest = (root / "data" / "manifest.jsonl").read_bytes()
+    stages = ("validate", "train", "evaluate", "register")
+    before_reports = {s: (root / "reports" / f"{s}.json").read_bytes() for s in stages}
     before_versions = sorted(str(v.version) for v in client.search_model_versions("name='vlgrpo-dvc-test'"))
     before_aliases = _aliases(client)
     params = (root / "params.yaml").read_text()
     try:
-        _set_params(root, "validate", "max_prompt_tokens", 10)  # every prompt is now too long
+        _set_params(root, "train", "max_prompt_tokens", 10)  # every prompt is now too long
         p = run([str(BIN / "vlgrpo"), "repro"], root, check=False)
     finally:
         (root / "params.yaml").write_text(params)
+    out = p.stderr + p.stdout
     assert p.returncode != 0
-    assert "prompt_too_long" in p.stderr + p.stdout
-    assert "validation failed" in p.stderr + p.stdout
-    assert _ran(p.stdout) == ["validate"]
-    report = json.loads((root / "reports" / "validate.json").read_text())
-    assert report["ok"] is False and report["counts"]["prompt_too_long"] == report["rows"]
+    assert "no valid rows" in out and "train.max_prompt_tokens=10" in out, out[-3000:]
+    assert _ran(p.stdout) == ["data"]
+    assert (root / "data" / "manifest.jsonl").read_bytes() == before_manifest
     assert {d: _md5_tree(root / "models" / d) for d in ("base", "candidate")} == before_models
-    assert {s: (root / "reports" / f"{s}.json").read_bytes()
-            for s in ("train", "evaluate", "register")} == before_reports
+    assert {s: (root / "reports" / f"{s}.json").read_bytes() for s in stages} == before_reports
     assert sorted(str(v.version) for v in client.search_model_versions("name='vlgrpo-dvc-test'")) == before_versions
     assert _aliases(client) == before_aliases
     # The pipeline's parent run is marked FAILED.

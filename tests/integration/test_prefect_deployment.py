@@ -73,7 +73,8 @@ def test_scheduled_deployment_runs_the_pipeline(tmp_path):
         assert {"validation-summary", "pilot-diagnosis", "train-progress", "evaluation-report"} <= set(by_key)
         assert by_key["train-progress"]["data"] == 100.0
         assert "# Pilot: PASSED" in by_key["pilot-diagnosis"]["data"]
-        assert "promote" in by_key["evaluation-report"]["data"].lower()
+        # the verdict line itself ("promote" alone also matches "DO NOT PROMOTE")
+        assert "## Decision: **PROMOTE** (candidate against the base)" in by_key["evaluation-report"]["data"]
         assert {row["check"] for row in json.loads(by_key["validation-summary"]["data"])}
 
     # It really ran the pipeline: a new registered version in the project's MLflow store, promoted.

@@ -48,7 +48,7 @@ def test_register_promote_load_and_serve(tmp_path, monkeypatch, tiny_checkpoint)
     from tasks.registry import champion_version, log_candidate, promote, register_version
     from tasks.tracking import setup
     from vlgrpo.data.manifest import Item
-    from vlgrpo.modeling import generate_answers, load_model
+    from vlgrpo.modeling import Decoding, generate_answers, load_model
 
     name = f"vlgrpo-test-{uuid.uuid4().hex[:6]}"
     with postgres_database() as db, mlflow_server(tmp_path, db) as srv:
@@ -81,7 +81,7 @@ def test_register_promote_load_and_serve(tmp_path, monkeypatch, tiny_checkpoint)
         img.save(tmp_path / "q.png")
         model, processor = load_model(tiny_checkpoint)
         want = generate_answers(model, processor, [Item("q", "test", "count", "<image>" + question, ["q.png"])],
-                                tmp_path, batch_size=1, max_new_tokens=32, min_pixels=3136, max_pixels=12544)
+                                tmp_path, Decoding(1, 32, 3136, 12544))
         assert list(got) == [want[0].text]
 
         # ... and over HTTP through `mlflow models serve`.

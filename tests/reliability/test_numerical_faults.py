@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -135,5 +136,42 @@ def test_raising_reward_names_reward_and_item_or_is_skipped(project, fragile_plu
              == {True, False}]
     assert mixed, "no step mixes counting and other questions: the test would prove nothing"
     for s in mixed:
-        assert rows[s]["rewards/rel_fragile/mean"] is not None
+        v = rows[s]["rewards/rel_fragile/mean"]
+        assert isinstance(v, float) and math.isfinite(v), v          # not None, and not NaN either
     assert (project / "models/fragile/model.safetensors").exists()
+
+
+@pytest.mark.parametrize("fault", ["loss", "grad_norm"])
+def test_non_finite_loss_or_grad_norm_stops_the_run_before_the_optimizer_steps(project, fault):
+    """A NaN/inf loss or gradient norm at step 2 (injected into the real policy: NaN logits in the training
+    forward, or an inf gradient) stops the run with an error naming the step and the quantity; the optimizer
+    never steps on it (the weights are still step-1's), step-1's checkpoint and metrics row stay, and no
+    model is published."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vlgrpo.config import load_config
+    from vlgrpo.train.loop import train
+    from vlgrpo.train.setup import setup
+
+    cfg = load_config(project / "params.yaml")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=3, save_steps=1))
+    paths = RunPaths.under(project, "data/manifest.jsonl", "models/base", "models/faulty", "reports/faulty.jsonl")
+    run_ = setup(cfg, paths)
+    step_one_logged = paths.metrics_path.exists     # the fault hits from step 2 on
+    if fault == "loss":
+        def nan_logits(module, _inputs, logits):
+            return logits * float("nan") if module.training and step_one_logged() else logits
+        run_.policy.lm_head.register_forward_hook(nan_logits)
+    else:
+        run_.policy.lm_head.weight.register_hook(lambda g: g * float("inf") if step_one_logged() else g)
+    with pytest.raises(TrainingError, match=rf"^step 2: {fault} is (nan|inf) \(not finite\)"):
+        train(run_, progress=False)
+    assert [json.loads(x)["step"] for x in paths.metrics_path.read_text().splitlines()] == [1]
+    assert latest_checkpoint(paths.out_dir).name == "step-1"
+    saved = load_file(paths.out_dir / "checkpoints/step-1/model.safetensors")
+    weights = run_.policy.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in saved.items())
+    assert not (paths.out_dir / "model.safetensors").exists()

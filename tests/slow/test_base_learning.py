@@ -33,7 +33,7 @@ def _write_dataset(root: Path, data: dict) -> Path:
 def test_warm_start_learns_colour_above_chance(tmp_path):
     """Colour-only questions, 4 colours: chance (or always the majority colour) is far below 0.6."""
     from vlgrpo.base import run_base
-    from vlgrpo.modeling import generate_answers, load_model
+    from vlgrpo.modeling import Decoding, generate_answers, load_model
 
     data = {"num_train": 256, "num_val": 64, "num_test": 0,
             "task_mix": {"count": 0.0, "color": 1.0, "shape": 0.0, "exists": 0.0, "caption": 0.0},
@@ -53,8 +53,8 @@ def test_warm_start_learns_colour_above_chance(tmp_path):
 
     # The saved directory is what later stages load: same answers as the report's model.
     model, processor = load_model(tmp_path / "models" / "base")
-    comps = generate_answers(model, processor, val, manifest.parent, batch_size=32, max_new_tokens=8,
-                             min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    comps = generate_answers(model, processor, val, manifest.parent,
+                             Decoding(32, 8, cfg.data.min_pixels, cfg.data.max_pixels))
     from vlgrpo.answers import answers_match
     acc = sum(answers_match(c.text, it.solution) for c, it in zip(comps, val)) / len(val)
     assert round(acc, 4) == report["val_accuracy"]
@@ -73,8 +73,9 @@ def test_warm_start_is_deterministic(tmp_path):
     states = []
     for _ in range(2):
         model, processor = build_tiny(texts, TinyModelConfig(), seed=3)
-        log = warm_start(model, processor, warm_start_targets(train), manifest.parent, steps=5, batch_size=8,
-                         learning_rate=3e-3, seed=3, min_pixels=3136, max_pixels=12544, progress=False)
+        cfg = config_from_dict({"base": {"warmup_steps": 5, "batch_size": 8, "learning_rate": 3e-3, "seed": 3},
+                                "data": {"min_pixels": 3136, "max_pixels": 12544}})
+        log = warm_start(model, processor, warm_start_targets(train), manifest.parent, cfg, progress=False)
         states.append((log, {k: v.clone() for k, v in model.state_dict().items()}))
     (log1, s1), (log2, s2) = states
     assert log1 == log2 and len(log1) == 5

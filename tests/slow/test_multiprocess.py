@@ -1,9 +1,11 @@
 """Two CPU processes (``accelerate launch``, gloo) train exactly like one process.
 
 The sampling streams belong to prompt slots, not processes, so the 2-process run draws the same completions;
-rewards are gathered before the group statistics, and DDP averages the gradients - with loss_type grpo the
-two runs must agree on every reward statistic exactly and on loss, gradients and weights up to float
-rounding of the all-reduce. micro_batch_size 2 < G puts two accumulated micro-batches on each process, so
+rewards are gathered before the group statistics, and DDP averages the gradients - the two runs must agree
+on every reward statistic exactly and on loss, gradients and weights up to float rounding of the all-reduce.
+loss_type dapo: its normaliser is the completion-token count of the whole step, gathered over the processes
+and divided by their number, so this is the loss type whose cross-process plumbing a 2-process run tests (the
+per-process normalisers of grpo / dr_grpo are checked against a simulated split in test_trl_equivalence.py). micro_batch_size 2 < G puts two accumulated micro-batches on each process, so
 the no_sync (accumulate without all-reduce) path runs too.
 """
 import json
@@ -54,7 +56,7 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path) -> None:
            "rewards": {"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(tmp_path / "plugin.py")]},
            "train": {"max_steps": 3, "prompts_per_step": 4, "num_generations": 4, "micro_batch_size": 2,
                      "mixed_precision": "no", "max_completion_length": 5, "save_steps": 10,
-                     "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "grpo", "beta": 0.04}}
+                     "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "dapo", "beta": 0.04}}
     cfg = config_from_dict(raw)
     build_dataset(cfg, tmp_path)
     items = read_manifest(tmp_path / "data/manifest.jsonl")

@@ -43,6 +43,17 @@ def test_project_params_load_and_are_frozen():
     ({"pilot": {"overrides": {"max_stepz": 3}}}, "pilot.overrides.max_stepz", "not a train key"),
     ({"pilot": {"overrides": {"max_steps": 0}}}, "pilot.overrides.max_steps", "must be >= 1"),
     ({"rewards": {"on_error": "ignore"}}, "rewards.on_error", "'raise', 'skip'"),
+    ({"train": {"importance_sampling_level": "seq"}}, "train.importance_sampling_level",
+     "'token', 'sequence', 'sequence_token'"),
+    ({"train": {"top_entropy_quantile": 1.5}}, "train.top_entropy_quantile", "must be <= 1"),
+    ({"train": {"sync_ref_model": True, "beta": 0.0}}, "train.sync_ref_model", "needs train.beta > 0"),
+    ({"train": {"ref_model_mixup_alpha": -0.1}}, "train.ref_model_mixup_alpha", "must be >= 0"),
+    ({"train": {"max_resample_rounds": -1}}, "train.max_resample_rounds", "must be >= 0"),
+    ({"train": {"keep_best": True}}, "train.keep_best", "needs train.eval_steps"),
+    ({"train": {"eval_steps": 0}}, "train.eval_steps", "must be >= 1"),
+    ({"rewards": {"iou_box_format": "yolo"}}, "rewards.iou_box_format", "'qwen2.5', 'qwen3'"),
+    ({"rewards": {"overlong_buffer": 0}}, "rewards.overlong_buffer", "must be >= 1"),
+    ({"rewards": {"models": {"judge": 3}}}, "rewards.models.judge", "must be a string"),
     ({"base": {"tiny": {"hidden_size": 130}}}, "base.tiny.hidden_size", "divisible by num_attention_heads"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(raw, key, allowed):
@@ -77,3 +88,13 @@ def test_int_accepted_where_float_expected_and_to_dict_round_trips():
     assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"validate": {"max_prompt_tokens": 256}}, "validate.max_prompt_tokens: moved: the one prompt-length limit "
+                                               "is train.max_prompt_tokens"),
+    ({"train": {"log_every": 5}}, "train.log_every: removed: every step is logged"),
+])
+def test_retired_keys_say_where_they_went(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)

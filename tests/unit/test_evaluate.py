@@ -185,7 +185,7 @@ def test_mean_sampled_reward_is_the_mean_total_of_seeded_samples(tiny_setup):
     import torch
 
     from vlgrpo.evaluate import mean_sampled_reward
-    from vlgrpo.modeling import generate_answers
+    from vlgrpo.modeling import Decoding, generate_answers
 
     root, model, processor = tiny_setup
     cfg = config_from_dict({"train": {"max_completion_length": 3}})
@@ -193,8 +193,7 @@ def test_mean_sampled_reward_is_the_mean_total_of_seeded_samples(tiny_setup):
     got = mean_sampled_reward(model, processor, items, root, cfg, samples=2, seed=5)
     assert got == mean_sampled_reward(model, processor, items, root, cfg, samples=2, seed=5)
     torch.manual_seed(5)
-    comps = generate_answers(model, processor, items, root, batch_size=16, max_new_tokens=3, do_sample=True,
-                             num_return_sequences=2, min_pixels=cfg.data.min_pixels,
-                             max_pixels=cfg.data.max_pixels)
+    comps = generate_answers(model, processor, items, root, Decoding(16, 3, cfg.data.min_pixels, cfg.data.max_pixels,
+                                                                     do_sample=True, num_return_sequences=2))
     recs = score_completions([it for it in items for _ in range(2)], comps, cfg)
     assert got == pytest.approx(sum(r["reward"] for r in recs) / 6)

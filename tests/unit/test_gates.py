@@ -1,6 +1,8 @@
 """Decision tables for the pilot gate and the promotion gate, on synthetic metric rows."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -58,7 +60,8 @@ def test_nan_fails_and_is_diagnosed_unstable_with_half_lr():
     assert any("step 5: loss=nan" in r for r in d.reasons)
     (diag,) = d.diagnoses
     assert diag["problem"] == "unstable"
-    assert diag["adjust"] == {"train.learning_rate": 0.0005}
+    assert diag["adjust"] == {"train.learning_rate": {"scale": 0.5}}
+    assert "x0.5 (now 0.001 -> 0.0005" in diag["remedy"]
 
 
 def test_steady_decline_fails_but_noise_around_flat_passes():
@@ -98,7 +101,8 @@ def test_modality_misalignment_doubles_alignment_weights():
     d = pilot_passed(rs, PILOT, TRAIN, full_steps=60, reward_weights={"detail_f1": 0.5, "format": 0.1})
     (diag,) = d.diagnoses
     assert diag["problem"] == "modality_misalignment"
-    assert diag["adjust"] == {"rewards.weights.detail_f1": 1.0}
+    assert diag["adjust"] == {"rewards.weights.detail_f1": {"scale": 2.0}}
+    assert "rewards.weights.detail_f1 0.5 -> 1" in diag["remedy"]
     # format high but fluency only 0.5 (< 1 - 0.3): not the misalignment pattern
     rs2 = rows(rewards__detail_f1__mean=lambda s: 0.1, rewards__format__mean=lambda s: 0.95,
                rewards__fluency__mean=lambda s: 0.5)
@@ -112,7 +116,7 @@ def test_overfitting_turns_augmentation_on_only_when_val_is_far_below():
     rs = rows(reward=lambda s: 0.8)                   # flat 0.8 in training
     far = pilot_passed(rs, PILOT, TRAIN, full_steps=60, val_reward=0.5)   # gap .3 > .25
     (diag,) = far.diagnoses
-    assert diag["problem"] == "overfitting" and diag["adjust"] == {"train.augment": True}
+    assert diag["problem"] == "overfitting" and diag["adjust"] == {"train.augment": {"set": True}}
     assert pilot_passed(rs, PILOT, TRAIN, full_steps=60, val_reward=0.6).diagnoses == []   # gap .2
     assert pilot_passed(rs, PILOT, TRAIN, full_steps=60).diagnoses == []                   # no val
     already = pilot_passed(rs, PILOT, TrainConfig(augment=True), full_steps=60, val_reward=0.5)
@@ -123,7 +127,9 @@ def test_apply_adjustments_to_train_and_to_whole_config():
     rs = rows(rewards__detail_f1__mean=lambda s: 0.1, rewards__format__mean=lambda s: 0.95)
     rs[6]["grad_norm"] = 50.0
     cfg = Config()
-    d = pilot_passed(rs, PILOT, cfg.train, full_steps=60, reward_weights={"detail_f1": 0.5},
+    cfg = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, weights={"accuracy": 1.0,
+                                                                                     "detail_f1": 0.5}))
+    d = pilot_passed(rs, PILOT, cfg.train, full_steps=60, reward_weights=cfg.rewards.weights,
                      val_reward=0.0)
     assert [x["problem"] for x in d.diagnoses] == ["unstable", "modality_misalignment", "overfitting"]
 
@@ -131,13 +137,28 @@ def test_apply_adjustments_to_train_and_to_whole_config():
     assert isinstance(new_train, TrainConfig)
     assert new_train.learning_rate == 0.0005 and new_train.augment is True
     assert new_train.max_steps == cfg.train.max_steps
-    assert changes[0] == "train.learning_rate: 0.001 -> 0.0005 (unstable)"
-    assert any("rewards.weights.detail_f1: not applied to a TrainConfig" in c for c in changes)
+    assert changes[0] == "train.learning_rate: 0.001 -> 0.0005 (x0.5; unstable)"
+    assert any("rewards.weights.detail_f1: not applied to this TrainConfig" in c for c in changes)
 
     new_cfg, changes2 = apply_adjustments(cfg, d.to_dict())
-    assert new_cfg.rewards.weights == {"accuracy": 1.0, "format": 0.1, "detail_f1": 1.0}
+    assert new_cfg.rewards.weights == {"accuracy": 1.0, "detail_f1": 1.0}
     assert new_cfg.train.learning_rate == 0.0005 and new_cfg.train.augment is True
-    assert "rewards.weights.detail_f1: None -> 1.0 (modality_misalignment)" in changes2
+    assert "rewards.weights.detail_f1: 0.5 -> 1.0 (x2; modality_misalignment)" in changes2
+    assert "train.augment: False -> True (set; overfitting)" in changes2
+
+
+def test_remedies_scale_the_value_the_full_run_is_given_not_the_pilots():
+    """The pilot ran at learning rate 5e-4 and says "halve it"; the user then lowers it to 1e-4 (the pilot
+    stage does not re-run for that). The full run trains at 5e-5, not at the pilot's 2.5e-4, and the change
+    shows both the configured and the effective value."""
+    rs = rows()
+    rs[6]["grad_norm"] = 50.0
+    at_pilot = TrainConfig(learning_rate=5e-4)
+    report = json.loads(json.dumps(pilot_passed(rs, PILOT, at_pilot, full_steps=60).to_dict()))  # pilot.json
+    lowered = dataclasses.replace(Config(), train=dataclasses.replace(at_pilot, learning_rate=1e-4))
+    new_cfg, changes = apply_adjustments(lowered, report)
+    assert new_cfg.train.learning_rate == pytest.approx(5e-5)
+    assert changes == ["train.learning_rate: 0.0001 -> 5e-05 (x0.5; unstable)"]
 
 
 def test_apply_adjustments_without_diagnoses_is_identity():

@@ -1,6 +1,7 @@
 """The tiny Qwen2.5-VL through the real transformers classes: build, save/load, prompts, generation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from vlgrpo.config import DataConfig, TinyModelConfig
 from vlgrpo.data.manifest import Item
-from vlgrpo.modeling import (IGNORE_INDEX, ModelLoadError, build_messages, build_tiny, encode_prompts,
+from vlgrpo.modeling import (IGNORE_INDEX, Decoding, ModelLoadError, build_messages, build_tiny, encode_prompts,
                              generate_answers, load_model, save_model, supervised_batch)
 
 PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -150,16 +151,17 @@ def test_load_model_clear_errors(tmp_path):
 def test_generate_answers_deterministic_greedy(tiny, scenes):
     model, processor = tiny
     root, items = scenes
-    kw = dict(batch_size=4, max_new_tokens=4, **PIX)
-    a = generate_answers(model, processor, items[:6], root, **kw)
-    b = generate_answers(model, processor, items[:6], root, **{**kw, "batch_size": 6})
+    dec = Decoding(batch_size=4, max_new_tokens=4, **PIX)
+    a = generate_answers(model, processor, items[:6], root, dec)
+    b = generate_answers(model, processor, items[:6], root, dataclasses.replace(dec, batch_size=6))
     assert len(a) == 6
     assert [c.token_ids for c in a] == [c.token_ids for c in b]    # batch composition does not matter
     for c in a:
         assert 1 <= len(c.token_ids) <= 4
         assert c.terminated == (c.token_ids[-1] in (processor.tokenizer.eos_token_id,
                                                     processor.tokenizer.pad_token_id))
-    s = generate_answers(model, processor, items[:2], root, do_sample=True, num_return_sequences=3, **kw)
+    s = generate_answers(model, processor, items[:2], root,
+                         dataclasses.replace(dec, do_sample=True, num_return_sequences=3))
     assert len(s) == 6
 
 
@@ -175,7 +177,7 @@ def test_generate_answers_decodes_trained_answer(scenes, tmp_path):
         opt.zero_grad()
         model(**batch).loss.backward()
         opt.step()
-    (c,) = generate_answers(model, processor, [it], root, batch_size=1, max_new_tokens=6, **PIX)
+    (c,) = generate_answers(model, processor, [it], root, Decoding(batch_size=1, max_new_tokens=6, **PIX))
     assert c.text == it.solution and c.terminated
 
 
@@ -192,8 +194,8 @@ def test_generation_never_emits_vision_placeholders(tiny, scenes):
 
     handle = model.lm_head.register_forward_hook(prefer_image_pad)
     try:
-        comps = generate_answers(model, processor, items[:2], root, batch_size=2, max_new_tokens=3,
-                                 do_sample=True, num_return_sequences=2, **PIX)
+        comps = generate_answers(model, processor, items[:2], root,
+                                 Decoding(2, 3, **PIX, do_sample=True, num_return_sequences=2))
     finally:
         handle.remove()
     assert len(comps) == 4

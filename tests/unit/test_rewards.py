@@ -222,21 +222,22 @@ def test_clip_score_is_the_cosine_of_a_local_clip(tmp_path):
 
 def test_every_registered_reward_resolves_and_runs():
     assert {"accuracy", "format", "detail_f1", "reference", "fluency"} <= set(R.REWARDS)
-    comps = ["red", "two red circles and a blue square"]
-    c = cols(2, task=["color", "caption"], solution=["red", ""], references=[[], [comps[1]]])
+    comps = ["red", "two red circles and a blue square", "[10, 10, 40, 40]"]
+    c = cols(3, task=["color", "caption", "ground"], solution=["red", "", "[12, 10, 40, 40]"],
+             references=[[], [comps[1]], []])
     # Built-ins only: plugins registered by other tests in this process (e.g. a NaN reward) are theirs.
     builtins = [n for n, f in R.REWARDS.items() if not f.__module__.startswith(R._PLUGIN_PREFIX)]
     for name in sorted(builtins):
         fn = R.get_reward(name)
-        vals = fn(["q", "q"], comps, **c)
-        assert len(vals) == 2 and all(v is None or math.isfinite(v) for v in vals), name
+        vals = fn(["q"] * 3, comps, **c)
+        assert len(vals) == 3 and all(v is None or math.isfinite(v) for v in vals), name
         assert any(v is not None for v in vals), name
 
 
 def test_resolve_rewards_builds_configured_rewards(tmp_path):
     cfg = RewardsConfig(fluency_min_words=4, fluency_max_words=8)
     fns = R.resolve_rewards(["accuracy", "fluency"], cfg)
-    assert fns["accuracy"] is R.accuracy
+    assert fns["accuracy"](["q"] * 2, ["Red.", "blue"], **cols(2)) == [1.0, 0.0]
     assert fns["fluency"](["q"], ["a red circle"], **cols(1)) == [0.75]
     with pytest.raises(KeyError, match="clip_model"):
         R.resolve_rewards(["clip_score"], cfg)
@@ -318,3 +319,27 @@ def test_batch_only_failure_is_reported_in_raise_mode(restore_registry):
     with pytest.raises(R.RewardError, match=r"'batchy' failed on the batch of items x1..x2"):
         R.compute_rewards({"batchy": 1.0}, ["q"] * 2, ["a", "b"], c)
     assert R.compute_rewards({"batchy": 1.0}, ["q"] * 2, ["a", "b"], c, on_error="skip").total == [1.0, 1.0]
+
+
+def test_setup_rewards_takes_paths_under_the_root_and_images_under_the_manifest(tmp_path, monkeypatch,
+                                                                                 restore_registry):
+    """Training and evaluation share this set-up: plugin files and the CLIP folder are relative to the project
+    root whatever the current directory, the images column relative to the manifest's folder."""
+    from PIL import Image
+
+    from vlgrpo.config import RewardsConfig
+
+    root = tmp_path / "proj"
+    (root / "data" / "img").mkdir(parents=True)
+    _tiny_clip(root / "models" / "clip")
+    Image.new("RGB", (64, 64), (220, 40, 40)).save(root / "data" / "img" / "r.png")
+    (root / "plug.py").write_text("from vlgrpo.rewards import register\n\n@register('always_one')\n"
+                                  "def always_one(prompts, completions, **columns):\n"
+                                  "    return [1.0] * len(completions)\n")
+    rcfg = RewardsConfig(weights={"always_one": 1.0, "clip_score": 1.0}, plugins=("plug.py",),
+                         clip_model="models/clip")
+    monkeypatch.chdir(tmp_path)                       # not the project root
+    fns = R.setup_rewards(["always_one", "clip_score"], rcfg, root, root / "data")
+    assert fns["always_one"](["q"], ["a"]) == [1.0]
+    (score,) = fns["clip_score"](["q"], ["a red square"], **cols(1, images=[["img/r.png"]]))
+    assert -1.0 <= score <= 1.0

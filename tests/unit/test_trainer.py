@@ -114,6 +114,45 @@ def test_augment_changes_the_step_images_reproducibly(project):
     assert s["finished"]
 
 
+def test_relative_reward_plugin_is_found_from_another_folder(project, tmp_path, monkeypatch):
+    """``rewards.plugins: [plugin.py]`` is relative to the project root, as in evaluation, not to the
+    current directory: the train stage run from another folder used to fail with PluginError."""
+    cfg = make_cfg(project, max_steps=1)
+    cfg = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, plugins=("plugin.py",)))
+    monkeypatch.chdir(tmp_path)
+    s = train_grpo(cfg, RunPaths.under(project, "data/manifest.jsonl", "models/base", "out/relplugin",
+                                       "reports/relplugin.jsonl"), progress=False)
+    assert s["finished"] and s["final"]["rewards/text_length/mean"] > 0
+
+
+def test_training_and_evaluation_suppress_the_same_vision_tokens(project):
+    """A policy that prefers every vision token must emit none of them, in rollouts and in evaluation
+    alike (training used to ban only the model config's ids and so could sample <|vision_pad|>)."""
+    model, proc = modeling.load_model(project / "models/base")
+    names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+    vision = [proc.tokenizer.convert_tokens_to_ids(n) for n in names]
+
+    def prefer_vision(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., vision] += 1e4
+        return logits
+
+    items = read_manifest(project / "data/manifest.jsonl", split="train")[:2]
+    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items, project / "data", 3136, 12544), [1, 1])
+    spec = SamplingSpec.for_training(make_cfg(project).train, proc, model)
+    handle = model.lm_head.register_forward_hook(prefer_vision)
+    try:
+        ids, mask, _ = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in (0, 1)])
+        answers = modeling.generate_answers(model, proc, items, project / "data",
+                                            modeling.Decoding(2, 4, 3136, 12544, do_sample=True,
+                                                              num_return_sequences=2))
+    finally:
+        handle.remove()
+    assert not set(ids[mask.bool()].tolist()) & set(vision)
+    assert not {t for c in answers for t in c.token_ids} & set(vision)
+    assert set(spec.banned_ids) == set(modeling.vision_token_ids(proc, model)) >= set(vision)
+
+
 def test_fp16_on_cpu_is_refused(project):
     with pytest.raises(TrainingError, match="fp16 needs a GPU"):
         run(project, "fp16", mixed_precision="fp16")
@@ -144,7 +183,8 @@ def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
     prompts = PromptBatch.from_encoded(
         modeling.encode_prompts(proc, items, project / "data", 3136, 12544), [1] * 3)
     stops, pad = modeling.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
-    gens = [generate_group_completions(model, prompts, SamplingSpec(4, 6, 1.0, 0.9, tuple(stops), pad),
+    spec = SamplingSpec(4, 6, 1.0, 0.9, tuple(stops), pad, tuple(modeling.vision_token_ids(proc, model)))
+    gens = [generate_group_completions(model, prompts, spec,
                                          [step_generator(0, 5, k, 0) for k in range(3)], shared=sh)
             for sh in (True, False)]
     for a, b in zip(*gens):
@@ -206,7 +246,7 @@ def test_resume_fingerprint_tracks_what_a_step_computes(tmp_path):
     cfg = Config()
     items = [SimpleNamespace(id=f"i{k}") for k in range(4)]
     fp = run_fingerprint(cfg, init, items)
-    assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, log_every=3)), init, items)
+    assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, out_dir="elsewhere")), init, items)
     assert fp != run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=5e-4)), init, items)
     other_rewards = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, weights={"accuracy": 2.0}))
     assert fp != run_fingerprint(other_rewards, init, items)

@@ -4,9 +4,11 @@ Same tiny Qwen2.5-VL weights, same prompts + images, same sampled completions, s
 reference / old-policy log-probs: TRL's ``compute_loss`` and our ``update_phase`` must give the same loss and
 the same gradient for every parameter (fp32), for each loss_type, with beta 0 and beta > 0.
 
-TRL 1.16 multiplies the KL term by the importance ratio ρ by default (``use_bias_correction_kl``); DESIGN §4's
+TRL 1.16 multiplies the KL term by the importance ratio ρ by default (``use_bias_correction_kl``); docs/architecture.md's
 objective is the plain k3 term, so the oracle runs with that correction off. ``epsilon_high`` 0.28 ≠
-``epsilon_low`` 0.2 so a swapped clip bound would show.
+``epsilon_low`` 0.2 so a swapped clip bound would show. Also at the shipped temperature 0.7, under TRL's
+gradient accumulation (where ``bnpo`` differs by design, see docs/architecture.md), and with the step split
+between two processes as DDP would.
 """
 import copy
 import dataclasses
@@ -39,9 +41,9 @@ def setup(tmp_path_factory):
     model, proc = modeling.load_model(d)
     enc = modeling.encode_prompts(proc, items, None, 3136, 12544, images=images)
     prompts = PromptBatch.from_encoded(enc, [1] * P)
-    stops = modeling.stop_token_ids(proc, model)
-    ids, mask, _ = generate_group_completions(model, prompts, SamplingSpec(G, C, 1.0, 1.0, tuple(stops),
-                                                proc.tokenizer.pad_token_id), [step_generator(0, 0, k, 0) for k in range(P)])
+    spec = SamplingSpec(G, C, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)), proc.tokenizer.pad_token_id,
+                        tuple(modeling.vision_token_ids(proc, model)))
+    ids, mask, _ = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in range(P)])
     # make lengths differ for sure: cut two completions short (masks must matter in every loss type)
     mask = mask.clone()
     mask[1, 3:] = 0
@@ -63,29 +65,28 @@ def setup(tmp_path_factory):
                 old_logp=old_logp)
 
 
-def _trl_inputs(s, with_old, beta):
-    """The dict TRL's ``_generate_and_score_completions`` would hand to ``compute_loss``."""
-    pr = s["prompts"]
-    rep = pr.select([i for i in range(P) for _ in range(G)])     # TRL holds one prompt copy per completion
+def _trl_inputs(s, with_old, beta, rows=slice(0, N)):
+    """The dict TRL's ``_generate_and_score_completions`` would hand to ``compute_loss`` for completions
+    ``rows`` (one micro-batch under gradient accumulation); ``num_items_in_batch`` always counts the whole
+    generation batch, as TRL's does."""
+    idx = list(range(N))[rows]
+    rep = s["prompts"].select([i // G for i in idx])              # TRL holds one prompt copy per completion
+    ids, mask = s["ids"][rows], s["mask"][rows]
     inputs = {
         "prompt_ids": rep.input_ids, "prompt_mask": rep.attention_mask,
-        "completion_ids": s["ids"], "completion_mask": s["mask"],
-        "advantages": s["adv"], "num_items_in_batch": s["mask"].sum(),
-        "pixel_values": rep.pixel_values, "image_grid_thw": rep.image_grid_thw, "num_images": [1] * N,
-        "mm_token_type_ids": torch.cat([rep.mm_token_type_ids, torch.zeros_like(s["ids"])], 1),
+        "completion_ids": ids, "completion_mask": mask,
+        "advantages": s["adv"][rows], "num_items_in_batch": s["mask"].sum(),
+        "pixel_values": rep.pixel_values, "image_grid_thw": rep.image_grid_thw, "num_images": [1] * len(idx),
+        "mm_token_type_ids": torch.cat([rep.mm_token_type_ids, torch.zeros_like(ids)], 1),
     }
     if with_old:
-        inputs["old_per_token_logps"] = s["old_logp"]
+        inputs["old_per_token_logps"] = s["old_logp"][rows]
     if beta:
-        inputs["ref_per_token_logps"] = s["ref_logp"]
+        inputs["ref_per_token_logps"] = s["ref_logp"][rows]
     return inputs
 
 
-@pytest.fixture(scope="module")
-def trl_trainer(setup, tmp_path_factory):
-    """One TRL trainer for all cases (building one costs seconds): ``compute_loss`` reads ``loss_type`` and
-    ``beta`` from the trainer at call time, so each case sets them; the reference model TRL loads for beta > 0
-    is not used by ``compute_loss`` (the reference log-probs come in the inputs)."""
+def _make_trl_trainer(setup, tmp_path_factory, temperature):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -93,7 +94,7 @@ def trl_trainer(setup, tmp_path_factory):
     args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=N,
                       num_generations=G, loss_type="grpo", beta=0.04, epsilon=0.2, epsilon_high=0.28,
                       max_completion_length=C, use_cpu=True, bf16=False, report_to=[],
-                      gradient_accumulation_steps=1, temperature=1.0, use_bias_correction_kl=False)
+                      gradient_accumulation_steps=1, temperature=temperature, use_bias_correction_kl=False)
     tr = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                      args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * N),
                      processing_class=setup["proc"])
@@ -102,23 +103,53 @@ def trl_trainer(setup, tmp_path_factory):
     return tr
 
 
-def _trl_loss_and_grads(tr, s, loss_type, beta, with_old):
+@pytest.fixture(scope="module")
+def trl_trainer(setup, tmp_path_factory):
+    """One TRL trainer for all cases (building one costs seconds): ``compute_loss`` reads ``loss_type`` and
+    ``beta`` from the trainer at call time, so each case sets them; the reference model TRL loads for beta > 0
+    is not used by ``compute_loss`` (the reference log-probs come in the inputs)."""
+    return _make_trl_trainer(setup, tmp_path_factory, 1.0)
+
+
+@pytest.fixture(scope="module")
+def trl_trainer_t07(setup, tmp_path_factory):
+    """TRL at the shipped sampling temperature 0.7 (TRL bakes the temperature into its fused LM head when
+    the trainer is built, so this is a trainer of its own)."""
+    return _make_trl_trainer(setup, tmp_path_factory, 0.7)
+
+
+def _trl_loss_and_grads(tr, s, loss_type, beta, with_old, accumulate=1):
+    """TRL's loss and gradients; ``accumulate`` > 1 runs ``compute_loss`` + backward on that many equal
+    micro-batches the way the HF loop does under ``gradient_accumulation_steps`` (the loss returned is the
+    sum of the micro-batch losses, i.e. what the optimizer step sees)."""
     tr.loss_type, tr.beta = loss_type, beta
+    tr.current_gradient_accumulation_steps = tr.args.steps_per_generation = accumulate
     tr.model.zero_grad(set_to_none=True)
-    loss = tr.compute_loss(tr.model, _trl_inputs(s, with_old, beta))
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    total, m = 0.0, N // accumulate
+    try:
+        for j in range(accumulate):
+            loss = tr.compute_loss(tr.model, _trl_inputs(s, with_old, beta, slice(j * m, (j + 1) * m)))
+            loss.backward()
+            total += loss.item()
+    finally:
+        tr.current_gradient_accumulation_steps = tr.args.steps_per_generation = 1
+    return total, {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
 
 
-def _our_loss_and_grads(s, loss_type, beta, with_old, shared, micro_batch_size=N):
+def _our_loss_and_grads(s, loss_type, beta, with_old, shared, micro_batch_size=N, **train):
+    """Our ``update_phase`` on the whole batch (or, with ``rows`` / ``num_processes`` in ``train``, on the
+    rows one of ``num_processes`` DDP processes holds, normalised as that process would)."""
     model, _ = modeling.load_model(s["dir"])
     model.train()
+    rows, world = train.pop("rows", slice(0, N)), train.pop("num_processes", 1)
     tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=micro_batch_size,
                      loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
-                     max_completion_length=C, mixed_precision="no")
-    batch = StepBatch(s["prompts"], s["ids"], s["mask"], s["adv"], s["old_logp"] if with_old else None,
-                        s["ref_logp"] if beta else None)
-    sums = update_phase(CompletionScorer(model), batch, dataclasses.replace(tc, shared_work=shared))
+                     max_completion_length=C, mixed_precision="no", shared_work=shared, **train)
+    first = rows.start // G
+    batch = StepBatch(s["prompts"].select(range(first, rows.stop // G)), s["ids"][rows], s["mask"][rows],
+                      s["adv"][rows], s["old_logp"][rows] if with_old else None,
+                      s["ref_logp"][rows] if beta else None, float(s["mask"].sum()), world)
+    sums = update_phase(CompletionScorer(model), batch, tc)
     return sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -168,3 +199,57 @@ def test_micro_batches_keep_each_samples_image_rows(setup, mbs):
         # rows = Σ t·h·w of the micro-batch's images: the split follows image_grid_thw
         assert mb.prompts.pixel_values.shape[0] == int(mb.prompts.image_grid_thw.prod(-1).sum())
         assert (mb.end - mb.start) == len(mb.prompts) * mb.repeats
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_loss_and_grads_match_trl_at_the_shipped_temperature(setup, trl_trainer_t07, loss_type):
+    """params.yaml samples at 0.7: log-probs, ratios and KL are those of softmax(logits / 0.7) in both."""
+    trl_loss, trl_grads = _trl_loss_and_grads(trl_trainer_t07, setup, loss_type, 0.04, True)
+    sums, grads = _our_loss_and_grads(setup, loss_type, 0.04, True, shared=True, temperature=0.7)
+    assert sums["loss"] == pytest.approx(trl_loss, abs=1e-4, rel=1e-4)
+    _assert_grads_close(grads, trl_grads, atol=1e-4)
+    at_one, _ = _our_loss_and_grads(setup, loss_type, 0.04, True, shared=True)
+    assert at_one["loss"] != pytest.approx(trl_loss, abs=1e-3, rel=1e-3), "0.7 vs 1.0 must differ here"
+
+
+def _halves(setup, loss_type, **kw):
+    """Loss (summed) and mean gradient of the two halves of the batch, each run as its own update."""
+    out = [_our_loss_and_grads(setup, loss_type, 0.04, True, shared=True, rows=slice(j * N // 2, (j + 1) * N // 2),
+                               **kw) for j in range(2)]
+    (a, ga), (b, gb) = out
+    return a["loss"] + b["loss"], {n: (ga[n] + gb[n]) / 2 for n in ga}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_trl_under_gradient_accumulation_matches_our_accumulated_step(setup, trl_trainer, loss_type):
+    trl_loss, trl_grads = _trl_loss_and_grads(trl_trainer, setup, loss_type, 0.04, True, accumulate=2)
+    sums, grads = _our_loss_and_grads(setup, loss_type, 0.04, True, shared=True, micro_batch_size=N // 2)
+    assert sums["loss"] == pytest.approx(trl_loss, abs=1e-4, rel=1e-4)
+    _assert_grads_close(grads, trl_grads, atol=1e-4)
+
+
+def test_bnpo_under_accumulation_is_where_we_differ_from_trl(setup, trl_trainer):
+    """TRL's bnpo divides each micro-batch by its *own* token count and averages the micro-batches; ours
+    divides the step's summed numerator by the step's token count, so it does not depend on how the step is
+    cut (docs/architecture.md). The two agree only when every micro-batch holds as many tokens; here they do
+    not (two completions are cut short), and TRL's value is exactly the mean of the halves' own bnpo."""
+    mask = setup["mask"]
+    assert int(mask[:N // 2].sum()) != int(mask[N // 2:].sum())
+    trl_loss, trl_grads = _trl_loss_and_grads(trl_trainer, setup, "bnpo", 0.04, True, accumulate=2)
+    halves_sum, halves_grad = _halves(setup, "bnpo")
+    assert trl_loss == pytest.approx(halves_sum / 2, abs=1e-4, rel=1e-4)
+    _assert_grads_close(halves_grad, trl_grads, atol=1e-4)
+    ours, _ = _our_loss_and_grads(setup, "bnpo", 0.04, True, shared=True, micro_batch_size=N // 2)
+    full, _ = _our_loss_and_grads(setup, "bnpo", 0.04, True, shared=True)
+    assert ours["loss"] == pytest.approx(full["loss"], abs=1e-6, rel=1e-5)
+    assert ours["loss"] != pytest.approx(trl_loss, abs=1e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_two_processes_each_with_half_the_groups_give_the_one_process_step(setup, loss_type):
+    """What two DDP processes compute: each scores its half with its own normaliser (dapo: the step's global
+    token count / 2), DDP averages the gradients and the logged loss is the sum / 2."""
+    loss2, grads2 = _halves(setup, loss_type, num_processes=2)
+    one, grads1 = _our_loss_and_grads(setup, loss_type, 0.04, True, shared=True)
+    assert loss2 / 2 == pytest.approx(one["loss"], abs=1e-5, rel=1e-5)
+    _assert_grads_close(grads2, grads1, atol=1e-5)

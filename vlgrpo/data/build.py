@@ -33,6 +33,7 @@ from vlgrpo.data.images import (ImageError, ImageInfo, Issue, cache_image, fit_i
                                 normalize_bytes, read_image_bytes)
 from vlgrpo.data.manifest import Item, write_manifest
 from vlgrpo.data.sources import ImageRef, Record, iter_records, read_options
+from vlgrpo.io import under_root
 from vlgrpo.validation import RowChecker, check_records
 
 REMOTE_TIMEOUT_S = 30
@@ -117,8 +118,7 @@ def _synthetic_records(cfg: Config, out: Path, cache_dir: Path
 
 def source_path(cfg: Config, root: Path) -> Path:
     """``data.path`` resolved against the project root."""
-    p = Path(cfg.data.path)  # type: ignore[arg-type] - the config requires it for imported sources
-    return p if p.is_absolute() else root / p
+    return under_root(root, cfg.data.path)  # type: ignore[arg-type] - required for imported sources
 
 
 def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def build_dataset(cfg: Config, root: str | Path) -> dict[str, Any]:
     """
     root = Path(root)
     d = cfg.data
-    out = root / d.out_dir
+    out = under_root(root, d.out_dir)
     cache_dir = out / "cache"
     manifest = out / "manifest.jsonl"
     if d.source == "synthetic":

@@ -40,7 +40,7 @@ from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
 
 KINDS = ("manifest", "jsonl", "hf", "coco", "flickr30k")
 # Task names a manifest may carry: the synthetic ones plus 'vqa' for imported question/answer rows.
-TASK_NAMES = ("count", "color", "shape", "exists", "caption", "vqa")
+TASK_NAMES = ("count", "color", "shape", "exists", "caption", "vqa", "ground")
 CAPTION_PROMPT = f"{IMAGE_TAG}Describe this image in one sentence."
 SPLIT_ALIASES = {"train": "train", "training": "train", "restval": "train", "val": "val",
                  "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test"}
@@ -349,11 +349,10 @@ class ReadOptions:
 
 def read_options(data_cfg: Any, root: Path | None = None, coco_split: str | None = None) -> ReadOptions:
     """The :class:`ReadOptions` of a ``DataConfig``; relative folders are taken from ``root`` (default: cwd)."""
-    root = Path.cwd() if root is None else Path(root)
+    from vlgrpo.io import under_root
 
-    def absolute(p: str) -> Path:
-        q = Path(p).expanduser()
-        return q if q.is_absolute() else root / q
+    root = Path.cwd() if root is None else Path(root)
+    absolute = lambda p: under_root(root, p)  # noqa: E731
 
     return ReadOptions(format=data_cfg.format, columns=tuple(data_cfg.columns.items()),
                        allow_remote=data_cfg.allow_remote,

@@ -11,7 +11,7 @@ seeded with ``(cfg.seed, s, i)``, so the same config gives byte-identical images
 ``num_val`` does not change a single train item.
 
 Difficulty knobs (``data.synthetic`` in params.yaml): canvas size, object count range, object size range
-(pixels of the bounding box side), and which shapes / colours occur. Known from DESIGN §3: a tiny
+(pixels of the bounding box side), and which shapes / colours occur. Measured while tuning the default: a tiny
 Qwen2.5-VL learns the colour of 40-70 px shapes on a 112 px canvas, not of 12-30 px shapes.
 """
 from __future__ import annotations
@@ -34,11 +34,13 @@ BACKGROUNDS = {"gray": (128, 128, 128), "grey": (128, 128, 128), "black": (0, 0,
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 VERIFIABLE_TASKS = ("count", "color", "shape", "exists")
-TASK_ORDER = ("count", "color", "shape", "exists", "caption")  # fixed order: weights map to draws stably
+# fixed order (new tasks go last): the same weights map to the same draws, so existing items never change
+TASK_ORDER = ("count", "color", "shape", "exists", "caption", "ground")
 
 ONE_WORD = " Answer with one word."
 NUMBER = " Answer with a number."
 CAPTION_PROMPT = "Describe the shapes in the image."
+BOX_PROMPT = " Answer with its bounding box [x1, y1, x2, y2] in pixels."
 
 # Two objects' centres must be at least this fraction of their mean size apart: 0.9 lets bounding boxes
 # touch at the corners but keeps every shape clearly visible.
@@ -280,8 +282,28 @@ def make_caption(rng: np.random.Generator, scene: dict[str, Any], syn: Any) -> t
     return CAPTION_PROMPT, "", {"qtype": "caption", "references": refs[:k]}
 
 
+def object_box(o: dict[str, Any], width: int, height: int) -> list[int]:
+    """[x1, y1, x2, y2] pixel box of a drawn object (its bounding square, kept inside the canvas)."""
+    h = o["size"] / 2
+    return [max(0, round(o["x"] - h)), max(0, round(o["y"] - h)),
+            min(width, round(o["x"] + h)), min(height, round(o["y"] + h))]
+
+
+def make_ground(rng: np.random.Generator, scene: dict[str, Any], syn: Any) -> tuple[str, str, dict] | None:
+    """Where is the <colour> <shape>? The answer is its box, as JSON ``[x1, y1, x2, y2]`` in image pixels;
+    asked only of a colour+shape that occurs once (None when every one repeats)."""
+    counts = Counter((o["color"], o["shape"]) for o in scene["objects"])
+    unique = [k for k in sorted(counts) if counts[k] == 1]
+    if not unique:
+        return None
+    color, shape = _pick(rng, unique)
+    o = next(o for o in scene["objects"] if (o["color"], o["shape"]) == (color, shape))
+    box = object_box(o, scene["width"], scene["height"])
+    return f"Where is the {color} {shape}?" + BOX_PROMPT, "[" + ", ".join(map(str, box)) + "]", {"qtype": "ground"}
+
+
 MAKERS = {"count": make_count, "color": make_color, "shape": make_shape, "exists": make_exists,
-          "caption": make_caption}
+          "caption": make_caption, "ground": make_ground}
 
 
 # ------------------------------------------------------------------------------------------ generation

@@ -17,8 +17,11 @@ The loop (``loop.train_grpo``) reads like this, one module per part:
     for step in range(run.start_step, max_steps):
         ro = rollout(run, step, clock)             # rollout.py: prompts -> G completions (generation.py)
                                                    #   -> rewards -> group advantages -> old/ref log-probs
+                                                   #   (dynamic.py: resample tied groups, dynamic_sampling)
         upd = update(run, ro.batch, step)          # update.py: loss over micro-batches (scoring.py) -> AdamW
+                                                   #   (-> reference sync, sync_ref_model)
         row = metrics_row(run, step, ro, upd, clock)   # metrics.py: one JSON line per step
+        evaluation.after_step(run, step, row)      # evaluation.py: eval_steps on val, keep_best
         save_step(run, step)                       # checkpoint.py: atomic step-N checkpoints, exact resume
 
 How this departs from a textbook / TRL-style implementation - the maths is the same (tests compare loss

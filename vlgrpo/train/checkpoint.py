@@ -26,8 +26,10 @@ STATE_FILE = "trainer_state.json"
 ADAPTER_FILE = "adapter.safetensors"        # a LoRA run's checkpointed weights
 
 # Keys that do not change what a step computes: a resume may differ in them.
-# (gradient checkpointing recomputes the same operations: the same numbers, less memory)
-_RESUME_NEUTRAL = ("save_steps", "log_every", "out_dir", "gradient_checkpointing")
+# (evaluation during training decodes greedily - no random draws - and changes no weight; gradient
+# checkpointing recomputes the same operations: the same numbers, less memory.)
+_RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best", "gradient_checkpointing")
+REFERENCE_FILE = "ref_model.safetensors"   # the reference weights, when train.sync_ref_model moves them
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -99,10 +101,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Weights (safetensors) + optimizer + scheduler + RNG + trainer state, written to a temp dir and renamed.
-    A LoRA policy's weights are its adapters (``adapter.safetensors``): the base is frozen and named by the
-    run's fingerprint."""
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
+                    reference: nn.Module | None = None) -> None:
+    """Weights (safetensors) + optimizer + scheduler + RNG + trainer state (+ the reference model's weights
+    when given), written to a temp dir and renamed. A LoRA policy's weights are its adapters
+    (``adapter.safetensors``): the base is frozen and named by the run's fingerprint."""
     from safetensors.torch import save_file, save_model as st_save
 
     from vlgrpo import lora
@@ -112,15 +115,18 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
             save_file(lora.trainable_state(model), str(tmp / ADAPTER_FILE))
         else:
             st_save(model, str(tmp / "model.safetensors"))
+        if reference is not None:
+            st_save(reference, str(tmp / REFERENCE_FILE))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Overwrite weights, optimizer, scheduler and RNG from ``path``; returns its trainer state.
-    Raises TrainingError (naming the path) when any part cannot be read."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
+                    reference: nn.Module | None = None) -> dict[str, Any]:
+    """Overwrite weights, optimizer, scheduler, RNG (and the reference model's weights when given) from
+    ``path``; returns its trainer state. Raises TrainingError (naming the path) when any part cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model as st_load
 
@@ -131,6 +137,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict[
             lora.load_trainable_state(model, load_file(str(path / ADAPTER_FILE)))
         else:
             st_load(model, str(path / "model.safetensors"))
+        if reference is not None:
+            st_load(reference, str(path / REFERENCE_FILE))
         # weights_only: a checkpoint dir is data, never code - a pickle that builds objects is refused.
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -141,7 +149,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict[
         raise TrainingError(f"{path}: cannot resume from this checkpoint: {e}") from e
 
 
-def resume(out_dir: Path, model: nn.Module, optimizer, scheduler) -> tuple[Path | None, dict[str, Any]]:
+def resume(out_dir: Path, model: nn.Module, optimizer, scheduler,
+           reference: nn.Module | None = None) -> tuple[Path | None, dict[str, Any]]:
     """Load the newest checkpoint that reads back whole → (its path, its trainer state), or (None, {}).
 
     An unreadable one (truncated by a crash after the rename, e.g. power loss before the bytes hit the disk)
@@ -151,7 +160,7 @@ def resume(out_dir: Path, model: nn.Module, optimizer, scheduler) -> tuple[Path 
     errors: list[TrainingError] = []
     for path in complete_checkpoints(out_dir):
         try:
-            return path, load_checkpoint(path, model, optimizer, scheduler)
+            return path, load_checkpoint(path, model, optimizer, scheduler, reference)
         except TrainingError as e:
             print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
             errors.append(e)

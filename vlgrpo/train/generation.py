@@ -6,25 +6,38 @@ the plain path prefills G copies. Both draw the same tokens from the same genera
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from vlgrpo.config import TrainConfig
 from vlgrpo.train.batches import PromptBatch
-from vlgrpo.train.scoring import completion_positions, unwrap
+from vlgrpo.train.scoring import completion_positions
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to sample: G completions of at most ``max_new_tokens`` at ``temperature`` / ``top_p``, stopping
-    at any of ``stop_ids``; finished rows are filled with ``pad_id``."""
+    at any of ``stop_ids``; finished rows are filled with ``pad_id``; ``banned_ids`` (the vision tokens,
+    ``modeling.vision_token_ids``) are never sampled."""
     num_generations: int
     max_new_tokens: int
     temperature: float
     top_p: float
     stop_ids: tuple[int, ...]
     pad_id: int
+    banned_ids: tuple[int, ...]
+
+    @classmethod
+    def for_training(cls, tc: TrainConfig, processor: Any, model: nn.Module) -> "SamplingSpec":
+        """The rollout's sampling: ``train.num_generations``, ``max_completion_length``, ``temperature``,
+        ``top_p``; stop, pad and banned ids from the processor and model (the ones evaluation uses)."""
+        from vlgrpo import modeling
+
+        return cls(tc.num_generations, tc.max_completion_length, tc.temperature, tc.top_p,
+                   tuple(modeling.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id,
+                   tuple(modeling.vision_token_ids(processor, model)))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -41,13 +54,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         # the per-slot generators live on the CPU (same draws on every device); (G, V) is small to move
         return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def vision_token_ids(model: nn.Module) -> list[int]:
-    """Ids of the image/video placeholder and delimiter tokens, from the model's config."""
-    c = unwrap(model).config
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    return sorted({int(getattr(c, n)) for n in names if getattr(c, n, None) is not None})
 
 
 def _prefill(model: nn.Module, prompts: PromptBatch, G: int, shared: bool):
@@ -83,7 +89,7 @@ def generate_group_completions(model: nn.Module, prompts: PromptBatch, spec: Sam
     cache, logits, mask, next_pos = _prefill(model, prompts, G, shared)
     N, dev = P * G, logits.device
     stops = torch.tensor(sorted(set(spec.stop_ids)), device=dev)
-    banned = vision_token_ids(model)
+    banned = list(spec.banned_ids)
     tokens = torch.full((N, spec.max_new_tokens), spec.pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     terminated = torch.zeros(N, dtype=torch.bool, device=dev)

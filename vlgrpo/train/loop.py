@@ -7,6 +7,7 @@ from typing import Any
 
 from vlgrpo.config import Config
 from vlgrpo.train import checkpoint as ckpt
+from vlgrpo.train import evaluation
 from vlgrpo.train.metrics import StepClock, append_row, metrics_row, run_summary
 from vlgrpo.train.rollout import rollout
 from vlgrpo.train.setup import Run, RunPaths, setup
@@ -26,22 +27,19 @@ def save_step(run: Run, step: int) -> None:
                                 "next_slot": (step + 1) * tc.prompts_per_step},
                  "train_config": dataclasses.asdict(tc), "fingerprint": run.fingerprint}
         ckpt.save_checkpoint(run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}", run.policy,
-                             run.optimizer, run.scheduler, state)
+                             run.optimizer, run.scheduler, state, reference=run.checkpointed_reference)
     run.accelerator.wait_for_everyone()
 
 
-def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: int | None = None
-               ) -> dict[str, Any]:
-    """GRPO-train the policy in ``paths.init_model_dir`` on the manifest's train split with ``cfg.train``.
+def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train a set-up ``run`` from ``run.start_step`` to ``train.max_steps`` → the run summary.
 
-    Resumes from the newest complete checkpoint in ``out_dir/checkpoints``. ``stop_after``: stop (as if
-    killed) after that many steps of this run's step count - checkpoints written so far stay. Returns a summary
-    dict (steps, wall time, throughput, ``final``: the last metrics row). The final model goes to ``out_dir``
-    (atomically, the checkpoints kept inside it).
+    Each step: one rollout, one update, one metrics row (appended to ``metrics_path`` by the main process),
+    a checkpoint every ``train.save_steps``. ``stop_after``: stop (as if killed) after that many steps of this
+    call - checkpoints written so far stay. A finished run writes the final model to ``out_dir``.
     """
     from tqdm.auto import tqdm
 
-    run = setup(cfg, paths)
     tc, main = run.tc, run.accelerator.is_main_process
     history: list[dict[str, Any]] = []
     t_run = time.perf_counter()
@@ -56,6 +54,7 @@ def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: 
             upd = update(run, ro.batch, step)
             clock.lap("update")
             row = metrics_row(run, step, ro, upd, clock)
+            evaluation.after_step(run, step, row)          # train.eval_steps / keep_best
             if main:
                 append_row(run.paths.metrics_path, row)
             history.append(row)
@@ -65,8 +64,22 @@ def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: 
     finally:
         bar.close()
     summary = run_summary(run, history, len(history), time.perf_counter() - t_run)
+    if summary["finished"]:
+        summary["best"] = evaluation.load_best(run)    # keep_best: the final model is the best one
     if summary["finished"] and main:
         ckpt.save_final(run.policy, run.processor, run.paths.out_dir)
     run.accelerator.wait_for_everyone()
     summary["wall_s"] = time.perf_counter() - t_run
     return summary
+
+
+def train_grpo(cfg: Config, paths: RunPaths, progress: bool = True, stop_after: int | None = None
+               ) -> dict[str, Any]:
+    """GRPO-train the policy in ``paths.init_model_dir`` on the manifest's train split with ``cfg.train``:
+    ``train(setup(cfg, paths), ...)``.
+
+    Resumes from the newest complete checkpoint in ``out_dir/checkpoints``. Returns a summary dict (steps,
+    wall time, throughput, ``final``: the last metrics row). The final model goes to ``out_dir``
+    (atomically, the checkpoints kept inside it).
+    """
+    return train(setup(cfg, paths), progress=progress, stop_after=stop_after)

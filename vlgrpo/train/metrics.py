@@ -55,8 +55,8 @@ def metrics_row(run: "Run", step: int, ro: "Rollout", update: tuple[dict[str, fl
     A non-finite mean reward or loss raises TrainingError."""
     tc, acc, G = run.tc, run.accelerator, run.tc.num_generations
     means = _reduced_means(run, update[0])
-    mask = ro.batch.completion_mask
-    lengths = acc.gather(mask.sum(1).float()).cpu()
+    local_lengths = ro.lengths if ro.lengths is not None else ro.batch.completion_mask.sum(1)
+    lengths = acc.gather(local_lengths.float()).cpu()
     clipped = acc.gather((~ro.terminated).float()).cpu()
     prompt_tok = float(acc.gather(ro.batch.prompts.attention_mask.sum().reshape(1).float()).sum())
     dt = clock.total
@@ -72,6 +72,7 @@ def metrics_row(run: "Run", step: int, ro: "Rollout", update: tuple[dict[str, fl
         col = ro.rewards[:, j]
         row[f"rewards/{n}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else None
     row.update(means)
+    row.update(ro.extra)
     row.update({
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),

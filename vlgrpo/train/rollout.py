@@ -3,7 +3,7 @@ the update consumes (with old-policy / reference log-probs when the maths needs 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -36,14 +36,16 @@ class RewardSetup:
 
 @dataclass
 class Rollout:
-    """What one step's rollout gives: the local update batch, the local ``terminated`` flags, and the
-    rewards of all processes' completions (per reward (N_global, K), weighted total (N_global,), per-group
-    std (P_global,))."""
+    """What one step's rollout gives: the local update batch, the local ``terminated`` flags and completion
+    lengths, the rewards of all processes' completions (per reward (N_global, K), weighted total
+    (N_global,), per-group std (P_global,)), and extra metrics (dynamic sampling's)."""
     batch: StepBatch
     terminated: torch.Tensor
     rewards: torch.Tensor
     total: torch.Tensor
     group_std: torch.Tensor
+    lengths: torch.Tensor | None = None      # (N_local,) tokens; the batch's mask may have dropped some
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def reward_tensor(step: int, per_reward: dict[str, list], names: Sequence[str]) -> torch.Tensor:
@@ -59,7 +61,9 @@ def reward_tensor(step: int, per_reward: dict[str, list], names: Sequence[str]) 
                 raise TrainingError(f"step {step}: reward {name!r} returned {v} (not finite)")
             vals.append(float(v))
         cols.append(vals)
-    return torch.tensor(cols, dtype=torch.float32).T.reshape(-1, len(names))
+    # contiguous (N, K), like the gathered tensor of a multi-process run: a per-reward mean then sums in
+    # the same order whatever the number of processes (a transposed view would not, in the last bit)
+    return torch.tensor(cols, dtype=torch.float32).T.reshape(-1, len(names)).contiguous()
 
 
 def step_slots(run: "Run", step: int) -> tuple[list[int], list[Any]]:
@@ -107,6 +111,7 @@ def score_rewards(run: "Run", step: int, items: list[Any], completions: tuple) -
         for k, v in it.columns().items():
             columns.setdefault(k, []).extend([v] * G)
     columns["terminated"] = term.tolist()
+    columns["completion_length"] = c_mask.sum(1).tolist()        # tokens (soft_overlong reads it)
     try:
         rb = R.compute_rewards(run.rewards.weights, prompts_txt, texts, columns,
                                on_error=run.cfg.rewards.on_error, rewards=run.rewards.fns)
@@ -117,25 +122,42 @@ def score_rewards(run: "Run", step: int, items: list[Any], completions: tuple) -
 
 def rollout(run: "Run", step: int, clock: "StepClock") -> Rollout:
     """Run one step's rollout (0-based ``step``) on this process; ``clock`` gets a lap per phase
-    (encode, generate, rewards, score). Advantages are computed over the rewards of all processes."""
-    slots, items = step_slots(run, step)
-    prompts = encode_step(run, step, slots, items)
-    clock.lap("encode")
-    c_ids, c_mask, term = sample(run, prompts, step, slots)
-    clock.lap("generate")
-    local_r = score_rewards(run, step, items, (c_ids, c_mask, term)).to(run.device)   # (N_local, K)
+    (encode, generate, rewards, score). Advantages are computed over the rewards of all processes. With
+    ``train.dynamic_sampling`` the groups come from :func:`vlgrpo.train.dynamic.informative_rollout`."""
+    if run.tc.dynamic_sampling:
+        from vlgrpo.train.dynamic import informative_rollout
+
+        prompts, completions, local_r, extra = informative_rollout(run, step, clock)
+    else:
+        slots, items = step_slots(run, step)
+        prompts = encode_step(run, step, slots, items)
+        clock.lap("encode")
+        completions = sample(run, prompts, step, slots)
+        clock.lap("generate")
+        local_r = score_rewards(run, step, items, completions).to(run.device)        # (N_local, K)
+        extra = {}
+    return finish_rollout(run, prompts, completions, local_r, clock, extra)
+
+
+def finish_rollout(run: "Run", prompts: PromptBatch, completions: tuple, local_r: torch.Tensor,
+                   clock: "StepClock", extra: dict[str, float]) -> Rollout:
+    """Group advantages over all processes' rewards, then old-policy / reference log-probs → the Rollout."""
+    c_ids, c_mask, term = completions
     all_r = run.accelerator.gather(local_r).cpu()                                     # (N_global, K)
     total = grpo.total_rewards(all_r, run.rewards.weight_tensor())                    # (N_global,)
     adv_all, std = grpo.group_advantages(total, run.tc.num_generations, run.tc.scale_rewards)
     n_local = run.local_prompts * run.tc.num_generations
     adv = adv_all[run.rank * n_local:(run.rank + 1) * n_local].to(run.device)
     clock.lap("rewards")
+    # train.mask_truncated_completions: as in TRL, a completion cut at the length limit gets an all-zero mask,
+    # for the loss and for the attention of its scoring forwards; its tokens are not counted
+    mask = grpo.drop_truncated(c_mask, term) if run.tc.mask_truncated_completions else c_mask
     # old policy / reference log-probs only when the maths needs them
-    old_logp = (score_batch(run.scorer, prompts, c_ids, c_mask, run.tc, run.accelerator)
+    old_logp = (score_batch(run.scorer, prompts, c_ids, mask, run.tc, run.accelerator)
                 if run.tc.num_iterations > 1 else None)
-    ref_logp = (score_batch(run.ref_scorer, prompts, c_ids, c_mask, run.tc, run.accelerator)
+    ref_logp = (score_batch(run.ref_scorer, prompts, c_ids, mask, run.tc, run.accelerator)
                 if run.ref_scorer is not None else None)
-    global_tokens = float(run.accelerator.gather(c_mask.sum().reshape(1).float()).sum())
-    batch = StepBatch(prompts, c_ids, c_mask, adv, old_logp, ref_logp, global_tokens, run.world)
+    global_tokens = float(run.accelerator.gather(mask.sum().reshape(1).float()).sum())
+    batch = StepBatch(prompts, c_ids, mask, adv, old_logp, ref_logp, global_tokens, run.world)
     clock.lap("score")
-    return Rollout(batch, term, all_r, total, std)
+    return Rollout(batch, term, all_r, total, std, c_mask.sum(1), extra)

@@ -3,7 +3,6 @@ rewards, and the resume point - everything the loop reads, in one ``Run``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ class Run:
     fingerprint: str = ""
     start_step: int = 0
     resumed_from: int | None = None
+    eval_rewards: dict[str, Any] | None = None   # reward functions of in-training evaluation, built on first use
 
     @property
     def tc(self) -> TrainConfig:
@@ -65,6 +65,17 @@ class Run:
         """The bare policy model (unwrapped)."""
         return unwrap(self.scorer).model
 
+    @property
+    def reference(self) -> nn.Module | None:
+        """The bare reference model; None when beta is 0."""
+        return unwrap(self.ref_scorer).model if self.ref_scorer is not None else None
+
+    @property
+    def checkpointed_reference(self) -> nn.Module | None:
+        """The reference model when it changes during the run (``train.sync_ref_model``): checkpoints must
+        then hold it for an exact resume. None otherwise (it is the base model, reloaded at set-up)."""
+        return self.reference if self.tc.sync_ref_model else None
+
 
 def make_accelerator(mixed_precision: str):
     """An Accelerator for this run. accelerate keeps its state per process; a second run in the same process
@@ -81,7 +92,7 @@ def make_accelerator(mixed_precision: str):
 
 def build_optimizer(model: nn.Module, tc: TrainConfig):
     """AdamW at ``train.learning_rate`` and its schedule (linear warm-up over ``train.warmup_ratio`` of the
-    updates, then linear decay; one update = one optimizer step, ``num_iterations`` per GRPO step)."""
+    updates, then cosine decay; one update = one optimizer step, ``num_iterations`` per GRPO step)."""
     # only what trains (with LoRA: the adapters) gets AdamW state. The fused kernel updates each tensor in
     # place; the default (foreach) one allocates temporaries the size of all weights (GBs at real width).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,13 +137,14 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
     return model, processor, ref_scorer
 
 
-def reward_setup(cfg: Config, root: Path) -> RewardSetup:
-    """Load the reward plugins and resolve the functions of ``rewards.weights``."""
-    from vlgrpo import rewards as R
+def reward_setup(cfg: Config, paths: RunPaths) -> RewardSetup:
+    """The reward functions of ``rewards.weights``, set up as evaluation does (``rewards.setup_rewards``)."""
+    from vlgrpo.rewards import setup_rewards
 
     weights = dict(cfg.rewards.weights)
-    R.load_plugins(cfg.rewards.plugins)
-    return RewardSetup(weights, R.resolve_rewards(list(weights), cfg.rewards, root=root))
+    return RewardSetup(weights, setup_rewards(list(weights), cfg.rewards, paths.root, paths.manifest.parent,
+                                              pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
+                                              max_completion_length=cfg.train.max_completion_length))
 
 
 def _restore(run: Run) -> None:
@@ -141,7 +153,8 @@ def _restore(run: Run) -> None:
     acc = run.accelerator
     ckpt.drop_superseded(run.paths.out_dir, run.fingerprint, acc.is_main_process)
     acc.wait_for_everyone()
-    path, state = ckpt.resume(run.paths.out_dir, run.policy, run.optimizer, run.scheduler)
+    path, state = ckpt.resume(run.paths.out_dir, run.policy, run.optimizer, run.scheduler,
+                              reference=run.checkpointed_reference)
     if path is not None:
         run.start_step = run.resumed_from = int(state["step"])
         if acc.is_main_process:
@@ -153,8 +166,6 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     """Everything a run needs before its first step (``cfg.train`` is the run's train section) → a Run,
     resumed from its newest checkpoint when there is one. Raises TrainingError on a set-up that cannot train
     (fp16 on CPU, prompts_per_step not divisible by the processes, too few prompts)."""
-    from vlgrpo import modeling
-
     tc = cfg.train
     if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision: fp16 needs a GPU (loss scaling); use bf16 or no on CPU")
@@ -166,11 +177,10 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     model, processor, ref_scorer = load_models(cfg, paths, accelerator.device)
     optimizer, scheduler = build_optimizer(model, tc)
     scorer, optimizer = accelerator.prepare(CompletionScorer(model), optimizer)
-    sampling = SamplingSpec(tc.num_generations, tc.max_completion_length, tc.temperature, tc.top_p,
-                            tuple(modeling.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id)
+    sampling = SamplingSpec.for_training(tc, processor, model)
     items, dropped = load_train_items(cfg, processor, paths.manifest)
     run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
-              reward_setup(cfg, paths.root), sampling)
+              reward_setup(cfg, paths), sampling)
     run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
     _restore(run)
     return run

@@ -6,8 +6,9 @@ so the accumulated gradient is the gradient of the whole batch's loss.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+import torch
 from torch import nn
 
 from vlgrpo import grpo
@@ -31,6 +32,8 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
                                 global_num_tokens=global_tokens,
                                 max_completion_length=tc.max_completion_length,
                                 num_processes=batch.num_processes)
+    spec = grpo.LossSpec(tc.epsilon_low, tc.epsilon_high, tc.beta, tc.importance_sampling_level)
+    gather = values_gatherer(accelerator)
     sums: dict[str, float] = {"loss": 0.0}
     for i, mb in enumerate(mbs):
         last = i == len(mbs) - 1
@@ -41,8 +44,10 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
                 logp, ent = score_micro_batch(scorer, mb, batch.completion_ids, mask, tc, with_entropy=True)
             old = batch.old_logp[sl] if batch.old_logp is not None else None
             ref = batch.ref_logp[sl] if batch.ref_logp is not None else None
-            tl, ratio, kl = grpo.per_token_loss(logp, old, ref, batch.advantages[sl], tc.epsilon_low,
-                                                tc.epsilon_high, tc.beta)
+            # train.top_entropy_quantile: the policy term only on this micro-batch's high-entropy tokens
+            keep = (grpo.high_entropy_mask(ent, mask[sl], tc.top_entropy_quantile, gather)
+                    if tc.top_entropy_quantile < 1.0 else None)
+            tl, ratio, kl = grpo.policy_token_loss(logp, old, ref, batch.advantages[sl], mask[sl], spec, keep)
             loss = grpo.aggregate_loss(tl, mask[sl], tc.loss_type, norm)
             if accelerator is not None:
                 accelerator.backward(loss)
@@ -59,6 +64,26 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
     return sums
 
 
+def values_gatherer(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function that concatenates every process's 1-D tensor (lengths may differ); None for one process.
+
+    Padded with a negative sentinel no entropy can take, gathered, and the sentinel dropped: the
+    high-entropy quantile is then taken over the tokens of all processes, as TRL does.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+
+    def gather(values: torch.Tensor) -> torch.Tensor:
+        padded = accelerator.pad_across_processes(values, dim=0, pad_index=_SENTINEL)
+        everything = accelerator.gather(padded)
+        return everything[everything != _SENTINEL]
+
+    return gather
+
+
+_SENTINEL = -1e9
+
+
 def _add(sums: dict[str, float], name: str, sc: tuple[float, float]) -> None:
     sums[name + "#sum"] = sums.get(name + "#sum", 0.0) + sc[0]
     sums[name + "#count"] = sums.get(name + "#count", 0.0) + sc[1]
@@ -70,7 +95,7 @@ def update(run: "Run", batch: StepBatch, step: int) -> tuple[dict[str, float], l
     before the optimizer steps."""
     agg: dict[str, float] = {}
     grad_norms: list[float] = []
-    for _ in range(run.tc.num_iterations):
+    for i in range(run.tc.num_iterations):
         sums = update_phase(run.scorer, batch, run.tc, run.accelerator)
         check_finite(step + 1, "loss", sums["loss"])
         gn = float(run.accelerator.clip_grad_norm_(run.scorer.parameters(), run.tc.max_grad_norm))
@@ -79,6 +104,16 @@ def update(run: "Run", batch: StepBatch, step: int) -> tuple[dict[str, float], l
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        sync_reference(run, step * run.tc.num_iterations + i + 1)
         for k, v in sums.items():
             agg[k] = agg.get(k, 0.0) + v
     return agg, grad_norms
+
+
+def sync_reference(run: "Run", updates: int) -> None:
+    """``train.sync_ref_model`` (TR-DPO, as TRL's SyncRefModelCallback): after every
+    ``ref_model_sync_steps``-th optimizer update (``updates`` counts them from 1 over the run),
+    π_ref ← α·π_θ + (1 − α)·π_ref with α = ``ref_model_mixup_alpha``."""
+    tc = run.tc
+    if tc.sync_ref_model and run.ref_scorer is not None and updates % tc.ref_model_sync_steps == 0:
+        grpo.mix_into_reference(run.policy, run.reference, tc.ref_model_mixup_alpha)
