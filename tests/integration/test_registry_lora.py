@@ -76,7 +76,7 @@ def test_adapter_and_merged_register_load_and_serve_alike(tmp_path, monkeypatch,
     from tests.integration.test_registry_postgres import _png_b64
     from vlgrpo import lora
     from vlgrpo.data.manifest import Item
-    from vlgrpo.modeling import generate_answers, load_model
+    from vlgrpo.modeling import Decoding, generate_answers, load_model
 
     cand = adapter_dir / "candidate"
     assert lora.is_adapter_dir(cand) and lora.adapter_base(cand) == str(adapter_dir / "base")
@@ -104,7 +104,7 @@ def test_adapter_and_merged_register_load_and_serve_alike(tmp_path, monkeypatch,
     b64, img = _png_b64()
     img.save(tmp_path / "q.png")
     want = generate_answers(want_model, processor, [Item("q", "test", "count", "<image>" + QUESTION, ["q.png"])],
-                            tmp_path, batch_size=1, max_new_tokens=32, min_pixels=3136, max_pixels=12544)
+                            tmp_path, Decoding(1, 32, 3136, 12544))
     for merged, v in versions.items():
         loaded = mlflow.pyfunc.load_model(f"models:/{name}/{v}")
         sd = loaded.unwrap_python_model().model.state_dict()
