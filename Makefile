@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.bench_evaluate
 	$(BIN)/python -m tests.benchmarks.bench_pipeline
 	$(BIN)/python -m tests.benchmarks.bench_grpo
+	$(BIN)/python -m tests.benchmarks.bench_memory
 
 clean:
 	rm -rf data/cache data/manifest.jsonl models reports plots mlflow.db mlartifacts

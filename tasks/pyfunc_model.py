@@ -6,6 +6,9 @@
     {"dataframe_records": [{"image": "<base64 PNG/JPEG>", "question": "How many red circles are there?"}]}
 
 with one answer string per row. `image` may also be a local file path.
+
+The checkpoint is a full model, or a LoRA adapter directory (`train.lora` without `register.merge_lora`),
+which loads as the base model it names (that path or hub id must be readable here) with the adapter merged.
 """
 from __future__ import annotations
 

@@ -55,15 +55,24 @@ def champion_loader(name: str) -> Callable[[], Any] | None:
     return load
 
 
-def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int) -> Any:
+def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int,
+                  merge_lora: bool = False) -> Any:
     """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo.
+
+    A LoRA candidate (a peft adapter directory) is logged as it is - the adapter, megabytes, which names its
+    base model (``models/base`` or a hub id) and needs it where the model is loaded - or, with
+    ``merge_lora``, as the base with the adapter merged in (a self-contained checkpoint).
 
     A full artifact store (a local one: ``mlartifacts/`` beside ``mlflow.db``) raises ``DiskFull`` naming
     its folder and the model's size, and is not retried; no model version exists yet at that point.
     """
+    import tempfile
+
+    from vlgrpo import lora
+
     root = Path(root)
 
-    def upload() -> Any:
+    def upload(checkpoint: Path) -> Any:
         try:
             return mlflow.pyfunc.log_model(
                 name="model",
@@ -78,7 +87,10 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
             store = Path(urlparse(mlflow.get_artifact_uri()).path)
             raise disk_full(store / "model", tree_size(checkpoint) + tree_size(root / "vlgrpo"), "about") from e
 
-    return retry(upload, what="log pyfunc model")
+    with tempfile.TemporaryDirectory(prefix="vlgrpo-merged-") as tmp:
+        if lora.is_adapter_dir(checkpoint) and merge_lora:
+            checkpoint = lora.save_merged(checkpoint, Path(tmp) / "merged")
+        return retry(lambda: upload(checkpoint), what="log pyfunc model")
 
 
 def candidate_fingerprint(checkpoint: Path) -> str:
@@ -102,13 +114,14 @@ def find_version(client: MlflowClient, name: str, fingerprint: str) -> Any | Non
 
 
 def register_candidate(client: MlflowClient, name: str, root: Path, checkpoint: Path, run_id: str,
-                       tags: dict[str, str], pixels: tuple[int, int]) -> tuple[str, bool]:
+                       tags: dict[str, str], pixels: tuple[int, int], merge_lora: bool = False
+                       ) -> tuple[str, bool]:
     """Register the candidate once: re-use the version an earlier (interrupted) run created for the same
     files, or log the pyfunc model and create one. Returns (version, re_used)."""
     fingerprint = candidate_fingerprint(checkpoint)
     existing = find_version(client, name, fingerprint)
     if existing is None:
-        info = log_candidate(root, checkpoint, *pixels)
+        info = log_candidate(root, checkpoint, *pixels, merge_lora=merge_lora)
         version = register_version(client, name, info, run_id, {**tags, FINGERPRINT_TAG: fingerprint})
         return version, False
     version = str(existing.version)

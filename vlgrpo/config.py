@@ -390,6 +390,53 @@ class RewardsConfig:
                 _fail(f"rewards.models.{name}", "must be a local model directory")
 
 
+LM_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """``train.lora``: train low-rank adapters (peft LoRA) instead of every weight.
+
+    With LoRA the reference policy is the same weights with the adapters switched off (no second copy), the
+    frozen weights are held in the compute dtype (``train.mixed_precision``: bf16/fp16; fp32 with ``no``),
+    only the adapters get gradients and optimizer state, checkpoints hold the adapters, and the final
+    ``train.out_dir`` is a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` +
+    processor) that names its base model. ``vlgrpo.modeling.load_model`` loads such a directory as base +
+    adapter, merged.
+
+    Fields:
+        enabled: false = full fine-tuning (every weight trained).
+        rank: r, the rank of each adapter (A: r x in, B: out x r).
+        alpha: the adapter's output is scaled by alpha / rank.
+        dropout: dropout on the adapter's input while training (0 keeps the maths deterministic).
+        target_modules: leaf names of the language model's linear layers that get adapters (Qwen-VL:
+            q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). lm_head and the embedding never do.
+        vision: also put adapters on every linear layer of the vision tower's blocks.
+        merger: also put adapters on the vision-to-language merger's linear layers (frozen otherwise).
+        quantize_4bit: QLoRA - the frozen base in 4-bit NF4 (bitsandbytes); needs a CUDA GPU and
+            ``pip install '.[qlora]'``.
+    """
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LM_LINEAR_MODULES
+    vision: bool = False
+    merger: bool = False
+    quantize_4bit: bool = False
+
+    def __post_init__(self) -> None:
+        k = "train.lora"
+        _check_range(f"{k}.rank", self.rank, 1)
+        _check_range(f"{k}.alpha", self.alpha, 0, lo_open=True)
+        _check_range(f"{k}.dropout", self.dropout, 0, 1, hi_open=True)
+        if self.enabled and not (self.target_modules or self.vision or self.merger):
+            _fail(f"{k}.target_modules", "is empty and vision/merger are false: no layer would get an adapter")
+        if self.quantize_4bit and not self.enabled:
+            _fail(f"{k}.quantize_4bit", "needs train.lora.enabled: true (a 4-bit base cannot be fine-tuned "
+                                         "in full)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """``train``: the GRPO run (the ``pilot`` stage runs it with ``pilot.overrides`` applied).
@@ -456,6 +503,10 @@ class TrainConfig:
             (``vlgrpo.logprobs``), so at most logprob_chunk x vocabulary fp32 logits exist (512 x 151,936 x
             4 B = 0.31 GB for Qwen-VL). Memory and speed only: the result is the same to float rounding, and
             a run may resume with another value.
+        gradient_checkpointing: recompute each decoder layer and vision block in the backward pass instead
+            of keeping their activations (less memory, about one more forward; same gradients; the
+            shared-work KV cache is kept: ``vlgrpo.checkpointing``).
+        lora: peft LoRA / QLoRA instead of full fine-tuning (``LoraConfig``).
     """
     seed: int = 0
     max_steps: int = 60
@@ -495,6 +546,10 @@ class TrainConfig:
     eval_steps: int | None = None
     keep_best: bool = False
     logprob_chunk: int = 512            # completion tokens whose vocabulary-wide logits exist at once
+    # Recompute each language-model decoder layer and vision block in the backward pass instead of keeping
+    # their activations (less memory, about one more forward of compute); same gradients.
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)   # see LoraConfig
 
     def __post_init__(self) -> None:
         k = "train"
@@ -526,6 +581,9 @@ class TrainConfig:
         _check_range(f"{k}.max_resample_rounds", self.max_resample_rounds, 0)
         if self.sync_ref_model and self.beta == 0:
             _fail(f"{k}.sync_ref_model", "needs train.beta > 0 (with beta 0 there is no reference model)")
+        if self.sync_ref_model and self.lora.enabled:
+            _fail(f"{k}.sync_ref_model", "cannot be used with train.lora: the LoRA reference is the base with the "
+                                        "adapters off, there are no reference weights to mix into")
         if self.eval_steps is not None:
             _check_range(f"{k}.eval_steps", self.eval_steps, 1)
         if self.keep_best and self.eval_steps is None:
@@ -578,7 +636,7 @@ class PilotConfig:
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
         """The train config with this pilot's overrides applied (re-checked)."""
-        raw = {f.name: getattr(train, f.name) for f in dataclasses.fields(train)}
+        raw = dataclasses.asdict(train)        # nested sections (train.lora) as mappings, re-checked below
         raw.update(self.overrides)
         try:
             return _build(TrainConfig, raw, "pilot.overrides")
@@ -635,9 +693,15 @@ class RegisterConfig:
     Attributes:
         model_name: registered model name; aliases ``candidate`` and ``champion`` point at its versions.
         experiment: MLflow experiment of the pipeline's runs.
+        merge_lora: for a LoRA candidate, log the base with the adapter merged in (self-contained) instead
+            of the adapter alone (small; needs the base it names where it is loaded).
     """
     model_name: str = "vlgrpo-qwen-vl"
     experiment: str = "vlgrpo"
+    # For a LoRA candidate (train.lora.enabled): false logs only the adapter (megabytes; loading it needs the
+    # base model it names, at the same path or hub id), true logs the base with the adapter merged into it (a
+    # self-contained checkpoint the size of the base). Ignored for a fully fine-tuned candidate.
+    merge_lora: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():

@@ -218,9 +218,12 @@ def _is_local(path_or_id: str | Path) -> bool:
 
 
 def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local dir or hub id) with the Auto classes."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+               trust_remote_code: bool = False, quantization_config: Any = None) -> tuple[Any, Any]:
+    """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local dir or hub id) with the Auto classes.
+
+    A LoRA adapter directory (``train.lora``'s output) loads as its base model with the adapter merged in.
+    """
+    from transformers import AutoModelForImageTextToText
 
     local = _is_local(path_or_id)
     src = str(Path(path_or_id).expanduser()) if local else str(path_or_id)
@@ -228,23 +231,43 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
         p = Path(src)
         if not p.is_dir():
             raise ModelLoadError(f"{src}: model directory not found")
+        from vlgrpo import lora
+
+        if lora.is_adapter_dir(p):
+            return lora.load_merged(p, dtype=dtype, trust_remote_code=trust_remote_code)
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{src}: no config.json - not a transformers checkpoint directory "
                                  f"(expected config.json, *.safetensors, tokenizer and processor files)")
         verify_content_hashes(p)  # a folder saved by save_model: every byte as written, or ContentMismatch
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, **kw)
-        processor = AutoProcessor.from_pretrained(src, **kw)
+        model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, **kw, **extra)
     except (OSError, ValueError, KeyError) as e:
-        where = "local directory" if local else "hub id (not a local directory; hub access may be offline)"
-        raise ModelLoadError(f"{src}: cannot load model/processor from {where}: {e}") from e
+        raise ModelLoadError(f"{src}: cannot load model/processor from {_where(local)}: {e}") from e
     model.eval()
+    return model, load_processor(src, trust_remote_code=trust_remote_code)
+
+
+def _where(local: bool) -> str:
+    return "local directory" if local else "hub id (not a local directory; hub access may be offline)"
+
+
+def load_processor(path_or_id: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The processor of a checkpoint (or adapter) directory / hub id, its tokenizer padding on the left."""
+    from transformers import AutoProcessor
+
+    local = _is_local(path_or_id)
+    src = str(Path(path_or_id).expanduser()) if local else str(path_or_id)
+    try:
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code, local_files_only=local)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{src}: cannot load model/processor from {_where(local)}: {e}") from e
     tok = processor.tokenizer
     tok.padding_side = "left"
     if tok.pad_token_id is None:  # some checkpoints ship without one; eos is the conventional stand-in
         tok.pad_token = tok.eos_token
-    return model, processor
+    return processor
 
 
 def count_parameters(model) -> int:

@@ -317,7 +317,7 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None
 
 
 class Worker:
-    def __init__(self, name: str, spec: dict, log: Path):
+    def __init__(self, name: str, spec: dict, log: Path, module: str = "tests.benchmarks.bench_grpo"):
         self.name, self.log = name, log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "OMP_NUM_THREADS": str(spec["threads"]),
@@ -326,7 +326,7 @@ class Worker:
             env["CUDA_VISIBLE_DEVICES"] = ""          # both trainers on the CPU even where a GPU is present
         env.update(spec.get("env", {}))
         self._err = open(log, "w", encoding="utf-8")
-        self.p = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.bench_grpo", "--worker", json.dumps(spec)],
+        self.p = subprocess.Popen([sys.executable, "-m", module, "--worker", json.dumps(spec)],
                                   cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
                                   text=True, bufsize=1)
 
@@ -349,9 +349,11 @@ class Worker:
         self._err.close()
 
 
-def run_group(specs: dict[str, dict], total_steps: int, log_dir: Path) -> dict[str, dict]:
-    """Start the workers (setup in parallel, not timed), then step them one at a time, alternating."""
-    workers = {n: Worker(n, s, log_dir / f"{n.replace(' ', '_')}.log") for n, s in specs.items()}
+def run_group(specs: dict[str, dict], total_steps: int, log_dir: Path,
+              module: str = "tests.benchmarks.bench_grpo") -> dict[str, dict]:
+    """Start the workers (setup in parallel, not timed), then step them one at a time, alternating.
+    ``module``: the benchmark whose ``--worker`` entry runs them."""
+    workers = {n: Worker(n, s, log_dir / f"{n.replace(' ', '_')}.log", module) for n, s in specs.items()}
     try:
         setup_rss = {n: w.read()["rss_mb"] for n, w in workers.items()}     # each waits at gate 0
         names = list(workers)

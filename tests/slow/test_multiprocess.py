@@ -44,6 +44,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_accelerate_launch_matches_one_process(tmp_path):
+    run_two_process_comparison(tmp_path, REPO / "configs/accelerate/cpu_2proc.yaml")
+
+
+def run_two_process_comparison(tmp_path: Path, accelerate_config: Path) -> None:
+    """The same 3-step run in one process and under ``accelerate launch --config_file accelerate_config`` with
+    two processes: metrics and final weights must agree (tests/slow/test_sharded.py reuses it for FSDP2 and
+    ZeRO-3)."""
     (tmp_path / "plugin.py").write_text(PLUGIN)
     raw = {"data": {"num_train": 16, "num_val": 2, "num_test": 2},
            "rewards": {"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(tmp_path / "plugin.py")]},
@@ -64,7 +71,7 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+           "--config_file", str(accelerate_config),
            "--main_process_port", str(_free_port()),
            "-m", "vlgrpo.train", "params.yaml", "out2", "reports/two.jsonl"]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

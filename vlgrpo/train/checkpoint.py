@@ -23,13 +23,15 @@ from vlgrpo.train.errors import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter.safetensors"        # a LoRA run's checkpointed weights
 
 # Keys that do not change what a step computes: a resume may differ in them.
 # (evaluation during training decodes greedily - no random draws - and changes no weight; logprob_chunk
 # changes only how many tokens are scored at once - memory - not the result beyond float rounding, so a run
-# that ran out of memory can resume with a smaller one.)
+# that ran out of memory can resume with a smaller one; gradient checkpointing recomputes the same
+# operations: the same numbers, less memory.)
 _RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best", "logprob_chunk",
-                   "save_total_limit", "keep_best_checkpoint")
+                   "save_total_limit", "keep_best_checkpoint", "gradient_checkpointing")
 REFERENCE_FILE = "ref_model.safetensors"   # the reference weights, when train.sync_ref_model moves them
 
 
@@ -105,12 +107,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
                     reference: nn.Module | None = None) -> None:
     """Weights (safetensors) + optimizer + scheduler + RNG + trainer state (+ the reference model's weights
-    when given), written to a temp dir and renamed."""
-    from safetensors.torch import save_model as st_save
+    when given), written to a temp dir and renamed. A LoRA policy's weights are its adapters
+    (``adapter.safetensors``): the base is frozen and named by the run's fingerprint."""
+    from safetensors.torch import save_file, save_model as st_save
+
+    from vlgrpo import lora
 
     # A full disk names the folder and the space needed: about what the previous checkpoint took.
     with atomic_dir(path, like=latest_checkpoint(path.parent.parent)) as tmp:
-        st_save(model, str(tmp / "model.safetensors"))
+        if lora.peft_model(model) is not None:
+            save_file(lora.trainable_state(model), str(tmp / ADAPTER_FILE))
+        else:
+            st_save(model, str(tmp / "model.safetensors"))
         if reference is not None:
             st_save(reference, str(tmp / REFERENCE_FILE))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -156,10 +164,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
     """Overwrite weights, optimizer, scheduler, RNG (and the reference model's weights when given) from
     ``path``; returns its trainer state. Raises TrainingError (naming the path) when any part cannot be read."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model as st_load
+    from safetensors.torch import load_file, load_model as st_load
+
+    from vlgrpo import lora
 
     try:
-        st_load(model, str(path / "model.safetensors"))
+        if lora.peft_model(model) is not None:
+            lora.load_trainable_state(model, load_file(str(path / ADAPTER_FILE)))
+        else:
+            st_load(model, str(path / "model.safetensors"))
         if reference is not None:
             st_load(reference, str(path / REFERENCE_FILE))
         # weights_only: a checkpoint dir is data, never code - a pickle that builds objects is refused.
@@ -168,7 +181,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
         _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
         return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
-            SafetensorError) as e:
+            SafetensorError, lora.LoraError) as e:
         raise TrainingError(f"{path}: cannot resume from this checkpoint: {e}") from e
 
 

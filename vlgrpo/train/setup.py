@@ -96,7 +96,11 @@ def make_accelerator(mixed_precision: str):
 def build_optimizer(model: nn.Module, tc: TrainConfig):
     """AdamW at ``train.learning_rate`` and its schedule (linear warm-up over ``train.warmup_ratio`` of the
     updates, then cosine decay; one update = one optimizer step, ``num_iterations`` per GRPO step)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    # only what trains (with LoRA: the adapters) gets AdamW state. The fused kernel updates each tensor in
+    # place; the default (foreach) one allocates temporaries the size of all weights (GBs at real width).
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused)
     total_updates = tc.max_steps * tc.num_iterations
     warmup = grpo.warmup_steps_for(total_updates, tc.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -104,12 +108,29 @@ def build_optimizer(model: nn.Module, tc: TrainConfig):
     return optimizer, scheduler
 
 
-def load_models(cfg: Config, paths: RunPaths, device: torch.device):
-    """The policy (train mode) and, when beta > 0, a frozen reference scorer → (model, processor, ref_scorer)."""
-    from vlgrpo import modeling
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
-    model, processor = modeling.load_model(paths.init_model_dir, dtype=torch.float32)
-    model.to(device)
+
+def load_models(cfg: Config, paths: RunPaths, device: torch.device):
+    """The policy (train mode) and, when beta > 0, a frozen reference scorer → (model, processor, ref_scorer).
+
+    ``train.lora``: the policy is the base (frozen, in the compute dtype) + trainable adapters, and the
+    reference is the same module with the adapters switched off - no second copy."""
+    from vlgrpo import lora, modeling
+    from vlgrpo.checkpointing import enable_gradient_checkpointing
+
+    tc = cfg.train
+    if tc.lora.enabled:
+        model, processor = lora.load_policy(paths.init_model_dir, tc.lora, COMPUTE_DTYPES[tc.mixed_precision])
+    else:
+        model, processor = modeling.load_model(paths.init_model_dir, dtype=torch.float32)
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if not tc.lora.quantize_4bit:                    # a 4-bit base is placed on its GPU when loaded
+        model.to(device)
+    if tc.lora.enabled:
+        model.train()
+        return model, processor, (lora.AdaptersOff(CompletionScorer(model)) if tc.beta > 0 else None)
     ref_scorer = None
     if cfg.train.beta > 0:                           # β = 0: no reference model at all
         # The frozen reference only runs forward passes under the policy's autocast, whose matmuls are in the
