@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.common import expected_failures, load, write_report
+from tasks.common import StageFailed, expected_failures, load, write_report
 from tasks.data import build_dataset_task
 from tasks.tracking import log_report, stage_run
 
@@ -19,6 +19,8 @@ def data_flow(params: str = "params.yaml") -> dict:
     cfg, root = load(params)
     with stage_run("data", cfg, root) as run_id:
         summary = build_dataset_task(cfg, root)
+        if "error" in summary:
+            raise StageFailed(f"data: {summary['error']}")
         log_report(write_report(root, "data", {**summary, "mlflow_run_id": run_id}))
     # The findings list can be long for a large raw import: it is in reports/data.json; print the counts.
     brief = {k: summary.get(k) for k in ("source", "rows", "splits", "tasks", "dropped_errors", "counts")}

@@ -14,9 +14,15 @@ from vlgrpo.config import Config
 # File I/O can hit a transient failure (full disk being cleaned, NFS hiccup): retry with backoff.
 @task(name="build-dataset", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def build_dataset_task(cfg: Config, root: Path) -> dict[str, Any]:
-    from vlgrpo.data.build import build_dataset
+    """Build the manifest. A dataset that cannot give one (no valid rows, an unreadable source: BuildError) is
+    an expected outcome, returned as ``error`` for the flow to fail with - not raised, so it is neither
+    retried nor logged with a traceback."""
+    from vlgrpo.data.build import BuildError, build_dataset
 
-    return build_dataset(cfg, root)
+    try:
+        return build_dataset(cfg, root)
+    except BuildError as e:
+        return {"error": str(e)}
 
 
 @task(name="validate-dataset", cache_policy=NO_CACHE)

@@ -62,7 +62,11 @@ def _decode_image(value):
     if isinstance(value, (bytes, bytearray)):
         return Image.open(io.BytesIO(value))
     text = str(value)
-    if Path(text).is_file():
+    try:
+        is_file = Path(text).is_file()
+    except OSError:  # base64 text longer than a file name can be ("File name too long"): not a path
+        is_file = False
+    if is_file:
         return Image.open(text)
     try:
         return Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
