@@ -69,7 +69,8 @@ start_engine() {
     log "engine: starting dockerd (log: $WORK/dockerd.log)"
     # No NAT and no default bridge: the stack needs neither (its own compose network, loopback ports),
     # and the build uses the host network.
-    setsid dockerd --iptables=false --ip-masq=false --bridge=none --pidfile "$WORK/dockerd.pid" \
+    # Niced: the containers inherit it, so the stack yields to interactive work on a shared machine.
+    setsid nice -n 10 dockerd --iptables=false --ip-masq=false --bridge=none --pidfile "$WORK/dockerd.pid" \
         >"$WORK/dockerd.log" 2>&1 </dev/null &
     DOCKERD_PID=$!
     for _ in $(seq 60); do
