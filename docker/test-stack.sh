@@ -276,7 +276,9 @@ yaml.safe_dump(p, open('params.stack-test.yaml', 'w'), sort_keys=False)" || die 
         dc logs --tail 80 prefect-worker; die "flow run $FLOW_RUN_ID not COMPLETED within ${FLOW_TIMEOUT}s"; }
     # The worker's log names flow runs by their name, not their id.
     local name; name=$(json "d['name']" <<<"$state")
-    dc logs prefect-worker 2>/dev/null | grep -qi "flow run '$name'" || die "the worker container never ran $name"
+    # Saved first: `grep -q` in a pipe under pipefail fails the pipe when it stops reading early.
+    dc logs --no-color prefect-worker >"$WORK/worker.log" 2>&1
+    grep -qi "flow run '$name'" "$WORK/worker.log" || die "the worker container never ran $name"
     dc exec -T prefect-worker test -s reports/register.json || die "no reports/register.json in the worker"
     ok "flow run $FLOW_RUN_ID COMPLETED in the worker container (pool $(json "d['work_pool']" <<<"$state"))"
 }
