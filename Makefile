@@ -36,5 +36,12 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.bench_grpo
 	$(BIN)/python -m tests.benchmarks.bench_memory
 
+# The docker/ stack built and run for real (as root): installs and starts a Docker engine when none runs
+# (and stops it after), builds the images, runs the scheduled deployment through to a registered champion,
+# restarts the stack and checks what must survive. Phase timings at the end. See docker/test-stack.sh.
+.PHONY: test-stack
+test-stack: $(STAMP)
+	bash docker/test-stack.sh
+
 clean:
 	rm -rf data/cache data/manifest.jsonl models reports plots mlflow.db mlartifacts

