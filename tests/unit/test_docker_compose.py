@@ -461,12 +461,12 @@ def test_stack_test_override_merges_as_the_test_expects(tmp_path):
         assert merged[name]["build"]["dockerfile"] == "docker/Dockerfile"
 
 
-def test_stack_test_scripts_parse_and_ci_runs_them():
+def test_stack_test_scripts_parse_and_make_runs_them():
     for script in (DOCKER / "test-stack.sh", DOCKER / "stack-test" / "postgres-entrypoint.sh"):
         check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert check.returncode == 0, f"{script.name}: {check.stderr}"
     assert re.search(r"^test-stack:.*\n\tbash docker/test-stack.sh$", (ROOT / "Makefile").read_text(), re.M)
-    ci = (ROOT / ".ci" / "run").read_text().split()
-    assert ci.index("test-stack") > ci.index("test")
+    # Not in .ci/run until one whole run of it has passed here (README "Tested on one machine").
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
     # A `# syntax=` directive makes BuildKit pull its frontend image: no build without a registry.
     assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M)
