@@ -12,8 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
 
 from tests.families import FAMILIES, build_family, reference_model  # noqa: E402
+from tests.tiny_setup import write_scenes  # noqa: E402
 from vlgrpo import modeling  # noqa: E402
-from vlgrpo.config import DataConfig, config_from_dict  # noqa: E402
+from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
 
 PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -22,17 +23,8 @@ PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> tuple[Path, list[Item]]:
     """Synthetic 112x112 scenes written under a manifest folder (image paths relative to it)."""
-    from vlgrpo.data.synthetic import generate
-
     root = tmp_path_factory.mktemp("scenes")
-    (root / "img").mkdir()
-    items = []
-    for it, img in generate(DataConfig(num_train=8, num_val=0, num_test=0)):
-        rel = f"img/{it.id}.png"
-        img.save(root / rel)
-        it.images = [rel]
-        items.append(it)
-    return root, items
+    return root, write_scenes(root, 8)
 
 
 def _texts(items):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlgrpo.config import DataConfig, TinyModelConfig
+from tests.tiny_setup import write_scenes
+from vlgrpo.config import TinyModelConfig
 from vlgrpo.data.manifest import Item
 from vlgrpo.modeling import (IGNORE_INDEX, Decoding, ModelLoadError, build_messages, build_tiny, encode_prompts,
                              generate_answers, load_model, save_model, supervised_batch)
@@ -20,17 +21,8 @@ PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> tuple[Path, list[Item]]:
     """Synthetic items with their images written under a temporary manifest folder."""
-    from vlgrpo.data.synthetic import generate
-
     root = tmp_path_factory.mktemp("scenes")
-    (root / "img").mkdir()
-    items = []
-    for it, img in generate(DataConfig(num_train=12, num_val=0, num_test=0)):
-        rel = f"img/{it.id}.png"
-        img.save(root / rel)
-        it.images = [rel]
-        items.append(it)
-    return root, items
+    return root, write_scenes(root, 12)
 
 
 @pytest.fixture(scope="module")

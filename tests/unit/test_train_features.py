@@ -11,8 +11,7 @@ from safetensors.torch import load_file, load_model
 
 from vlgrpo import modeling
 from vlgrpo.config import config_from_dict
-from vlgrpo.data.build import build_dataset
-from vlgrpo.data.manifest import read_manifest
+from tests.tiny_setup import tiny_project
 from vlgrpo.train import RunPaths, train_grpo
 
 # text_length: spread on an untrained model. half_tied: the same on even item ids, a constant 0.5 on odd ones
@@ -45,13 +44,7 @@ def make_cfg(project, **train):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("feat")
-    (root / "plugin.py").write_text(PLUGIN)
-    cfg = make_cfg(root)
-    build_dataset(cfg, root)
-    items = read_manifest(root / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
-    return root
+    return tiny_project(root, make_cfg(root), PLUGIN)
 
 
 def run(project, name, stop_after=None, **train):

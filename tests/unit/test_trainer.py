@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny_setup import tiny_project
 from vlgrpo import grpo, modeling
 from vlgrpo.config import config_from_dict
-from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
 from vlgrpo.train import RunPaths, train_grpo, TrainingError
 from vlgrpo.train.batches import PromptBatch, StepBatch
@@ -53,13 +53,7 @@ def make_cfg(project, **train):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("proj")
-    (root / "plugin.py").write_text(PLUGIN)
-    cfg = make_cfg(root)
-    build_dataset(cfg, root)
-    items = read_manifest(root / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
-    return root
+    return tiny_project(root, make_cfg(root), PLUGIN)
 
 
 def run(project, name, **train):
