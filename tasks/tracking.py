@@ -195,9 +195,13 @@ def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None =
     reap_orphans(exp_id, by=f"stage {stage}")
     parent = os.environ.get(PARENT_ENV)
     tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags(), **(tags or {})}
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent, nested=bool(parent),
-                          tags=tags, log_system_metrics=stage in ("base", "pilot", "train")) as run:
-        mlflow.log_params(flat_params(cfg))
+    # A tracking-server or database restart at this moment must not fail the stage: retry opening the run.
+    run = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent,
+                                         nested=bool(parent), tags=tags,
+                                         log_system_metrics=stage in ("base", "pilot", "train")),
+                what=f"start the {stage} stage run")
+    with run:
+        retry(lambda: mlflow.log_params(flat_params(cfg)), what="log stage params")
         yield run.info.run_id
 
 

@@ -19,10 +19,6 @@ pytestmark = pytest.mark.reliability
 STEPS = 8
 
 
-@pytest.mark.skip(reason="flaky (1 failure in 2 full-suite runs on 2026-11-30): when the restart lands on the "
-                         "train stage's own start-up MLflow calls (runs/get), the client's retries run out on 503s and "
-                         "the stage exits 1; the metrics forwarder's path is covered. Un-skip when the stage start-up "
-                         "calls retry across a database restart (issue 15 stays open for it).")
 def test_postgres_restart_during_training_loses_and_doubles_no_metric(project, throwaway_postgres, cli_env,
                                                                          tmp_path):
     pg = throwaway_postgres
