@@ -38,6 +38,7 @@ from vlgrpo.config import Config
 
 log = logging.getLogger("vlgrpo.tracking")
 PARENT_ENV = "VLGRPO_PARENT_RUN_ID"
+MAX_DELAY = 30.0  # seconds between two tries of one MLflow call
 T = TypeVar("T")
 
 
@@ -75,7 +76,7 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_d
         except Exception as e:  # noqa: BLE001 - network and server errors come in many types
             if i == attempts - 1:
                 raise RuntimeError(f"MLflow {what} failed after {attempts} attempts: {e}") from e
-            delay = base_delay * 2**i
+            delay = min(base_delay * 2**i, MAX_DELAY)  # capped: a long outage is retried, not slept through
             log.warning("MLflow %s failed (%s); retrying in %.1fs", what, e, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -200,9 +201,34 @@ def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None =
                                          nested=bool(parent), tags=tags,
                                          log_system_metrics=stage in ("base", "pilot", "train")),
                 what=f"start the {stage} stage run")
-    with run:
+    with _ending(run):
         retry(lambda: mlflow.log_params(flat_params(cfg)), what="log stage params")
         yield run.info.run_id
+
+
+@contextlib.contextmanager
+def _ending(run: mlflow.ActiveRun) -> Iterator[None]:
+    """End ``run`` FINISHED, or FAILED when the body raised, retrying across a server/database restart.
+
+    MLflow's own ``with run:`` pops the run and then makes one unretried ``set_terminated`` call: a restart
+    at that moment failed a stage whose work was done, and left the run RUNNING.
+    """
+    status = "FINISHED"
+    try:
+        yield
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        _end_run(run.info.run_id, status)
+
+
+def _end_run(run_id: str, status: str) -> None:
+    try:
+        mlflow.end_run(status)  # pops the active-run stack first, then calls the server once
+    except Exception as e:  # noqa: BLE001 - the stack is popped; only the server call is left to redo
+        log.warning("MLflow could not end run %s (%s); retrying", run_id, e)
+        retry(lambda: MlflowClient().set_terminated(run_id, status), what=f"end run {run_id}")
 
 
 @contextlib.contextmanager
@@ -210,8 +236,9 @@ def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
     """The parent run of one pipeline execution; stage runs started inside it (same or child process) nest."""
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by="pipeline")
-    with mlflow.start_run(experiment_id=exp_id, run_name="pipeline",
-                          tags={"vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags()}) as run:
+    run = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags={
+        "vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags()}), what="start the pipeline run")
+    with _ending(run):
         old = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id
         try:

@@ -83,7 +83,7 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 600) -> None:
         """(Re)start the same command on the same port (used to simulate an outage and recovery)."""
         self.proc = _spawn(self.cmd, self.env, self.log)
         wait_http(self.health, timeout, self.proc, self.log)

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.reliability.conftest import VLGRPO, spawn, update_params, wait_for
-from tests.reliability.test_mlflow_outage import FAST_FAIL, SLOW_PLUGIN, _lines, _sidecar_count
+from tests.reliability.test_mlflow_outage import RIDE_OUT, SLOW_PLUGIN, _lines, _sidecar_count
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.reliability
@@ -28,7 +28,7 @@ def test_postgres_restart_during_training_loses_and_doubles_no_metric(project, t
     metrics = project / "reports/train_metrics.jsonl"
     log = tmp_path / "train.log"
     with mlflow_server(tmp_path, pg.url) as server:
-        proc = spawn([VLGRPO, "train", "--force"], project, log, MLFLOW_TRACKING_URI=server.url, **FAST_FAIL,
+        proc = spawn([VLGRPO, "train", "--force"], project, log, MLFLOW_TRACKING_URI=server.url, **RIDE_OUT,
                      **cli_env)
         try:
             wait_for(lambda: _sidecar_count(metrics) >= 1, 300, proc, log)   # metrics reached PostgreSQL

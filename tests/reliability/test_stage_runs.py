@@ -3,6 +3,7 @@
 - Orphaned MLflow runs: a `vlgrpo repro` SIGKILLed while its data stage runs leaves the parent and the stage
   run RUNNING; the next `vlgrpo repro` marks both KILLED (with a tag saying when and why), while a live run of
   another project on the same tracking server and experiment stays RUNNING.
+- A tracking-server restart just as a stage ends: the stage still succeeds and its run ends FINISHED.
 - Expected failures (invalid data, a failed pilot gate) end with the reason printed once, no traceback, and
   the Prefect flow run Failed with that reason as its state message.
 """
@@ -18,6 +19,7 @@ import pytest
 
 from tests.project import make_project, project_env, run
 from tests.reliability.conftest import VLGRPO, kill9, spawn, update_params, wait_for
+from tests.reliability.test_mlflow_outage import RIDE_OUT
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.reliability
@@ -32,6 +34,19 @@ cfg, root = load("params.yaml")
 with stage_run("train", cfg, root) as run_id:
     print(run_id, flush=True)
     time.sleep(900)
+'''
+
+# A stage whose body is done when the test says so (after it has taken the tracking server away).
+ENDS_DURING_RESTART = r'''
+import sys
+from tasks.common import load
+from tasks.tracking import stage_run
+
+cfg, root = load("params.yaml")
+with stage_run("validate", cfg, root) as run_id:
+    print(run_id, flush=True)
+    sys.stdin.readline()
+print("stage done", flush=True)
 '''
 
 
@@ -82,6 +97,32 @@ def test_sigkilled_runs_marked_killed_live_run_elsewhere_untouched(tmp_path, rea
         finally:
             kill9(killed)
             kill9(live)
+
+
+def test_stage_run_ends_finished_across_a_tracking_server_restart(tmp_path, cli_env):
+    """MLflow's own run exit makes one unretried call; a restart there failed a finished stage (CI, once)."""
+    from mlflow.tracking import MlflowClient
+
+    root = make_project(tmp_path / "proj")
+    with mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}") as srv:
+        env = {**cli_env, "MLFLOW_TRACKING_URI": srv.url, **RIDE_OUT}
+        proc = subprocess.Popen([sys.executable, "-c", ENDS_DURING_RESTART], cwd=root,
+                                env=project_env(root, **env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            run_id = proc.stdout.readline().strip()
+            assert MlflowClient(tracking_uri=srv.url).get_run(run_id).info.status == "RUNNING"
+            srv.stop()
+            proc.stdin.write("\n")
+            proc.stdin.flush()      # the stage ends while the server is down
+            srv.start()
+            out, _ = proc.communicate(timeout=600)
+        finally:
+            kill9(proc)
+        assert proc.returncode == 0 and "stage done" in out, out[-3000:]
+        assert "retrying" in out, out[-3000:]     # the end really met the outage
+        run = MlflowClient(tracking_uri=srv.url).get_run(run_id)
+        assert run.info.status == "FINISHED" and run.info.end_time is not None
 
 
 def _flow_runs(api: str, name: str) -> list[dict]:
