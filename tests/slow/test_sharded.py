@@ -63,9 +63,11 @@ def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(
     assert sharding.fsdp2_requested()
     tc = Config().train
     assert sharding.unsupported_with_sharding(tc) == []
-    bad = sharding.unsupported_with_sharding(dataclasses.replace(
-        tc, lora=LoraConfig(enabled=True), eval_steps=5, sync_ref_model=True, beta=0.04))
-    assert [b.split(" ")[0] for b in bad] == ["train.lora", "train.eval_steps", "train.sync_ref_model"]
+    for change, key in [({"lora": LoraConfig(enabled=True)}, "train.lora"), ({"eval_steps": 5}, "train.eval_steps"),
+                        ({"keep_best_checkpoint": True, "eval_steps": 5}, "train.eval_steps"),
+                        ({"sync_ref_model": True, "beta": 0.04}, "train.sync_ref_model")]:
+        bad = sharding.unsupported_with_sharding(dataclasses.replace(tc, **change))
+        assert [b.split(" ")[0] for b in bad] == [key], change
 
 
 @pytest.mark.slow
