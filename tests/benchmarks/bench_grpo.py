@@ -142,18 +142,17 @@ def _gpu_peak_mb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-# ============================================================================================ workers
+# ===================================================================== worker helpers (bench_memory too)
 
 
-def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
-    import torch
+def run_gated_vlgrpo(cfg, root: Path, model: str, out: Path, gate: Gate) -> tuple[dict, list[dict]]:
+    """Train with ``train_grpo``, waiting at ``gate`` before every step → (run summary, metrics rows); sets
+    ``gate.step_times`` from the trainer's own ``step_time_s`` minus the time spent at the gate.
 
-    torch.set_num_threads(spec["threads"])
+    ``train_grpo`` has no callbacks: ``vlgrpo.train.prompts.step_prompt_indices`` (called first thing in every
+    step) is wrapped with a function that waits at the gate and then calls the real one."""
     import vlgrpo.train.prompts as data_order_module
     from vlgrpo.train import RunPaths, train_grpo
-    from vlgrpo import modeling
-    from vlgrpo.config import config_from_dict
-    from vlgrpo.data.manifest import read_manifest
 
     real = data_order_module.step_prompt_indices
 
@@ -161,7 +160,88 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
         gate.wait()
         return real(*args, **kwargs)
 
-    data_order_module.step_prompt_indices = gated        # a pause before each step; the real function does the work
+    data_order_module.step_prompt_indices = gated     # a pause before each step; the real function does the work
+    metrics = out / "metrics.jsonl"
+    summary = train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", model, out / "model", metrics),
+                         progress=False)
+    rows = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    # The trainer's own clock starts just before the gate: take the pause out of the step.
+    gate.step_times = [r["step_time_s"] - w for r, w in zip(rows, gate.pauses)]
+    return summary, rows
+
+
+def trl_image_rows(root: Path, min_pixels: int, max_pixels: int) -> list[tuple[object, list[dict], object]]:
+    """(item, TRL chat prompt, RGB image) of each train item of the dataset under ``root``."""
+    from PIL import Image
+
+    from vlgrpo.data.manifest import read_manifest
+
+    out = []
+    for it in read_manifest(root / "data" / "manifest.jsonl", split="train"):
+        with Image.open(root / "data" / it.images[0]) as im:
+            img = im.convert("RGB")
+        out.append((it, _trl_messages(it, min_pixels, max_pixels), img))
+    return out
+
+
+def trl_step_gate(gate: Gate, device: str):
+    """A TRL ``TrainerCallback`` that waits at ``gate`` before each step and stops its clock after it."""
+    from transformers import TrainerCallback
+
+    class StepGate(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            gate.wait()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            gate.step_end()
+
+    return StepGate()
+
+
+def vision_token_ids(model_config) -> list[int]:
+    """The vision placeholder ids, which neither trainer may sample (a sampled one would break the
+    re-encoding of the completion)."""
+    return sorted({int(getattr(model_config, n)) for n in ("image_token_id", "video_token_id",
+                                                            "vision_start_token_id", "vision_end_token_id")})
+
+
+def trl_grpo_args(spec: dict, batch: int, beta: float, learning_rate: float, **extra):
+    """TRL's ``GRPOConfig`` with the settings both benchmarks give it (``batch`` completions a step in one
+    forward/backward, grpo loss, constant lr, no saving, the vision tokens suppressed); ``extra`` adds
+    ``bf16``, ``gradient_checkpointing``, ``generation_kwargs``."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=spec["out"], max_steps=spec["total_steps"], per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, num_generations=NUM_GENERATIONS, max_completion_length=MAX_COMPLETION,
+        loss_type="grpo", beta=beta, num_iterations=1, epsilon=0.2, scale_rewards="group",
+        learning_rate=learning_rate, lr_scheduler_type="constant", temperature=1.0, top_p=1.0,
+        use_cpu=spec["device"] == "cpu", fp16=False, report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0, **extra)
+
+
+def worker_main(spec: dict, workers: dict) -> None:
+    """A worker process: offline, ``spec["threads"]`` torch threads, the gate on stdout, then
+    ``workers[spec["kind"]](spec, gate)``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gate = Gate()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    workers[spec["kind"]](spec, gate)
+
+
+# ============================================================================================ workers
+
+
+def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
+    import torch
+
+    from vlgrpo import modeling
+    from vlgrpo.config import config_from_dict
+    from vlgrpo.data.manifest import read_manifest
+
     steps = spec["total_steps"]
     cfg = config_from_dict({
         "data": {**size_params(spec["size"], spec.get("video", False)), "out_dir": "data"},
@@ -181,13 +261,8 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     enc = modeling.encode_prompts(proc, [item], root / "data", cfg.data.min_pixels, cfg.data.max_pixels)
     pads = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
     image_tokens = int(torch.isin(enc["input_ids"], torch.tensor(pads)).sum())   # visual tokens a prompt
-    out = Path(spec["out"])
-    metrics = out / "metrics.jsonl"
-    summary = train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", spec["model"], out / "model", metrics),
-                         progress=False)
-    rows = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    # The trainer's own clock starts just before the gate: take the pause out of the step and of its first phase.
-    gate.step_times = [r["step_time_s"] - w for r, w in zip(rows, gate.pauses)]
+    summary, rows = run_gated_vlgrpo(cfg, root, spec["model"], Path(spec["out"]), gate)
+    # the step's clock starts just before the gate: the pause also comes out of its first phase
     phases = [{k[5:-2]: r[k] for k in r if k.startswith("time/")} for r in rows]
     for ph, w in zip(phases, gate.pauses):
         ph["encode"] -= w
@@ -214,27 +289,16 @@ def _trl_messages(item, min_pixels: int, max_pixels: int) -> list[dict]:
 
 def _trl_worker(spec: dict, gate: Gate) -> None:
     import torch
-
-    torch.set_num_threads(spec["threads"])
     from datasets import Dataset
-    from PIL import Image
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from vlgrpo import modeling, rewards as R
-    from vlgrpo.data.manifest import read_manifest
 
-    root = Path(spec["root"])
     sp = size_params(spec["size"])
     model, processor = modeling.load_model(spec["model"])
-    items = read_manifest(root / "data" / "manifest.jsonl", split="train")
     rows, prompt_tokens = [], []
-    for it in items:
-        with Image.open(root / "data" / it.images[0]) as im:
-            img = im.convert("RGB")
-        prompt = _trl_messages(it, sp["min_pixels"], sp["max_pixels"])
-        rows.append({"prompt": prompt, "image": img, "solution": it.solution, "task": it.task,
-                     "row": len(rows)})
+    for it, prompt, img in trl_image_rows(Path(spec["root"]), sp["min_pixels"], sp["max_pixels"]):
+        rows.append({"prompt": prompt, "image": img, "solution": it.solution, "task": it.task, "row": len(rows)})
         # tokens of this prompt as TRL's processor encodes it (image placeholders expanded)
         text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         prompt_tokens.append(processor(text=[text], images=[img], return_tensors="pt")["input_ids"][0])
@@ -250,28 +314,12 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
         step_tokens.append(float(sum(n_prompt[r] for r in row) + sum(len(c) for c in completion_ids)))
         return R.accuracy(prompts, texts, solution=solution)
 
-    class StepGate(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            gate.wait()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            _sync(spec["device"])
-            gate.step_end()
-
-    vision = sorted({int(getattr(model.config, n)) for n in ("image_token_id", "video_token_id",
-                                                              "vision_start_token_id", "vision_end_token_id")})
-    args = GRPOConfig(
-        output_dir=spec["out"], max_steps=spec["total_steps"], per_device_train_batch_size=PROMPTS_PER_STEP
-        * NUM_GENERATIONS, gradient_accumulation_steps=1, num_generations=NUM_GENERATIONS,
-        max_completion_length=MAX_COMPLETION, loss_type="grpo", beta=BETA, num_iterations=1, epsilon=0.2,
-        scale_rewards="group", learning_rate=LEARNING_RATE, lr_scheduler_type="constant", temperature=1.0,
-        top_p=1.0, use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16", fp16=False, report_to=[],
-        save_strategy="no", logging_steps=1, gradient_checkpointing=spec["trl_gradient_checkpointing"],
-        disable_tqdm=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
-        # same as vlgrpo: a sampled vision placeholder would break the re-encoding of the completion
-        generation_kwargs={"suppress_tokens": vision})
+    args = trl_grpo_args(spec, PROMPTS_PER_STEP * NUM_GENERATIONS, BETA, LEARNING_RATE,
+                         bf16=spec["precision"] == "bf16",
+                         gradient_checkpointing=spec["trl_gradient_checkpointing"],
+                         generation_kwargs={"suppress_tokens": vision_token_ids(model.config)})
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=processor, callbacks=[StepGate()])
+                          processing_class=processor, callbacks=[trl_step_gate(gate, spec["device"])])
     # it really is the tiny model and processor (and the reference model TRL builds is loaded from that dir)
     assert trainer.model is model and trainer.processing_class is processor
     assert trainer.ref_model is not None and trainer.ref_model.config.text_config.hidden_size == \
@@ -282,10 +330,7 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
                 threads=torch.get_num_threads(), gpu_peak_mb=_gpu_peak_mb(spec["device"]))
 
 
-def worker_main(spec: dict) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gate = Gate()
-    {"trl": _trl_worker, "vlgrpo": _vlgrpo_worker}[spec["kind"]](spec, gate)
+WORKERS = {"trl": _trl_worker, "vlgrpo": _vlgrpo_worker}
 
 
 # ============================================================================================== parent
@@ -414,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker_main(json.loads(args.worker))
+        worker_main(json.loads(args.worker), WORKERS)
         return {}
 
     sizes = [int(s) for s in args.sizes.split(",")]

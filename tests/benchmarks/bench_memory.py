@@ -42,7 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks.bench_grpo import Gate, _gpu_peak_mb, _machine, _sync, _trl_messages, run_group
+from tests.benchmarks.bench_grpo import (Gate, _gpu_peak_mb, _machine, run_gated_vlgrpo, run_group, trl_grpo_args,
+                                         trl_image_rows, trl_step_gate, vision_token_ids, worker_main)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_PER_STEP = 2
@@ -60,7 +61,9 @@ ROW_TITLES = {"full": "full fine-tuning", "lora": "LoRA", "lora_ckpt": "LoRA + c
 
 def data_params() -> dict:
     return {"num_train": NUM_TRAIN, "num_val": 0, "num_test": 0, "seed": 0, "min_pixels": IMAGE_SIZE ** 2,
-            "max_pixels": IMAGE_SIZE ** 2, "synthetic": {"canvas_size": IMAGE_SIZE}, "out_dir": "data"}
+            "max_pixels": IMAGE_SIZE ** 2, "synthetic": {"canvas_size": IMAGE_SIZE}, "out_dir": "data",
+            # no videos here, but data.video_max_pixels may not be below data.min_pixels
+            "video_max_pixels": IMAGE_SIZE ** 2}
 
 
 # ============================================================================================= the model
@@ -135,60 +138,34 @@ def lora_targets(model_dir: str) -> list[str]:
 def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     import torch
 
-    torch.set_num_threads(spec["threads"])
-    import vlgrpo.train.prompts as data_order_module
     from vlgrpo.config import config_from_dict
-    from vlgrpo.train import RunPaths, train_grpo
 
-    real = data_order_module.step_prompt_indices
-
-    def gated(*args, **kwargs):
-        gate.wait()
-        return real(*args, **kwargs)
-
-    data_order_module.step_prompt_indices = gated    # a pause before each step; the real function does the work
-    steps = spec["total_steps"]
     cfg = config_from_dict({
         "data": data_params(),
         "rewards": {"weights": {"accuracy": 1.0}},
-        "train": {"max_steps": steps, "save_steps": 10 ** 6, "prompts_per_step": PROMPTS_PER_STEP,
+        "train": {"max_steps": spec["total_steps"], "save_steps": 10 ** 6, "prompts_per_step": PROMPTS_PER_STEP,
                   "num_generations": NUM_GENERATIONS, "micro_batch_size": PROMPTS_PER_STEP * NUM_GENERATIONS,
                   "max_completion_length": MAX_COMPLETION, "beta": BETA, "loss_type": "grpo",
                   "num_iterations": 1, "mixed_precision": "bf16", "learning_rate": LEARNING_RATE,
                   "warmup_ratio": 0.0, "temperature": 1.0, "top_p": 1.0, "seed": 0, "max_prompt_tokens": 4096,
                   "gradient_checkpointing": spec["ckpt"], "lora": LORA if spec["lora"] else {"enabled": False}},
     })
-    out = Path(spec["out"])
-    metrics = out / "metrics.jsonl"
-    train_grpo(cfg, RunPaths.under(spec["root"], "data/manifest.jsonl", spec["model"], out / "model", metrics),
-               progress=False)
-    rows = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    gate.step_times = [r["step_time_s"] - w for r, w in zip(rows, gate.pauses)]
+    _, rows = run_gated_vlgrpo(cfg, Path(spec["root"]), spec["model"], Path(spec["out"]), gate)
     gate.finish(threads=torch.get_num_threads(), gpu_peak_mb=_gpu_peak_mb(spec["device"]),
                 mean_length=[r["completions/mean_length"] for r in rows])
 
 
 def _trl_worker(spec: dict, gate: Gate) -> None:
     import torch
-
-    torch.set_num_threads(spec["threads"])
     from datasets import Dataset
-    from PIL import Image
-    from transformers import AutoConfig, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoConfig
+    from trl import GRPOTrainer
 
     from vlgrpo import modeling, rewards as R
-    from vlgrpo.data.manifest import read_manifest
 
-    root = Path(spec["root"])
-    processor = modeling.load_processor(spec["model"])
     dp = data_params()
-    rows = []
-    for it in read_manifest(root / "data" / "manifest.jsonl", split="train"):
-        with Image.open(root / "data" / it.images[0]) as im:
-            img = im.convert("RGB")
-        rows.append({"prompt": _trl_messages(it, dp["min_pixels"], dp["max_pixels"]), "image": img,
-                     "solution": it.solution})
+    rows = [{"prompt": prompt, "image": img, "solution": it.solution}
+            for it, prompt, img in trl_image_rows(Path(spec["root"]), dp["min_pixels"], dp["max_pixels"])]
     lengths: list[float] = []
 
     def accuracy(prompts, completions, completion_ids, solution, **kwargs):
@@ -196,44 +173,26 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
         lengths.append(statistics.mean(len(c) for c in completion_ids))
         return R.accuracy(prompts, texts, solution=solution)
 
-    class StepGate(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            gate.wait()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            _sync(spec["device"])
-            gate.step_end()
-
-    mc = AutoConfig.from_pretrained(spec["model"])
-    vision = sorted({int(getattr(mc, n)) for n in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                   "vision_end_token_id")})
     peft_config = None
     if spec["lora"]:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                  target_modules=spec["lora_targets"], bias="none")
-    args = GRPOConfig(
-        output_dir=spec["out"], max_steps=spec["total_steps"], per_device_train_batch_size=PROMPTS_PER_STEP
-        * NUM_GENERATIONS, gradient_accumulation_steps=1, num_generations=NUM_GENERATIONS,
-        max_completion_length=MAX_COMPLETION, loss_type="grpo", beta=BETA, num_iterations=1, epsilon=0.2,
-        scale_rewards="group", learning_rate=LEARNING_RATE, lr_scheduler_type="constant", temperature=1.0,
-        top_p=1.0, use_cpu=spec["device"] == "cpu", bf16=True, fp16=False, report_to=[], save_strategy="no",
-        logging_steps=1, gradient_checkpointing=spec["ckpt"], disable_tqdm=True, dataloader_num_workers=0,
-        seed=0, max_grad_norm=1.0, generation_kwargs={"suppress_tokens": vision})
+    args = trl_grpo_args(spec, PROMPTS_PER_STEP * NUM_GENERATIONS, BETA, LEARNING_RATE, bf16=True,
+                         gradient_checkpointing=spec["ckpt"], generation_kwargs={
+                             "suppress_tokens": vision_token_ids(AutoConfig.from_pretrained(spec["model"]))})
     # the model as a path, like vlgrpo's: TRL loads it with its default dtype (float32), and its own reference
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=[accuracy], args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=processor,
-                          callbacks=[StepGate()], peft_config=peft_config)
+                          train_dataset=Dataset.from_list(rows),
+                          processing_class=modeling.load_processor(spec["model"]),
+                          callbacks=[trl_step_gate(gate, spec["device"])], peft_config=peft_config)
     assert (trainer.ref_model is None) == spec["lora"]      # LoRA: adapters off, no second copy
     trainer.train()
     gate.finish(threads=torch.get_num_threads(), gpu_peak_mb=_gpu_peak_mb(spec["device"]), mean_length=lengths)
 
 
-def worker_main(spec: dict) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gate = Gate()
-    {"trl": _trl_worker, "vlgrpo": _vlgrpo_worker}[spec["kind"]](spec, gate)
+WORKERS = {"trl": _trl_worker, "vlgrpo": _vlgrpo_worker}
 
 
 # =============================================================================================== parent
@@ -274,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker_main(json.loads(args.worker))
+        worker_main(json.loads(args.worker), WORKERS)
         return {}
     rows = args.rows.split(",")
     total = args.warmup + args.steps

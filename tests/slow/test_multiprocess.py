@@ -44,18 +44,19 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_accelerate_launch_matches_one_process(tmp_path):
-    run_two_process_comparison(tmp_path, REPO / "configs/accelerate/cpu_2proc.yaml")
+    summary = run_two_process_comparison(tmp_path, REPO / "configs/accelerate/cpu_2proc.yaml")
+    assert summary["sharding"] is None                    # DDP: every process holds the whole policy
 
 
-def run_two_process_comparison(tmp_path: Path, accelerate_config: Path) -> None:
+def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_steps: int = 10) -> dict:
     """The same 3-step run in one process and under ``accelerate launch --config_file accelerate_config`` with
     two processes: metrics and final weights must agree (tests/slow/test_sharded.py reuses it for FSDP2 and
-    ZeRO-3)."""
+    ZeRO-3). Returns the 2-process run's summary."""
     (tmp_path / "plugin.py").write_text(PLUGIN)
     raw = {"data": {"num_train": 16, "num_val": 2, "num_test": 2},
            "rewards": {"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(tmp_path / "plugin.py")]},
            "train": {"max_steps": 3, "prompts_per_step": 4, "num_generations": 4, "micro_batch_size": 2,
-                     "mixed_precision": "no", "max_completion_length": 5, "save_steps": 10,
+                     "mixed_precision": "no", "max_completion_length": 5, "save_steps": save_steps,
                      "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "dapo", "beta": 0.04}}
     cfg = config_from_dict(raw)
     build_dataset(cfg, tmp_path)
@@ -68,15 +69,8 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path) -> None:
                        "reports/one.jsonl"), progress=False)
     assert one["num_processes"] == 1
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--config_file", str(accelerate_config),
-           "--main_process_port", str(_free_port()),
-           "-m", "vlgrpo.train", "params.yaml", "out2", "reports/two.jsonl"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = accelerate_launch(tmp_path, accelerate_config, ["-m", "vlgrpo.train", "params.yaml", "out2",
+                                                             "reports/two.jsonl"])
     assert summary["num_processes"] == 2 and summary["finished"]
 
     a = [json.loads(x) for x in (tmp_path / "reports/one.jsonl").read_text().splitlines()]
@@ -101,3 +95,16 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path) -> None:
         d = (w1[k] - w2[k]).abs()
         assert d.max().item() < 5e-4, (k, d.max().item())
         assert (d > 1e-5).float().mean().item() < 1e-3, k
+    return summary
+
+
+def accelerate_launch(cwd: Path, accelerate_config: Path, args: list[str]) -> dict:
+    """``accelerate launch --config_file accelerate_config <args>`` in ``cwd`` → the JSON summary line the main
+    process prints last."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(accelerate_config),
+           "--main_process_port", str(_free_port()), *args]
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -1,22 +1,36 @@
-"""Sharded training configs: every accelerate config loads; FSDP2 / ZeRO-3 runs where they can run.
+"""Sharded training: every accelerate config loads; FSDP2 trains on 2 CPU processes (gloo) exactly like one
+process, checkpoints in the unsharded format and resumes exactly; ZeRO-3 where DeepSpeed can run.
 
-FSDP2 and DeepSpeed ZeRO-3 need GPUs here: accelerate 1.15 turns its FSDP plugin on only for GPU
-distributed types, so ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` on a CPU-only machine
-starts two processes that each run undistributed as process 0 (``DistributedType.NO``) - although torch
-2.14's ``fully_shard`` itself works over gloo on CPU - and DeepSpeed has no CPU backend in the lock file.
-On a machine with 2+ GPUs the 2-process FSDP2 run must train like the 1-process run, as the DDP test
-(tests/slow/test_multiprocess.py) checks on CPU.
+FSDP2: accelerate 1.15 turns its FSDP plugin on only for GPU process groups (``AcceleratorState`` upgrades
+MULTI_GPU-like types to FSDP, never MULTI_CPU), so the trainer applies torch's ``fully_shard`` itself when the
+launch asks for FSDP2 (vlgrpo.train.sharding) - the same code on CPU and GPU, run here over gloo. The run's
+summary says ``sharding: fsdp2``, so a silent fallback to DDP would fail the test.
 """
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, load_model
+
+from tests.slow.test_multiprocess import accelerate_launch, run_two_process_comparison
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "accelerate"
-NO_TWO_GPUS = ("FSDP2 needs 2 GPUs here: accelerate 1.15 enables FSDP only for GPU distributed types (on a "
-               "CPU-only machine `accelerate launch` with fsdp2.yaml runs each process undistributed, "
-               "DistributedType.NO), although torch 2.14's fully_shard itself runs over gloo on CPU")
+
+# The trainer's own entry point with ``stop_after`` (stop as if killed after N steps; checkpoints stay), run
+# under ``accelerate launch`` like ``-m vlgrpo.train``.
+DRIVER = '''
+import json, os, sys
+from vlgrpo.config import load_config
+from vlgrpo.train import RunPaths, train_grpo
+cfg = load_config("params.yaml")
+stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
+s = train_grpo(cfg, RunPaths.under(".", "data/manifest.jsonl", "models/base", sys.argv[1], sys.argv[2]),
+               progress=False, stop_after=stop)
+if int(os.environ.get("RANK", "0")) == 0:
+    print(json.dumps({k: v for k, v in s.items() if k != "final"}), flush=True)
+'''
 
 
 def test_every_accelerate_config_loads_with_accelerate():
@@ -34,19 +48,76 @@ def test_every_accelerate_config_loads_with_accelerate():
     assert load_config_from_file(str(CONFIGS / "deepspeed_zero3.yaml")).deepspeed_config["zero_stage"] == 3
 
 
+def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(monkeypatch):
+    import dataclasses
+
+    from vlgrpo.config import Config, LoraConfig
+    from vlgrpo.train import sharding
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not sharding.fsdp2_requested()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")          # what accelerate launch sets from fsdp2.yaml
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert not sharding.fsdp2_requested()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert sharding.fsdp2_requested()
+    tc = Config().train
+    assert sharding.unsupported_with_sharding(tc) == []
+    for change, key in [({"lora": LoraConfig(enabled=True)}, "train.lora"), ({"eval_steps": 5}, "train.eval_steps"),
+                        ({"keep_best_checkpoint": True, "eval_steps": 5}, "train.eval_steps"),
+                        ({"sync_ref_model": True, "beta": 0.04}, "train.sync_ref_model")]:
+        bad = sharding.unsupported_with_sharding(dataclasses.replace(tc, **change))
+        assert [b.split(" ")[0] for b in bad] == [key], change
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=NO_TWO_GPUS)
-def test_fsdp2_two_processes_match_one_process(tmp_path):
-    from tests.slow.test_multiprocess import run_two_process_comparison
+def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
+    from vlgrpo import modeling
 
-    run_two_process_comparison(tmp_path, CONFIGS / "fsdp2.yaml")
+    # 1) 3 steps, one process vs two FSDP2 processes: metrics and final weights as in the DDP test
+    summary = run_two_process_comparison(tmp_path, CONFIGS / "fsdp2.yaml", save_steps=1)
+    assert summary["sharding"] == "fsdp2" and summary["device"].startswith("cpu")
+
+    # the checkpoints are unsharded, in the 1-process format: the same weight names, the same AdamW layout
+    one, two = tmp_path / "out1/checkpoints/step-2", tmp_path / "out2/checkpoints/step-2"
+    assert sorted(load_file(two / "model.safetensors")) == sorted(load_file(one / "model.safetensors"))
+    o1, o2 = (torch.load(d / "optimizer.pt", weights_only=True) for d in (one, two))
+    assert o2["param_groups"] == o1["param_groups"] and sorted(o2["state"]) == sorted(o1["state"])
+    for i, st in o1["state"].items():
+        assert {k: tuple(v.shape) for k, v in o2["state"][i].items()} == {k: tuple(v.shape) for k, v in st.items()}
+    # ... and they load with the normal loaders: safetensors into a fresh model, the final one via from_pretrained
+    fresh, _ = modeling.load_model(tmp_path / "models/base")
+    load_model(fresh, str(two / "model.safetensors"))
+    final, _ = modeling.load_model(tmp_path / "out2")
+    w2 = load_file(tmp_path / "out2/model.safetensors")
+    assert all(torch.equal(t, w2[k]) for k, t in final.state_dict().items() if k in w2)
+
+    # 2) two FSDP2 processes stopped after step 2, then resumed: the same step 3 and weights as the run that
+    #    was not stopped (same processes, same arithmetic: exact)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    stopped = accelerate_launch(tmp_path, CONFIGS / "fsdp2.yaml", ["driver.py", "out3", "reports/three.jsonl", "2"])
+    assert stopped["steps"] == 2 and not stopped["finished"]
+    resumed = accelerate_launch(tmp_path, CONFIGS / "fsdp2.yaml", ["driver.py", "out3", "reports/three.jsonl"])
+    assert resumed["resumed_from"] == 2 and resumed["finished"] and resumed["sharding"] == "fsdp2"
+    rows, full = _by_step(tmp_path / "reports/three.jsonl"), _by_step(tmp_path / "reports/two.jsonl")
+    assert sorted(rows) == [1, 2, 3]
+    for k in ("reward", "loss", "kl", "grad_norm", "entropy"):
+        assert rows[3][k] == full[3][k], k
+    w3 = load_file(tmp_path / "out3/model.safetensors")
+    assert sorted(w3) == sorted(w2)
+    assert all(torch.equal(w3[k], w2[k]) for k in w2)
+
+
+def _by_step(path: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return {r["step"]: r for r in rows}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DeepSpeed ZeRO-3 needs 2 GPUs and the optional "
-                    "extra (pip install -e '.[deepspeed]'); DeepSpeed has no CPU backend in the lock file")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
+    "DeepSpeed ZeRO-3 needs 2 GPUs here: accelerate 1.15 selects DeepSpeed only for a non-CPU Accelerator "
+    "(AcceleratorState: ACCELERATE_USE_DEEPSPEED ... and not cpu), so on a CPU-only machine the config runs "
+    "as plain DDP; and deepspeed is an optional extra (pip install -e '.[deepspeed]') not in the CPU lock file"))
 def test_deepspeed_zero3_two_processes_match_one_process(tmp_path):
     pytest.importorskip("deepspeed", reason="optional extra: pip install -e '.[deepspeed]'")
-    from tests.slow.test_multiprocess import run_two_process_comparison
-
     run_two_process_comparison(tmp_path, CONFIGS / "deepspeed_zero3.yaml")

@@ -104,24 +104,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+@dataclasses.dataclass
+class Gathered:
+    """A sharded policy's checkpoint content, gathered by every process (vlgrpo.train.sharding): unsharded
+    weights and optimizer state, in the format of an unsharded run's."""
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
-                    reference: nn.Module | None = None) -> None:
+                    reference: nn.Module | None = None, gathered: Gathered | None = None) -> None:
     """Weights (safetensors) + optimizer + scheduler + RNG + trainer state (+ the reference model's weights
     when given), written to a temp dir and renamed. A LoRA policy's weights are its adapters
-    (``adapter.safetensors``): the base is frozen and named by the run's fingerprint."""
+    (``adapter.safetensors``): the base is frozen and named by the run's fingerprint. ``gathered``: a sharded
+    policy's weights and optimizer state (written instead of ``model`` / ``optimizer``'s own)."""
     from safetensors.torch import save_file, save_model as st_save
 
     from vlgrpo import lora
+    from vlgrpo.train.sharding import unique_names
 
     # A full disk names the folder and the space needed: about what the previous checkpoint took.
     with atomic_dir(path, like=latest_checkpoint(path.parent.parent)) as tmp:
-        if lora.peft_model(model) is not None:
+        if gathered is not None:
+            save_file(unique_names(gathered.weights), str(tmp / "model.safetensors"))
+        elif lora.peft_model(model) is not None:
             save_file(lora.trainable_state(model), str(tmp / ADAPTER_FILE))
         else:
             st_save(model, str(tmp / "model.safetensors"))
         if reference is not None:
             st_save(reference, str(tmp / REFERENCE_FILE))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(gathered.optimizer if gathered is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
@@ -160,23 +172,31 @@ def _state_reward(path: Path) -> float | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
-                    reference: nn.Module | None = None) -> dict[str, Any]:
+                    reference: nn.Module | None = None, sharded: bool = False) -> dict[str, Any]:
     """Overwrite weights, optimizer, scheduler, RNG (and the reference model's weights when given) from
-    ``path``; returns its trainer state. Raises TrainingError (naming the path) when any part cannot be read."""
+    ``path``; returns its trainer state. ``sharded``: ``model`` / ``optimizer`` hold FSDP2 shards, cut out of
+    the checkpoint's unsharded tensors. Raises TrainingError (naming the path) when any part cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model as st_load
 
     from vlgrpo import lora
+    from vlgrpo.train import sharding
 
     try:
-        if lora.peft_model(model) is not None:
+        if sharded:
+            sharding.load_full_state_dict(model, load_file(str(path / "model.safetensors")))
+        elif lora.peft_model(model) is not None:
             lora.load_trainable_state(model, load_file(str(path / ADAPTER_FILE)))
         else:
             st_load(model, str(path / "model.safetensors"))
         if reference is not None:
             st_load(reference, str(path / REFERENCE_FILE))
         # weights_only: a checkpoint dir is data, never code - a pickle that builds objects is refused.
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+        if sharded:
+            sharding.load_full_optimizer_state(optimizer, opt_state)
+        else:
+            optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
         return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -186,7 +206,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
 
 
 def resume(out_dir: Path, model: nn.Module, optimizer, scheduler,
-           reference: nn.Module | None = None) -> tuple[Path | None, dict[str, Any]]:
+           reference: nn.Module | None = None, sharded: bool = False) -> tuple[Path | None, dict[str, Any]]:
     """Load the newest checkpoint that reads back whole → (its path, its trainer state), or (None, {}).
 
     An unreadable one (truncated by a crash after the rename, e.g. power loss before the bytes hit the disk)
@@ -196,7 +216,7 @@ def resume(out_dir: Path, model: nn.Module, optimizer, scheduler,
     errors: list[TrainingError] = []
     for path in complete_checkpoints(out_dir):
         try:
-            return path, load_checkpoint(path, model, optimizer, scheduler, reference)
+            return path, load_checkpoint(path, model, optimizer, scheduler, reference, sharded)
         except TrainingError as e:
             print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
             errors.append(e)
@@ -214,13 +234,15 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def save_final(model: nn.Module, processor: Any, out_dir: Path) -> None:
+def save_final(model: nn.Module, processor: Any, out_dir: Path,
+               weights: dict[str, torch.Tensor] | None = None) -> None:
     """The trained policy (safetensors + processor) in ``out_dir``, swapped in atomically; checkpoints kept.
+    ``weights``: a sharded policy's gathered weights (vlgrpo.train.sharding), saved instead of its own.
 
     The files' sha256 go with them (``vlgrpo.io.write_content_hashes``), checked whenever the model loads.
     """
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         processor.save_pretrained(tmp)
         write_content_hashes(tmp, "vlgrpo train")
         ck = out_dir / CHECKPOINT_DIR

@@ -6,7 +6,7 @@ the plain path prefills G copies. Both draw the same tokens from the same genera
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -75,14 +75,17 @@ def _prefill(model: nn.Module, prompts: PromptBatch, G: int, shared: bool):
 
 @torch.no_grad()
 def generate_group_completions(model: nn.Module, prompts: PromptBatch, spec: SamplingSpec,
-                               generators: Sequence[torch.Generator], shared: bool = True
+                               generators: Sequence[torch.Generator], shared: bool = True,
+                               all_done: Callable[[bool], bool] | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """G sampled completions per prompt → (ids (N, C) right-padded, mask (N, C), terminated (N,)).
 
     ``mask`` covers each completion up to and including its stop token; C is the longest completion.
     ``generators[p]`` draws prompt p's G samples. Shared: prefill each prompt once, expand its KV cache to G
     rows, then decode token by token. Plain: G copies of each prompt are prefilled
-    (``generate(num_return_sequences=G)``-style).
+    (``generate(num_return_sequences=G)``-style). ``all_done``: turns this process's "all rows finished" into
+    "every process finished" - with sharded weights each forward is a collective, so all processes decode
+    until the last one is done (rows already finished feed padding; the result is the same).
     """
     G, P = spec.num_generations, len(prompts)
     cache, logits, mask, next_pos = _prefill(model, prompts, G, shared)
@@ -105,7 +108,8 @@ def generate_group_completions(model: nn.Module, prompts: PromptBatch, spec: Sam
         hit = torch.isin(tok, stops) & ~done
         terminated |= hit
         done |= hit
-        if bool(done.all()) or t == spec.max_new_tokens - 1:
+        finished = bool(done.all())
+        if (all_done(finished) if all_done is not None else finished) or t == spec.max_new_tokens - 1:
             break
         # every row attends to the token it just fed (a finished row feeds padding nobody reads)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

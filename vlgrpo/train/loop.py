@@ -7,7 +7,7 @@ from typing import Any
 
 from vlgrpo.config import Config
 from vlgrpo.train import checkpoint as ckpt
-from vlgrpo.train import evaluation
+from vlgrpo.train import evaluation, sharding
 from vlgrpo.train.metrics import StepClock, append_row, metrics_row, run_summary
 from vlgrpo.train.rollout import rollout
 from vlgrpo.train.setup import Run, RunPaths, setup
@@ -22,14 +22,20 @@ def save_step(run: Run, step: int, reward: float | None = None) -> None:
     if (step + 1) % tc.save_steps and step + 1 != tc.max_steps:
         return
     run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
+    main = run.accelerator.is_main_process
+    gathered = None
+    if run.sharded:       # every process takes part in gathering the shards; the main one writes them
+        weights = sharding.full_state_dict(run.policy, main)
+        opt = sharding.full_optimizer_state(run.optimizer, main)
+        gathered = ckpt.Gathered(weights, opt) if main else None
+    if main:
         state = {"step": step + 1, "seed": tc.seed, "num_items": len(run.items),
                  "data_order": {"seed": tc.seed, "prompts_per_step": tc.prompts_per_step,
                                 "next_slot": (step + 1) * tc.prompts_per_step},
                  "train_config": dataclasses.asdict(tc), "fingerprint": run.fingerprint, "reward": reward}
         path = run.paths.out_dir / ckpt.CHECKPOINT_DIR / f"step-{step + 1}"
         ckpt.save_checkpoint(path, run.policy, run.optimizer, run.scheduler, state,
-                             reference=run.checkpointed_reference)
+                             reference=run.checkpointed_reference, gathered=gathered)
         ckpt.rotate_checkpoints(run.paths.out_dir, tc.save_total_limit, tc.keep_best_checkpoint, path)
     run.accelerator.wait_for_everyone()
 
@@ -69,8 +75,9 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
     summary = run_summary(run, history, len(history), time.perf_counter() - t_run)
     if summary["finished"]:
         summary["best"] = evaluation.load_best(run)    # keep_best: the final model is the best one
+    weights = sharding.full_state_dict(run.policy, main) if (summary["finished"] and run.sharded) else None
     if summary["finished"] and main:
-        ckpt.save_final(run.policy, run.processor, run.paths.out_dir)
+        ckpt.save_final(run.policy, run.processor, run.paths.out_dir, weights)
     run.accelerator.wait_for_everyone()
     summary["wall_s"] = time.perf_counter() - t_run
     return summary

@@ -111,6 +111,7 @@ def run_summary(run: "Run", history: list[dict[str, Any]], steps_done: int, wall
         "tokens_per_s": statistics.median(h["tokens_per_s"] for h in history) if history else None,
         "num_prompts": len(run.items), "dropped_prompts": run.dropped, "num_processes": run.world,
         "mixed_precision": tc.mixed_precision, "shared_work": tc.shared_work, "device": str(run.device),
+        "sharding": "fsdp2" if run.sharded else None,
         "final": history[-1] if history else None, "out_dir": str(run.paths.out_dir),
         "metrics_path": str(run.paths.metrics_path),
     }

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from vlgrpo import grpo
 from vlgrpo.train import prompts as P
+from vlgrpo.train import sharding
 from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.errors import TrainingError
-from vlgrpo.train.generation import generate_group_completions
 from vlgrpo.train.scoring import score_batch, unwrap
 
 if TYPE_CHECKING:
@@ -88,14 +89,21 @@ def encode_step(run: "Run", step: int, slots: list[int], items: list[Any]) -> Pr
 
 def sample(run: "Run", prompts: PromptBatch, step: int, slots: list[int]):
     """G completions per prompt from the current policy (eval mode, autocast) → (ids, mask, terminated)."""
-    base = unwrap(run.scorer).model
-    base.eval()
+    scorer = unwrap(run.scorer)
+    gens = [P.step_generator(run.tc.seed, step, k, 0) for k in slots]
+    all_done = (lambda flag: sharding.all_processes(flag, run.device)) if run.sharded else None
+    scorer.model.eval()
     with run.accelerator.autocast():
-        out = generate_group_completions(base, prompts, run.sampling,
-                                         [P.step_generator(run.tc.seed, step, k, 0) for k in slots],
-                                         shared=run.tc.shared_work)
-    base.train()
-    return out
+        ids, mask, term = scorer.generate(prompts, run.sampling, gens, run.tc.shared_work, all_done=all_done)
+    scorer.model.train()
+    if run.sharded:
+        # every process scores completions of one width, the longest of all: whether the shared path runs
+        # its second (completion) forward then does not differ between processes - each forward through a
+        # sharded layer is a collective. Padded columns are masked (causal attention: earlier tokens unchanged).
+        width = sharding.max_over_processes(ids.shape[1], run.device)
+        ids = F.pad(ids, (0, width - ids.shape[1]), value=run.sampling.pad_id)
+        mask = F.pad(mask, (0, width - mask.shape[1]), value=0)
+    return ids, mask, term
 
 
 def score_rewards(run: "Run", step: int, items: list[Any], completions: tuple) -> torch.Tensor:

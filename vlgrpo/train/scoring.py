@@ -77,7 +77,18 @@ class CompletionScorer(nn.Module):
         backbone, lm_head = _backbone_and_head(self.model)
         run = self._shared if shared else self._plain
         hidden = run(backbone, prompts, completion_ids, completion_mask, repeats)     # (n, C, H)
-        return completion_logprobs(hidden, lm_head.weight, completion_ids, bias=lm_head.bias, **head)
+        logp, ent = completion_logprobs(hidden, lm_head.weight, completion_ids, bias=lm_head.bias, **head)
+        # not a view: a sharded (FSDP2) root hooks its backward on this output, and a hook on a view can be
+        # dropped by an in-place op downstream (torch warns); (n, C) floats cost nothing to copy
+        return (logp.clone() if logp.requires_grad else logp), ent
+
+    def generate(self, prompts: PromptBatch, spec, generators, shared: bool, all_done=None):
+        """``vlgrpo.train.generation.generate_group_completions`` with this policy: a method of the wrapped
+        module, so that a sharded scorer (registered as an FSDP forward method, vlgrpo.train.sharding) gathers
+        its root weights - embeddings, tied head - before decoding."""
+        from vlgrpo.train.generation import generate_group_completions
+
+        return generate_group_completions(self.model, prompts, spec, generators, shared=shared, all_done=all_done)
 
     def _plain(self, backbone: nn.Module, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor,
                r: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 from vlgrpo import grpo
 from vlgrpo.config import Config, TrainConfig
 from vlgrpo.train import checkpoint as ckpt
+from vlgrpo.train import sharding
 from vlgrpo.train.errors import TrainingError
 from vlgrpo.train.generation import SamplingSpec
 from vlgrpo.train.paths import RunPaths
@@ -41,6 +42,7 @@ class Run:
     fingerprint: str = ""
     start_step: int = 0
     resumed_from: int | None = None
+    sharded: bool = False             # FSDP2 applied by the trainer (vlgrpo.train.sharding)
     eval_rewards: dict[str, Any] | None = None   # reward functions of in-training evaluation, built on first use
 
     @property
@@ -159,7 +161,7 @@ def _restore(run: Run) -> None:
     ckpt.drop_superseded(run.paths.out_dir, run.fingerprint, acc.is_main_process)
     acc.wait_for_everyone()
     path, state = ckpt.resume(run.paths.out_dir, run.policy, run.optimizer, run.scheduler,
-                              reference=run.checkpointed_reference)
+                              reference=run.checkpointed_reference, sharded=run.sharded)
     if path is not None:
         run.start_step = run.resumed_from = int(state["step"])
         if acc.is_main_process:
@@ -178,14 +180,24 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     if tc.prompts_per_step % accelerator.num_processes:
         raise TrainingError(f"train.prompts_per_step ({tc.prompts_per_step}) must be divisible by the number "
                             f"of processes ({accelerator.num_processes})")
+    # accelerate launch with an FSDP2 config: the trainer shards the policy itself (accelerate would not on CPU)
+    sharded = sharding.fsdp2_requested() and accelerator.num_processes > 1
+    unsupported = sharding.unsupported_with_sharding(tc) if sharded else []
+    if unsupported:
+        raise TrainingError("FSDP2 sharding (an accelerate config with fsdp_version: 2) does not support "
+                            + "; ".join(unsupported))
     torch.manual_seed(tc.seed)
     model, processor, ref_scorer = load_models(cfg, paths, accelerator.device)
-    optimizer, scheduler = build_optimizer(model, tc)
-    scorer, optimizer = accelerator.prepare(CompletionScorer(model), optimizer)
+    if sharded:       # shard first: the optimizer must hold the sharded parameters
+        scorer = sharding.shard(CompletionScorer(model), accelerator.device)
+        optimizer, scheduler = build_optimizer(model, tc)
+    else:
+        optimizer, scheduler = build_optimizer(model, tc)
+        scorer, optimizer = accelerator.prepare(CompletionScorer(model), optimizer)
     sampling = SamplingSpec.for_training(tc, processor, model)
     items, dropped = load_train_items(cfg, processor, paths.manifest)
     run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
-              reward_setup(cfg, paths), sampling)
+              reward_setup(cfg, paths), sampling, sharded=sharded)
     run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
     _restore(run)
     return run

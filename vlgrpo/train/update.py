@@ -14,6 +14,7 @@ from torch import nn
 from vlgrpo import grpo
 from vlgrpo.config import TrainConfig
 from vlgrpo.train.batches import StepBatch, micro_batches
+from vlgrpo.train import sharding
 from vlgrpo.train.errors import check_finite
 from vlgrpo.train.scoring import score_micro_batch
 
@@ -38,8 +39,10 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
     for i, mb in enumerate(mbs):
         last = i == len(mbs) - 1
         sl = slice(mb.start, mb.end)
-        # gradients are all-reduced once per step, on the last micro-batch
-        with (accelerator.no_sync(scorer) if (accelerator is not None and not last) else nullcontext()):
+        # DDP: gradients are all-reduced once per step, on the last micro-batch. Sharded (FSDP2): reduce-scattered
+        # after every micro-batch - skipping that would keep a full unsharded gradient (vlgrpo.train.sharding)
+        accumulate = accelerator is not None and not last and not sharding.is_fsdp(scorer)
+        with (accelerator.no_sync(scorer) if accumulate else nullcontext()):
             with (accelerator.autocast() if accelerator is not None else nullcontext()):
                 logp, ent = score_micro_batch(scorer, mb, batch.completion_ids, mask, tc, with_entropy=True)
             old = batch.old_logp[sl] if batch.old_logp is not None else None
@@ -98,7 +101,10 @@ def update(run: "Run", batch: StepBatch, step: int) -> tuple[dict[str, float], l
     for i in range(run.tc.num_iterations):
         sums = update_phase(run.scorer, batch, run.tc, run.accelerator)
         check_finite(step + 1, "loss", sums["loss"])
-        gn = float(run.accelerator.clip_grad_norm_(run.scorer.parameters(), run.tc.max_grad_norm))
+        if run.sharded:
+            gn = sharding.clip_grad_norm(run.scorer.parameters(), run.tc.max_grad_norm)
+        else:
+            gn = float(run.accelerator.clip_grad_norm_(run.scorer.parameters(), run.tc.max_grad_norm))
         check_finite(step + 1, "grad_norm", gn)
         grad_norms.append(gn)
         run.optimizer.step()
