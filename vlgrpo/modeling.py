@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -378,11 +379,25 @@ def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: in
     the chat template."""
     from qwen_vl_utils import process_vision_info
 
-    messages = build_messages(item, list(images), min_pixels, max_pixels, _item_videos(item, manifest_dir))
+    frames = _item_videos(item, manifest_dir)
+    messages = build_messages(item, list(images), min_pixels, max_pixels, frames)
     patch = getattr(processor.image_processor, "patch_size", PATCH_SIZE)
-    vision, videos = process_vision_info(messages, image_patch_size=patch)
+    # Videos are not handed to qwen-vl-utils: its frame resize has a floor of 4 merged blocks a frame (3136 px
+    # at 28 px) and would upscale a non-square frame the cache fitted below it (84x112 -> 28x56 in a 3136 px
+    # budget -> 56x84), past data.video_max_pixels and the tokens validate counted. The cached frames are
+    # already in the budget with sides multiples of the block, so they go in as they are.
+    images_only = [{**m, "content": [c for c in m["content"] if c.get("type") != "video"]}
+                   if isinstance(m["content"], list) else m for m in messages]
+    vision, _ = process_vision_info(images_only, image_patch_size=patch)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text, vision or [], videos or []
+    return text, vision or [], [frames_tensor(v) for v in frames]
+
+
+def frames_tensor(frames: Sequence[Image.Image]) -> torch.Tensor:
+    """A video's frames (one size) as the (T, C, H, W) float tensor (0-255) qwen-vl-utils would give: an odd
+    count is padded with the last frame (Qwen-VL's temporal patch is 2 frames), as qwen-vl-utils does."""
+    frames = list(frames) + ([frames[-1]] if len(frames) % 2 else [])
+    return torch.stack([torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1) for f in frames]).float()
 
 
 def _encode(processor, texts: list[str], images: list[Image.Image], videos: list[torch.Tensor], min_pixels: int,
