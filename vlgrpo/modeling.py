@@ -13,8 +13,9 @@ Prompts are built as Qwen chat messages, images go through ``qwen_vl_utils.proce
 applies the per-image ``min_pixels``/``max_pixels``, the same budget is handed to the image processor) and
 the processor expands each ``<|image_pad|>`` into one token per merged block of 2x2 patches: 28x28 px for
 Qwen2-VL / Qwen2.5-VL (112x112 -> 16 tokens), 32x32 px for Qwen3-VL. A video (``item.videos``: its cached
-frames, already in the video pixel budget) becomes a video part of frames at their cached size; the
-processor expands its ``<|video_pad|>`` into one token per merged block per 2 frames and returns
+frames, already in the video pixel budget) becomes a video part; its frames go to the processor at their
+cached size (not through qwen-vl-utils' resize, which upscales frames under 4 merged blocks); the processor
+expands its ``<|video_pad|>`` into one token per merged block per 2 frames and returns
 ``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts``. Padding is on the LEFT so that
 generated tokens start at the same column for every row of a batch.
 """
@@ -375,8 +376,8 @@ def _item_videos(item: Item, manifest_dir: Path) -> list[list[Image.Image]]:
 
 def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: int, max_pixels: int,
             manifest_dir: Path):
-    """(prompt text, resized images, videos as frame tensors) for one item, through process_vision_info and
-    the chat template."""
+    """(prompt text, resized images, videos as frame tensors) for one item: images through process_vision_info,
+    video frames as cached, the text through the chat template."""
     from qwen_vl_utils import process_vision_info
 
     frames = _item_videos(item, manifest_dir)
@@ -410,7 +411,7 @@ def _encode(processor, texts: list[str], images: list[Image.Image], videos: list
     # 256 px, 64 tokens instead of 9). With the same budget its resize of an already-fitted image is a no-op.
     kw: dict[str, Any] = {"images": images, "images_kwargs": {"size": {"shortest_edge": min_pixels,
                                                                         "longest_edge": max_pixels}}} if images else {}
-    if videos:  # frames arrive resized by qwen-vl-utils (the cache's video budget): never resized again here
+    if videos:  # frames arrive at their cached size (the cache's video budget): never resized again here
         kw.update(videos=videos, videos_kwargs={"do_resize": False, "cap_pixels_per_frame": True})
     try:
         return processor(text=texts, padding=True, return_tensors="pt", **kw)
