@@ -386,12 +386,19 @@ def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: in
     # Videos are not handed to qwen-vl-utils: its frame resize has a floor of 4 merged blocks a frame (3136 px
     # at 28 px) and would upscale a non-square frame the cache fitted below it (84x112 -> 28x56 in a 3136 px
     # budget -> 56x84), past data.video_max_pixels and the tokens validate counted. The cached frames are
-    # already in the budget with sides multiples of the block, so they go in as they are.
-    images_only = [{**m, "content": [c for c in m["content"] if c.get("type") != "video"]}
-                   if isinstance(m["content"], list) else m for m in messages]
-    vision, _ = process_vision_info(images_only, image_patch_size=patch)
+    # already in the budget with sides multiples of the block, so they go in as they are. Frames cached for
+    # another block size (a hub-id Qwen3-VL: the data stage assumed 28 px, the model needs 32) still go
+    # through qwen-vl-utils, which fits them to the model's block.
+    block = patch * getattr(processor.image_processor, "merge_size", SPATIAL_MERGE)
+    if all(f.width % block == 0 and f.height % block == 0 for v in frames for f in v):
+        images_only = [{**m, "content": [c for c in m["content"] if c.get("type") != "video"]}
+                       if isinstance(m["content"], list) else m for m in messages]
+        vision, _ = process_vision_info(images_only, image_patch_size=patch)
+        videos = [frames_tensor(v) for v in frames]
+    else:
+        vision, videos = process_vision_info(messages, image_patch_size=patch)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text, vision or [], [frames_tensor(v) for v in frames]
+    return text, vision or [], videos or []
 
 
 def frames_tensor(frames: Sequence[Image.Image]) -> torch.Tensor:
