@@ -264,3 +264,17 @@ def test_mp4_files_run_through_validate_data_and_a_training_forward(tmp_path):
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "visual" in n)
+
+
+def test_video_file_frames_are_sampled_evenly_and_bombs_refused(tmp_path, monkeypatch):
+    from vlgrpo.data.video_files import VideoDecodeError, decode_video
+
+    grey = [Image.new("RGB", (84, 56), (50 * k, 50 * k, 50 * k)) for k in range(5)]      # 0, 50, ..., 200
+    path = write_video(tmp_path / "fade.mp4", grey)
+    frames, total = decode_video(path, 4)
+    assert total == 5 and [f.size for f in frames] == [(84, 56)] * 4
+    # frames 0, 1, 3, 4 of 5 (evenly, first and last kept): their grey levels, within H.264's loss
+    assert [f.getpixel((40, 28))[0] for f in frames] == pytest.approx([0, 50, 150, 200], abs=6)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 84 * 56 - 1)
+    with pytest.raises(VideoDecodeError, match="84x56 px frames.*decompression bomb"):
+        decode_video(path, 4)

@@ -11,8 +11,9 @@ checked, resized into ``data.video_max_pixels`` and cached like images, and qwen
 input from them. The file is decoded twice: once to count its frames (which also proves every frame
 decodes), once to keep the sampled ones, so memory holds only the kept frames.
 
-A file that does not open, holds no video stream, fails to decode, or decodes to fewer frames than its
-header announces (a cut-off file) raises :class:`VideoDecodeError` with the reason.
+A file that does not open, holds no video stream, announces frames larger than the images' decompression-bomb
+limit (``PIL.Image.MAX_IMAGE_PIXELS``), fails to decode, or decodes to fewer frames than its header announces
+(a cut-off file) raises :class:`VideoDecodeError` with the reason.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def _walk(path: Path, keep: set[int] | None) -> tuple[int, dict[int, Image.Image
             if not container.streams.video:
                 raise VideoDecodeError("no video stream")
             stream = container.streams.video[0]
+            w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
+            if w * h > Image.MAX_IMAGE_PIXELS:      # the images' decompression-bomb limit, before decoding
+                raise VideoDecodeError(f"has {w}x{h} px frames, more than {Image.MAX_IMAGE_PIXELS} px "
+                                       f"(possible decompression bomb)")
             announced = int(stream.frames or 0)
             for frame in container.decode(stream):
                 if keep is not None and n in keep:
