@@ -3,6 +3,7 @@
 - ms-swift GRPO JSONL: ``{"messages": [...], "images": [...], "solution": ..., <extra columns>}`` a line;
 - COCO captions: ``<root>/annotations/captions_<split>.json`` (``images`` + ``annotations``) and
   ``<root>/<split>/<file_name>``;
+- a video file: an H.264 ``.mp4`` written with PyAV (``write_video``);
 - Karpathy Flickr30k: ``<root>/dataset_flickr30k.json`` (``images[].filename``, ``sentences[].raw``,
   ``split``) and ``<root>/flickr30k-images/<filename>``.
 
@@ -94,4 +95,23 @@ def make_flickr(root: str | Path, entries: list[tuple[int, str, str, list[str]]]
     path = root / "dataset_flickr30k.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"images": images, "dataset": "flickr30k"}), encoding="utf-8")
+    return path
+
+
+def write_video(path: str | Path, frames: list[Any], fps: int = 4) -> Path:
+    """Write RGB frames (PIL images or HxWx3 uint8 arrays, even sides) as an H.264 ``.mp4`` with PyAV (the
+    tests' real videos)."""
+    import av
+    import numpy as np
+
+    path = Path(path)
+    arrays = [np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f, dtype=np.uint8) for f in frames]
+    h, w = arrays[0].shape[:2]
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "10"}
+        for a in arrays:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        out.mux(stream.encode())          # flush the encoder
     return path

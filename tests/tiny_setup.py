@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlgrpo import modeling
-from vlgrpo.config import Config, DataConfig
+from vlgrpo.config import Config, DataConfig, config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import Item, read_manifest
 
@@ -31,3 +31,18 @@ def tiny_project(root: Path, cfg: Config, plugin: str) -> Path:
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
     modeling.save_model(model, proc, root / "models/base")
     return root
+
+
+# The small trainer settings the tiny-project training tests share: 2 prompts x 4 completions of 4 tokens, fp32,
+# a checkpoint every step, no warm-up.
+TINY_TRAIN = {"max_steps": 2, "prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 4,
+              "mixed_precision": "no", "max_completion_length": 4, "save_steps": 1, "learning_rate": 0.01,
+              "warmup_ratio": 0.0}
+
+
+def tiny_train_cfg(project: Path, weights: dict[str, float], num_val: int = 2, **train) -> Config:
+    """The config of a tiny-project training test: 16 train items, ``num_val`` val and 2 test items, the
+    project's ``plugin.py`` loaded, ``weights`` as rewards.weights and TINY_TRAIN updated with ``train``."""
+    return config_from_dict({"data": {"num_train": 16, "num_val": num_val, "num_test": 2},
+                             "rewards": {"weights": weights, "plugins": [str(project / "plugin.py")]},
+                             "train": {**TINY_TRAIN, **train}})

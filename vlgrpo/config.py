@@ -358,8 +358,11 @@ class RewardsConfig:
             always in pixels of the original image.
         models: learned reward models, reward name -> local folder (relative to the project root) of a
             transformers sequence-classification model and its tokenizer (safetensors, no remote code); each
-            scores prompt + completion (logit 0). A name here is used like any reward in ``weights``.
-        model_batch_size: texts per reward-model forward.
+            scores prompt + completion (logit 0). A folder with a Qwen-VL checkpoint is a vision-language
+            judge instead: it sees the item's images, question and completion and scores P(yes) / (P(yes) +
+            P(no)) for "Is the answer correct?" (``vlgrpo.rewards.make_vl_judge``). A name here is used like
+            any reward in ``weights``.
+        model_batch_size: texts (judge: prompts with their images) per reward-model forward.
     """
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     plugins: tuple[str, ...] = ()

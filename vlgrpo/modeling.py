@@ -13,8 +13,9 @@ Prompts are built as Qwen chat messages, images go through ``qwen_vl_utils.proce
 applies the per-image ``min_pixels``/``max_pixels``, the same budget is handed to the image processor) and
 the processor expands each ``<|image_pad|>`` into one token per merged block of 2x2 patches: 28x28 px for
 Qwen2-VL / Qwen2.5-VL (112x112 -> 16 tokens), 32x32 px for Qwen3-VL. A video (``item.videos``: its cached
-frames, already in the video pixel budget) becomes a video part of frames at their cached size; the
-processor expands its ``<|video_pad|>`` into one token per merged block per 2 frames and returns
+frames, already in the video pixel budget) becomes a video part; its frames go to the processor at their
+cached size (not through qwen-vl-utils' resize, which upscales frames under 4 merged blocks); the processor
+expands its ``<|video_pad|>`` into one token per merged block per 2 frames and returns
 ``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts``. Padding is on the LEFT so that
 generated tokens start at the same column for every row of a batch.
 """
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -374,15 +376,36 @@ def _item_videos(item: Item, manifest_dir: Path) -> list[list[Image.Image]]:
 
 def _render(processor, item: Item, images: Sequence[Image.Image], min_pixels: int, max_pixels: int,
             manifest_dir: Path):
-    """(prompt text, resized images, videos as frame tensors) for one item, through process_vision_info and
-    the chat template."""
+    """(prompt text, resized images, videos as frame tensors) for one item: images through process_vision_info,
+    video frames as cached, the text through the chat template."""
     from qwen_vl_utils import process_vision_info
 
-    messages = build_messages(item, list(images), min_pixels, max_pixels, _item_videos(item, manifest_dir))
+    frames = _item_videos(item, manifest_dir)
+    messages = build_messages(item, list(images), min_pixels, max_pixels, frames)
     patch = getattr(processor.image_processor, "patch_size", PATCH_SIZE)
-    vision, videos = process_vision_info(messages, image_patch_size=patch)
+    # Videos are not handed to qwen-vl-utils: its frame resize has a floor of 4 merged blocks a frame (3136 px
+    # at 28 px) and would upscale a non-square frame the cache fitted below it (84x112 -> 28x56 in a 3136 px
+    # budget -> 56x84), past data.video_max_pixels and the tokens validate counted. The cached frames are
+    # already in the budget with sides multiples of the block, so they go in as they are. Frames cached for
+    # another block size (a hub-id Qwen3-VL: the data stage assumed 28 px, the model needs 32) still go
+    # through qwen-vl-utils, which fits them to the model's block.
+    block = patch * getattr(processor.image_processor, "merge_size", SPATIAL_MERGE)
+    if all(f.width % block == 0 and f.height % block == 0 for v in frames for f in v):
+        images_only = [{**m, "content": [c for c in m["content"] if c.get("type") != "video"]}
+                       if isinstance(m["content"], list) else m for m in messages]
+        vision, _ = process_vision_info(images_only, image_patch_size=patch)
+        videos = [frames_tensor(v) for v in frames]
+    else:
+        vision, videos = process_vision_info(messages, image_patch_size=patch)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text, vision or [], videos or []
+
+
+def frames_tensor(frames: Sequence[Image.Image]) -> torch.Tensor:
+    """A video's frames (one size) as the (T, C, H, W) float tensor (0-255) qwen-vl-utils would give: an odd
+    count is padded with the last frame (Qwen-VL's temporal patch is 2 frames), as qwen-vl-utils does."""
+    frames = list(frames) + ([frames[-1]] if len(frames) % 2 else [])
+    return torch.stack([torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1) for f in frames]).float()
 
 
 def _encode(processor, texts: list[str], images: list[Image.Image], videos: list[torch.Tensor], min_pixels: int,
@@ -395,7 +418,7 @@ def _encode(processor, texts: list[str], images: list[Image.Image], videos: list
     # 256 px, 64 tokens instead of 9). With the same budget its resize of an already-fitted image is a no-op.
     kw: dict[str, Any] = {"images": images, "images_kwargs": {"size": {"shortest_edge": min_pixels,
                                                                         "longest_edge": max_pixels}}} if images else {}
-    if videos:  # frames arrive resized by qwen-vl-utils (the cache's video budget): never resized again here
+    if videos:  # frames arrive at their cached size (the cache's video budget): never resized again here
         kw.update(videos=videos, videos_kwargs={"do_resize": False, "cap_pixels_per_frame": True})
     try:
         return processor(text=texts, padding=True, return_tensors="pt", **kw)

@@ -17,7 +17,7 @@ name is the metric name everywhere (logs, reports, MLflow).
 Built in: ``accuracy``, ``format``, ``detail_f1``, ``reference`` (CIDEr-D), ``fluency``, ``soft_overlong``
 (needs the ``completion_length`` column: completion tokens), ``iou`` (grounding: box answers); ``clip_score``
 needs a local CLIP checkpoint (``rewards.clip_model``) and learned reward models (``rewards.models``) a local
-sequence-classification model; both are built by :func:`resolve_rewards`.
+sequence-classification model or a local Qwen-VL judge; both are built by :func:`resolve_rewards`.
 
 Boxes (``iou``, and ``accuracy`` on items whose solution is a box: IoU >= 0.5): the gold box is the item's
 solution, ``[x1, y1, x2, y2]`` in pixels of the original image, as JSON (``[..]``, ``{"bbox_2d": [..]}`` or a
@@ -549,9 +549,27 @@ def make_soft_overlong(max_length: int, buffer: int) -> RewardFn:
 # ---- learned reward models
 
 
-def make_reward_model(name: str, path: str | Path, batch_size: int = 32, device: str = "cpu") -> RewardFn:
-    """A learned reward: a local transformers sequence-classification model scores ``prompt + completion``
-    (logit 0, like TRL's reward models), ``batch_size`` texts per forward.
+# Model types whose checkpoints are vision-language judges (generative Qwen-VL) rather than classifiers.
+VL_JUDGE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# What a vision-language judge is asked; its reward is P(yes) / (P(yes) + P(no)) for the next token.
+JUDGE_TEMPLATE = "Question: {prompt}\nAnswer: {completion}\nIs the answer correct? Answer yes or no."
+
+
+def _model_type(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def make_reward_model(name: str, path: str | Path, batch_size: int = 32, device: str = "cpu", *,
+                      image_root: str | Path = ".", pixels: tuple[int, int] = (3136, 12544)) -> RewardFn:
+    """A learned reward from a local checkpoint: a transformers sequence-classification model scores
+    ``prompt + completion`` (logit 0, like TRL's reward models); a Qwen-VL checkpoint (``VL_JUDGE_TYPES``)
+    is a vision-language judge (:func:`make_vl_judge`: the item's images under ``image_root``, in the
+    ``pixels`` budget). ``batch_size`` texts per forward.
 
     ``path``: a directory with the model (safetensors) and its tokenizer; never downloaded, no remote code.
     """
@@ -561,6 +579,8 @@ def make_reward_model(name: str, path: str | Path, batch_size: int = 32, device:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"reward model {name!r}: rewards.models.{name} = {path} is not a local directory")
+    if _model_type(path) in VL_JUDGE_TYPES:
+        return make_vl_judge(name, path, batch_size, device, image_root=image_root, pixels=pixels)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, local_files_only=True, trust_remote_code=False, use_safetensors=True).to(device).eval()
@@ -580,6 +600,52 @@ def make_reward_model(name: str, path: str | Path, batch_size: int = 32, device:
 
     score.__name__ = score.__qualname__ = name
     return score
+
+
+def _yes_no_ids(tokenizer: Any, name: str) -> tuple[int, int]:
+    """The first token of "yes" and of "no" (one token each in Qwen's vocabulary)."""
+    yes, no = (tokenizer.encode(w, add_special_tokens=False) for w in ("yes", "no"))
+    if not yes or not no or yes[0] == no[0]:
+        raise ValueError(f"reward model {name!r}: its tokenizer cannot tell 'yes' from 'no' by their first token")
+    return yes[0], no[0]
+
+
+def make_vl_judge(name: str, path: str | Path, batch_size: int = 32, device: str = "cpu", *,
+                  image_root: str | Path = ".", pixels: tuple[int, int] = (3136, 12544)) -> RewardFn:
+    """A vision-language judge: a local Qwen-VL checkpoint sees the item's images and ``JUDGE_TEMPLATE``
+    (question, completion, "Is the answer correct? Answer yes or no.") as one user turn, and the reward is
+    P(yes) / (P(yes) + P(no)) of its next token, in [0, 1]. Batches of ``batch_size`` prompts, left-padded
+    (the Qwen-VL position ids follow the padding), so a batched score equals the one-at-a-time score.
+
+    Images come from the ``images`` column (paths under ``image_root``, the manifest's folder) and are fitted
+    into ``pixels`` (data.min_pixels, data.max_pixels) as the policy's are. Videos are not shown to it.
+    """
+    import torch
+
+    from vlgrpo import modeling
+    from vlgrpo.data.manifest import Item
+
+    model, processor = modeling.load_model(path)
+    model.to(device)
+    yes, no = _yes_no_ids(processor.tokenizer, name)
+    root = Path(image_root)
+
+    @torch.no_grad()
+    def judge(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        images = _col(columns, "images", len(completions))
+        items = [Item(id=str(i), split="test", task="vqa", images=list(im or []),
+                      question=JUDGE_TEMPLATE.format(prompt=p, completion=c))
+                 for i, (p, c, im) in enumerate(zip(prompts, completions, images))]
+        out: list[float] = []
+        for s in range(0, len(items), batch_size):
+            enc = modeling.encode_prompts(processor, items[s:s + batch_size], root, *pixels).to(device)
+            # left padding: the last position predicts the next token; only its logits are computed
+            logits = model(**enc, logits_to_keep=1).logits[:, -1, [yes, no]].float()
+            out += torch.softmax(logits, dim=-1)[:, 0].tolist()
+        return out
+
+    judge.__name__ = judge.__qualname__ = name
+    return judge
 
 
 # ---- clip_score
@@ -661,7 +727,8 @@ def resolve_rewards(names: Iterable[str], cfg: Any = None, root: str | Path = ".
             if name in REWARDS:
                 raise KeyError(f"rewards.models.{name}: {name!r} is already a registered reward; pick "
                                f"another name")
-            out[name] = make_reward_model(name, under_root(root, models[name]), cfg.model_batch_size)
+            out[name] = make_reward_model(name, under_root(root, models[name]), cfg.model_batch_size,
+                                          image_root=image_root or root, pixels=pixels or (3136, 12544))
         elif name in ("accuracy", "iou") and conv is not None:
             out[name] = (make_accuracy if name == "accuracy" else make_iou)(conv)
         elif name == "soft_overlong":

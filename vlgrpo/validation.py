@@ -17,7 +17,7 @@ Row checks give one finding per problem, ``{"line", "severity", "check", "messag
   ``unknown_layout``, ``bad_schema``, ``missing_image``, ``empty_image``, ``truncated_image``,
   ``not_an_image``, ``decompression_bomb``, ``bad_aspect_ratio``, ``empty_solution``, ``no_image``,
   ``no_user_prompt``, ``image_tag_mismatch``, ``video_tag_mismatch``, ``missing_video``,
-  ``unsupported_video``, ``video_frame_mismatch`` (frames of one video of different sizes),
+  ``corrupt_video`` (a video file that does not decode completely), ``video_frame_mismatch`` (frames of one video of different sizes),
   ``unsupported_grounding``, ``path_escape``, ``remote_url``, ``prompt_too_long``, ``duplicate_id``, ``image_in_two_splits``;
 - warnings (the row is kept and repaired by the data stage): ``converted_mode``, ``resized``,
   ``upscaled``, ``duplicate_row`` (an exact copy of an earlier row; the copy is dropped), ``sampled_frames``
@@ -67,7 +67,7 @@ from vlgrpo.io import atomic_dir, atomic_write_json
 ERROR_CHECKS = ("invalid_json", "invalid_dataset", "unreadable_source", "unknown_layout", "bad_schema",
                 "missing_image", "empty_image", "truncated_image", "not_an_image", "decompression_bomb",
                 "bad_aspect_ratio", "empty_solution", "no_image", "no_user_prompt", "image_tag_mismatch",
-                "video_tag_mismatch", "missing_video", "unsupported_video", "video_frame_mismatch",
+                "video_tag_mismatch", "missing_video", "corrupt_video", "video_frame_mismatch",
                 "unsupported_grounding", "path_escape", "remote_url", "prompt_too_long", "duplicate_id",
                 "image_in_two_splits")
 WARNING_CHECKS = ("converted_mode", "resized", "upscaled", "duplicate_row", "sampled_frames") + LAYOUT_WARNINGS

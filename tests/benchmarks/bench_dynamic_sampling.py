@@ -1,84 +1,134 @@
 """Learning curves with and without dynamic sampling (``train.dynamic_sampling``) on the default task.
 
-    python -m tests.benchmarks.bench_dynamic_sampling --seeds 0 1 2 [--out curves.json] [--max-steps N]
+    python -m tests.benchmarks.bench_dynamic_sampling --seeds 0 1 2 3 4 [--jobs 2] [--out curves.json]
+        [--target 0.99] [--full] [--max-steps N]
 
-For each ``train.seed``, trains the default ``params.yaml`` run twice (dynamic sampling off / on, checkpoints
-every 10 steps) in a fresh project under a temp folder (data and base stage first, shared by all runs), then
-scores every 10th checkpoint greedily on the test split. It prints test accuracy by step, the groups sampled
-(dynamic sampling samples more) and the first step at 0.99 or more. This is not part of ``make bench``: it takes
-about 15 minutes per seed on 2 CPU cores. The results are in docs/features.md.
+For each ``train.seed``, trains the default ``params.yaml`` run twice (dynamic sampling off / on) in one
+project under a temp folder (data and base stage first, shared by all runs). Test accuracy comes from the
+trainer's own in-training evaluation (``train.eval_steps: 10``, greedy): the runs read a copy of the
+manifest in which the test split is labelled ``val`` (and the real val split is not), so ``eval/accuracy``
+is the accuracy on the 200 test items. The train split and its order are untouched, and evaluating draws no
+random numbers, so the training itself is the default run's.
+
+A run stops once its test accuracy reaches ``--target`` (default 0.99): the state is kept in memory and
+trained in chunks of ``eval_steps`` steps, so stopping early changes nothing before the stop. ``--full``
+trains every run to ``max_steps``. Runs go ``--jobs`` at a time, each in its own process with one thread.
+It prints test accuracy by step, the groups sampled (dynamic sampling samples more) and the first step at
+each of 0.9 / 0.95 / ``--target``. Not part of ``make bench`` (tens of minutes per seed on 2 CPU cores).
+The results are in docs/features.md.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import statistics
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+EVAL_EVERY = 10
+EVAL_MANIFEST = "data/manifest_test_as_val.jsonl"
 
 
 def prepare(root: Path):
-    """Data + base stage of the default params in ``root`` → the config."""
+    """Data + base stage of the default params in ``root``, and the manifest whose ``val`` is the test split
+    → the config."""
     from vlgrpo.base import run_base
     from vlgrpo.config import load_config
     from vlgrpo.data.build import build_dataset
+    from vlgrpo.data.manifest import read_manifest, write_manifest
 
     cfg = load_config(REPO / "params.yaml")
     build_dataset(cfg, root)
     run_base(cfg, root, root / "data/manifest.jsonl", progress=False)
+    relabel = {"val": "heldout_val", "test": "val"}
+    items = [dataclasses.replace(it, split=relabel.get(it.split, it.split))
+             for it in read_manifest(root / "data/manifest.jsonl")]
+    write_manifest(root / EVAL_MANIFEST, items)
     return cfg
 
 
-def curve(cfg, root: Path, seed: int, dynamic: bool, max_steps: int) -> list[dict]:
-    """Train one variant; test accuracy (and groups sampled so far) of every 10th checkpoint."""
-    from safetensors.torch import load_model
+def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: float | None
+          ) -> list[dict]:
+    """Train one variant (one thread), evaluating on the test split every EVAL_EVERY steps, until
+    ``max_steps`` or (``target`` not None) the first evaluation at ``target`` or more → the evaluations:
+    step, test accuracy, groups sampled so far."""
+    import torch
 
-    from vlgrpo import evaluate as E
-    from vlgrpo import modeling
-    from vlgrpo.data.manifest import read_manifest
-    from vlgrpo.train import RunPaths, train_grpo
+    from vlgrpo.config import load_config
+    from vlgrpo.train import RunPaths
+    from vlgrpo.train.loop import train
+    from vlgrpo.train.setup import setup
 
+    torch.set_num_threads(1)
+    cfg = load_config(REPO / "params.yaml")
+    steps = max_steps or cfg.train.max_steps
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, dynamic_sampling=dynamic, seed=seed, max_steps=steps, eval_steps=EVAL_EVERY,
+        save_steps=steps))                         # no checkpoints on the way: state stays in memory
     name = f"{'dynamic' if dynamic else 'plain'}_s{seed}"
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dynamic_sampling=dynamic, seed=seed,
-                                                            save_steps=10, max_steps=max_steps))
-    train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", "models/base", f"out/{name}",
-                                   f"reports/{name}.jsonl"), progress=False)
-    rows = [json.loads(line) for line in (root / f"reports/{name}.jsonl").read_text().splitlines()]
-    test = read_manifest(root / "data/manifest.jsonl", split="test")
-    fns = E.resolve_reward_fns(cfg, root, root / "data")
-    model, proc = modeling.load_model(root / "models/base")
-    out = []
-    for step in range(10, cfg.train.max_steps + 1, 10):
-        load_model(model, str(root / f"out/{name}/checkpoints/step-{step}/model.safetensors"))
-        acc = E.val_metrics(model, proc, test, root / "data", cfg, fns)["eval/accuracy"]
-        sampled = sum(r.get("dynamic/groups_sampled", cfg.train.prompts_per_step) for r in rows if r["step"] <= step)
-        out.append({"step": step, "test_accuracy": acc, "groups_sampled": sampled})
+    metrics = root / f"reports/{name}.jsonl"
+    run = setup(cfg, RunPaths.under(root, EVAL_MANIFEST, "models/base", f"out/{name}", metrics))
+    out, sampled = [], 0.0
+    while run.start_step < steps:
+        train(run, progress=False, stop_after=EVAL_EVERY)
+        run.start_step = min(run.start_step + EVAL_EVERY, steps)
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        sampled = sum(r.get("dynamic/groups_sampled", cfg.train.prompts_per_step) for r in rows)
+        acc = rows[-1]["eval/accuracy"]
+        out.append({"step": rows[-1]["step"], "test_accuracy": acc, "groups_sampled": sampled})
+        if target is not None and acc >= target:
+            break
     return out
+
+
+def first_step(c: list[dict], level: float) -> int | None:
+    return next((p["step"] for p in c if p["test_accuracy"] >= level), None)
+
+
+def _write(path: Path | None, results: dict) -> None:
+    if path is not None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one process, one thread each)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of the curves, rewritten after each run")
+    ap.add_argument("--target", type=float, default=0.99)
+    ap.add_argument("--full", action="store_true", help="train every run to max_steps (no stop at target)")
     ap.add_argument("--max-steps", type=int, default=None, help="shorter runs (default: params.yaml's)")
     args = ap.parse_args()
-    results = {}
+    results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="vlgrpo-dyn-") as tmp:
         root = Path(tmp)
-        cfg = prepare(root)
-        steps = args.max_steps or cfg.train.max_steps
-        for seed in args.seeds:
-            for dynamic in (False, True):
-                results[f"{'dynamic' if dynamic else 'plain'}_s{seed}"] = curve(cfg, root, seed, dynamic, steps)
-    for name, c in results.items():
-        first = next((p["step"] for p in c if p["test_accuracy"] >= 0.99), None)
-        print(f"{name:12s} first step >= 0.99: {first}  final {c[-1]['test_accuracy']:.3f}  "
-              f"groups sampled {c[-1]['groups_sampled']:.0f}")
+        prepare(root)
+        stop = None if args.full else args.target
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            futs = {pool.submit(curve, root, s, d, args.max_steps, stop): f"{'dynamic' if d else 'plain'}_s{s}"
+                    for s in args.seeds for d in (False, True)}
+            for fut in as_completed(futs):
+                results[futs[fut]] = fut.result()
+                print(futs[fut], "done", flush=True)
+                _write(args.out, results)
+    levels = (0.9, 0.95, args.target)
+    for name in sorted(results):
+        c = results[name]
+        print(f"{name:12s} first step >= {levels}: {[first_step(c, lv) for lv in levels]}  "
+              f"last {c[-1]['test_accuracy']:.3f} at {c[-1]['step']}  groups sampled {c[-1]['groups_sampled']:.0f}")
         print("   ", " ".join(f"{p['test_accuracy']:.3f}" for p in c))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    for dyn in ("plain", "dynamic"):
+        firsts = [first_step(results[f"{dyn}_s{s}"], args.target) for s in args.seeds]
+        reached = [f for f in firsts if f is not None]
+        print(f"{dyn}: reached {args.target} on {len(reached)}/{len(firsts)} seeds, steps {firsts}, "
+              f"median of reached {statistics.median(reached) if reached else None}")
 
 
 if __name__ == "__main__":

@@ -169,3 +169,34 @@ def test_learned_reward_model_errors(tmp_path):
         R.resolve_rewards(["judge"], RewardsConfig(models={"judge": "missing"}), root=tmp_path)
     with pytest.raises(KeyError, match="already a registered reward"):
         R.resolve_rewards(["accuracy"], RewardsConfig(models={"accuracy": "x"}), root=tmp_path)
+
+
+def test_vl_judge_sees_image_and_completion_and_scores_in_batches(tmp_path):
+    # A local Qwen2.5-VL checkpoint in the hub's layout (tests/families.py) as rewards.models entry: the judge.
+    from PIL import Image
+
+    from tests.families import build_family
+
+    words = ["Question:", "Answer:", "Is the answer correct? Answer yes or no.", "What colour is the shape?",
+             "red", "blue", "green", "a red one", "yes", "no"]
+    build_family("qwen2_5_vl", words, tmp_path / "judge")
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (56, 56), (220, 30, 30)).save(tmp_path / "img/red.png")
+    Image.new("RGB", (84, 56), (30, 30, 220)).save(tmp_path / "img/blue.png")
+    cfg = RewardsConfig(weights={"judge": 1.0}, models={"judge": "judge"}, model_batch_size=3)
+    fns = R.resolve_rewards(["judge"], cfg, root=tmp_path, image_root=tmp_path, pixels=(3136, 12544))
+    q = "What colour is the shape?"
+    comps = ["red", "blue", "green", "red", "a red one", "red", "blue"]
+    images = [["img/red.png"]] * 5 + [["img/blue.png"]] * 2
+    out = R.compute_rewards({"judge": 1.0}, [q] * 7, comps, {"images": images}, rewards=fns)
+    scores = out.per_reward["judge"]
+    assert all(0.0 < s < 1.0 for s in scores)
+    # batches of 3 (left-padded: two image sizes, answers of different lengths) = one item at a time
+    alone = [fns["judge"]([q], [c], images=[im])[0] for c, im in zip(comps, images)]
+    assert scores == pytest.approx(alone, abs=1e-5)
+    assert fns["judge"]([q] * 7, comps, images=images) == scores                 # deterministic
+    assert scores[0] == pytest.approx(scores[3], abs=1e-5)                        # same input, other batch
+    # the answer and the image both change the score
+    assert min(abs(scores[i] - scores[j]) for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-4
+    assert abs(scores[0] - scores[5]) > 1e-4 and abs(scores[1] - scores[6]) > 1e-4
+    assert out.total == pytest.approx(scores)

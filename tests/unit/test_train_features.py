@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from vlgrpo import modeling
-from vlgrpo.config import config_from_dict
-from tests.tiny_setup import tiny_project
+from tests.tiny_setup import tiny_project, tiny_train_cfg
 from vlgrpo.train import RunPaths, train_grpo
 
 # text_length: spread on an untrained model. half_tied: the same on even item ids, a constant 0.5 on odd ones
@@ -30,15 +29,9 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-def make_cfg(project, **train):
-    t = {"max_steps": 3, "prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 4,
-         "mixed_precision": "no", "max_completion_length": 4, "save_steps": 1, "learning_rate": 0.01,
-         "warmup_ratio": 0.0}
-    t.update(train)
-    weights = t.pop("weights", {"feat_text_length": 1.0, "format": 0.1})
-    return config_from_dict({"data": {"num_train": 16, "num_val": 4, "num_test": 2},
-                             "rewards": {"weights": weights, "plugins": [str(project / "plugin.py")]},
-                             "train": t})
+def make_cfg(project, weights=None, **train):
+    return tiny_train_cfg(project, weights or {"feat_text_length": 1.0, "format": 0.1}, num_val=4,
+                          **{"max_steps": 3, **train})
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_setup import tiny_project
+from tests.tiny_setup import tiny_project, tiny_train_cfg
 from vlgrpo import grpo, modeling
-from vlgrpo.config import config_from_dict
 from vlgrpo.data.manifest import read_manifest
 from vlgrpo.train import RunPaths, train_grpo, TrainingError
 from vlgrpo.train.batches import PromptBatch, StepBatch
@@ -39,15 +38,8 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-def make_cfg(project, **train):
-    t = {"max_steps": 2, "prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 4,
-         "mixed_precision": "no", "max_completion_length": 4, "save_steps": 1, "learning_rate": 0.01,
-         "warmup_ratio": 0.0}
-    t.update(train)
-    weights = t.pop("weights", {"text_length": 1.0, "format": 0.1})
-    return config_from_dict({"data": {"num_train": 16, "num_val": 2, "num_test": 2},
-                             "rewards": {"weights": weights, "plugins": [str(project / "plugin.py")]},
-                             "train": t})
+def make_cfg(project, weights=None, **train):
+    return tiny_train_cfg(project, weights or {"text_length": 1.0, "format": 0.1}, **train)
 
 
 @pytest.fixture(scope="module")

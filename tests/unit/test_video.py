@@ -2,6 +2,7 @@
 data stage into the cache, the synthetic ``motion`` task, the Qwen-VL video tokens, and the trainer's shared
 work on video prompts (equal to a plain forward)."""
 import dataclasses
+import io
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from vlgrpo.train.generation import SamplingSpec, generate_group_completions
 from vlgrpo.train.prompts import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 from vlgrpo.validation import validate_file
+from tests.fixtures_data import write_video
 
 
 # A reward with spread on an untrained model (longer text scores more), so that the steps update the weights.
@@ -136,11 +138,14 @@ def test_a_few_grpo_steps_on_the_video_task(project):
 # ------------------------------------------------------------------------------------- ms-swift rows
 
 
+def _frame(k, green=90):
+    return Image.new("RGB", (84, 84), (40 * k, green, 200 - 40 * k))
+
+
 def _frames(folder, n, start=0, green=90):
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(n):
-        img = Image.new("RGB", (84, 84), (40 * k, green, 200 - 40 * k))
-        (folder / f"f{start + k}.png").write_bytes(png_bytes(img))   # f8, f9, f10: natural order
+        (folder / f"f{start + k}.png").write_bytes(png_bytes(_frame(k, green)))   # f8, f9, f10: natural order
 
 
 def _cfg(path, **data):
@@ -188,22 +193,88 @@ def test_bad_video_rows_are_findings_with_their_row_numbers(tmp_path):
     data = (tmp_path / "broken/f1.png").read_bytes()
     (tmp_path / "broken/f1.png").write_bytes(data[:len(data) // 2])            # truncated frame
     (tmp_path / "empty").mkdir()
-    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")             # not a video at all
+    whole = write_video(tmp_path / "whole.mp4", [_frame(k) for k in range(6)]).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(whole[:len(whole) // 2])                 # a real video cut in half
     q = {"problem": "<video>Which way?", "solution": "up"}
     rows = [{**q, "videos": ["ok"]},                                          # 1: fine
             {**q, "videos": [["ok/f0.png", "ok/missing.png"]]},                # 2: missing frame
             {**q, "videos": ["broken"]},                                      # 3: unreadable frame
             {**q, "videos": ["nowhere"]},                                     # 4: no such folder
             {**q, "videos": ["empty"]},                                       # 5: no frames
-            {**q, "videos": ["clip.mp4"]},                                    # 6: a video file
-            {**q, "videos": ["ok", "ok"]}]                                    # 7: 1 tag, 2 videos
+            {**q, "videos": ["clip.mp4"]},                                    # 6: not a video
+            {**q, "videos": ["ok", "ok"]},                                    # 7: 1 tag, 2 videos
+            {**q, "videos": ["cut.mp4"]}]                                     # 8: truncated video file
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = validate_file(src, _cfg(src), root=tmp_path)
     errors = {(f["line"], f["check"]) for f in res.findings if f["severity"] == "error"}
     assert errors == {(2, "missing_image"), (3, "truncated_image"), (4, "missing_video"), (5, "missing_video"),
-                      (6, "unsupported_video"), (7, "video_tag_mismatch")}
+                      (6, "corrupt_video"), (7, "video_tag_mismatch"), (8, "corrupt_video")}
     by_line = {f["line"]: f["message"] for f in res.findings if f["severity"] == "error"}
     assert "video 1 frame 2" in by_line[2] and "missing.png" in by_line[2]
     assert "video 1 frame 2" in by_line[3] and "f1.png" in by_line[3]
+    assert "video 1: video file 'clip.mp4' cannot be decoded" in by_line[6]
+    assert "video 1: video file 'cut.mp4' cannot be decoded" in by_line[8]
     assert not res.ok and res.valid_rows == 1
+
+
+def _moving_square(k, dx, dy):
+    """Frame ``k`` of a 112x84 clip: a red square moving by (dx, dy) px a frame on grey."""
+    img = Image.new("RGB", (112, 84), (128, 128, 128))
+    x, y = 40 + dx * k, 30 + dy * k
+    img.paste((220, 30, 30), (x, y, x + 24, y + 24))
+    return img
+
+
+def test_mp4_files_run_through_validate_data_and_a_training_forward(tmp_path):
+    # real H.264 files (PyAV): 10 frames sampled to data.video_max_frames=4, frames resized into the video budget
+    (tmp_path / "clips").mkdir()
+    moves = {"left": (-3, 0), "right": (3, 0), "up": (0, -2), "down": (0, 2)}
+    rows = []
+    for name, (dx, dy) in moves.items():
+        write_video(tmp_path / f"clips/{name}.mp4", [_moving_square(k, dx, dy) for k in range(10)])
+        rows.append({"problem": "<video>Which way does the square move?", "solution": name,
+                     "videos": [f"clips/{name}.mp4"]})
+    src = tmp_path / "moves.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(src, num_val=0, num_test=0, val_fraction=0.0, test_fraction=0.0)
+
+    recs = list(iter_records(src, "jsonl", read_options(cfg.data, tmp_path)))
+    assert [[f.raw for f in r.videos[0]] for r in recs][0] == [f"clips/left.mp4#frame{k}" for k in (0, 3, 6, 9)]
+    assert all(w.check == "sampled_frames" and "10 frames" in w.message for r in recs for w in r.warnings)
+    first = Image.open(io.BytesIO(recs[1].videos[0][0].data))              # "right", frame 0, decoded
+    assert first.size == (112, 84) and first.getpixel((50, 40))[0] > 180 and first.getpixel((5, 5))[0] < 150
+    res = validate_file(src, cfg, root=tmp_path)
+    assert res.ok and res.valid_rows == 4 and res.counts["sampled_frames"] == 4
+
+    summary = build_dataset(cfg, tmp_path)
+    items = read_manifest(tmp_path / "data/manifest.jsonl")
+    assert summary["rows"] == 4 and [len(v) for it in items for v in it.videos] == [4] * 4
+    sizes = {Image.open(tmp_path / "data" / f).size for it in items for f in it.videos[0]}
+    assert len(sizes) == 1 and (lambda w, h: w * h <= cfg.data.video_max_pixels)(*sizes.pop())
+    # the frames of different clips differ (the square moves differently)
+    assert len({Image.open(tmp_path / "data" / it.videos[0][-1]).tobytes() for it in items}) == 4
+
+    model, proc = modeling.build_tiny([r["problem"] + " " + r["solution"] for r in rows], cfg.base.tiny, 0)
+    batch = modeling.supervised_batch(proc, items, tmp_path / "data", cfg.data.min_pixels, cfg.data.max_pixels)
+    # 28x56 cached frames (84x112 in a 3136 px budget) stay 28x56: 2 temporal x 2x4 patches of 14 px
+    assert batch["video_grid_thw"].tolist() == [[2, 2, 4]] * 4 and "pixel_values" not in batch
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "visual" in n)
+
+
+def test_video_file_frames_are_sampled_evenly_and_bombs_refused(tmp_path, monkeypatch):
+    from vlgrpo.data.video_files import VideoDecodeError, decode_video
+
+    grey = [Image.new("RGB", (84, 56), (50 * k, 50 * k, 50 * k)) for k in range(5)]      # 0, 50, ..., 200
+    path = write_video(tmp_path / "fade.mp4", grey)
+    frames, total = decode_video(path, 4)
+    assert total == 5 and [f.size for f in frames] == [(84, 56)] * 4
+    # frames 0, 1, 3, 4 of 5 (evenly, first and last kept): their grey levels, within H.264's loss
+    assert [f.getpixel((40, 28))[0] for f in frames] == pytest.approx([0, 50, 150, 200], abs=6)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 84 * 56 - 1)
+    with pytest.raises(VideoDecodeError, match="84x56 px frames.*decompression bomb"):
+        decode_video(path, 4)

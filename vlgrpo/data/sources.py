@@ -27,8 +27,10 @@ or an absolute path elsewhere, or a symlink pointing out - is a ``path_escape`` 
 Videos (jsonl / hf rows). A video is a folder of frame images (read in natural order of their names:
 ``f2.png`` before ``f10.png``) or a list of frame paths; each frame is resolved and confined like an image.
 More than ``data.video_max_frames`` frames are sampled evenly down to it (a ``sampled_frames`` warning).
-A folder that does not exist or holds no frames is ``missing_video``; a video file (``.mp4`` and the like)
-is ``unsupported_video``: no decoder is installed (extract its frames into a folder, e.g. with ffmpeg).
+A video file (``.mp4``, ``.webm``, ... anything FFmpeg reads) is decoded with PyAV
+(:mod:`vlgrpo.data.video_files`) and sampled the same way; its frames are then checked and cached like any
+frame. A path that does not exist, or a folder with no frames, is ``missing_video``; a file that does not
+decode completely (not a video, cut short) is ``corrupt_video``, naming the file and the reason.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from vlgrpo.data.images import Issue
+from vlgrpo.data.images import Issue, png_bytes
 from vlgrpo.data.layouts import SOLUTION_KEYS, detect_layout, parse_row, unknown_layout_message
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, Item
 
@@ -406,28 +408,46 @@ def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _video_file(path: Path, entry: str, label: str, max_frames: int) -> tuple[list[ImageRef], list[Issue], list[Issue]]:
+    """A video file decoded (PyAV, ``vlgrpo.data.video_files``) into frame refs holding PNG bytes, named
+    ``<entry>#frame<k>`` (k: the frame's index in the file) → (frame refs, errors, warnings)."""
+    from vlgrpo.data.video_files import VideoDecodeError, decode_video, even_indices
+
+    try:
+        frames, total = decode_video(path, max_frames)
+    except VideoDecodeError as e:
+        return [], [Issue("corrupt_video", f"{label}: video file {entry!r} {e}")], []
+    warnings = []
+    if total > max_frames:
+        warnings.append(Issue("sampled_frames", f"{label}: {total} frames of {entry!r} sampled evenly down "
+                                                f"to data.video_max_frames={max_frames}"))
+    idx = even_indices(total, max_frames)
+    return [ImageRef(raw=f"{entry}#frame{k}", data=png_bytes(f)) for k, f in zip(idx, frames)], [], warnings
+
+
 def video_frames(entry: str | list[str], label: str, resolve: PathResolver, max_frames: int
                  ) -> tuple[list[ImageRef], list[Issue], list[Issue]]:
-    """One video entry (a frame folder or a list of frame paths) → (frame refs, errors, warnings)."""
+    """One video entry (a frame folder, a list of frame paths or a video file) → (frame refs, errors,
+    warnings)."""
+    from vlgrpo.data.video_files import even_indices
+
     if isinstance(entry, str):
         folder = resolve(entry)
         if isinstance(folder, Issue):
             return [], [folder], []
+        if folder.path is not None and folder.path.is_file():
+            return _video_file(folder.path, entry, label, max_frames)
         if folder.path is None or not folder.path.is_dir():
-            if folder.path is not None and folder.path.is_file():
-                return [], [Issue("unsupported_video", f"{label} {entry!r} is a video file; no video decoder is "
-                                                       "installed: extract its frames into a folder and give that")], []
-            return [], [Issue("missing_video", f"{label}: frame folder not found: {entry!r}")], []
+            return [], [Issue("missing_video", f"{label}: frame folder or video file not found: {entry!r}")], []
         names = sorted((p.name for p in folder.path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
         if not names:
             return [], [Issue("missing_video", f"{label}: frame folder {entry!r} holds no frame images")], []
         entry = [str(folder.path / n) for n in names]
     warnings = []
     if len(entry) > max_frames:  # evenly spaced, first and last kept
-        keep = [round(i * (len(entry) - 1) / (max_frames - 1)) for i in range(max_frames)]
         warnings.append(Issue("sampled_frames", f"{label}: {len(entry)} frames sampled evenly down to "
                                                 f"data.video_max_frames={max_frames}"))
-        entry = [entry[i] for i in keep]
+        entry = [entry[i] for i in even_indices(len(entry), max_frames)]
     refs, errors = _resolve_all(entry, resolve)
     return refs, errors, warnings
 
