@@ -125,7 +125,7 @@ def test_champion_loader_gives_the_registered_checkpoint(tmp_path, monkeypatch, 
         info = log_candidate(ROOT, tiny_checkpoint, 3136, 12544)
         v = register_version(client, name, info, run.info.run_id, {})
     # The serving requirements are the installed pins (given, not inferred by loading the model again).
-    req = Path(mlflow.artifacts.download_artifacts(f"{info.model_uri}/requirements.txt")).read_text().split()
+    req = (Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "requirements.txt").read_text().split()
     assert set(req) == set(pip_requirements()) and f"torch=={torch.__version__.split('+')[0]}" in req
     promote(client, name, v, reason="test", by="test")
     loader = champion_loader(name)
