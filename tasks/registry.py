@@ -29,6 +29,29 @@ from vlgrpo.io import HASHES_FILE, disk_full, is_disk_full, sha256_file, tree_si
 CHAMPION, CANDIDATE = "champion", "candidate"
 FINGERPRINT_TAG = "vlgrpo.candidate_sha256"
 
+# What loading and calling the logged pyfunc model imports (tasks/pyfunc_model.py -> vlgrpo.modeling, lora,
+# data.manifest); vlgrpo's own code travels with the model (code_paths), so vlgrpo is not on the list.
+# Given explicitly because MLflow would otherwise infer the list by loading the model in a subprocess: ~9 s
+# a registration on 2 idle cores, and under load its 120 s limit runs out and it falls back to cloudpickle
+# alone. The versions are the installed ones (requirements.lock).
+SERVING_REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "torchvision", "transformers", "accelerate",
+                        "tokenizers", "safetensors", "qwen-vl-utils", "peft", "pillow", "numpy", "pandas",
+                        "pyyaml", "tqdm")
+
+
+def pip_requirements() -> list[str]:
+    """``name==version`` for each serving requirement installed here (a local build label like +cpu dropped:
+    pip resolves the public version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:  # e.g. peft where LoRA is not installed: the model does not need it
+            continue
+    return pins
+
 
 def champion_version(client: MlflowClient, name: str) -> str | None:
     try:
@@ -80,6 +103,7 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
                 artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(root / "vlgrpo")],
                 model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
+                pip_requirements=pip_requirements(),
             )
         except Exception as e:  # noqa: BLE001 - MLflow wraps OS errors in several types
             if not is_disk_full(e):

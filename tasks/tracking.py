@@ -5,7 +5,8 @@ idempotent (a sidecar file remembers how many lines reached which run), so a tra
 nothing and doubles nothing: what could not be sent is sent on the next flush.
 
 Default tracking URI: ``sqlite:///<project>/mlflow.db`` (absolute; MLflow 3 refuses a bare ./mlruns store);
-``MLFLOW_TRACKING_URI`` overrides it. ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run.
+``MLFLOW_TRACKING_URI`` set by the user overrides it (MLflow's own export of the URI to that variable is undone,
+see ``_use_store``). ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run.
 
 Every run records the process that owns it (tags ``vlgrpo.host``, ``vlgrpo.pid``, ``vlgrpo.pid_started``). A
 process killed with SIGKILL cannot end its run, so each stage and pipeline run first looks for RUNNING runs
@@ -46,11 +47,28 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root).resolve() / 'mlflow.db')}"
 
 
+def _use_store(uri: str) -> None:
+    """Point this process's MLflow at ``uri`` and leave the environment as the user set it.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also export the URI to ``MLFLOW_TRACKING_URI`` /
+    ``MLFLOW_REGISTRY_URI``; ``tracking_uri`` would then read the first project's store as a user override,
+    and a second project set up in the same process (a test run, a notebook, a Prefect worker) would log to
+    it. Child processes do not need the export: a stage works out the same default from its own root.
+    """
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
     uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _use_store(uri)
     client = MlflowClient()
     exp = retry(lambda: client.get_experiment_by_name(experiment), what="get experiment")
     if exp is not None:

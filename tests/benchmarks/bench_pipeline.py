@@ -1,7 +1,7 @@
 """Pipeline overheads: per-stage cost of a whole run (this code vs a peer checkout), no-op ``dvc repro``, rates.
 
     .venv/bin/python -m tests.benchmarks.bench_pipeline [--compare DIR] [--default-params] [--repeats 3]
-        [--skip-rates] [--validate-rows 20000] [--eval-items 200] [--json out.json]
+        [--skip-rates] [--skip-cache-growth] [--validate-rows 20000] [--eval-items 200] [--json out.json]
 
 Not a pytest test (timings are not asserted); ``make bench`` runs it. What it does:
 
@@ -11,14 +11,17 @@ Not a pytest test (timings are not asserted); ``make bench`` runs it. What it do
    commands run with ``PYTHONPATH`` at that checkout. The output is read line by line as it arrives: a stage's
    wall time runs from dvc's ``Running stage`` line to the next one; its flow time from Prefect's ``Beginning
    flow run`` to ``Finished in state``; **overhead = stage wall - flow time** (process start, imports, Prefect
-   server start/stop, process exit, dvc's hashing). ``setup`` is the time before the first stage.
+   server start/stop, process exit, dvc's hashing). ``setup`` is the time before the first stage. Each stage
+   also gets the **CPU seconds** (user + system) of the whole process tree over the same span - the stage
+   process, dvc and the run's Prefect server - which depend far less on what else loads the machine than wall
+   times do; the last stage's span and the total come from ``wait4`` on the finished tree.
 2. With ``--default-params``: the whole default pipeline (``vlgrpo repro`` on the shipped params.yaml, what
    ``make pipeline`` runs), once per checkout, alternately; wall time and the results (they must agree).
 3. No-op ``dvc repro`` (every stage up to date) and no-op ``vlgrpo repro``, ``--repeats`` times, medians.
 4. Unless ``--skip-rates``: the data/validate stage command against a plain process calling the core directly,
    the floor of a trivial ``@flow`` (temporary server vs a running one), validate rows/s, evaluation items/s.
-5. DVC cache growth per run: ``.dvc/cache`` bytes added by the first run, the no-op runs and one
-   re-training run (``train.seed`` + 1).
+5. Unless ``--skip-cache-growth``: DVC cache growth per run: ``.dvc/cache`` bytes added by the first run, the
+   no-op runs and one re-training run (``train.seed`` + 1).
 
 Prints tables, last line ``noop_dvc_repro_s=<median>``.
 """
@@ -31,10 +34,12 @@ import re
 import statistics
 import subprocess
 import sys
+import resource
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from tests.project import BIN, ROOT, project_env
@@ -77,13 +82,39 @@ def make_tree_project(tree: Path, dest: Path, default_params: bool) -> Path:
     return dest
 
 
-def timed(cmd: list[str], root: Path, env: dict[str, str] | None = None, timeout: float = 3600
-          ) -> tuple[float, str]:
-    """Wall seconds of ``cmd`` run in ``root`` and its stdout; fails loudly."""
-    t0 = time.perf_counter()
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children (and theirs) so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds used so far by ``proc`` and every process below it, finished ones included.
+
+    A process's own user + system time plus its ``children_*`` times (the finished children it waited for,
+    with their own descendants) over ``proc`` and each live descendant: a finished stage process is counted
+    in dvc's ``children_*``, a live one by itself. Only processes nobody waited for (daemons) are missed.
+    """
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # ended between the listing and the read: its parent counts it once reaped
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def timed(cmd: list[str], root: Path, env: dict[str, str] | None = None, timeout: float = 3600,
+          cpu: list[float] | None = None) -> tuple[float, str]:
+    """Wall seconds of ``cmd`` run in ``root`` and its stdout; fails loudly. Appends its process tree's CPU
+    seconds to ``cpu`` when given."""
+    t0, c0 = time.perf_counter(), children_cpu()
     p = subprocess.run(cmd, cwd=root, env=env or project_env(root), capture_output=True, text=True,
                        timeout=timeout)
     dt = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(children_cpu() - c0)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode} in {root}\n--- stdout\n{p.stdout[-3000:]}\n"
                            f"--- stderr\n{p.stderr[-5000:]}")
@@ -91,11 +122,14 @@ def timed(cmd: list[str], root: Path, env: dict[str, str] | None = None, timeout
 
 
 def staged_repro(tree: Path, root: Path, log: Path) -> dict:
-    """One ``vlgrpo repro`` with ``tree``'s code; per-stage wall, flow time and overhead from its output."""
+    """One ``vlgrpo repro`` with ``tree``'s code: per stage the wall time, flow time, overhead and the CPU
+    seconds of the whole process tree (the stage process, dvc, the run's Prefect server) from its output."""
+    load0 = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(BIN / "vlgrpo"), "repro"], cwd=root, env=tree_env(tree, root),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    marks: list[tuple[str, float]] = []
+    ps = psutil.Process(proc.pid)
+    marks: list[tuple[str, float, float]] = []  # stage, wall seconds since start, tree CPU seconds so far
     flows: dict[str, list[float]] = {}
     current = None
     with open(log, "w", encoding="utf-8") as out:
@@ -103,24 +137,27 @@ def staged_repro(tree: Path, root: Path, log: Path) -> dict:
             now = time.perf_counter() - t0
             out.write(f"{now:9.3f} {line}")
             if m := RUNNING.match(line):
-                marks.append((m.group(1), now))
+                marks.append((m.group(1), now, tree_cpu(ps)))
             elif m := FLOW_BEGIN.search(line):
                 current = m.group(1)
                 flows[current] = [now, now]
             elif FLOW_END.search(line) and current in flows:
                 flows[current][1] = now
-    rc = proc.wait()
-    total = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"vlgrpo repro ({tree}) exited {rc}; see {log}")
+    # wait4: the exit status and the CPU of the whole finished tree (repro and everything it waited for)
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    total, total_cpu = time.perf_counter() - t0, ru.ru_utime + ru.ru_stime
+    if proc.returncode != 0:
+        raise RuntimeError(f"vlgrpo repro ({tree}) exited {proc.returncode}; see {log}")
     stages = {}
-    for k, (name, start) in enumerate(marks):
-        end = marks[k + 1][1] if k + 1 < len(marks) else total
+    for k, (name, start, cpu) in enumerate(marks):
+        end, end_cpu = (marks[k + 1][1], marks[k + 1][2]) if k + 1 < len(marks) else (total, total_cpu)
         flow = flows.get(name, [start, start])
         stages[name] = {"wall_s": end - start, "flow_s": flow[1] - flow[0],
-                        "overhead_s": (end - start) - (flow[1] - flow[0])}
-    return {"total_s": total, "setup_s": marks[0][1] if marks else total, "stages": stages,
-            "results": results(root)}
+                        "overhead_s": (end - start) - (flow[1] - flow[0]), "cpu_s": end_cpu - cpu}
+    return {"total_s": total, "total_cpu_s": total_cpu, "setup_s": marks[0][1] if marks else total,
+            "setup_cpu_s": marks[0][2] if marks else total_cpu, "stages": stages, "results": results(root),
+            "loadavg": [load0[0], os.getloadavg()[0]]}
 
 
 def results(root: Path) -> dict:
@@ -150,30 +187,38 @@ def compare_runs(trees: dict[str, Path], tmp: Path, repeats: int, default_params
             root = make_tree_project(tree, tmp / f"{kind}-{label}-{i}" / "proj", default_params)
             r = staged_repro(tree, root, tmp / f"{kind}-{label}-{i}.log")
             runs[label].append(r)
-            print(f"{kind} params, {label} ({tree}): vlgrpo repro {r['total_s']:.1f}s; setup "
-                  f"{r['setup_s']:.1f}s; " + ", ".join(f"{n} {v['wall_s']:.1f}s (overhead {v['overhead_s']:.1f}s)"
-                                                       for n, v in r["stages"].items()), flush=True)
+            print(f"{kind} params, {label} ({tree}), load {r['loadavg'][0]:.1f} -> {r['loadavg'][1]:.1f}: "
+                  f"vlgrpo repro {r['total_s']:.1f}s wall, {r['total_cpu_s']:.1f}s CPU; setup {r['setup_s']:.1f}s "
+                  f"({r['setup_cpu_s']:.1f}s CPU); " + ", ".join(
+                      f"{n} {v['wall_s']:.1f}s (overhead {v['overhead_s']:.1f}s, CPU {v['cpu_s']:.1f}s)"
+                      for n, v in r["stages"].items()), flush=True)
     out = {}
     for label, rs in runs.items():
         med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
-        out[label] = {"total_s": med(lambda r: r["total_s"]), "setup_s": med(lambda r: r["setup_s"]),
+        out[label] = {**{k: med(lambda r, k=k: r[k]) for k in ("total_s", "total_cpu_s", "setup_s", "setup_cpu_s")},
                       "stages": {s: {k: med(lambda r, s=s, k=k: r["stages"][s][k])
-                                     for k in ("wall_s", "flow_s", "overhead_s")} for s in STAGES},
+                                     for k in ("wall_s", "flow_s", "overhead_s", "cpu_s")} for s in STAGES},
+                      "loadavg": [r["loadavg"] for r in rs],
                       "results": rs[-1]["results"], "root": str(tmp / f"{kind}-{label}-{len(rs) - 1}" / "proj")}
     return out
 
 
 def noop_repro(tree: Path, root: Path, repeats: int) -> dict:
-    noop_dvc, noop_vlgrpo = [], []
+    noop_dvc, noop_vlgrpo, cpu_dvc, cpu_vlgrpo = [], [], [], []
     env = tree_env(tree, root)
+    load0 = os.getloadavg()[0]
     for _ in range(repeats):  # alternately, so load shifts hit both
-        dt, so = timed([str(BIN / "dvc"), "repro"], root, env)
+        dt, so = timed([str(BIN / "dvc"), "repro"], root, env, cpu=cpu_dvc)
         if "Running stage" in so:
             raise RuntimeError(f"no-op dvc repro ran a stage:\n{so[-2000:]}")
         noop_dvc.append(dt)
-        noop_vlgrpo.append(timed([str(BIN / "vlgrpo"), "repro"], root, env)[0])
-    print(f"no-op dvc repro {noop_dvc}, no-op vlgrpo repro {noop_vlgrpo}", flush=True)
-    return {"noop_dvc_repro_s": statistics.median(noop_dvc), "noop_vlgrpo_repro_s": statistics.median(noop_vlgrpo)}
+        noop_vlgrpo.append(timed([str(BIN / "vlgrpo"), "repro"], root, env, cpu=cpu_vlgrpo)[0])
+    load = [load0, os.getloadavg()[0]]
+    print(f"no-op (load {load[0]:.1f} -> {load[1]:.1f}): dvc repro {noop_dvc} s wall, {cpu_dvc} s CPU; "
+          f"vlgrpo repro {noop_vlgrpo} s wall, {cpu_vlgrpo} s CPU", flush=True)
+    med = statistics.median
+    return {"noop_dvc_repro_s": med(noop_dvc), "noop_vlgrpo_repro_s": med(noop_vlgrpo),
+            "noop_dvc_repro_cpu_s": med(cpu_dvc), "noop_vlgrpo_repro_cpu_s": med(cpu_vlgrpo), "loadavg": load}
 
 
 def work_seconds(stdout: str) -> float:
@@ -256,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-rates", action="store_true", help="skip the stage-vs-direct, validate and "
                     "evaluation measurements")
+    ap.add_argument("--skip-cache-growth", action="store_true", help="skip the DVC cache growth measurement "
+                    "(it re-trains once)")
     ap.add_argument("--validate-rows", type=int, default=20_000)
     ap.add_argument("--eval-items", type=int, default=200)
     ap.add_argument("--json", help="also write the results here")
@@ -278,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         this_root = Path(res.get("tiny", res.get("default"))["this"]["root"])
         cache_first = _cache_bytes(this_root)
         res["noop"], res["noop_root"] = noop_repro(ROOT, this_root, args.repeats), str(this_root)
-        res["dvc_cache_growth"] = dvc_cache_growth(this_root, cache_first)
+        if not args.skip_cache_growth:
+            res["dvc_cache_growth"] = dvc_cache_growth(this_root, cache_first)
         if not args.skip_rates:
             res["direct"] = stage_vs_direct(this_root, args.repeats)
             res["validate"] = validate_rate(tmp, args.validate_rows)
@@ -295,16 +343,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _stage_table(runs: dict, title: str) -> list[str]:
     labels = list(runs)
-    head = " | ".join(f"{lb} wall | {lb} overhead" for lb in labels)
-    lines = [f"{title}", "", f"| stage | {head} |", "|---|" + "---|" * (2 * len(labels))]
-    lines.append("| setup (before the first stage) | " + " | ".join(f"{runs[lb]['setup_s']:.1f} s | -"
-                                                                    for lb in labels) + " |")
+    cols = ("wall", "overhead", "CPU")
+    head = " | ".join(f"{lb} {c}" for lb in labels for c in cols)
+    lines = [f"{title}", "", f"| stage | {head} |", "|---|" + "---|" * (len(cols) * len(labels))]
+    lines.append("| setup (before the first stage) | " + " | ".join(
+        f"{runs[lb]['setup_s']:.1f} s | - | {runs[lb]['setup_cpu_s']:.1f} s" for lb in labels) + " |")
     for s in STAGES:
-        lines.append(f"| {s} | " + " | ".join(f"{runs[lb]['stages'][s]['wall_s']:.1f} s | "
-                                             f"{runs[lb]['stages'][s]['overhead_s']:.1f} s" for lb in labels) + " |")
+        lines.append(f"| {s} | " + " | ".join(
+            f"{runs[lb]['stages'][s]['wall_s']:.1f} s | {runs[lb]['stages'][s]['overhead_s']:.1f} s | "
+            f"{runs[lb]['stages'][s]['cpu_s']:.1f} s" for lb in labels) + " |")
     lines.append("| **whole `vlgrpo repro`** | " + " | ".join(
         f"**{runs[lb]['total_s']:.1f} s** | **{sum(v['overhead_s'] for v in runs[lb]['stages'].values()):.1f} s**"
-        for lb in labels) + " |")
+        f" | **{runs[lb]['total_cpu_s']:.1f} s**" for lb in labels) + " |")
+    lines += ["", "1-minute load average at the start and end of each run: " + "; ".join(
+        f"{lb} " + ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in runs[lb]["loadavg"]) for lb in labels)]
     lines += ["", "results: " + "; ".join(f"{lb}: {json.dumps(runs[lb]['results'])}" for lb in labels)]
     return lines
 
@@ -316,13 +368,17 @@ def report(r: dict) -> str:
         lines += _stage_table(r["tiny"], "Tiny params (median per stage; overhead = stage wall - flow time)")
     if "default" in r:
         lines += [""] + _stage_table(r["default"], "Default params (`make pipeline`), one run each")
-    n, g = r["noop"], r["dvc_cache_growth"]
-    lines += ["", f"no-op runs in {r['noop_root']}", "", "| measurement | value |", "|---|---|",
-              f"| no-op `dvc repro` (all stages up to date) | {n['noop_dvc_repro_s']:.2f} s |",
-              f"| no-op `vlgrpo repro` (+ MLflow parent run, lock) | {n['noop_vlgrpo_repro_s']:.2f} s |",
-              f"| DVC cache growth: first run / no-op runs / a re-training run | "
-              f"{g['first_run_bytes'] / 1e6:.2f} / {g['noop_runs_bytes'] / 1e6:.2f} / "
-              f"{g['retrain_run_bytes'] / 1e6:.2f} MB |"]
+    n = r["noop"]
+    lines += ["", f"no-op runs in {r['noop_root']} (load {n['loadavg'][0]:.1f} -> {n['loadavg'][1]:.1f})", "",
+              "| measurement | value |", "|---|---|",
+              f"| no-op `dvc repro` (all stages up to date) | {n['noop_dvc_repro_s']:.2f} s "
+              f"({n['noop_dvc_repro_cpu_s']:.2f} s CPU) |",
+              f"| no-op `vlgrpo repro` (+ MLflow parent run, lock) | {n['noop_vlgrpo_repro_s']:.2f} s "
+              f"({n['noop_vlgrpo_repro_cpu_s']:.2f} s CPU) |"]
+    if g := r.get("dvc_cache_growth"):
+        lines += [f"| DVC cache growth: first run / no-op runs / a re-training run | "
+                  f"{g['first_run_bytes'] / 1e6:.2f} / {g['noop_runs_bytes'] / 1e6:.2f} / "
+                  f"{g['retrain_run_bytes'] / 1e6:.2f} MB |"]
     if "direct" in r:
         d, v, e = r["direct"], r["validate"], r["evaluate"]
         for stage, s in d["stages"].items():

@@ -113,7 +113,7 @@ def test_champion_loader_gives_the_registered_checkpoint(tmp_path, monkeypatch, 
     import torch
     from mlflow.tracking import MlflowClient
 
-    from tasks.registry import champion_loader, log_candidate, promote, register_version
+    from tasks.registry import champion_loader, log_candidate, pip_requirements, promote, register_version
     from tasks.tracking import setup
     from vlgrpo.modeling import load_model
 
@@ -122,7 +122,11 @@ def test_champion_loader_gives_the_registered_checkpoint(tmp_path, monkeypatch, 
     client, name = MlflowClient(), "vlgrpo-loader-test"
     assert champion_loader(name) is None
     with mlflow.start_run() as run:
-        v = register_version(client, name, log_candidate(ROOT, tiny_checkpoint, 3136, 12544), run.info.run_id, {})
+        info = log_candidate(ROOT, tiny_checkpoint, 3136, 12544)
+        v = register_version(client, name, info, run.info.run_id, {})
+    # The serving requirements are the installed pins (given, not inferred by loading the model again).
+    req = (Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "requirements.txt").read_text().split()
+    assert set(req) == set(pip_requirements()) and f"torch=={torch.__version__.split('+')[0]}" in req
     promote(client, name, v, reason="test", by="test")
     loader = champion_loader(name)
     assert loader.version == v

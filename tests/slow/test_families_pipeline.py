@@ -18,9 +18,9 @@ from tests.project import make_project, project_env
 pytestmark = pytest.mark.slow
 STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
 
-# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to the process environment,
-# which tasks.tracking reads as a user override: each project starts from the environment a fresh process
-# would have, or the later projects would log into the first project's store.
+# Each project starts from the environment a fresh process would have. (mlflow.set_tracking_uri exports the
+# URI to MLFLOW_TRACKING_URI, which once made later projects log into the first one's store; tasks.tracking
+# now undoes that export - tests/unit/test_tracking_uri.py - and this keeps the driver independent of it.)
 DRIVER = """
 import os, sys
 from flows.pipeline import pipeline_flow

@@ -94,6 +94,42 @@ def test_large_image_resized_into_budget(tmp_path):
     assert checks(issues) == ["resized"] and "600x400 resized to 112x84" in issues[0].message
 
 
+def test_smart_resize_agrees_with_qwen_vl_utils():
+    # vlgrpo computes Qwen-VL's resize rule itself (qwen_vl_utils imports torch); the cache it builds must be
+    # what qwen_vl_utils would give at train time, for every size, budget and block side, errors included.
+    from qwen_vl_utils import smart_resize as reference
+
+    sides = sorted({1, 2, 13, 14, 27, 28, 29, 41, 42, 55, 56, 57, 83, 84, 100, 111, 112, 113, 199, 200, 333,
+                    448, 640, 1000, 1023, 1920, 4000, 5599, 5600, 5601, 12000})
+    budgets = [(MIN, MAX), (3136, 200704), (256 * 28 * 28, 1280 * 28 * 28), (12544, 12544), (1024, 16384)]
+    compared = 0
+    for factor in (28, 32):
+        for lo, hi in budgets:
+            for h in sides:
+                for w in sides:
+                    try:
+                        want = reference(h, w, factor=factor, min_pixels=lo, max_pixels=hi)
+                    except ValueError as e:
+                        with pytest.raises(ValueError) as got:
+                            smart_resize(h, w, lo, hi, factor)
+                        assert str(got.value) == str(e)
+                        continue
+                    assert smart_resize(h, w, lo, hi, factor) == want, (h, w, lo, hi, factor)
+                    compared += 1
+    assert compared > 5000  # the grid really exercised the three branches, not only the ratio errors
+
+
+def test_data_and_validate_do_not_import_torch():
+    # The data and validate stages run in processes of their own; torch costs them seconds of start-up.
+    import subprocess
+
+    code = ("import sys, vlgrpo.data.build, vlgrpo.validation, vlgrpo.data.images as im; "
+            "im.smart_resize(400, 600, 3136, 12544); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    assert out == "False"
+
+
 def test_very_large_image_is_resized_not_rejected():
     img, issues = fit_image(Image.new("RGB", (6000, 4000)), MIN, MAX, "huge.jpg")
     assert img.size == (112, 84) and checks(issues) == ["resized"]

@@ -2,7 +2,7 @@
 
 Every image that enters the manifest goes through :func:`normalize_image` (or :func:`fit_image` for images
 made in memory): converted to 8-bit RGB, EXIF orientation applied, and resized with
-``qwen_vl_utils.smart_resize`` into the pixel budget ``data.min_pixels``..``data.max_pixels`` so the
+:func:`smart_resize` (Qwen-VL's rule) into the pixel budget ``data.min_pixels``..``data.max_pixels`` so the
 processor never has to resize it again. :func:`cache_image` then writes it once under
 ``cache/<first two hex digits>/<sha256 of the PNG bytes>.png``.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -72,9 +73,6 @@ class ImageInfo:
         return (self.target[0] // self.factor) * (self.target[1] // self.factor)
 
 
-_smart_resize = None
-
-
 def vision_block(model_path: str | Path | None) -> int:
     """The side in pixels of one visual token for the checkpoint in ``model_path``, read from its processor.
 
@@ -91,17 +89,35 @@ def vision_block(model_path: str | Path | None) -> int:
     return int(proc.patch_size) * int(proc.merge_size)
 
 
+# Qwen-VL refuses images whose long side is more than this many times the short side.
+MAX_ASPECT_RATIO = 200
+
+
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR
                  ) -> tuple[int, int]:
-    """``qwen_vl_utils.smart_resize``: the (height, width) the model will see (sides multiples of ``factor``).
+    """The (height, width) the model will see: sides multiples of ``factor``, area within the pixel budget.
 
-    Imported on first use because qwen_vl_utils imports torch (seconds).
+    Qwen-VL's rule, the arithmetic of ``qwen_vl_utils.smart_resize`` (which the rollouts' processor input goes
+    through), computed here because importing qwen_vl_utils imports torch (~2-3 s a process) and the data and
+    validate stages need nothing else from it; tests/unit/test_images.py checks both agree over a grid of
+    sizes. In order: each side rounds to the nearest multiple of ``factor`` (at least one block); over
+    ``max_pixels``, both sides shrink by one scale and round down; under ``min_pixels``, both grow by one
+    scale and round up. Sides more than 200:1 apart raise ValueError.
     """
-    global _smart_resize
-    if _smart_resize is None:
-        from qwen_vl_utils import smart_resize as sr
-        _smart_resize = sr
-    return _smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {ratio}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)      # divide both sides by it: area = max_pixels
+        h = math.floor(height / scale / factor) * factor
+        w = math.floor(width / scale / factor) * factor
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))    # multiply both sides by it: area = min_pixels
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
 
 
 def visual_tokens(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> int:
