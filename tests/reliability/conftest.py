@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import pytest
 import yaml
 
-from tests.project import BIN, TINY_PARAMS, deep_update, project_env
+from tests.project import BIN, TINY_PARAMS, deep_update, make_project, project_env, run
+from tests.reliability.slow_training import SLOW_PLUGIN, SLOW_REWARDS
 from tests.servers import prefect_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,6 +86,33 @@ def project(ready_project, tmp_path) -> Path:
     dest = tmp_path / "proj"
     shutil.copytree(ready_project, dest)
     return dest
+
+
+# The end-to-end faults under `vlgrpo repro` (a kill in every stage, a full disk under training) each compare
+# with one undisturbed `vlgrpo repro` of the same project, run once per session. CPU fp32, so that a resumed
+# training run can be compared bit for bit; 4 steps, a checkpoint at 2. The slow reward (0 unless a run's
+# environment sets REL_SLOW_REWARD_S) lets a test slow the disturbed run down without changing its numbers.
+REPRO_NAME = "vlgrpo-rel-repro"
+# Only a guard against a hang, never a pass/fail criterion: one whole `vlgrpo repro` took over 20 minutes on
+# the shared 2-core machine under load (about 1-2 minutes when it is idle).
+REPRO_TIMEOUT = 3600
+REPRO_PARAMS = {"evaluate": {"min_improvement": -1.0}, "rewards": SLOW_REWARDS,
+                "train": {"max_steps": 4, "save_steps": 2, "mixed_precision": "no"}}
+
+
+def repro_project(dest: Path) -> Path:
+    """A fresh project (git + DVC, nothing run yet) with REPRO_PARAMS."""
+    root = make_project(dest, params=REPRO_PARAMS, model_name=REPRO_NAME)
+    (root / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    return root
+
+
+@pytest.fixture(scope="session")
+def undisturbed_repro(tmp_path_factory, cli_env) -> Path:
+    """A repro_project after one plain `vlgrpo repro`: the reference a disturbed run must end equal to."""
+    root = repro_project(tmp_path_factory.mktemp("undisturbed") / "proj")
+    run([VLGRPO, "repro"], root, timeout=REPRO_TIMEOUT, **cli_env)
+    return root
 
 
 def spawn(cmd: list[str], root: Path, log: Path, **env: str) -> subprocess.Popen:

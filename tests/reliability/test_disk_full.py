@@ -1,7 +1,8 @@
 """Full disks: a real (tmpfs) filesystem fills up under a checkpoint save, a report write and an MLflow
 artifact upload. Each fails with one line naming the folder and the space needed; what was there before
-(the last checkpoint, the last report, the registry) is intact; once space is freed, the same command
-finishes - training resumes and ends with the weights and metrics of an undisturbed run.
+(the last checkpoint, the last report, the registry) is intact; once space is freed, running again finishes:
+under training, `vlgrpo repro` resumes from the last checkpoint and ends with the weights, metrics, evaluation
+and registry of an undisturbed run.
 """
 from __future__ import annotations
 
@@ -11,79 +12,60 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.project import run
-from tests.reliability.conftest import (REPO, VLGRPO, fill_disk, spawn, tmpfs_at, update_params, wait_for)
-from tests.reliability.test_killed_training import _metrics
-from tests.reliability.test_mlflow_outage import SLOW_PLUGIN
+from tests.reliability.conftest import (REPO, REPRO_TIMEOUT, VLGRPO, fill_disk, repro_project, spawn, tmpfs_at,
+                                        wait_for)
+from tests.reliability.repro_results import assert_same_as_undisturbed
+from tests.reliability.slow_training import SLOW
 
 pytestmark = pytest.mark.reliability
-SLOW = {"rewards": {"weights": {"accuracy": 1.0, "rel_slow": 0.1}, "plugins": ["slow_plugin.py"]},
-        "train": {"max_steps": 4, "save_steps": 2, "save_total_limit": None}}
-
-
-def _slow_project(root: Path) -> Path:
-    (root / "slow_plugin.py").write_text(SLOW_PLUGIN)
-    update_params(root, **SLOW)
-    return root
 
 
 def _hidden_tmp(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".*") if p.name.endswith(".tmp")]
 
 
-def test_full_disk_at_checkpoint_save_keeps_the_last_checkpoint_and_resumes_to_the_same_weights(
-        ready_project, tmp_path, cli_env, monkeypatch):
-    from vlgrpo.config import load_config
-    from vlgrpo.train import RunPaths, train_grpo
+def test_full_disk_at_checkpoint_save_keeps_the_last_checkpoint_and_repro_resumes_to_the_same_weights(
+        undisturbed_repro, tmp_path, cli_env):
     from vlgrpo.train.checkpoint import complete_checkpoints, latest_checkpoint
 
-    # The undisturbed run, same settings, on an ordinary disk.
-    ref = _slow_project(shutil.copytree(ready_project, tmp_path / "ref"))
-    monkeypatch.chdir(ref)                                 # the reward plugin path is the project's
-    s = train_grpo(load_config(ref / "params.yaml"), RunPaths.under(
-        ref, "data/manifest.jsonl", "models/base", "models/candidate", "reports/train_metrics.jsonl"),
-        progress=False)
-    assert s["finished"] and s["resumed_from"] is None
-
-    project = _slow_project(shutil.copytree(ready_project, tmp_path / "proj",
-                                            ignore=shutil.ignore_patterns("models")))
+    project = repro_project(tmp_path / "proj")
     candidate = project / "models/candidate"
     with tmpfs_at(project / "models", 64) as disk:
-        shutil.copytree(ready_project / "models/base", disk / "base")
-        log = tmp_path / "train.log"
-        proc = spawn([VLGRPO, "train", "--force"], project, log, **cli_env)
+        log = tmp_path / "repro.log"
+        # Slowed (a second a step, the same numbers): the disk fills between step-2's checkpoint and step-4's.
+        proc = spawn([VLGRPO, "repro"], project, log, **SLOW, **cli_env)
         try:
-            wait_for(lambda: latest_checkpoint(candidate) is not None, 600, proc, log, poll=0.02)
+            wait_for(lambda: latest_checkpoint(candidate) is not None, REPRO_TIMEOUT, proc, log, poll=0.02)
             filler = fill_disk(disk, leave_bytes=256 * 1024)     # step-4's checkpoint will not fit
-            rc = proc.wait(300)
+            rc = proc.wait(REPRO_TIMEOUT)
         finally:
             if proc.poll() is None:
                 proc.kill()
-        err = log.read_text(errors="replace").strip().splitlines()
-        assert rc == 1, "\n".join(err[-40:])
+        out = log.read_text(errors="replace")
+        assert rc == 1, out[-4000:]
+        # The train stage's own one line (then DVC's and `vlgrpo repro`'s, naming the failed stage).
         step2 = candidate / "checkpoints/step-2"
-        one = rf"vlgrpo train: error: \[Errno 28\] no space left on device in {re.escape(str(step2.parent))}: " \
-              rf"writing step-4 needs about (\d+\.\d) MB and 0\.\d MB is free; free at least \d+\.\d MB there"
-        m = re.match(one, err[-1])
-        assert m, err[-1]
+        one = rf"^vlgrpo train: error: \[Errno 28\] no space left on device in {re.escape(str(step2.parent))}: " \
+              rf"writing step-4 needs about (\d+\.\d) MB and 0\.\d MB is free; free at least \d+\.\d MB there " \
+              r"and run it again \(earlier results are unchanged\)$"
+        m = re.search(one, out, re.MULTILINE)
+        assert m, out[-4000:]
         assert abs(float(m.group(1)) * 1e6 - sum(f.stat().st_size for f in step2.iterdir())) < 1e5
-        # The last good checkpoint is whole; nothing half-written is left; no final model was published.
+        # The last good checkpoint is whole; nothing half-written is left; no final model was published, and
+        # DVC recorded nothing of the failed stage.
         assert [p.name for p in complete_checkpoints(candidate)] == ["step-2"]
         load_file(step2 / "model.safetensors")
         assert not _hidden_tmp(disk) and not (candidate / "model.safetensors").exists()
+        assert "train" not in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
-        filler.unlink()                                          # space is freed: the stage resumes
-        run([VLGRPO, "train", "--force"], project, timeout=600, **cli_env)
-        report = json.loads((project / "reports/train.json").read_text())
-        assert report["resumed_from"] == 2 and report["finished"] and report["steps"] == 4
-        assert _metrics(project / "reports/train_metrics.jsonl") == \
-            _metrics(ref / "reports/train_metrics.jsonl")
-        got = load_file(candidate / "model.safetensors")
-        want = load_file(ref / "models/candidate/model.safetensors")
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        filler.unlink()                                          # space is freed: the pipeline resumes
+        run([VLGRPO, "repro"], project, timeout=REPRO_TIMEOUT, **cli_env)
+        # From step-2, to the weights, metrics, evaluation and registry of the undisturbed run.
+        assert_same_as_undisturbed(project, undisturbed_repro)
 
 
 def test_full_disk_at_report_write_keeps_the_last_report(tmp_path):

@@ -20,25 +20,12 @@ from pathlib import Path
 import pytest
 
 from tests.project import run
-from tests.reliability.conftest import REPO, VLGRPO, spawn, update_params, wait_for
+from tests.reliability.conftest import REPO, VLGRPO, update_params, wait_for
+from tests.reliability.slow_training import (FAST_FAIL, assert_each_step_once_in_mlflow, lines, sidecar_count,
+                                             spawn_slow_train)
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.reliability
-FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-# For a stage that must ride out a restart: our retries last ~7 minutes (delays capped at 30 s), since a
-# loaded machine has been seen to take over 2 minutes to restart a server.
-RIDE_OUT = {**FAST_FAIL, "VLGRPO_MLFLOW_RETRIES": "20"}
-
-# Each step's reward sleeps: training lasts long enough for a flush before, and steps during, the outage.
-SLOW_PLUGIN = '''
-import time
-from vlgrpo.rewards import register
-
-@register("rel_slow")
-def rel_slow(prompts, completions, **columns):
-    time.sleep(1.0)
-    return [0.0 for _ in completions]
-'''
 
 
 @pytest.fixture(scope="module")
@@ -48,36 +35,22 @@ def server(tmp_path_factory):
         yield srv
 
 
-def _lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def _sidecar_count(metrics: Path) -> int:
-    for p in metrics.parent.glob(f".{metrics.name}.mlflow-*"):
-        return int(p.read_text() or 0)
-    return 0
-
-
 def test_tracking_server_outage_during_training_loses_and_doubles_nothing(project, server, cli_env, tmp_path):
-    (project / "slow_plugin.py").write_text(SLOW_PLUGIN)
-    update_params(project, train={"max_steps": 10, "save_steps": 5},
-                  rewards={"weights": {"accuracy": 1.0, "rel_slow": 0.1}, "plugins": ["slow_plugin.py"]})
     metrics = project / "reports/train_metrics.jsonl"
     log = tmp_path / "train.log"
-    proc = spawn([VLGRPO, "train", "--force"], project, log, MLFLOW_TRACKING_URI=server.url, **RIDE_OUT,
-                 **cli_env)
+    proc = spawn_slow_train(project, log, server.url, 10, cli_env)
     try:
         # The tracking run started and a periodic flush reached the server: now take the server away.
-        wait_for(lambda: _sidecar_count(metrics) >= 1, 300, proc, log)
+        wait_for(lambda: sidecar_count(metrics) >= 1, 300, proc, log)
         server.stop()
         time.sleep(0.2)                                    # a flush in flight at the stop has settled
-        at_stop, sent_at_stop = _lines(metrics), _sidecar_count(metrics)
+        at_stop, sent_at_stop = lines(metrics), sidecar_count(metrics)
         assert at_stop < 10, "training ended before the outage"
         # Training goes on without the server, to the end; the final flush retries with backoff.
         wait_for(lambda: "MLflow metrics flush failed" in log.read_text(errors="replace"), 300, proc, log)
-        assert _lines(metrics) == 10
+        assert lines(metrics) == 10
         assert (project / "models/candidate/model.safetensors").exists()
-        assert _sidecar_count(metrics) == sent_at_stop < 10   # nothing got through while the server was away
+        assert sidecar_count(metrics) == sent_at_stop < 10   # nothing got through while the server was away
         server.start()
         rc = proc.wait(300)
     finally:
@@ -97,19 +70,8 @@ def test_tracking_server_outage_during_training_loses_and_doubles_nothing(projec
 
     report = json.loads((project / "reports/train.json").read_text())
     assert report["finished"] and report["steps"] == 10
-    client = MlflowClient(tracking_uri=server.url)
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    keys = {k for r in rows for k, v in r.items()
-            if k not in ("step", "timestamp") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert {"loss", "reward", "grad_norm", "learning_rate"} <= keys
-    for key in sorted(keys):
-        want = [r["step"] for r in rows if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
-        history = client.get_metric_history(report["mlflow_run_id"], key)
-        # Step 0 holds the stage summary (reports/train.json: e.g. the median samples_per_s), logged once.
-        assert len([m for m in history if m.step == 0]) <= 1, key
-        got = sorted(m.step for m in history if m.step >= 1)
-        assert got == want, key                         # every step once: none lost, none doubled
-    assert _sidecar_count(metrics) == 10
+    assert_each_step_once_in_mlflow(MlflowClient(tracking_uri=server.url), report["mlflow_run_id"], metrics)
+    assert sidecar_count(metrics) == 10
 
 
 def _seed_champion(url: str, root: Path, name: str) -> str:

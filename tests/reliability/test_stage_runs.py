@@ -19,7 +19,7 @@ import pytest
 
 from tests.project import make_project, project_env, run
 from tests.reliability.conftest import VLGRPO, kill9, spawn, update_params, wait_for
-from tests.reliability.test_mlflow_outage import RIDE_OUT
+from tests.reliability.slow_training import RIDE_OUT
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.reliability
