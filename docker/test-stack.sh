@@ -148,7 +148,8 @@ cleanup() {
     phase ""
     if [ -n "$STARTED_ENGINE" ]; then
         # What this script started must be gone: the engine, its containerd, and every container's shim.
-        left=$(pgrep -a -x 'dockerd|containerd|containerd-shim.*|docker-proxy' || true)
+        # (pgrep matches the first 15 characters of a name: containerd-shim-runc-v2 is "containerd-shim".)
+        left=$(for name in '^dockerd$' '^containerd' '^docker-proxy$'; do pgrep -a "$name"; done || true)
         if [ -n "$left" ]; then
             log "teardown: still running after the engine stopped: $left"; [ "$rc" != 0 ] || rc=1
         else
