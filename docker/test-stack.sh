@@ -3,7 +3,7 @@
 #
 #   make test-stack                       # or: bash docker/test-stack.sh
 #   STACK_TEST_FRESH=1 make test-stack    # first drop this test's images and the build cache
-#   STACK_TEST_TRAIN_STEPS=40 make test-stack   # shorter GRPO run (default: params.yaml as it is)
+#   STACK_TEST_TRAIN_STEPS=200 make test-stack  # GRPO steps of the deployment's run (default 40; 0: params.yaml as it is)
 #
 # On a machine that reaches Debian's archive and PyPI but no image registry:
 #  1. engine: uses a running Docker engine as it is; otherwise installs Debian's docker.io if dockerd is
@@ -35,8 +35,12 @@ POSTGRES_IMAGE=vlgrpo-test/postgres:15
 MODEL=$(awk '/^register:/ {r = 1} r && $1 == "model_name:" {print $2; exit}' params.yaml)
 FLOW_TIMEOUT=${STACK_TEST_FLOW_TIMEOUT:-2700}   # seconds for the whole pipeline flow run on 2 busy cores
 WAIT_TIMEOUT=${STACK_TEST_WAIT_TIMEOUT:-600}    # seconds for `compose up --wait`
+# The deployment's GRPO steps. The test is about the stack (scheduling, tracking, registry, serving,
+# volumes), not about learning: 40 steps keep the flow run within CI's time on 2 cores; 0 = params.yaml's.
+TRAIN_STEPS=${STACK_TEST_TRAIN_STEPS:-40}
 
 DOCKERD_PID=""
+STARTED_ENGINE=""
 PHASES=()
 PHASE_NAME=""
 PHASE_START=0
@@ -62,10 +66,11 @@ start_engine() {
         return
     fi
     if ! command -v dockerd >/dev/null; then
+        phase "engine install (apt docker.io)"
         log "engine: installing Debian's docker.io"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >"$WORK/apt-docker.log"
+        apt_install docker.io
     fi
+    phase "engine start"
     log "engine: starting dockerd (log: $WORK/dockerd.log)"
     # No NAT and no default bridge: the stack needs neither (its own compose network, loopback ports),
     # and the build uses the host network.
@@ -73,12 +78,28 @@ start_engine() {
     setsid nice -n 10 dockerd --iptables=false --ip-masq=false --bridge=none --pidfile "$WORK/dockerd.pid" \
         >"$WORK/dockerd.log" 2>&1 </dev/null &
     DOCKERD_PID=$!
+    STARTED_ENGINE=$DOCKERD_PID
     for _ in $(seq 60); do
         docker info >/dev/null 2>&1 && { log "engine: $(docker version -f '{{.Server.Version}}') up"; return; }
         kill -0 "$DOCKERD_PID" 2>/dev/null || die "dockerd exited: $(tail -5 "$WORK/dockerd.log")"
         sleep 1
     done
     die "dockerd did not answer within 60 s"
+}
+
+# apt-get install without starting services: where no init system runs, the package's maintainer scripts
+# would start a dockerd of their own through /etc/init.d (invoke-rc.d), which this script would not stop.
+# policy-rc.d exit 101 = "action forbidden" (Debian's documented switch); an existing one is left alone.
+apt_install() {
+    local policy=/usr/sbin/policy-rc.d added=0 rc=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# docker/test-stack.sh: no service starts during its apt-get install\nexit 101\n' >"$policy"
+        chmod 755 "$policy"; added=1
+    fi
+    apt-get update -qq >"$WORK/apt-update.log" 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >"$WORK/apt-$1.log" 2>&1 || rc=$?
+    [ "$added" = 0 ] || rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install $*: $(tail -5 "$WORK/apt-$1.log" "$WORK/apt-update.log" 2>/dev/null)"
 }
 
 stop_engine() {
@@ -114,7 +135,7 @@ dc() {
 cleanup() {
     local rc=$?
     set +e
-    phase ""
+    phase "teardown"
     if [ -n "${COMPOSE:-}" ] && docker info >/dev/null 2>&1; then
         log "teardown: compose down (volumes included)"
         dc --profile serve --profile minio down -v --remove-orphans --timeout 30 >"$WORK/down.log" 2>&1 \
@@ -124,6 +145,17 @@ cleanup() {
     fi
     stop_engine
     rm -f "$ENV_FILE"
+    phase ""
+    if [ -n "$STARTED_ENGINE" ]; then
+        # What this script started must be gone: the engine, its containerd, and every container's shim.
+        # (pgrep matches the first 15 characters of a name: containerd-shim-runc-v2 is "containerd-shim".)
+        left=$(for name in '^dockerd$' '^containerd' '^docker-proxy$'; do pgrep -a "$name"; done || true)
+        if [ -n "$left" ]; then
+            log "teardown: still running after the engine stopped: $left"; [ "$rc" != 0 ] || rc=1
+        else
+            log "teardown: no dockerd, containerd, shim or docker-proxy left running"
+        fi
+    fi
     log "phases (seconds):"
     for p in "${PHASES[@]}"; do echo "  $p"; done
     printf '  %-34s %5ds\n' total $(($(date +%s) - T0))
@@ -149,8 +181,8 @@ base_images() {
     if docker image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1; then
         log "base: $DEBIAN_IMAGE exists (debootstrap skipped; STACK_TEST_FRESH=1 rebuilds it)"
     else
-        command -v debootstrap >/dev/null || {
-            apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null; }
+        phase "debootstrap + import"
+        command -v debootstrap >/dev/null || apt_install debootstrap
         local mirror rootfs="$WORK/rootfs"
         mirror=$(debian_mirror)
         log "base: debootstrap --variant=minbase bookworm from $mirror"
@@ -160,6 +192,7 @@ base_images() {
         tar -C "$rootfs" -c . | docker import -c 'CMD ["bash"]' - "$DEBIAN_IMAGE" >/dev/null
         rm -rf "$rootfs"
     fi
+    phase "base images (python, postgres)"
     local ctx="$WORK/base-context" cert
     rm -rf "$ctx"; mkdir -p "$ctx"
     cp docker/stack-test/python.Dockerfile docker/stack-test/postgres.Dockerfile \
@@ -251,14 +284,14 @@ run_deployment() {
         || die "prefect deploy: $(tail -20 "$WORK/deploy.log")"
     ok "work pool created, deployment pipeline/scheduled registered"
     local param=()
-    if [ -n "${STACK_TEST_TRAIN_STEPS:-}" ]; then
+    if [ "$TRAIN_STEPS" != 0 ]; then
         # A shorter GRPO run for busy machines: params.yaml with train.max_steps changed, beside it in the
         # worker (the pipeline's outputs go next to its params file), passed as the deployment's parameter.
         dc exec -T prefect-worker python -c "
-import yaml; p = yaml.safe_load(open('params.yaml')); p['train']['max_steps'] = int('$STACK_TEST_TRAIN_STEPS')
+import yaml; p = yaml.safe_load(open('params.yaml')); p['train']['max_steps'] = int('$TRAIN_STEPS')
 yaml.safe_dump(p, open('params.stack-test.yaml', 'w'), sort_keys=False)" || die "writing params.stack-test.yaml"
         param=(--param params=params.stack-test.yaml)
-        log "deployment parameter params=params.stack-test.yaml (train.max_steps=$STACK_TEST_TRAIN_STEPS)"
+        log "deployment parameter params=params.stack-test.yaml (train.max_steps=$TRAIN_STEPS)"
     fi
     dc exec -T prefect-worker prefect deployment run 'pipeline/scheduled' "${param[@]}" >"$WORK/run.log" 2>&1 \
         || die "prefect deployment run: $(tail -20 "$WORK/run.log")"
@@ -345,7 +378,7 @@ ENV_FILE=$(mktemp "$WORK/env.XXXXXX")
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-phase "engine"
+phase "engine check"
 start_engine
 COMPOSE=$(compose_binary)
 log "compose: $($COMPOSE version | head -1)"
@@ -356,7 +389,6 @@ if [ "${STACK_TEST_FRESH:-0}" = 1 ]; then
 fi
 write_env
 
-phase "base images"
 base_images
 
 phase "pipeline image build"
@@ -370,6 +402,7 @@ ok "pipeline image $IMAGE built through docker/Dockerfile in $(( $(date +%s) - t
 if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]; then
     docker rmi "$previous" >/dev/null 2>&1 || true   # the previous build of this test's image, now untagged
 fi
+phase "image checks (user, history)"
 image_checks
 
 phase "stack up"
@@ -378,10 +411,12 @@ stack_up
 phase "deployment run (pipeline flow)"
 run_deployment
 
-phase "registry, serving, dvc push"
+phase "registry check"
 check_registry
 BEFORE=$REGISTRY
+phase "serving check (mlflow models serve)"
 check_serving
+phase "dvc push"
 dvc_push
 
 phase "down + up"
@@ -389,7 +424,7 @@ dc down --timeout 30 >"$WORK/down1.log" 2>&1 || die "compose down: $(tail -5 "$W
 [ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")" ] || die "containers left after down"
 stack_up
 
-phase "persistence checks"
+phase "survival checks (registry, flow run, dvc pull)"
 check_registry
 [ "$REGISTRY" = "$BEFORE" ] || die "the registry changed across down/up: before $BEFORE after $REGISTRY"
 ok "runs, versions, champion and the champion's artifacts ($(json "d['artifact_files']" <<<"$REGISTRY") files, sha256 $(json "d['artifact_sha256'][:12]" <<<"$REGISTRY")) survived down/up"
@@ -397,4 +432,3 @@ state=$(check prefect-worker flow-run "$FLOW_RUN_ID")
 [ "$(json "d['state']" <<<"$state")" = COMPLETED ] || die "flow run $FLOW_RUN_ID lost: $state"
 ok "the Prefect flow run survived down/up (COMPLETED)"
 dvc_pull
-phase ""

@@ -10,6 +10,7 @@ the checks talk to the servers exactly as the pipeline does.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -68,20 +69,23 @@ def registry(model: str = "vlgrpo-qwen-vl", experiment: str = "vlgrpo") -> dict:
 def serve(n: str = "4", url: str = "http://localhost:5001/invocations") -> dict:
     """Ask the served champion about the first N test items of the worker's manifest.
 
-    The images go as file paths on the worker's data volume (mounted read-only in the serving container),
-    one of the two inputs tasks/pyfunc_model.py documents. Base64 images longer than 255 characters
-    without a '/' currently get HTTP 400 there: `Path(text).is_file()` raises ENAMETOOLONG before the
-    base64 branch is tried (reported; outside docker/)."""
+    Both image inputs that tasks/pyfunc_model.py documents: the even items as base64 image bytes (what a
+    remote client sends), the odd ones as file paths on the worker's data volume (mounted read-only here)."""
     data = Path("data")
     items = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line.strip()]
     items = [it for it in items if it["split"] == "test"][: int(n)]
-    records = [{"image": str((data / it["images"][0]).resolve()), "question": it["question"]} for it in items]
+    records = []
+    for i, it in enumerate(items):
+        path = (data / it["images"][0]).resolve()
+        image = base64.b64encode(path.read_bytes()).decode() if i % 2 == 0 else str(path)
+        records.append({"image": image, "question": it["question"]})
     out = _get(url, {"dataframe_records": records}, timeout=300)
     answers = out["predictions"] if isinstance(out, dict) else out
     if len(answers) != len(records) or not all(isinstance(a, str) and a.strip() for a in answers):
         sys.exit(f"the served model gave {answers!r} for {len(records)} questions")
     return {"answers": answers, "solutions": [it.get("solution", "") for it in items],
-            "questions": [it["question"] for it in items]}
+            "questions": [it["question"] for it in items],
+            "inputs": ["base64" if i % 2 == 0 else "path" for i in range(len(records))]}
 
 
 if __name__ == "__main__":

@@ -329,6 +329,14 @@ def test_dockerfile_runs_python_311_as_non_root_with_the_cli_entrypoint():
     assert "pip install --no-deps -e ." in text
 
 
+def test_prefect_server_ui_bundle_goes_where_the_image_user_may_write(compose):
+    # The non-root image user cannot write beside Prefect's code; the folder must be one the Dockerfile
+    # hands to that user (found by the stack test: "Permission denied", no UI).
+    folder = compose["services"]["prefect-server"]["environment"]["PREFECT_UI_STATIC_DIRECTORY"]
+    owned = re.findall(r"chown -R vlgrpo:vlgrpo (\S+)", DOCKERFILE.read_text())
+    assert owned and any(folder.startswith(o.rstrip("/") + "/") for o in owned), (folder, owned)
+
+
 def test_compose_builds_the_pipeline_image_from_the_project_root(compose):
     for name in ("mlflow", "prefect-server", "prefect-worker"):
         build = compose["services"][name]["build"]
@@ -446,10 +454,11 @@ def test_stack_test_override_merges_as_the_test_expects(tmp_path):
     # MinIO is only in a profile the test never starts, and nothing waits for it.
     assert {"minio", "minio-buckets", "model-server", "prefect-worker-gpu"}.isdisjoint(merged)
     assert all("minio" not in dep for svc in merged.values() for dep in svc.get("depends_on", {}))
-    # MLflow runs the upstream command but for the artifact store (a volume instead of s3://).
+    # MLflow runs the upstream command but for the artifact store (a volume instead of s3://), plus one
+    # server process (a saturated 2-core test machine; see the override's note 5).
     ours, theirs = merged["mlflow"]["entrypoint"], argv(load_compose(env)["services"]["mlflow"])
     i = theirs.index("--artifacts-destination")
-    assert ours[:i + 1] == theirs[:i + 1] and ours[i + 2:] == theirs[i + 2:]
+    assert ours[:i + 1] == theirs[:i + 1] and ours[i + 2:] == theirs[i + 2:] + ["--workers", "1"]
     assert any(v["target"] == "/home/vlgrpo/.cache" and v["source"] == "mlflow-artifacts"
                for v in merged["mlflow"]["volumes"])
     assert ours[i + 1].startswith("/home/vlgrpo/.cache/")
@@ -458,6 +467,7 @@ def test_stack_test_override_merges_as_the_test_expects(tmp_path):
         assert (p["host_ip"], p["published"]) == ("127.0.0.1", str(port))
     for name in ("mlflow", "prefect-server", "prefect-worker"):
         assert merged[name]["build"]["network"] == "host"
+        assert merged[name]["healthcheck"]["start_period"] == "5m0s"
         assert merged[name]["build"]["dockerfile"] == "docker/Dockerfile"
 
 
