@@ -24,7 +24,7 @@ pipeline: $(STAMP)
 	$(BIN)/vlgrpo repro
 
 test: $(STAMP)
-	$(BIN)/pytest -q --timeout=1500
+	$(BIN)/pytest -q --timeout=1500 --durations=30 -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not integration and not reliability" tests/unit

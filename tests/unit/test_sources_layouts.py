@@ -337,3 +337,31 @@ def test_config_formats_are_the_layouts():
 
     from vlgrpo.data.layouts import LAYOUTS as READ
     assert typing.get_args(typing.get_type_hints(DataConfig)["format"]) == ("auto", *READ)
+
+
+def test_validate_command_on_every_layout_and_hostile_file_prints_no_traceback(tmp_path, monkeypatch, capsys):
+    """The acceptance as a user meets it: `vlgrpo validate --data FILE` (from a folder with no params.yaml) on
+    each layout's file says OK (exit 0), and on each hostile file one error line (exit 1); never a traceback."""
+    from flows.cli import main
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for name, (file_name, rows, _, _) in LAYOUTS.items():
+        ds = tmp_path / name
+        _images(ds)
+        assert main(["validate", "--data", str(_write(ds / file_name, rows))]) == 0, name
+        err = capsys.readouterr().err
+        assert "validate OK" in err and "Traceback" not in err, (name, err)
+    hostile = tmp_path / "hostile"
+    _images(hostile)
+    files = {**HOSTILE_FILES, "rows.jsonl": "".join(json.dumps(r) + "\n" for r in HOSTILE_ROWS).encode()}
+    for name, data in files.items():
+        (hostile / name).write_bytes(data)
+        code = main(["validate", "--data", str(hostile / name)])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, (name, err)
+        if name in ("bom_array.json", "one_object.json"):   # valid: one row each
+            assert code == 0, (name, err)
+        else:
+            assert code == 1 and err.count("vlgrpo validate: error:") == 1, (name, err)

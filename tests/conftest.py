@@ -1,0 +1,47 @@
+"""Suite-wide set-up for running the tests two at a time (`make test`: pytest-xdist, ``-n 2 --dist loadgroup``).
+
+Most of the suite's wall time is spent waiting - for `vlgrpo` stage processes to import their libraries, for
+servers to start, for retries across a restarted server - with one of the two cores idle, so two workers
+finish it in a little over half the time. What makes that safe:
+
+- **One unit of work per test file** (an ``xdist_group`` named after the module): a module's fixtures (a
+  trained project, a server) are built once, by one worker, as in a serial run. The files that compare with
+  the one undisturbed `vlgrpo repro` of the session share a group, so that repro runs once.
+- **One OpenMP thread per worker.** PyTorch's OpenMP threads busy-wait for each other; two workers with two
+  threads each on two cores slow every tensor op several-fold (docs/benchmarks.md, "Findings"). Child
+  processes (the stage commands, ``accelerate launch``) inherit it.
+- **A Prefect home per worker**: a flow run without ``PREFECT_API_URL`` starts a temporary server on the
+  SQLite database under ``PREFECT_HOME``; two of them on one file would lock each other out.
+
+A plain ``pytest`` (no ``-n``) runs serially with the machine's defaults, as before.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:   # before anything imports torch or prefect
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _PREFECT_HOME = tempfile.mkdtemp(prefix=f"vlgrpo-tests-prefect-{WORKER}-")
+    os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+
+# modules that share a session fixture worth building once (tests/reliability/conftest.py:undisturbed_repro)
+SHARED_GROUPS = {
+    "tests.reliability.test_kill_every_stage": "undisturbed-repro",
+    "tests.reliability.test_disk_full": "undisturbed-repro",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if WORKER:
+        shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
