@@ -105,7 +105,11 @@ def mlflow_server(tmp: Path, backend_uri: str, extra_args: list[str] | None = No
            "--backend-store-uri", backend_uri, "--artifacts-destination", art.as_uri(), "--workers", "1",
            *(extra_args or [])]
     log = tmp / f"mlflow-{port}.log"
-    srv = Server(f"http://127.0.0.1:{port}", _spawn(cmd, env or {}, log), log, cmd, env or {},
+    # MLflow 3's job execution (GenAI evaluation / trace jobs, which vlgrpo never submits) starts a job runner
+    # and three huey consumers beside every server, each importing mlflow: CPU a 2-core machine needs for the
+    # test itself, on every start and restart.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    srv = Server(f"http://127.0.0.1:{port}", _spawn(cmd, env, log), log, cmd, env,
                  health=f"http://127.0.0.1:{port}/health")
     try:
         wait_http(srv.health, 180, srv.proc, log)
