@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml requirements.lock
 pipeline: $(STAMP)
 	$(BIN)/vlgrpo repro
 
+# Two test files at a time (tests/conftest.py says why that is safe); TEST_WORKERS=0 runs them one by one.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/pytest -q --timeout=1500 --durations=30 -n 2 --dist loadgroup
+	$(BIN)/pytest -q --timeout=1500 --durations=30 -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not integration and not reliability" tests/unit
