@@ -1,7 +1,7 @@
 """Learning curves with and without dynamic sampling (``train.dynamic_sampling``) on the default task.
 
     python -m tests.benchmarks.bench_dynamic_sampling --seeds 0 1 2 3 4 [--jobs 2] [--out curves.json]
-        [--target 0.99] [--full] [--max-steps N]
+        [--target 0.99] [--full] [--max-steps N] [--train KEY=VALUE ...]
 
 For each ``train.seed``, trains the default ``params.yaml`` run twice (dynamic sampling off / on) in one
 project under a temp folder (data and base stage first, shared by all runs). Test accuracy comes from the
@@ -29,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 EVAL_EVERY = 10
 EVAL_MANIFEST = "data/manifest_test_as_val.jsonl"
@@ -52,11 +54,11 @@ def prepare(root: Path):
     return cfg
 
 
-def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: float | None
-          ) -> list[dict]:
+def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: float | None,
+          overrides: dict | None = None) -> list[dict]:
     """Train one variant (one thread), evaluating on the test split every EVAL_EVERY steps, until
     ``max_steps`` or (``target`` not None) the first evaluation at ``target`` or more → the evaluations:
-    step, test accuracy, groups sampled so far."""
+    step, test accuracy, groups sampled so far. ``overrides``: ``train.*`` values for both variants."""
     import torch
 
     from vlgrpo.config import load_config
@@ -68,7 +70,7 @@ def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: f
     cfg = load_config(REPO / "params.yaml")
     steps = max_steps or cfg.train.max_steps
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, dynamic_sampling=dynamic, seed=seed, max_steps=steps, eval_steps=EVAL_EVERY,
+        cfg.train, **(overrides or {}), dynamic_sampling=dynamic, seed=seed, max_steps=steps, eval_steps=EVAL_EVERY,
         save_steps=steps))                         # no checkpoints on the way: state stays in memory
     name = f"{'dynamic' if dynamic else 'plain'}_s{seed}"
     metrics = root / f"reports/{name}.jsonl"
@@ -105,14 +107,22 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--full", action="store_true", help="train every run to max_steps (no stop at target)")
     ap.add_argument("--max-steps", type=int, default=None, help="shorter runs (default: params.yaml's)")
+    ap.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="train.* values for both variants, e.g. epsilon_high=0.28 (YAML values)")
     args = ap.parse_args()
+    overrides = {}
+    for kv in args.train:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            ap.error(f"--train {kv!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="vlgrpo-dyn-") as tmp:
         root = Path(tmp)
         prepare(root)
         stop = None if args.full else args.target
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futs = {pool.submit(curve, root, s, d, args.max_steps, stop): f"{'dynamic' if d else 'plain'}_s{s}"
+            futs = {pool.submit(curve, root, s, d, args.max_steps, stop, overrides): f"{'dynamic' if d else 'plain'}_s{s}"
                     for s in args.seeds for d in (False, True)}
             for fut in as_completed(futs):
                 results[futs[fut]] = fut.result()

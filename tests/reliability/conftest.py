@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -133,13 +134,45 @@ def wait_for(cond: Callable[[], bool], timeout: float, proc: subprocess.Popen | 
         time.sleep(poll)
 
 
+def stage_run_open(db: Path, stage: str) -> bool:
+    """The stage's MLflow run is open, read straight from the SQLite store ``db`` while the stage writes (cheap
+    enough to poll every 20 ms: a short stage's run is open for a few seconds only)."""
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
+            return con.execute("SELECT 1 FROM runs WHERE name = ? AND status = 'RUNNING'", (stage,)).fetchone() \
+                is not None
+    except sqlite3.Error:                            # locked or mid-migration: ask again
+        return False
+
+
 def kill9(proc: subprocess.Popen) -> None:
-    """SIGKILL the whole process group: no cleanup handler, finally block or atexit runs."""
+    """SIGKILL the whole process group: no cleanup handler, finally block or atexit runs. Returns once every
+    process of the group is gone (reaped), not only the leader: a killed `dvc repro` that still exists for a
+    moment after its parent is waited for holds DVC's rwlock for the next command (DVC checks the pid), which
+    made the next `vlgrpo repro` fail with "is busy" in a CI run."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait(60)
+    deadline = time.monotonic() + 60
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids (zombies included) whose process group is ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    members.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return members
 
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)

@@ -15,8 +15,10 @@ FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOU
 RIDE_OUT = {**FAST_FAIL, "VLGRPO_MLFLOW_RETRIES": "20"}
 
 # Each call of the reward sleeps REL_SLOW_REWARD_S seconds (0 when unset), so a step lasts long enough for a
-# fault to land between two of them. It always scores 0, so with or without the sleep the run computes the
-# same numbers: a slowed run and an unslowed one of the same params are comparable bit for bit.
+# fault to land between two of them. While the file named by REL_HOLD_FILE exists (at most 10 minutes) it
+# waits: a test holds training still across an outage, so that the background flushes (every 5 s) meet the
+# outage for certain, whatever the machine's speed. It always scores 0, so with or without the sleep the run
+# computes the same numbers: a slowed run and an unslowed one of the same params are comparable bit for bit.
 SLOW_PLUGIN = '''
 import os
 import time
@@ -25,6 +27,9 @@ from vlgrpo.rewards import register
 @register("rel_slow")
 def rel_slow(prompts, completions, **columns):
     time.sleep(float(os.environ.get("REL_SLOW_REWARD_S", "0")))
+    hold, deadline = os.environ.get("REL_HOLD_FILE"), time.monotonic() + 600
+    while hold and os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return [0.0 for _ in completions]
 '''
 SLOW_REWARDS = {"weights": {"accuracy": 1.0, "rel_slow": 0.1}, "plugins": ["slow_plugin.py"]}
@@ -66,11 +71,14 @@ def assert_each_step_once_in_mlflow(client, run_id: str, metrics: Path) -> None:
         assert {m.step: m.value for m in history if m.step >= 1} == want, key
 
 
-def spawn_slow_train(project: Path, log: Path, tracking_uri: str, steps: int, env: dict[str, str]):
+def spawn_slow_train(project: Path, log: Path, tracking_uri: str, steps: int, env: dict[str, str],
+                     hold: Path | None = None):
     """`vlgrpo train --force` on ``project`` (slowed: a second a step, ``steps`` steps, a checkpoint halfway),
-    reporting to the MLflow server at ``tracking_uri`` with MLflow's own HTTP retries off and ours long."""
+    reporting to the MLflow server at ``tracking_uri`` with MLflow's own HTTP retries off and ours long.
+    ``hold``: while this file exists, training waits inside its next reward call."""
     from tests.reliability.conftest import VLGRPO, spawn
 
     add_slow_reward(project, train={"max_steps": steps, "save_steps": steps // 2})
+    held = {"REL_HOLD_FILE": str(hold)} if hold is not None else {}
     return spawn([VLGRPO, "train", "--force"], project, log, MLFLOW_TRACKING_URI=tracking_uri, **RIDE_OUT,
-                 **SLOW, **env)
+                 **SLOW, **held, **env)

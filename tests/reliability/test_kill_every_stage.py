@@ -7,30 +7,16 @@ undisturbed run of the same project: one version, aliases `candidate` and `champ
 """
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from tests.project import run
-from tests.reliability.conftest import REPRO_TIMEOUT, VLGRPO, kill9, repro_project, spawn, wait_for
+from tests.reliability.conftest import REPRO_TIMEOUT, VLGRPO, kill9, repro_project, spawn, stage_run_open, wait_for
 from tests.reliability.repro_results import assert_same_as_undisturbed
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
-
-
-def _running(root: Path, stage: str) -> bool:
-    """The stage's MLflow run is open (read straight from the project's store while the stage writes)."""
-    db = root / "mlflow.db"
-    if not db.exists():
-        return False
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
-            return con.execute("SELECT 1 FROM runs WHERE name = ? AND status = 'RUNNING'", (stage,)).fetchone() \
-                is not None
-    except sqlite3.Error:                            # locked or mid-migration: ask again
-        return False
 
 
 def test_kill_at_every_stage_then_repro_completes_consistently(undisturbed_repro, tmp_path, cli_env):
@@ -42,12 +28,12 @@ def test_kill_at_every_stage_then_repro_completes_consistently(undisturbed_repro
         log = tmp_path / f"kill-{stage}.log"
         proc = spawn([VLGRPO, "repro"], root, log, **cli_env)
         try:
-            wait_for(lambda: _running(root, stage) and (stage != "train" or ckpt.is_dir()), REPRO_TIMEOUT,
-                     proc, log, poll=0.02)
+            wait_for(lambda: stage_run_open(root / "mlflow.db", stage) and (stage != "train" or ckpt.is_dir()),
+                     REPRO_TIMEOUT, proc, log, poll=0.02)
         finally:
             kill9(proc)
         assert proc.returncode == -9, f"{stage}: repro ended before the kill"
-        assert _running(root, stage), f"the kill missed {stage}"
+        assert stage_run_open(root / "mlflow.db", stage), f"the kill missed {stage}"
         print(f"killed inside {stage}")
     run([VLGRPO, "repro"], root, timeout=REPRO_TIMEOUT, **cli_env)
 

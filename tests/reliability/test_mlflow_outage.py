@@ -38,7 +38,8 @@ def server(tmp_path_factory):
 def test_tracking_server_outage_during_training_loses_and_doubles_nothing(project, server, cli_env, tmp_path):
     metrics = project / "reports/train_metrics.jsonl"
     log = tmp_path / "train.log"
-    proc = spawn_slow_train(project, log, server.url, 10, cli_env)
+    hold = tmp_path / "hold"
+    proc = spawn_slow_train(project, log, server.url, 10, cli_env, hold=hold)
     try:
         # The tracking run started and a periodic flush reached the server: now take the server away.
         wait_for(lambda: sidecar_count(metrics) >= 1, 300, proc, log)
@@ -46,6 +47,13 @@ def test_tracking_server_outage_during_training_loses_and_doubles_nothing(projec
         time.sleep(0.2)                                    # a flush in flight at the stop has settled
         at_stop, sent_at_stop = lines(metrics), sidecar_count(metrics)
         assert at_stop < 10, "training ended before the outage"
+        # One more step, so a line is waiting to be sent; then training waits in its next step until a
+        # periodic flush (every 5 s) has met the outage - whatever the machine's speed.
+        wait_for(lambda: lines(metrics) > at_stop, 300, proc, log)
+        hold.touch()
+        wait_for(lambda: "metrics forwarding to MLflow deferred" in log.read_text(errors="replace"), 300, proc,
+                 log)
+        hold.unlink()
         # Training goes on without the server, to the end; the final flush retries with backoff.
         wait_for(lambda: "MLflow metrics flush failed" in log.read_text(errors="replace"), 300, proc, log)
         assert lines(metrics) == 10

@@ -16,7 +16,7 @@ from tests.reliability.slow_training import assert_each_step_once_in_mlflow, lin
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.reliability
-STEPS = 8
+STEPS = 10
 
 
 def test_postgres_restart_during_training_loses_and_doubles_no_metric(project, throwaway_postgres, cli_env,
@@ -25,15 +25,21 @@ def test_postgres_restart_during_training_loses_and_doubles_no_metric(project, t
     metrics = project / "reports/train_metrics.jsonl"
     log = tmp_path / "train.log"
     with mlflow_server(tmp_path, pg.url) as server:
-        proc = spawn_slow_train(project, log, server.url, STEPS, cli_env)
+        hold = tmp_path / "hold"
+        proc = spawn_slow_train(project, log, server.url, STEPS, cli_env, hold=hold)
         try:
             wait_for(lambda: sidecar_count(metrics) >= 1, 300, proc, log)   # metrics reached PostgreSQL
             pg.stop("immediate")
             at_stop = lines(metrics)
             assert at_stop < STEPS, "training ended before the database went away"
+            # One more step, so a line is waiting to be sent; then training waits in its next step until a
+            # periodic flush (every 5 s) has met the dead database - whatever the machine's speed.
+            wait_for(lambda: lines(metrics) > at_stop, 300, proc, log)
+            hold.touch()
             wait_for(lambda: "metrics forwarding to MLflow deferred" in log.read_text(errors="replace"),
-                     120, proc, log)
+                     300, proc, log)
             pg.start()
+            hold.unlink()
             rc = proc.wait(300)
         finally:
             if proc.poll() is None:

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from tests.project import make_project, project_env, run
-from tests.reliability.conftest import VLGRPO, kill9, spawn, update_params, wait_for
+from tests.reliability.conftest import VLGRPO, kill9, spawn, stage_run_open, update_params, wait_for
 from tests.reliability.slow_training import RIDE_OUT
 from tests.servers import mlflow_server
 
@@ -73,7 +73,7 @@ def test_sigkilled_runs_marked_killed_live_run_elsewhere_untouched(tmp_path, rea
         log = tmp_path / "killed.log"
         killed = spawn([VLGRPO, "repro"], root, log, **env)
         try:
-            wait_for(lambda: _runs(client, status="RUNNING", **{"vlgrpo.stage": "data"}), 300, killed, log, 0.5)
+            wait_for(lambda: stage_run_open(tmp_path / "mlflow.db", "data"), 300, killed, log, 0.02)
             kill9(killed)  # the repro, dvc and the data stage: no handler runs
             live_id = live.stdout.readline().strip()
             assert client.get_run(live_id).info.status == "RUNNING"
