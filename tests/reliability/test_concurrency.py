@@ -18,6 +18,7 @@ import pytest
 
 from tests.project import BIN, make_project, run
 from tests.reliability.conftest import REPO, VLGRPO, kill9, spawn, wait_for
+from tests.reliability.slow_training import add_slow_reward
 
 pytestmark = pytest.mark.reliability
 
@@ -25,7 +26,12 @@ pytestmark = pytest.mark.reliability
 def test_second_pipeline_run_refuses_while_first_holds_the_lock(tmp_path, cli_env):
     root = make_project(tmp_path / "proj", model_name="vlgrpo-lock-test")
     lock = root / ".vlgrpo.lock"
-    first = spawn([VLGRPO, "repro", "data"], root, tmp_path / "first.log", **cli_env)
+    # The first run holds the lock until the refusals are checked: its pilot waits in its first reward call
+    # while `hold` exists (a run that merely takes long would race the refused commands on a busy machine).
+    add_slow_reward(root)
+    hold = tmp_path / "hold"
+    hold.touch()
+    first = spawn([VLGRPO, "repro", "pilot"], root, tmp_path / "first.log", REL_HOLD_FILE=str(hold), **cli_env)
     try:
         # The holder writes its pid into the lock file right after taking the lock.
         wait_for(lambda: lock.exists() and f"pid {first.pid}" in lock.read_text(), 120, first,
@@ -40,6 +46,7 @@ def test_second_pipeline_run_refuses_while_first_holds_the_lock(tmp_path, cli_en
             assert "refusing to run a second" in p.stderr
             assert "Traceback" not in p.stdout + p.stderr  # an expected refusal, not a crash
             assert took < 60, f"{cmd} took {took:.0f}s to refuse"
+        hold.unlink()
         rc = first.wait(600)
     finally:
         if first.poll() is None:
@@ -61,7 +68,7 @@ def test_second_pipeline_run_refuses_while_first_holds_the_lock(tmp_path, cli_en
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("vlgrpo").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["data", "pipeline"]
+    assert sorted(r.info.run_name for r in runs) == ["base", "data", "pilot", "pipeline", "validate"]
     # The lock dies with its holder: now that the first run is over, the lock can be taken again.
     from vlgrpo.io import project_lock
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.project import run
 from tests.reliability.conftest import VLGRPO, kill9, spawn, wait_for
+from tests.reliability.slow_training import SLOW, add_slow_reward
 from vlgrpo.train import RunPaths, train_grpo, TrainingError
 from vlgrpo.train.checkpoint import CHECKPOINT_DIR, STATE_FILE, latest_checkpoint
 
@@ -43,6 +44,8 @@ def reference(ready_project, tmp_path_factory) -> tuple[list[dict], dict]:
     """The uninterrupted run: its metrics stream and final weights."""
     root = tmp_path_factory.mktemp("ref") / "proj"
     shutil.copytree(ready_project, root)
+    # The slow reward (it scores 0: the same numbers) is in every run here, so the killed one can be slowed.
+    add_slow_reward(root)
     s = _train_in_process(root, "models/ref", "reports/ref.jsonl")
     assert s["finished"] and s["resumed_from"] is None
     return _metrics(root / "reports/ref.jsonl"), load_file(root / "models/ref/model.safetensors")
@@ -62,7 +65,9 @@ def _assert_equal_to_reference(reference, metrics: Path, weights: Path) -> None:
 def test_sigkilled_train_stage_resumes_and_matches_uninterrupted_run(project, reference, tmp_path, cli_env):
     candidate = project / "models/candidate"
     log = tmp_path / "killed.log"
-    proc = spawn([VLGRPO, "train", "--force"], project, log, **cli_env)
+    add_slow_reward(project)
+    # Slowed to a second a step, so the kill lands between step-2's checkpoint and step 3's end on any machine.
+    proc = spawn([VLGRPO, "train", "--force"], project, log, **SLOW, **cli_env)
     try:
         wait_for(lambda: latest_checkpoint(candidate) is not None, 600, proc, log, poll=0.02)
     finally:
@@ -87,6 +92,7 @@ def test_sigkilled_train_stage_resumes_and_matches_uninterrupted_run(project, re
 
 
 def test_partial_and_unreadable_checkpoints_are_never_loaded(project, reference, capfd):
+    add_slow_reward(project)                                 # the reference's reward set-up
     out = project / "models/candidate"
     s = _train_in_process(project, "models/candidate", "reports/train_metrics.jsonl", stop_after=3)
     assert not s["finished"] and latest_checkpoint(out).name == "step-2"
