@@ -1,8 +1,9 @@
 """Suite-wide set-up for running the tests two at a time (`make test`: pytest-xdist, ``-n 2 --dist loadgroup``).
 
-Most of the suite's wall time is spent waiting - for `vlgrpo` stage processes to import their libraries, for
-servers to start, for retries across a restarted server - with one of the two cores idle, so two workers
-finish it in a little over half the time. What makes that safe:
+Much of the suite's wall time is spent waiting - for servers to start, for retries across a restarted server,
+for a slowed training step - with a core idle; two workers keep both busy. On the 2-core machine the suite
+took 52 minutes one file after another and 12 with two workers of one OpenMP thread each (README, "Tests";
+how much of that each of the two changes gives was not measured apart). What makes it safe:
 
 - **One unit of work per test file** (an ``xdist_group`` named after the module): a module's fixtures (a
   trained project, a server) are built once, by one worker, as in a serial run. The files that compare with
