@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.conftest import update_params
+from tests.reliability.slow_training import add_slow_reward
 from tests.reliability.test_killed_training import _assert_equal_to_reference, _train_in_process
 from tests.reliability.test_killed_training import reference  # noqa: F401  (the undisturbed run, a fixture)
 from vlgrpo.train.checkpoint import CHECKPOINT_DIR, STATE_FILE, complete_checkpoints, rotate_checkpoints
@@ -23,8 +23,9 @@ def _names(out: Path) -> list[str]:
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints_and_resume_stays_exact(project, reference):  # noqa: F811
-    # A checkpoint every step, at most 2 kept: the disk holds 2 checkpoints however long the run.
-    update_params(project, train={"save_steps": 1, "save_total_limit": 2})
+    # A checkpoint every step, at most 2 kept: the disk holds 2 checkpoints however long the run. The rewards
+    # are the reference run's (with the slow reward, which scores 0).
+    add_slow_reward(project, train={"save_steps": 1, "save_total_limit": 2})
     out = project / "models/candidate"
     s = _train_in_process(project, "models/candidate", "reports/train_metrics.jsonl", stop_after=3)
     assert s["steps"] == 3 and _names(out) == ["step-3", "step-2"]
