@@ -70,8 +70,8 @@ def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: f
     cfg = load_config(REPO / "params.yaml")
     steps = max_steps or cfg.train.max_steps
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, **(overrides or {}), dynamic_sampling=dynamic, seed=seed, max_steps=steps, eval_steps=EVAL_EVERY,
-        save_steps=steps))                         # no checkpoints on the way: state stays in memory
+        cfg.train, **(overrides or {}), dynamic_sampling=dynamic, seed=seed, max_steps=steps,
+        eval_steps=EVAL_EVERY, save_steps=steps))                         # no checkpoints on the way: state stays in memory
     name = f"{'dynamic' if dynamic else 'plain'}_s{seed}"
     metrics = root / f"reports/{name}.jsonl"
     run = setup(cfg, RunPaths.under(root, EVAL_MANIFEST, "models/base", f"out/{name}", metrics))

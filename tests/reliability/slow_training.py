@@ -82,3 +82,14 @@ def spawn_slow_train(project: Path, log: Path, tracking_uri: str, steps: int, en
     held = {"REL_HOLD_FILE": str(hold)} if hold is not None else {}
     return spawn([VLGRPO, "train", "--force"], project, log, MLFLOW_TRACKING_URI=tracking_uri, **RIDE_OUT,
                  **SLOW, **held, **env)
+
+
+def hold_until_a_flush_is_deferred(metrics: Path, at_stop: int, hold: Path, proc, log: Path) -> None:
+    """With the tracking side down since ``at_stop`` lines: let one more step write its line (so a flush has
+    something to send), hold training (``hold``, see SLOW_PLUGIN) and wait until a periodic flush has failed
+    on the outage and been deferred. The caller releases the hold (``hold.unlink()``)."""
+    from tests.reliability.conftest import wait_for
+
+    wait_for(lambda: lines(metrics) > at_stop, 300, proc, log)
+    hold.touch()
+    wait_for(lambda: "metrics forwarding to MLflow deferred" in log.read_text(errors="replace"), 300, proc, log)

@@ -22,7 +22,7 @@ import pytest
 from tests.project import run
 from tests.reliability.conftest import REPO, VLGRPO, update_params, wait_for
 from tests.reliability.slow_training import (FAST_FAIL, assert_each_step_once_in_mlflow, lines, sidecar_count,
-                                             spawn_slow_train)
+                                             spawn_slow_train, hold_until_a_flush_is_deferred)
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.reliability
@@ -47,12 +47,7 @@ def test_tracking_server_outage_during_training_loses_and_doubles_nothing(projec
         time.sleep(0.2)                                    # a flush in flight at the stop has settled
         at_stop, sent_at_stop = lines(metrics), sidecar_count(metrics)
         assert at_stop < 10, "training ended before the outage"
-        # One more step, so a line is waiting to be sent; then training waits in its next step until a
-        # periodic flush (every 5 s) has met the outage - whatever the machine's speed.
-        wait_for(lambda: lines(metrics) > at_stop, 300, proc, log)
-        hold.touch()
-        wait_for(lambda: "metrics forwarding to MLflow deferred" in log.read_text(errors="replace"), 300, proc,
-                 log)
+        hold_until_a_flush_is_deferred(metrics, at_stop, hold, proc, log)   # whatever the machine's speed
         hold.unlink()
         # Training goes on without the server, to the end; the final flush retries with backoff.
         wait_for(lambda: "MLflow metrics flush failed" in log.read_text(errors="replace"), 300, proc, log)

@@ -12,7 +12,8 @@ import json
 import pytest
 
 from tests.reliability.conftest import wait_for
-from tests.reliability.slow_training import assert_each_step_once_in_mlflow, lines, sidecar_count, spawn_slow_train
+from tests.reliability.slow_training import (assert_each_step_once_in_mlflow, hold_until_a_flush_is_deferred, lines,
+                                             sidecar_count, spawn_slow_train)
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.reliability
@@ -32,12 +33,7 @@ def test_postgres_restart_during_training_loses_and_doubles_no_metric(project, t
             pg.stop("immediate")
             at_stop = lines(metrics)
             assert at_stop < STEPS, "training ended before the database went away"
-            # One more step, so a line is waiting to be sent; then training waits in its next step until a
-            # periodic flush (every 5 s) has met the dead database - whatever the machine's speed.
-            wait_for(lambda: lines(metrics) > at_stop, 300, proc, log)
-            hold.touch()
-            wait_for(lambda: "metrics forwarding to MLflow deferred" in log.read_text(errors="replace"),
-                     300, proc, log)
+            hold_until_a_flush_is_deferred(metrics, at_stop, hold, proc, log)   # the dead database met
             pg.start()
             hold.unlink()
             rc = proc.wait(300)
