@@ -26,16 +26,16 @@ def pilot_flow(params: str = "params.yaml") -> dict:
     from vlgrpo.gates import pilot_passed
 
     cfg, root = load(params)
-    pilot_cfg = cfg.pilot.train_config(cfg.train)
+    pilot = dataclasses.replace(cfg, train=cfg.pilot.train_config(cfg.train))   # the full config, pilot's train
     metrics = report_path(root, "pilot_metrics", ".jsonl")
     metrics.unlink(missing_ok=True)  # a pilot is always a fresh run
     with stage_run("pilot", cfg, root) as run_id, tempfile.TemporaryDirectory(dir=root) as tmp:
         with StreamForwarder(metrics, run_id):
             paths = RunPaths.under(root, manifest_path(cfg, root), cfg.base.out_dir, Path(tmp) / "pilot-model",
                                    metrics)
-            summary = grpo_task(dataclasses.replace(cfg, train=pilot_cfg), paths, "pilot-progress")
+            summary = grpo_task(pilot, paths, "pilot-progress")
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        val_reward = val_reward_task(cfg, pilot_cfg, manifest_path(cfg, root), Path(tmp) / "pilot-model", root)
+        val_reward = val_reward_task(pilot, manifest_path(cfg, root), Path(tmp) / "pilot-model")
         decision = dataclasses.asdict(pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps,
                                                    val_reward=val_reward, reward_weights=cfg.rewards.weights))
         decision["val_reward"] = val_reward

@@ -32,7 +32,10 @@ def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
     if cfg.pilot.auto_adjust and pilot:
         known = {f for f in PilotDecision.__dataclass_fields__}
         # the remedies scale the values params.yaml gives now; cfg is the one config the run uses from here
-        cfg, changes = apply_adjustments(cfg, PilotDecision(**{k: v for k, v in pilot.items() if k in known}))
+        try:
+            cfg, changes = apply_adjustments(cfg, PilotDecision(**{k: v for k, v in pilot.items() if k in known}))
+        except ValueError as e:                 # e.g. an absolute remedy in an old pilot report
+            raise StageFailed(f"train refuses to start: {e}") from None
     metrics = report_path(root, "train_metrics", ".jsonl")
     tags = {"forced": str(force), "auto_adjust_changes": "; ".join(changes) or "none"}
     with stage_run("train", cfg, root, tags=tags) as run_id:      # params: the effective values

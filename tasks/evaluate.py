@@ -11,6 +11,7 @@ from tasks.common import report_path
 from tasks.registry import champion_loader
 from tasks.tracking import retry
 from vlgrpo.config import Config
+from vlgrpo.io import under_root
 
 
 @task(name="evaluate-models", retries=0, cache_policy=NO_CACHE)
@@ -20,8 +21,8 @@ def evaluate_task(cfg: Config, root: Path, manifest: Path, run_id: str) -> dict[
     from vlgrpo.report import metrics_only, write_evaluation_outputs
 
     champion = retry(lambda: champion_loader(cfg.register.model_name), what="look up champion")
-    models = {"base": lambda: load_model(root / cfg.base.out_dir),
-              "candidate": lambda: load_model(root / cfg.train.out_dir),
+    models = {"base": lambda: load_model(under_root(root, cfg.base.out_dir)),
+              "candidate": lambda: load_model(under_root(root, cfg.train.out_dir)),
               "champion": champion}
     result = evaluate_models(cfg, manifest, models, progress=True, root=root)
     write_evaluation_outputs(result, root, manifest, train_metrics=report_path(root, "train_metrics", ".jsonl"),

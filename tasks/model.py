@@ -1,7 +1,6 @@
 """Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.base / train / gates."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common import BackgroundLoop, ConsoleProgress
-from vlgrpo.config import Config, TrainConfig
+from vlgrpo.config import Config
 from vlgrpo.train.paths import RunPaths
 
 
@@ -36,17 +35,16 @@ def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]
 
 
 @task(name="pilot-val-reward", retries=0, cache_policy=NO_CACHE)
-def val_reward_task(cfg: Config, train_cfg: TrainConfig, manifest: Path, model_dir: Path, root: Path,
-                    max_items: int = 32) -> float:
-    """Sampled reward of the pilot policy on held-out val items: the over-fitting check's reference."""
+def val_reward_task(cfg: Config, manifest: Path, model_dir: Path, max_items: int = 32) -> float:
+    """Sampled reward of the pilot policy on held-out val items (sampling as ``cfg.train``, the pilot's
+    config): the over-fitting check's reference."""
     from vlgrpo.data.manifest import read_manifest
     from vlgrpo.evaluate import mean_sampled_reward
     from vlgrpo.modeling import load_model
 
     items = read_manifest(manifest, split="val")[:max_items]
     model, processor = load_model(model_dir)
-    return mean_sampled_reward(model, processor, items, manifest.parent, dataclasses.replace(cfg, train=train_cfg),
-                               seed=train_cfg.seed)
+    return mean_sampled_reward(model, processor, items, manifest.parent, cfg, seed=cfg.train.seed)
 
 
 class ProgressWatcher(BackgroundLoop):

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common import StageFailed
 from vlgrpo.config import Config
+from vlgrpo.io import under_root
 
 
 # Registry calls retry inside (tasks.tracking.retry, exponential backoff); the task adds one more round.
@@ -24,7 +25,7 @@ def register_task(root: Path, cfg: Config, evaluation: dict, run_id: str) -> dic
     tags = {"evaluate.promote": str(decision["promote"]), "evaluate.reasons": "; ".join(decision["reasons"]),
             "evaluate.primary_metric": cfg.evaluate.primary_metric}
     # Idempotent: a version an interrupted run created for these same files is finished, not duplicated.
-    version, reused = register_candidate(client, name, root, root / cfg.train.out_dir, run_id, tags,
+    version, reused = register_candidate(client, name, root, under_root(root, cfg.train.out_dir), run_id, tags,
                                          (cfg.data.min_pixels, cfg.data.max_pixels), cfg.register.merge_lora)
     out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
            "promoted": False, "decision": decision, "reused_version": reused}

@@ -123,8 +123,7 @@ def prefect_server(tmp: Path) -> Iterator[Server]:
     port = free_port()
     home = tmp / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
-    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_UI_ENABLED": "false"}
+    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_UI_ENABLED": "false"}
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     log = tmp / f"prefect-{port}.log"
     srv = Server(env["PREFECT_API_URL"], _spawn(cmd, env, log), log, cmd, env,

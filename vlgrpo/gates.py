@@ -285,7 +285,10 @@ def _adjusted(old: Any, rule: Any) -> tuple[Any, str]:
         return old * rule["scale"], f"x{rule['scale']:g}"
     if isinstance(rule, Mapping) and "set" in rule:
         return rule["set"], "set"
-    return rule, "set"               # a bare value: a pilot report written before remedies were relative
+    # A bare value is an absolute remedy from a pilot report written before remedies were relative: applying
+    # it would override a value the user changed since (the bug relative remedies fixed), so refuse it.
+    raise ValueError(f"the pilot report holds an absolute remedy {rule!r} (written by an older vlgrpo); "
+                     f"re-run the pilot stage (vlgrpo pilot) so its remedies are relative")
 
 
 def apply_adjustments(cfg: Any, decision: PilotDecision | Mapping[str, Any]) -> tuple[Any, list[str]]:

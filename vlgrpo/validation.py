@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from vlgrpo import offline
 from vlgrpo.config import Config
 from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, vision_block, visual_tokens
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, VIDEO_TAG, Item
@@ -353,7 +354,7 @@ def _expectations(max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
 def run_suite(table: dict[str, list[Any]], max_tokens: int, data_docs_dir: Path | None = None
               ) -> tuple[bool, list[dict[str, Any]]]:
     """Run the suite over the per-row table; write Data Docs (HTML) to ``data_docs_dir`` atomically."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    offline.apply()                                 # no analytics call home, also when used as a library
     import great_expectations as gx  # lazy: ~3 s import
     import pandas as pd
     from great_expectations.data_context.types.base import ProgressBarsConfig

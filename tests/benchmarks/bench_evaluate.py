@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import dataclasses
 
     import torch

@@ -224,7 +224,6 @@ def trl_grpo_args(spec: dict, batch: int, beta: float, learning_rate: float, **e
 def worker_main(spec: dict, workers: dict) -> None:
     """A worker process: offline, ``spec["threads"]`` torch threads, the gate on stdout, then
     ``workers[spec["kind"]](spec, gate)``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gate = Gate()
     import torch
 
@@ -364,8 +363,7 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None
 class Worker:
     def __init__(self, name: str, spec: dict, log: Path, module: str = "tests.benchmarks.bench_grpo"):
         self.name, self.log = name, log
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": str(spec["threads"]),
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if spec["device"] == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""          # both trainers on the CPU even where a GPU is present

@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 TARGET_ROWS_PER_S = 2000.0
 
 

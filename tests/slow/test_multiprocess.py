@@ -101,8 +101,7 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_ste
 def accelerate_launch(cwd: Path, accelerate_config: Path, args: list[str]) -> dict:
     """``accelerate launch --config_file accelerate_config <args>`` in ``cwd`` → the JSON summary line the main
     process prints last."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(accelerate_config),
            "--main_process_port", str(_free_port()), *args]
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)

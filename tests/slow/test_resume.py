@@ -86,7 +86,7 @@ def test_stop_after_checkpoint_then_resume_is_exact(project):
 @pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_is_exact(project):
     root, cfg = project
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "vlgrpo.train", "params.yaml", "killed",
                              "reports/killed.jsonl"], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

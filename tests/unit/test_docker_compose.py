@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from vlgrpo import offline
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -138,12 +140,38 @@ def env_names_read_by_code() -> set[str]:
                 key = value(node.slice)
             if key:
                 names.add(key)
-        # tasks/_env.py: the tool settings it defaults are read by prefect / mlflow / transformers.
-        for n in tree.body:
-            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict) \
-                    and any(getattr(t, "id", "") == "DEFAULTS" for t in n.targets):
-                names |= {k.value for k in n.value.keys if isinstance(k, ast.Constant)}
-    return names
+    # vlgrpo.offline: the tool settings it defaults are read by prefect / mlflow / transformers.
+    return names | set(offline.DEFAULTS)
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The ``ENV`` settings of the Dockerfile: ``KEY=VALUE`` lines continued with a backslash (comment lines
+    inside the continuation are skipped, as Docker skips them)."""
+    env: dict[str, str] = {}
+    lines = iter(DOCKERFILE.read_text().splitlines())
+    for line in lines:
+        if not line.startswith("ENV "):
+            continue
+        line = line[4:]
+        while True:
+            stripped = line.strip()
+            if not stripped.startswith("#"):
+                m = re.match(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)", stripped)
+                if m:
+                    env[m.group(1)] = m.group(2)
+                if not stripped.endswith("\\"):
+                    break
+            line = next(lines)
+    return env
+
+
+def test_the_image_sets_the_offline_defaults_to_the_values_the_code_applies():
+    """Processes that never import vlgrpo (`prefect server`, `mlflow server`) get the defaults from the image:
+    a key the image sets has vlgrpo.offline's value, so the two places cannot drift apart."""
+    image = dockerfile_env()
+    shared = set(image) & set(offline.DEFAULTS)
+    assert {"HF_HUB_OFFLINE", "PREFECT_SERVER_ANALYTICS_ENABLED", "GX_ANALYTICS_ENABLED"} <= shared, image
+    assert {k: image[k] for k in shared} == {k: offline.DEFAULTS[k] for k in shared}
 
 
 def prefect_deployment() -> dict:

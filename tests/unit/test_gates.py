@@ -161,6 +161,15 @@ def test_remedies_scale_the_value_the_full_run_is_given_not_the_pilots():
     assert changes == ["train.learning_rate: 0.0001 -> 5e-05 (x0.5; unstable)"]
 
 
+def test_an_absolute_remedy_from_an_old_pilot_report_is_refused_not_applied():
+    """Before remedies were relative, pilot.json stored the pilot's new value itself ({"train.learning_rate":
+    5e-4}); applied now it would override the rate the user set since, so the full run refuses it."""
+    old_report = {"passed": True, "reasons": ["ok"], "diagnoses": [
+        {"problem": "unstable", "evidence": "", "remedy": "", "adjust": {"train.learning_rate": 5e-4}}]}
+    with pytest.raises(ValueError, match=r"absolute remedy 0\.0005.*re-run the pilot stage"):
+        apply_adjustments(Config(), old_report)
+
+
 def test_apply_adjustments_without_diagnoses_is_identity():
     cfg = TrainConfig()
     new, changes = apply_adjustments(cfg, PilotDecision(True, ["ok"]))

@@ -6,6 +6,8 @@
   when it changes). What a stage reads is *recorded*: each stage's core calls (the ones its flow makes) run
   on a tiny project with the config classes reporting every field read outside config.py / dataclasses.
 * no key is dead: each is read somewhere outside config.py.
+* the register stage (MLflow calls only, nothing to record on a tiny project) lists every ``cfg.<section>.<key>``
+  its flow and task modules name.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from vlgrpo import config as C
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {C.DataConfig: "data", C.SyntheticConfig: "data.synthetic", C.ValidateConfig: "validate",
             C.BaseConfig: "base", C.TinyModelConfig: "base.tiny", C.RewardsConfig: "rewards",
-            C.PilotConfig: "pilot", C.TrainConfig: "train", C.EvaluateConfig: "evaluate",
-            C.RegisterConfig: "register"}
+            C.PilotConfig: "pilot", C.TrainConfig: "train", C.LoraConfig: "train.lora",
+            C.EvaluateConfig: "evaluate", C.RegisterConfig: "register"}
 # Paths a flow builds from these keys are the stage's deps / outs in dvc.yaml (tracked as files there).
 PATH_KEYS = {"data.out_dir", "base.out_dir", "train.out_dir"}
 # Deliberate: the pilot probes the full run's settings, not its length, output or learning rate (its
@@ -37,7 +39,7 @@ FLOW_READS = {"train": {"pilot.auto_adjust"}, "evaluate": {"register.model_name"
 
 def _keys(cls, prefix: str):
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or f.name in ("synthetic", "tiny"):
+        if dataclasses.is_dataclass(f.type) or f.name in ("synthetic", "tiny", "lora"):   # sections
             continue
         yield f"{prefix}.{f.name}", f.name, cls
 
@@ -185,3 +187,15 @@ def test_every_key_a_stage_reads_is_listed_under_its_dvc_params(reads, stage):
     missing = sorted(k for k in read if not _covered(k, listed))
     assert not missing, f"dvc.yaml stage {stage!r} reads {missing} but does not list them under params:"
     assert read, "nothing recorded: the test would prove nothing"
+
+
+REGISTER_MODULES = ("flows/register.py", "tasks/register.py")
+
+
+def test_every_key_the_register_stage_names_is_listed_under_its_dvc_params():
+    named = {m for p in REGISTER_MODULES
+             for m in re.findall(r"\bcfg\.([a-z_]+\.[a-z_]+)\b", (REPO / p).read_text())}
+    named = {k for k in named if _exists(k)} - PATH_KEYS
+    assert {"register.model_name", "data.min_pixels"} <= named, named     # the scan sees the task's reads
+    missing = sorted(k for k in named if not _covered(k, _dvc_params()["register"]))
+    assert not missing, f"dvc.yaml stage 'register' reads {missing} but does not list them under params:"

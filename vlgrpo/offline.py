@@ -1,0 +1,32 @@
+"""Offline, quiet defaults for the tools (hub, telemetry, Prefect start-up): the one place they are set.
+
+Applied before prefect / mlflow / transformers / great_expectations are imported: by ``tasks/_env.py``
+(imported first by the `tasks` and `flows` packages, the test suite and the benchmarks) and by the core's own
+lazy imports of such a tool (``vlgrpo.validation``), so a fresh machine with no hub access and no Prefect
+server behaves the same under `make`, `dvc repro`, the CLI, a Prefect worker, pytest and a library call.
+Child processes (dvc and its stages) inherit them. Values already in the environment win. The docker image
+sets the same values for the processes that never import this package (`prefect server`, `mlflow server`);
+``tests/unit/test_docker_compose.py`` keeps the two equal.
+"""
+import os
+
+DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server needs ~10-12 s to start on 2 cores; Prefect's default limit is too tight there.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    "GX_ANALYTICS_ENABLED": "False",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def apply() -> None:
+    """Set every default that the environment does not already set."""
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
