@@ -497,6 +497,11 @@ class TrainConfig:
             up to max_resample_rounds extra rounds; when they run out, tied groups fill the step (the batch
             size never changes). Logged: dynamic/resample_rounds, dynamic/groups_sampled,
             dynamic/frac_dropped (``vlgrpo.train.dynamic``).
+        resample_temperature: with dynamic_sampling, the extra rounds sample at this temperature (null: at
+            ``temperature``, as DAPO does). A hotter extra round finds right answers where every completion at
+            ``temperature`` ties wrong, which is where a run stalls; log-probs and the loss stay at
+            ``temperature`` (the completions are scored as if the policy had sampled them, a biased but
+            common exploration trade). Round 0 always samples at ``temperature``.
         eval_steps: every this many steps (and after the last), greedy ``eval/accuracy`` and ``eval/reward``
             on the val split go into the metrics stream (and MLflow); null: no evaluation.
         keep_best: with eval_steps, the final model in out_dir is the policy of the evaluation with the highest
@@ -546,6 +551,7 @@ class TrainConfig:
     ref_model_sync_steps: int = 512
     dynamic_sampling: bool = False
     max_resample_rounds: int = 3
+    resample_temperature: float | None = None
     eval_steps: int | None = None
     keep_best: bool = False
     logprob_chunk: int = 512            # completion tokens whose vocabulary-wide logits exist at once
@@ -582,6 +588,8 @@ class TrainConfig:
         _check_range(f"{k}.ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0, 1)
         _check_range(f"{k}.ref_model_sync_steps", self.ref_model_sync_steps, 1)
         _check_range(f"{k}.max_resample_rounds", self.max_resample_rounds, 0)
+        if self.resample_temperature is not None:
+            _check_range(f"{k}.resample_temperature", self.resample_temperature, 0, lo_open=True)
         if self.sync_ref_model and self.beta == 0:
             _fail(f"{k}.sync_ref_model", "needs train.beta > 0 (with beta 0 there is no reference model)")
         if self.sync_ref_model and self.lora.enabled:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -134,12 +135,22 @@ def main() -> None:
         print(f"{name:12s} first step >= {levels}: {[first_step(c, lv) for lv in levels]}  "
               f"last {c[-1]['test_accuracy']:.3f} at {c[-1]['step']}  groups sampled {c[-1]['groups_sampled']:.0f}")
         print("   ", " ".join(f"{p['test_accuracy']:.3f}" for p in c))
-    for dyn in ("plain", "dynamic"):
-        firsts = [first_step(results[f"{dyn}_s{s}"], args.target) for s in args.seeds]
-        reached = [f for f in firsts if f is not None]
-        print(f"{dyn}: reached {args.target} on {len(reached)}/{len(firsts)} seeds, steps {firsts}, "
-              f"median of reached {statistics.median(reached) if reached else None}")
+    summarise(results, args.seeds, args.target)
 
+
+def summarise(results: dict[str, list[dict]], seeds: list[int], target: float) -> None:
+    """Steps to ``target`` per arm, the median over all seeds (a run that never got there counts as slower
+    than any that did: ``inf``), and the seed-by-seed count of which arm got there first."""
+    firsts = {dyn: [first_step(results[f"{dyn}_s{s}"], target) for s in seeds] for dyn in ("plain", "dynamic")}
+    for dyn, fs in firsts.items():
+        steps = [math.inf if f is None else f for f in fs]
+        print(f"{dyn}: reached {target} on {sum(f is not None for f in fs)}/{len(fs)} seeds, steps {fs}, "
+              f"median over all seeds {statistics.median(steps)}")
+    pairs = list(zip(firsts["plain"], firsts["dynamic"]))
+    key = lambda f: math.inf if f is None else f          # noqa: E731
+    on = sum(key(d) < key(p) for p, d in pairs)
+    off = sum(key(p) < key(d) for p, d in pairs)
+    print(f"first to {target}: dynamic on {on} seeds, plain on {off}, tie or neither on {len(pairs) - on - off}")
 
 if __name__ == "__main__":
     main()

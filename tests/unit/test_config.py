@@ -49,6 +49,7 @@ def test_project_params_load_and_are_frozen():
     ({"train": {"sync_ref_model": True, "beta": 0.0}}, "train.sync_ref_model", "needs train.beta > 0"),
     ({"train": {"ref_model_mixup_alpha": -0.1}}, "train.ref_model_mixup_alpha", "must be >= 0"),
     ({"train": {"max_resample_rounds": -1}}, "train.max_resample_rounds", "must be >= 0"),
+    ({"train": {"resample_temperature": 0}}, "train.resample_temperature", "must be > 0"),
     ({"train": {"keep_best": True}}, "train.keep_best", "needs train.eval_steps"),
     ({"train": {"eval_steps": 0}}, "train.eval_steps", "must be >= 1"),
     ({"rewards": {"iou_box_format": "yolo"}}, "rewards.iou_box_format", "'qwen2.5', 'qwen3'"),

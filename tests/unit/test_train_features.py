@@ -137,6 +137,26 @@ def test_dynamic_sampling_replaces_tied_groups_and_resumes_exactly(project):
                 weights(project / "out/dyn/model.safetensors"))
 
 
+def test_resample_temperature_changes_only_the_extra_rounds(project):
+    """train.resample_temperature: round 0 samples at train.temperature whatever it says; the extra rounds
+    sample at it (here near-greedy 0.05 against 1.0), and at train.temperature itself nothing changes."""
+    from vlgrpo.train.dynamic import sample_round
+    from vlgrpo.train.setup import setup
+
+    def ids(r, **kw):
+        cfg = make_cfg(project, weights={"half_tied": 1.0}, dynamic_sampling=True, temperature=1.0, **kw)
+        run = setup(cfg, RunPaths.under(project, "data/manifest.jsonl", "models/base", "out/resample_t",
+                                        "reports/resample_t.jsonl"))
+        return [g.ids for g in sample_round(run, 0, r)]
+
+    def equal(a, b):
+        return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+    assert equal(ids(0), ids(0, resample_temperature=0.05))                 # round 0: train.temperature
+    assert not equal(ids(1), ids(1, resample_temperature=0.05))             # round 1: the resample temperature
+    assert equal(ids(1), ids(1, resample_temperature=1.0))
+
+
 def test_eval_during_training_and_keep_best(project):
     s = run(project, "evald", eval_steps=1, keep_best=True, max_steps=4)
     rs = rows(project, "evald")

@@ -11,11 +11,14 @@ Round 0 is the step's usual prompts, so a step whose groups all differ is exactl
 sampling. Round r >= 1 draws prompts_per_step train prompts uniformly at random with a generator keyed by
 (seed, step, r). Its prompt slots (the keys of the sampling and augmentation generators) are
 r * prompts_per_step + k. Every draw is therefore a function of (seed, step) alone, and a resumed run
-replays it exactly. With several processes, each process fills its share from its own candidates, and the
-decision to draw another round is taken together (any process short -> all draw).
+replays it exactly. With ``train.resample_temperature`` the extra rounds sample at that temperature: a
+hotter round finds right answers on prompts where every completion at ``train.temperature`` ties wrong.
+With several processes, each process fills its share from its own candidates, and the decision to draw
+another round is taken together (any process short -> all draw).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +61,10 @@ def sample_round(run: "Run", step: int, r: int) -> list[Group]:
     """Round ``r``: encode its prompts, sample G completions each, score them → one Group per prompt."""
     slots, items = round_prompts(run, step, r)
     prompts = encode_step(run, step, slots, items)
-    ids, mask, term = sample(run, prompts, step, slots)
+    spec = run.sampling
+    if r > 0 and run.tc.resample_temperature is not None:
+        spec = dataclasses.replace(spec, temperature=run.tc.resample_temperature)
+    ids, mask, term = sample(run, prompts, step, slots, spec)
     rewards = score_rewards(run, step, items, (ids, mask, term))
     G = run.tc.num_generations
     return [Group(it, k, ids[j * G:(j + 1) * G], mask[j * G:(j + 1) * G], term[j * G:(j + 1) * G],

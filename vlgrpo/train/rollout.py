@@ -17,6 +17,7 @@ from vlgrpo.train.errors import TrainingError
 from vlgrpo.train.scoring import score_batch, unwrap
 
 if TYPE_CHECKING:
+    from vlgrpo.train.generation import SamplingSpec
     from vlgrpo.train.metrics import StepClock
     from vlgrpo.train.setup import Run
 
@@ -87,14 +88,16 @@ def encode_step(run: "Run", step: int, slots: list[int], items: list[Any]) -> Pr
                                     [len(it.videos) for it in items]).to(run.device)
 
 
-def sample(run: "Run", prompts: PromptBatch, step: int, slots: list[int]):
-    """G completions per prompt from the current policy (eval mode, autocast) → (ids, mask, terminated)."""
+def sample(run: "Run", prompts: PromptBatch, step: int, slots: list[int], spec: "SamplingSpec | None" = None):
+    """G completions per prompt from the current policy (eval mode, autocast) → (ids, mask, terminated).
+    ``spec``: how to sample (default ``run.sampling``; dynamic sampling's extra rounds may sample hotter)."""
     scorer = unwrap(run.scorer)
+    spec = spec or run.sampling
     gens = [P.step_generator(run.tc.seed, step, k, 0) for k in slots]
     all_done = (lambda flag: sharding.all_processes(flag, run.device)) if run.sharded else None
     scorer.model.eval()
     with run.accelerator.autocast():
-        ids, mask, term = scorer.generate(prompts, run.sampling, gens, run.tc.shared_work, all_done=all_done)
+        ids, mask, term = scorer.generate(prompts, spec, gens, run.tc.shared_work, all_done=all_done)
     scorer.model.train()
     if run.sharded:
         # every process scores completions of one width, the longest of all: whether the shared path runs
