@@ -77,8 +77,11 @@ def setup(root: Path, experiment: str) -> str:
     location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
     try:
         return client.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another stage
-        return client.get_experiment_by_name(experiment).experiment_id
+    except mlflow.exceptions.MlflowException:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:                 # not a concurrent creation by another stage: the store's own error
+            raise
+        return exp.experiment_id
 
 
 def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.5) -> T:

@@ -15,6 +15,11 @@ how much of that each of the two changes gives was not measured apart). What mak
   SQLite database under ``PREFECT_HOME``; two of them on one file would lock each other out.
 
 A plain ``pytest`` (no ``-n``) runs serially with the machine's defaults, as before.
+
+Every test also starts and ends with the MLflow store variables as the session had them
+(``_no_mlflow_store_leaks``): ``mlflow.set_tracking_uri`` exports its URI to ``MLFLOW_TRACKING_URI``, so a
+test restoring MLflow's previous URI that way leaves a store of an earlier test - whose folder pytest has
+deleted once it passed - as the "user's choice" of every later test in the process.
 """
 from __future__ import annotations
 
@@ -41,6 +46,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
+MLFLOW_STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_store_leaks():
+    saved = {k: os.environ.get(k) for k in MLFLOW_STORE_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def pytest_sessionfinish(session, exitstatus):
