@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -121,6 +122,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vlgrpo-dyn-") as tmp:
         root = Path(tmp)
         prepare(root)
+        # The warm start's result depends on torch's thread count (a different reduction order), and every
+        # curve after it on the base: name the base, so runs on the same base can be compared.
+        import torch
+        base = hashlib.sha256((root / "models/base/model.safetensors").read_bytes()).hexdigest()[:16]
+        print(f"base model sha256 {base} (warm start on {torch.get_num_threads()} threads)", flush=True)
         stop = None if args.full else args.target
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             futs = {pool.submit(curve, root, s, d, args.max_steps, stop, overrides): f"{'dynamic' if d else 'plain'}_s{s}"

@@ -1,6 +1,7 @@
 """Every row layout ms-swift documents, written in its own shape (literal JSON, not through vlgrpo), read
-by the data stage into the exact prompt turns, images and solution, and rendered by the real Qwen-VL chat
-template into the exact prompt text the model sees. Plus: what is warned about, refused, and how image
+by the data stage into the exact prompt turns, images and solution, and rendered by the processor's chat
+template (the project's Qwen-style template of the tiny model, ``vlgrpo.modeling.CHAT_TEMPLATE``; a hub
+checkpoint brings its own, which adds a default system turn) into the exact prompt text the model sees. Plus: what is warned about, refused, and how image
 paths resolve (data.image_base / data.image_roots)."""
 from __future__ import annotations
 
