@@ -73,7 +73,7 @@ def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: f
     steps = max_steps or cfg.train.max_steps
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, **(overrides or {}), dynamic_sampling=dynamic, seed=seed, max_steps=steps,
-        eval_steps=EVAL_EVERY, save_steps=steps))                         # no checkpoints on the way: state stays in memory
+        eval_steps=EVAL_EVERY, save_steps=steps))         # no checkpoints on the way: state stays in memory
     name = f"{'dynamic' if dynamic else 'plain'}_s{seed}"
     metrics = root / f"reports/{name}.jsonl"
     run = setup(cfg, RunPaths.under(root, EVAL_MANIFEST, "models/base", f"out/{name}", metrics))
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--full", action="store_true", help="train every run to max_steps (no stop at target)")
     ap.add_argument("--max-steps", type=int, default=None, help="shorter runs (default: params.yaml's)")
+    ap.add_argument("--arms", nargs="+", choices=["plain", "dynamic"], default=["plain", "dynamic"],
+                    help="train only these arms (the plain arm does not depend on --train keys of dynamic "
+                         "sampling: on the same base, its curves can come from an earlier run's --out)")
     ap.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
                     help="train.* values for both variants, e.g. epsilon_high=0.28 (YAML values)")
     args = ap.parse_args()
@@ -129,8 +132,9 @@ def main() -> None:
         print(f"base model sha256 {base} (warm start on {torch.get_num_threads()} threads)", flush=True)
         stop = None if args.full else args.target
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futs = {pool.submit(curve, root, s, d, args.max_steps, stop, overrides): f"{'dynamic' if d else 'plain'}_s{s}"
-                    for s in args.seeds for d in (False, True)}
+            runs = [(s, d) for s in args.seeds for d in (False, True) if ("dynamic" if d else "plain") in args.arms]
+            futs = {pool.submit(curve, root, s, d, args.max_steps, stop, overrides):
+                    f"{'dynamic' if d else 'plain'}_s{s}" for s, d in runs}
             for fut in as_completed(futs):
                 results[futs[fut]] = fut.result()
                 print(futs[fut], "done", flush=True)
@@ -141,7 +145,8 @@ def main() -> None:
         print(f"{name:12s} first step >= {levels}: {[first_step(c, lv) for lv in levels]}  "
               f"last {c[-1]['test_accuracy']:.3f} at {c[-1]['step']}  groups sampled {c[-1]['groups_sampled']:.0f}")
         print("   ", " ".join(f"{p['test_accuracy']:.3f}" for p in c))
-    summarise(results, args.seeds, args.target)
+    if len(args.arms) == 2:
+        summarise(results, args.seeds, args.target)
 
 
 def summarise(results: dict[str, list[dict]], seeds: list[int], target: float) -> None:
