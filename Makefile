@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
-# The offline, quiet tool defaults (no analytics, no hub) live in one place, tasks/_env.py: the CLI, the
-# stage flows and the test suite (tests/__init__.py) apply them, so nothing here repeats them.
+# The offline, quiet tool defaults (no analytics, no hub) live in one place, vlgrpo/offline.py: the CLI, the
+# stage flows and the test suite apply them (tasks/_env.py, tests/__init__.py), so nothing here repeats them.
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install pipeline test test-fast bench clean

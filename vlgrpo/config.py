@@ -500,8 +500,8 @@ class TrainConfig:
         resample_temperature: with dynamic_sampling, the extra rounds sample at this temperature (null: at
             ``temperature``, as DAPO does). A hotter extra round finds right answers where every completion at
             ``temperature`` ties wrong, which is where a run stalls; log-probs and the loss stay at
-            ``temperature`` (the completions are scored as if the policy had sampled them, a biased but
-            common exploration trade). Round 0 always samples at ``temperature``.
+            ``temperature`` (the completions are scored as if the policy had sampled them: a bias, traded
+            for exploration). Round 0 always samples at ``temperature``. Measured: docs/features.md.
         eval_steps: every this many steps (and after the last), greedy ``eval/accuracy`` and ``eval/reward``
             on the val split go into the metrics stream (and MLflow); null: no evaluation.
         keep_best: with eval_steps, the final model in out_dir is the policy of the evaluation with the highest
