@@ -153,14 +153,12 @@ def summarise(results: dict[str, list[dict]], seeds: list[int], target: float) -
     """Steps to ``target`` per arm, the median over all seeds (a run that never got there counts as slower
     than any that did: ``inf``), and the seed-by-seed count of which arm got there first."""
     firsts = {dyn: [first_step(results[f"{dyn}_s{s}"], target) for s in seeds] for dyn in ("plain", "dynamic")}
+    steps = {dyn: [math.inf if f is None else f for f in fs] for dyn, fs in firsts.items()}
     for dyn, fs in firsts.items():
-        steps = [math.inf if f is None else f for f in fs]
         print(f"{dyn}: reached {target} on {sum(f is not None for f in fs)}/{len(fs)} seeds, steps {fs}, "
-              f"median over all seeds {statistics.median(steps)}")
-    pairs = list(zip(firsts["plain"], firsts["dynamic"]))
-    key = lambda f: math.inf if f is None else f          # noqa: E731
-    on = sum(key(d) < key(p) for p, d in pairs)
-    off = sum(key(p) < key(d) for p, d in pairs)
+              f"median over all seeds {statistics.median(steps[dyn])}")
+    pairs = list(zip(steps["plain"], steps["dynamic"]))
+    on, off = sum(d < p for p, d in pairs), sum(p < d for p, d in pairs)
     print(f"first to {target}: dynamic on {on} seeds, plain on {off}, tie or neither on {len(pairs) - on - off}")
 
 if __name__ == "__main__":
