@@ -173,7 +173,7 @@ def check_data(params: str | None, data: str, report: str | None) -> dict:
     """
     from tasks.common import StageFailed
     from vlgrpo.config import Config, load_config
-    from vlgrpo.validation import format_summary, validate_file
+    from vlgrpo.data.validation import format_summary, validate_file
 
     if params is None and not Path("params.yaml").exists():
         cfg, source = Config(), "the defaults (no params.yaml here)"

@@ -2,7 +2,7 @@
 
 Run: `vlgrpo evaluate`; under DVC: `dvc repro evaluate`. Writes reports/evaluate.json (DVC metrics),
 reports/evaluate.md (the report a person reads), plots/ (PNG + CSV for `dvc plots show`), and the
-promotion decision of vlgrpo.gates.should_promote() that the `register` stage acts on.
+promotion decision of vlgrpo.eval.gates.should_promote() that the `register` stage acts on.
 """
 from __future__ import annotations
 

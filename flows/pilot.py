@@ -1,7 +1,7 @@
 """`pilot` stage flow: a small GRPO run (params.yaml `pilot.overrides` over `train`) that gates the full run.
 
 Run: `vlgrpo pilot`; under DVC: `dvc repro pilot`. Writes reports/pilot.json with the decision of
-vlgrpo.gates.pilot_passed() and its diagnoses; the flow FAILS when the gate does not pass, so nothing
+vlgrpo.eval.gates.pilot_passed() and its diagnoses; the flow FAILS when the gate does not pass, so nothing
 downstream runs.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from vlgrpo.train.paths import RunPaths
 @flow(name="pilot", log_prints=True)
 @expected_failures
 def pilot_flow(params: str = "params.yaml") -> dict:
-    from vlgrpo.gates import pilot_passed
+    from vlgrpo.eval.gates import pilot_passed
 
     cfg, root = load(params)
     pilot = dataclasses.replace(cfg, train=cfg.pilot.train_config(cfg.train))   # the full config, pilot's train

@@ -20,7 +20,7 @@ from vlgrpo.train.paths import RunPaths
 @flow(name="train", log_prints=True)
 @expected_failures
 def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
-    from vlgrpo.gates import PilotDecision, apply_adjustments
+    from vlgrpo.eval.gates import PilotDecision, apply_adjustments
 
     cfg, root = load(params)
     pilot = read_report(root, "pilot")

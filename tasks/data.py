@@ -1,4 +1,4 @@
-"""Tasks of the `data` and `validate` stages: thin adapters over vlgrpo.data and vlgrpo.validation."""
+"""Tasks of the `data` and `validate` stages: thin adapters over vlgrpo.data and vlgrpo.data.validation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +32,7 @@ def validate_task(cfg: Config, data: Path, report: Path, docs: Path) -> dict[str
     Returns ``ok`` and, when not ok, the ``error`` the flow fails with: invalid data is an expected outcome
     of this task, not a crash, so it is returned rather than raised (no traceback in the logs).
     """
-    from vlgrpo.validation import format_summary, validate_file
+    from vlgrpo.data.validation import format_summary, validate_file
 
     try:
         result = validate_file(data, cfg, report_path=report, data_docs_dir=docs)

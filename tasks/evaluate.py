@@ -1,4 +1,4 @@
-"""Task of the `evaluate` stage: a thin adapter over vlgrpo.evaluate with the registry's champion loader."""
+"""Task of the `evaluate` stage: a thin adapter over vlgrpo.eval.evaluate with the registry's champion loader."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,9 +16,9 @@ from vlgrpo.io import under_root
 
 @task(name="evaluate-models", retries=0, cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, root: Path, manifest: Path, run_id: str) -> dict[str, Any]:
-    from vlgrpo.evaluate import evaluate_models
-    from vlgrpo.modeling import load_model
-    from vlgrpo.report import metrics_only, write_evaluation_outputs
+    from vlgrpo.eval.evaluate import evaluate_models
+    from vlgrpo.model.modeling import load_model
+    from vlgrpo.eval.report import metrics_only, write_evaluation_outputs
 
     champion = retry(lambda: champion_loader(cfg.register.model_name), what="look up champion")
     models = {"base": lambda: load_model(under_root(root, cfg.base.out_dir)),

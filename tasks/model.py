@@ -1,4 +1,4 @@
-"""Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.base / train / gates."""
+"""Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.train.warm_start / train / gates."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from vlgrpo.train.paths import RunPaths
 # Training is never retried: a retry would silently double the compute and hide the failure.
 @task(name="warm-start-base", retries=0, cache_policy=NO_CACHE)
 def base_task(cfg: Config, root: Path, manifest: Path) -> dict[str, Any]:
-    from vlgrpo.base import run_base
+    from vlgrpo.train.warm_start import run_base
 
     return run_base(cfg, root, manifest, progress=True)
 
@@ -39,8 +39,8 @@ def val_reward_task(cfg: Config, manifest: Path, model_dir: Path, max_items: int
     """Sampled reward of the pilot policy on held-out val items (sampling as ``cfg.train``, the pilot's
     config): the over-fitting check's reference."""
     from vlgrpo.data.manifest import read_manifest
-    from vlgrpo.evaluate import mean_sampled_reward
-    from vlgrpo.modeling import load_model
+    from vlgrpo.eval.evaluate import mean_sampled_reward
+    from vlgrpo.model.modeling import load_model
 
     items = read_manifest(manifest, split="val")[:max_items]
     model, processor = load_model(model_dir)

@@ -29,7 +29,7 @@ from vlgrpo.io import HASHES_FILE, disk_full, is_disk_full, sha256_file, tree_si
 CHAMPION, CANDIDATE = "champion", "candidate"
 FINGERPRINT_TAG = "vlgrpo.candidate_sha256"
 
-# What loading and calling the logged pyfunc model imports (tasks/pyfunc_model.py -> vlgrpo.modeling, lora,
+# What loading and calling the logged pyfunc model imports (tasks/pyfunc_model.py -> vlgrpo.model.modeling, lora,
 # data.manifest); vlgrpo's own code travels with the model (code_paths), so vlgrpo is not on the list.
 # Given explicitly because MLflow would otherwise infer the list by loading the model in a subprocess: ~9 s
 # a registration on 2 idle cores, and under load its 120 s limit runs out and it falls back to cloudpickle
@@ -91,7 +91,7 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
     """
     import tempfile
 
-    from vlgrpo import lora
+    from vlgrpo.model import lora
 
     root = Path(root)
 

@@ -2,7 +2,7 @@
 
 Each family is built from transformers' own config class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with deepstack,
 Qwen3-VL-MoE) at toy widths, with a byte-level BPE tokenizer trained on the data (the pieces of
-``vlgrpo.modeling.build_tiny``), and written the way a real ``huggingface-cli download`` folder looks:
+``vlgrpo.model.modeling.build_tiny``), and written the way a real ``huggingface-cli download`` folder looks:
 
 - ``config.json`` in the hub's own shape: flat text keys + legacy ``rope_scaling: {type: mrope, ...}`` for
   Qwen2-VL / Qwen2.5-VL (the 3B config's layout: tied embeddings, 2 KV heads, window attention with full
@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import torch
 
-from vlgrpo import modeling
+from vlgrpo.model import modeling
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlgrpo import modeling
+from vlgrpo.model import modeling
 from vlgrpo.config import Config, DataConfig, config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import Item, read_manifest

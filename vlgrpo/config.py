@@ -126,6 +126,12 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
 # ----------------------------------------------------------------------------------------------- sections
 
 
+# The synthetic generator's vocabulary, by name. The config checks knobs against it; vlgrpo.data.synthetic
+# draws exactly these (it imports them from here, so the two cannot disagree).
+SYNTHETIC_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SYNTHETIC_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """``data.synthetic``: difficulty knobs of the CLEVR-like scene generator (``data.source: synthetic``).
@@ -154,13 +160,12 @@ class SyntheticConfig:
         _check_range(f"{k}.max_objects", self.max_objects, self.min_objects)
         _check_range(f"{k}.min_object_size", self.min_object_size, 4)
         _check_range(f"{k}.max_object_size", self.max_object_size, self.min_object_size, self.canvas_size)
-        from vlgrpo.data.synthetic import COLORS, SHAPES  # local: keeps import light
         for s in self.shapes:
-            if s not in SHAPES:
-                _fail(f"{k}.shapes", f"unknown shape {s!r}; allowed: {', '.join(SHAPES)}")
+            if s not in SYNTHETIC_SHAPES:
+                _fail(f"{k}.shapes", f"unknown shape {s!r}; allowed: {', '.join(SYNTHETIC_SHAPES)}")
         for c in self.colors:
-            if c not in COLORS:
-                _fail(f"{k}.colors", f"unknown colour {c!r}; allowed: {', '.join(COLORS)}")
+            if c not in SYNTHETIC_COLORS:
+                _fail(f"{k}.colors", f"unknown colour {c!r}; allowed: {', '.join(SYNTHETIC_COLORS)}")
         if len(self.shapes) < 2 or len(self.colors) < 2:
             _fail(k, "needs at least two shapes and two colours so questions have more than one answer")
 
@@ -404,7 +409,7 @@ class LoraConfig:
     frozen weights are held in the compute dtype (``train.mixed_precision``: bf16/fp16; fp32 with ``no``),
     only the adapters get gradients and optimizer state, checkpoints hold the adapters, and the final
     ``train.out_dir`` is a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` +
-    processor) that names its base model. ``vlgrpo.modeling.load_model`` loads such a directory as base +
+    processor) that names its base model. ``vlgrpo.model.modeling.load_model`` loads such a directory as base +
     adapter, merged.
 
     Fields:
@@ -508,12 +513,12 @@ class TrainConfig:
             val reward, not the last one (``reports/train.json``: ``best``).
         logprob_chunk: completion tokens scored at once: the language-model head and the log-softmax run
             on this many tokens at a time and the backward pass recomputes one chunk at a time
-            (``vlgrpo.logprobs``), so at most logprob_chunk x vocabulary fp32 logits exist (512 x 151,936 x
+            (``vlgrpo.algo.logprobs``), so at most logprob_chunk x vocabulary fp32 logits exist (512 x 151,936 x
             4 B = 0.31 GB for Qwen-VL). Memory and speed only: the result is the same to float rounding, and
             a run may resume with another value.
         gradient_checkpointing: recompute each decoder layer and vision block in the backward pass instead
             of keeping their activations (less memory, about one more forward; same gradients; the
-            shared-work KV cache is kept: ``vlgrpo.checkpointing``).
+            shared-work KV cache is kept: ``vlgrpo.model.grad_checkpointing``).
         lora: peft LoRA / QLoRA instead of full fine-tuning (``LoraConfig``).
     """
     seed: int = 0
@@ -614,7 +619,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PilotConfig:
-    """``pilot``: the small GRPO run that gates the full one (``vlgrpo.gates.pilot_passed``).
+    """``pilot``: the small GRPO run that gates the full one (``vlgrpo.eval.gates.pilot_passed``).
 
     Attributes:
         overrides: train keys replaced for the pilot run (e.g. fewer steps, a subset of the data).

@@ -2,7 +2,7 @@
 
 Applied before prefect / mlflow / transformers / great_expectations are imported: by ``tasks/_env.py``
 (imported first by the `tasks` and `flows` packages, the test suite and the benchmarks) and by the core's own
-lazy imports of such a tool (``vlgrpo.validation``), so a fresh machine with no hub access and no Prefect
+lazy imports of such a tool (``vlgrpo.data.validation``), so a fresh machine with no hub access and no Prefect
 server behaves the same under `make`, `dvc repro`, the CLI, a Prefect worker, pytest and a library call.
 Child processes (dvc and its stages) inherit them. Values already in the environment win. The docker image
 sets the same values for the processes that never import this package (`prefect server`, `mlflow server`);

@@ -41,7 +41,7 @@ EVAL_MANIFEST = "data/manifest_test_as_val.jsonl"
 def prepare(root: Path):
     """Data + base stage of the default params in ``root``, and the manifest whose ``val`` is the test split
     → the config."""
-    from vlgrpo.base import run_base
+    from vlgrpo.train.warm_start import run_base
     from vlgrpo.config import load_config
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest, write_manifest

@@ -3,7 +3,7 @@
     python -m tests.benchmarks.bench_evaluate [--items 1000] [--threads 2] [--batch-size N]
 
 Generates ``--items`` synthetic test items (default params.yaml data knobs), builds the tiny default model,
-and times :func:`vlgrpo.evaluate.evaluate_models` on one model: batched greedy decoding, every reward,
+and times :func:`vlgrpo.eval.evaluate.evaluate_models` on one model: batched greedy decoding, every reward,
 bootstrap intervals. Target (issue 4): 1,000 items in <= 2 minutes on 2 cores, i.e. >= 8.33 items/s.
 
 The freshly built model is untrained, so it never emits <|im_end|> and always generates the full
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     from vlgrpo.config import config_from_dict, load_config
     from vlgrpo.data.manifest import write_manifest
     from vlgrpo.data.synthetic import generate
-    from vlgrpo.evaluate import evaluate_models
-    from vlgrpo.modeling import build_tiny
+    from vlgrpo.eval.evaluate import evaluate_models
+    from vlgrpo.model.modeling import build_tiny
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.params) if Path(args.params).exists() else config_from_dict({})

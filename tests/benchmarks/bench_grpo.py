@@ -25,7 +25,7 @@ reference scoring, forward/backward, optimizer (not the per-step logging). Rates
 ``--steps`` measured steps after ``--warmup`` steps.
 
 The gates: TRL's is a ``TrainerCallback`` (``on_step_begin`` waits, ``on_step_end`` stops the clock); vlgrpo's
-``train_grpo`` has no callbacks, so the worker wraps ``vlgrpo.train.prompts.step_prompt_indices`` (called first thing in
+``train_grpo`` has no callbacks, so the worker wraps ``vlgrpo.train.data_order.step_prompt_indices`` (called first thing in
 every step) with a function that waits at the gate and then calls the real one - nothing of the trainer's work
 is replaced - and takes the step time from the trainer's own ``step_time_s`` minus the time spent at the gate.
 
@@ -149,9 +149,9 @@ def run_gated_vlgrpo(cfg, root: Path, model: str, out: Path, gate: Gate) -> tupl
     """Train with ``train_grpo``, waiting at ``gate`` before every step → (run summary, metrics rows); sets
     ``gate.step_times`` from the trainer's own ``step_time_s`` minus the time spent at the gate.
 
-    ``train_grpo`` has no callbacks: ``vlgrpo.train.prompts.step_prompt_indices`` (called first thing in every
+    ``train_grpo`` has no callbacks: ``vlgrpo.train.data_order.step_prompt_indices`` (called first thing in every
     step) is wrapped with a function that waits at the gate and then calls the real one."""
-    import vlgrpo.train.prompts as data_order_module
+    import vlgrpo.train.data_order as data_order_module
     from vlgrpo.train import RunPaths, train_grpo
 
     real = data_order_module.step_prompt_indices
@@ -237,7 +237,7 @@ def worker_main(spec: dict, workers: dict) -> None:
 def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     import torch
 
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
     from vlgrpo.config import config_from_dict
     from vlgrpo.data.manifest import read_manifest
 
@@ -278,7 +278,7 @@ def _trl_messages(item, min_pixels: int, max_pixels: int) -> list[dict]:
     Derived from vlgrpo's own message builder so both trainers render the very same prompt text."""
     from PIL import Image
 
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
 
     msgs = modeling.build_messages(item, [Image.new("RGB", (1, 1))], min_pixels, max_pixels)
     return [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image"
@@ -291,7 +291,9 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    from vlgrpo import modeling, rewards as R
+    from vlgrpo import rewards as R
+
+    from vlgrpo.model import modeling
 
     sp = size_params(spec["size"])
     model, processor = modeling.load_model(spec["model"])
@@ -339,7 +341,7 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None
     """One dataset per image size (under tmp/size-<n>/data; the video one under tmp/video-<n>, key
     ``"video"``) and the model (tmp/model): ``build_tiny`` with the default ``TinyModelConfig`` updated by
     ``model_cfg``. Returns the dataset roots."""
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
     from vlgrpo.config import TinyModelConfig, config_from_dict
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest

@@ -74,7 +74,7 @@ def qwen25_vl_3b_config(tokenizer, layers: int, vision_depth: int):
     special-token ids are the given tokenizer's."""
     from transformers import Qwen2_5_VLConfig
 
-    from vlgrpo.modeling import SPECIAL_TOKENS
+    from vlgrpo.model.modeling import SPECIAL_TOKENS
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=layers,
@@ -98,7 +98,7 @@ def build_model(out: Path, texts: list[str], layers: int, vision_depth: int) -> 
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
     from vlgrpo.config import TinyModelConfig
 
     _, processor = modeling.build_tiny(texts, TinyModelConfig(), seed=0)   # the tokenizer + processor only
@@ -124,7 +124,7 @@ def lora_targets(model_dir: str) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vlgrpo import lora
+    from vlgrpo.model import lora
     from vlgrpo.config import LoraConfig
 
     with torch.device("meta"):
@@ -161,7 +161,9 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
     from transformers import AutoConfig
     from trl import GRPOTrainer
 
-    from vlgrpo import modeling, rewards as R
+    from vlgrpo import rewards as R
+
+    from vlgrpo.model import modeling
 
     dp = data_params()
     rows = [{"prompt": prompt, "image": img, "solution": it.solution}

@@ -51,7 +51,7 @@ DIRECT = {
              "build_dataset; cfg = load_config('params.yaml'); t = time.perf_counter(); "
              "build_dataset(cfg, '.'); print('WORK', time.perf_counter() - t)"),
     "validate": ("import time, tasks; from pathlib import Path; from vlgrpo.config import load_config; "
-                 "from vlgrpo.validation import validate_file; cfg = load_config('params.yaml'); "
+                 "from vlgrpo.data.validation import validate_file; cfg = load_config('params.yaml'); "
                  "t = time.perf_counter(); r = validate_file(Path('data/manifest.jsonl'), cfg, "
                  "Path('reports/validate_direct.json'), Path('reports/validate_direct_docs')); "
                  "assert r.ok; print('WORK', time.perf_counter() - t)"),
@@ -276,7 +276,7 @@ def dvc_cache_growth(root: Path, first: int) -> dict:
 def validate_rate(tmp: Path, rows: int) -> dict:
     from tests.benchmarks.bench_validate import make_manifest
     from vlgrpo.config import Config
-    from vlgrpo.validation import validate_file
+    from vlgrpo.data.validation import validate_file
 
     manifest = make_manifest(tmp / "validate", rows, max(1, min(500, rows // 20)))
     import great_expectations  # noqa: F401  (one-off import, not per-row work)

@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vlgrpo.config import Config
-    from vlgrpo.validation import validate_file
+    from vlgrpo.data.validation import validate_file
 
     with tempfile.TemporaryDirectory(prefix="bench_validate_") as tmp:
         tmp = Path(tmp)

@@ -24,7 +24,8 @@ QUESTION = "How many red circles are there? Answer with one word."
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from vlgrpo import lora, modeling
+    from vlgrpo.model import lora
+    from vlgrpo.model import modeling
     from vlgrpo.config import LoraConfig, TinyModelConfig
 
     d = tmp_path_factory.mktemp("lora")
@@ -74,9 +75,9 @@ def test_adapter_and_merged_register_load_and_serve_alike(tmp_path, monkeypatch,
     from tasks.registry import log_candidate, register_version
     from tasks.tracking import setup
     from tests.integration.test_registry_postgres import _png_b64
-    from vlgrpo import lora
+    from vlgrpo.model import lora
     from vlgrpo.data.manifest import Item
-    from vlgrpo.modeling import Decoding, generate_answers, load_model
+    from vlgrpo.model.modeling import Decoding, generate_answers, load_model
 
     cand = adapter_dir / "candidate"
     assert lora.is_adapter_dir(cand) and lora.adapter_base(cand) == str(adapter_dir / "base")

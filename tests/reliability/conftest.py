@@ -59,7 +59,7 @@ def update_params(root: Path, **sections: dict) -> dict:
 @pytest.fixture(scope="session")
 def ready_project(tmp_path_factory) -> Path:
     """A project folder with data and an (untrained) tiny base model; copy it, never modify it."""
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
     from vlgrpo.config import load_config
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest

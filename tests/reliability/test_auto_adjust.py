@@ -10,7 +10,7 @@ import pytest
 from tests.project import run
 from tests.reliability.conftest import VLGRPO, update_params
 from vlgrpo.config import load_config
-from vlgrpo.gates import pilot_passed
+from vlgrpo.eval.gates import pilot_passed
 
 
 def test_a_halving_remedy_applies_to_the_lowered_rate_and_mlflow_logs_the_effective_value(project, cli_env):

@@ -53,7 +53,7 @@ def test_flipped_byte_in_cached_image_is_found_before_use_and_rebuilt_by_the_dat
 
 
 def test_flipped_byte_in_models_base_is_found_before_use(project):
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
     from vlgrpo.config import load_config
     from vlgrpo.io import ContentMismatch
     from vlgrpo.train import RunPaths, train_grpo

@@ -133,7 +133,7 @@ DOC_BYTES = st.one_of(st.binary(max_size=2000), DEEP.map(str.encode),
 def _run_both(cfg, proj: Path, src: Path, kind: str) -> None:
     """Validate (row checks) and import (the data stage's build): findings or BuildError, nothing else."""
     from vlgrpo.data.build import BuildError, build_dataset
-    from vlgrpo.validation import check_file
+    from vlgrpo.data.validation import check_file
 
     _, kept, findings, stats, _ = check_file(src, cfg, kind)
     assert stats["rows"] >= len(kept)
@@ -185,7 +185,7 @@ def test_fuzz_coco_and_flickr_importers(arena, payload, kind):
 def test_decompression_bomb_is_an_error_row_and_pillow_limit_kept(arena, tmp_path):
     from PIL import Image
 
-    from vlgrpo.validation import validate_file
+    from vlgrpo.data.validation import validate_file
 
     base, proj, ds, outside = arena
     limit = Image.MAX_IMAGE_PIXELS

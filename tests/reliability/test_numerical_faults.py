@@ -18,7 +18,7 @@ from tests.project import run
 from tests.reliability.conftest import VLGRPO, update_params
 from vlgrpo.train import RunPaths, train_grpo, TrainingError
 from vlgrpo.train.checkpoint import STATE_FILE, latest_checkpoint
-from vlgrpo.train.prompts import step_prompt_indices
+from vlgrpo.train.data_order import step_prompt_indices
 
 pytestmark = pytest.mark.reliability
 
@@ -163,7 +163,7 @@ def test_non_finite_loss_or_grad_norm_stops_the_run_before_the_optimizer_steps(p
     step_one_logged = paths.metrics_path.exists     # the fault hits from step 2 on
     if fault == "loss":
         # the training forward feeds the final norm's output (the head's input) to the chunked head +
-        # log-softmax (vlgrpo.logprobs), so NaN there makes every completion logit NaN
+        # log-softmax (vlgrpo.algo.logprobs), so NaN there makes every completion logit NaN
         def nan_hidden(module, _inputs, hidden):
             return hidden * float("nan") if module.training and step_one_logged() else hidden
         run_.policy.model.language_model.norm.register_forward_hook(nan_hidden)

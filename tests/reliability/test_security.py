@@ -119,9 +119,9 @@ pathlib.Path(os.environ["VLGRPO_TEST_SENTINEL"]).mkdir()   # runs on import: rem
 
 
 def test_model_with_custom_code_is_refused_without_trust_remote_code(project, tmp_path, monkeypatch):
-    from vlgrpo.base import run_base
+    from vlgrpo.train.warm_start import run_base
     from vlgrpo.config import load_config
-    from vlgrpo.modeling import ModelLoadError
+    from vlgrpo.model.modeling import ModelLoadError
 
     evil = project / "evil-model"
     evil.mkdir()
@@ -158,7 +158,7 @@ def test_dataset_paths_confined_and_no_remote_fetch_by_default(project, tmp_path
 
     from vlgrpo.config import load_config
     from vlgrpo.data.build import BuildError, build_dataset
-    from vlgrpo.validation import check_file
+    from vlgrpo.data.validation import check_file
 
     srv = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_pipeline_candidate_beats_base_by_0_20(tmp_path):
-    from vlgrpo.base import run_base
+    from vlgrpo.train.warm_start import run_base
     from vlgrpo.data.build import build_dataset
-    from vlgrpo.evaluate import evaluate_models
-    from vlgrpo.gates import pilot_passed
-    from vlgrpo.modeling import load_model
+    from vlgrpo.eval.evaluate import evaluate_models
+    from vlgrpo.eval.gates import pilot_passed
+    from vlgrpo.model.modeling import load_model
     from vlgrpo.train import RunPaths, train_grpo
 
     cfg = load_config(ROOT / "params.yaml")

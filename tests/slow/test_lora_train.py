@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlgrpo import lora, modeling
+from vlgrpo.model import lora
+
+from vlgrpo.model import modeling
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlgrpo import modeling
+from vlgrpo.model import modeling
 from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset

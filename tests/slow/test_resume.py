@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlgrpo import modeling
+from vlgrpo.model import modeling
 from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.train.checkpoint import latest_checkpoint
 from vlgrpo.config import config_from_dict

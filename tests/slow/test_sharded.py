@@ -72,7 +72,7 @@ def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(
 
 @pytest.mark.slow
 def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
 
     # 1) 3 steps, one process vs two FSDP2 processes: metrics and final weights as in the DDP test
     summary = run_two_process_comparison(tmp_path, CONFIGS / "fsdp2.yaml", save_steps=1)

@@ -1,10 +1,10 @@
-"""Label-preserving augmentation (vlgrpo.augment): objects never leave the frame, hue never changes."""
+"""Label-preserving augmentation (vlgrpo.data.augment): objects never leave the frame, hue never changes."""
 import colorsys
 
 import numpy as np
 import pytest
 
-from vlgrpo import augment
+from vlgrpo.data import augment
 from vlgrpo.config import DataConfig
 from vlgrpo.data.manifest import Item
 from vlgrpo.data.synthetic import generate

@@ -17,7 +17,7 @@ from tests.fixtures_data import make_coco, make_flickr, save_image, swift_row, w
 from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.build import BuildError, build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
-from vlgrpo.validation import validate_file  # noqa: E402
+from vlgrpo.data.validation import validate_file  # noqa: E402
 
 SMALL = {"num_train": 12, "num_val": 3, "num_test": 3,
          "task_mix": {"count": 1.0, "color": 1.0, "shape": 1.0, "exists": 1.0, "caption": 1.0}}

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from vlgrpo.answers import answers_match
+from vlgrpo.data.answers import answers_match
 from vlgrpo.config import DataConfig, TinyModelConfig, config_from_dict
 from vlgrpo.data.manifest import Item, write_manifest
-from vlgrpo.evaluate import (evaluate_models, held_out_items, paired_deltas_by_task, pass_at_k,
+from vlgrpo.eval.evaluate import (evaluate_models, held_out_items, paired_deltas_by_task, pass_at_k,
                              score_completions, summarize_by_task)
-from vlgrpo.modeling import Completion
+from vlgrpo.model.modeling import Completion
 
 CFG = config_from_dict({"rewards": {"weights": {"accuracy": 1.0, "format": 0.1}},
                         "evaluate": {"bootstrap": 200, "seed": 0}})
@@ -99,7 +99,7 @@ def test_score_completions_refuses_misaligned_lists():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     from vlgrpo.data.synthetic import generate
-    from vlgrpo.modeling import build_tiny
+    from vlgrpo.model.modeling import build_tiny
 
     root = tmp_path_factory.mktemp("evaluate")
     (root / "img").mkdir()
@@ -184,8 +184,8 @@ def test_no_test_split_is_a_clear_error(tmp_path):
 def test_mean_sampled_reward_is_the_mean_total_of_seeded_samples(tiny_setup):
     import torch
 
-    from vlgrpo.evaluate import mean_sampled_reward
-    from vlgrpo.modeling import Decoding, generate_answers
+    from vlgrpo.eval.evaluate import mean_sampled_reward
+    from vlgrpo.model.modeling import Decoding, generate_answers
 
     root, model, processor = tiny_setup
     cfg = config_from_dict({"train": {"max_completion_length": 3}})

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers
 
 from tests.families import FAMILIES, build_family, reference_model  # noqa: E402
 from tests.tiny_setup import write_scenes  # noqa: E402
-from vlgrpo import modeling  # noqa: E402
+from vlgrpo.model import modeling  # noqa: E402
 from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_validation_counts_the_visual_tokens_training_sees(checkpoints, scenes, 
     train.max_prompt_tokens never passes a row in validation that training then drops."""
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
-    from vlgrpo.validation import check_file
+    from vlgrpo.data.validation import check_file
 
     path = checkpoints["qwen3_vl"]
     cfg = config_from_dict({"data": {"num_train": 4, "num_val": 0, "num_test": 0, **PIX},
@@ -161,7 +161,7 @@ def _mixed_items(root: Path, items: list[Item]) -> list[Item]:
 
 def _sample(model, proc, prompts, G: int, length: int):
     from vlgrpo.train.generation import SamplingSpec, generate_group_completions
-    from vlgrpo.train.prompts import step_generator
+    from vlgrpo.train.data_order import step_generator
 
     spec = SamplingSpec(G, length, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)),
                         proc.tokenizer.pad_token_id, tuple(modeling.vision_token_ids(proc, model)))
@@ -171,7 +171,7 @@ def _sample(model, proc, prompts, G: int, length: int):
 
 def _plain_forward_logprobs(model, prompts, ids, G: int) -> torch.Tensor:
     """Log-probs of each completion from one ordinary forward over prompt + image + completion."""
-    from vlgrpo import grpo
+    from vlgrpo.algo import grpo
 
     rep = prompts.select([i for i in range(len(prompts)) for _ in range(G)])
     L, C = rep.input_ids.shape[1], ids.shape[1]

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from vlgrpo.config import Config, EvaluateConfig, PilotConfig, TrainConfig
-from vlgrpo.gates import (PilotDecision, apply_adjustments, least_squares_slope, pilot_passed,
+from vlgrpo.eval.gates import (PilotDecision, apply_adjustments, least_squares_slope, pilot_passed,
                           should_promote)
 
 PILOT = PilotConfig()          # max_kl 1.0, min_reward_slope 0, spike 10x, overfit_gap .25, alignment_low .3

@@ -1,10 +1,10 @@
-"""The GRPO maths against hand computations (vlgrpo.grpo)."""
+"""The GRPO maths against hand computations (vlgrpo.algo.grpo)."""
 import math
 
 import pytest
 import torch
 
-from vlgrpo import grpo
+from vlgrpo.algo import grpo
 
 NAN = float("nan")
 

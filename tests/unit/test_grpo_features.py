@@ -1,4 +1,4 @@
-"""GSPO weights, the high-entropy mask, truncation masking and reference mixing (vlgrpo.grpo).
+"""GSPO weights, the high-entropy mask, truncation masking and reference mixing (vlgrpo.algo.grpo).
 
 The tensor-level properties are checked by hand; the entropy mask and the reference mixing against TRL 1.16's
 own functions (``GRPOTrainer.get_high_entropy_mask`` on a real ``Accelerator``, ``SyncRefModelCallback``).
@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from vlgrpo import grpo
+from vlgrpo.algo import grpo
 
 N, T = 6, 5
 

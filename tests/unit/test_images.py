@@ -123,7 +123,7 @@ def test_data_and_validate_do_not_import_torch():
     # The data and validate stages run in processes of their own; torch costs them seconds of start-up.
     import subprocess
 
-    code = ("import sys, vlgrpo.data.build, vlgrpo.validation, vlgrpo.data.images as im; "
+    code = ("import sys, vlgrpo.data.build, vlgrpo.data.validation, vlgrpo.data.images as im; "
             "im.smart_resize(400, 600, 3136, 12544); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.strip()

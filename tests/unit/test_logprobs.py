@@ -1,4 +1,4 @@
-"""vlgrpo.logprobs: chunked head + log-softmax equals the full-logits computation, gradients included, and
+"""vlgrpo.algo.logprobs: chunked head + log-softmax equals the full-logits computation, gradients included, and
 never keeps more than one chunk of logits for the backward pass."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlgrpo import grpo
-from vlgrpo.logprobs import completion_logprobs
+from vlgrpo.algo import grpo
+from vlgrpo.algo.logprobs import completion_logprobs
 
 N, C, H, V = 5, 7, 16, 97
 # Chunking changes only the row count of the head's matmul, and BLAS may round a logit differently in its last

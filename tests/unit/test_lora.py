@@ -13,8 +13,12 @@ import dataclasses
 import pytest
 import torch
 
-from vlgrpo import grpo, lora, modeling
-from vlgrpo.checkpointing import enable_gradient_checkpointing
+from vlgrpo.algo import grpo
+
+from vlgrpo.model import lora
+
+from vlgrpo.model import modeling
+from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
 from vlgrpo.config import ConfigError, DataConfig, LoraConfig, TinyModelConfig, TrainConfig, config_from_dict
 from vlgrpo.data.synthetic import generate
 from vlgrpo.train.batches import PromptBatch, StepBatch

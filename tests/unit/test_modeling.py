@@ -12,7 +12,7 @@ from PIL import Image
 from tests.tiny_setup import write_scenes
 from vlgrpo.config import TinyModelConfig
 from vlgrpo.data.manifest import Item
-from vlgrpo.modeling import (IGNORE_INDEX, Decoding, ModelLoadError, build_messages, build_tiny, encode_prompts,
+from vlgrpo.model.modeling import (IGNORE_INDEX, Decoding, ModelLoadError, build_messages, build_tiny, encode_prompts,
                              generate_answers, load_model, save_model, supervised_batch)
 
 PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)

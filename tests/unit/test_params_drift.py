@@ -93,15 +93,15 @@ def _covered(key: str, entries: list[str]) -> bool:
 @pytest.fixture(scope="module")
 def reads(tmp_path_factory):
     """stage -> the config keys its core calls read, on a tiny project."""
-    from vlgrpo.base import run_base
+    from vlgrpo.train.warm_start import run_base
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
-    from vlgrpo.evaluate import evaluate_models, mean_sampled_reward
-    from vlgrpo.gates import pilot_passed
-    from vlgrpo.modeling import load_model
-    from vlgrpo.report import write_evaluation_outputs
+    from vlgrpo.eval.evaluate import evaluate_models, mean_sampled_reward
+    from vlgrpo.eval.gates import pilot_passed
+    from vlgrpo.model.modeling import load_model
+    from vlgrpo.eval.report import write_evaluation_outputs
     from vlgrpo.train import RunPaths, train_grpo
-    from vlgrpo.validation import validate_file
+    from vlgrpo.data.validation import validate_file
 
     root = tmp_path_factory.mktemp("drift")
     cfg = C.config_from_dict({

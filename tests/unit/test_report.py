@@ -7,9 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from vlgrpo.plots import (accuracy_rows, plot_accuracy_by_task, plot_training_curves, read_metrics_jsonl,
+from vlgrpo.eval.plots import (accuracy_rows, plot_accuracy_by_task, plot_training_curves, read_metrics_jsonl,
                           train_curve_rows)
-from vlgrpo.report import metrics_only, pick_samples, write_evaluation_outputs, write_markdown_report
+from vlgrpo.eval.report import metrics_only, pick_samples, write_evaluation_outputs, write_markdown_report
 
 
 def block(acc, lo, hi, by_task):

@@ -7,7 +7,7 @@ import string
 import pytest
 
 from vlgrpo import rewards as R
-from vlgrpo.answers import answers_match, normalize_answer
+from vlgrpo.data.answers import answers_match, normalize_answer
 from vlgrpo.config import RewardsConfig
 
 # Two red circles and a blue square.

@@ -16,7 +16,7 @@ from vlgrpo.config import Config, config_from_dict  # noqa: E402
 from vlgrpo.data.build import build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.sources import detect_kind, iter_records  # noqa: E402
-from vlgrpo.validation import check_file, validate_file  # noqa: E402
+from vlgrpo.data.validation import check_file, validate_file  # noqa: E402
 
 datasets = pytest.importorskip("datasets")
 Features, HFImage, Value = datasets.Features, datasets.Image, datasets.Value

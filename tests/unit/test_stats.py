@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from vlgrpo.stats import bootstrap_ci, clean, normal_half_width, paired_diff_ci
+from vlgrpo.eval.stats import bootstrap_ci, clean, normal_half_width, paired_diff_ci
 
 
 def test_bernoulli_interval_covers_p_and_has_the_normal_width():

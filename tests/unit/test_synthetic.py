@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vlgrpo.answers import WORD_TO_DIGIT
+from vlgrpo.data.answers import WORD_TO_DIGIT
 from vlgrpo.config import DataConfig, SyntheticConfig
 from vlgrpo.data.manifest import IMAGE_TAG
 from vlgrpo.data.synthetic import (COLORS, MIN_SEPARATION, PLURALS, SceneError, count_objects, generate,

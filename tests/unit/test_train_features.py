@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
-from vlgrpo import modeling
+from vlgrpo.model import modeling
 from tests.tiny_setup import tiny_project, tiny_train_cfg
 from vlgrpo.train import RunPaths, train_grpo
 

@@ -8,13 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny_setup import tiny_project, tiny_train_cfg
-from vlgrpo import grpo, modeling
+from vlgrpo.algo import grpo
+from vlgrpo.model import modeling
 from vlgrpo.data.manifest import read_manifest
 from vlgrpo.train import RunPaths, train_grpo, TrainingError
 from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.checkpoint import truncate_metrics
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions, sample_next
-from vlgrpo.train.prompts import data_order, drop_long_prompts, step_generator, step_images, step_prompt_indices
+from vlgrpo.train.data_order import data_order, drop_long_prompts, step_generator, step_images, step_prompt_indices
 from vlgrpo.train.scoring import CompletionScorer
 from vlgrpo.train.update import update_phase
 

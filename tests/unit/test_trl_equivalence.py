@@ -16,12 +16,14 @@ import dataclasses
 import pytest
 import torch
 
-from vlgrpo import grpo, modeling
+from vlgrpo.algo import grpo
+
+from vlgrpo.model import modeling
 from vlgrpo.config import DataConfig, TinyModelConfig, TrainConfig
 from vlgrpo.data.synthetic import generate
 from vlgrpo.train.batches import micro_batches, PromptBatch, StepBatch
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions
-from vlgrpo.train.prompts import step_generator
+from vlgrpo.train.data_order import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_batch
 from vlgrpo.train.update import update_phase
 

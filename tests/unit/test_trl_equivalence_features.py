@@ -12,11 +12,12 @@ import torch
 
 from tests.unit.test_trl_equivalence import (C, G, N, P, _assert_grads_close, _trl_inputs,  # noqa: F401
                                              setup, trl_trainer)
-from vlgrpo import grpo, modeling
+from vlgrpo.algo import grpo
+from vlgrpo.model import modeling
 from vlgrpo.config import TrainConfig
 from vlgrpo.train.batches import StepBatch
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions
-from vlgrpo.train.prompts import step_generator
+from vlgrpo.train.data_order import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_batch
 from vlgrpo.train.update import update_phase
 

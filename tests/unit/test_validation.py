@@ -15,7 +15,7 @@ from tests.fixtures_data import make_coco, make_flickr, save_image, swift_row, w
 from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.images import cache_image  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
-from vlgrpo.validation import (TEMPLATE_OVERHEAD, PromptCounter, check_file, format_summary,  # noqa: E402
+from vlgrpo.data.validation import (TEMPLATE_OVERHEAD, PromptCounter, check_file, format_summary,  # noqa: E402
                                validate_file)
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlgrpo import grpo, modeling
+from vlgrpo.algo import grpo
+
+from vlgrpo.model import modeling
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.images import png_bytes
@@ -18,9 +20,9 @@ from vlgrpo.data.sources import iter_records, read_options
 from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.train.batches import PromptBatch, micro_batches
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions
-from vlgrpo.train.prompts import step_generator
+from vlgrpo.train.data_order import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
-from vlgrpo.validation import validate_file
+from vlgrpo.data.validation import validate_file
 from tests.fixtures_data import write_video
 
 

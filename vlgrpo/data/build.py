@@ -14,7 +14,7 @@
   ``data.video_max_pixels``, and cached in the same content-addressed cache; the manifest row lists each
   video's cached frames.
 
-Every row goes through the same checks as ``validate`` (:class:`vlgrpo.validation.RowChecker`); rows with an
+Every row goes through the same checks as ``validate`` (:class:`vlgrpo.data.validation.RowChecker`); rows with an
 error are left out and reported in the summary, warnings (converted, resized, duplicate rows) are repaired.
 
 Atomicity: images are written one by one (each atomically, content-addressed, so a rerun reuses them); the
@@ -37,7 +37,7 @@ from vlgrpo.data.images import (ImageError, ImageInfo, Issue, cache_image, fit_i
 from vlgrpo.data.manifest import Item, write_manifest
 from vlgrpo.data.sources import ImageRef, Record, iter_records, read_options
 from vlgrpo.io import under_root
-from vlgrpo.validation import RowChecker, check_records
+from vlgrpo.data.validation import RowChecker, check_records
 
 REMOTE_TIMEOUT_S = 30
 

@@ -23,11 +23,14 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
-from vlgrpo.answers import number_word
+from vlgrpo.config import SYNTHETIC_COLORS, SYNTHETIC_SHAPES
+from vlgrpo.data.answers import number_word
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPES = SYNTHETIC_SHAPES
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
           "purple": (150, 60, 200), "orange": (240, 140, 30), "cyan": (40, 200, 210), "white": (245, 245, 245)}
+if tuple(COLORS) != SYNTHETIC_COLORS:  # the config validates against the names; the RGB table must match
+    raise ImportError("vlgrpo.data.synthetic.COLORS must name exactly vlgrpo.config.SYNTHETIC_COLORS")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
            "cross": "crosses"}
 BACKGROUNDS = {"gray": (128, 128, 128), "grey": (128, 128, 128), "black": (0, 0, 0),

@@ -21,7 +21,7 @@ The loop (``loop.train_grpo``) reads like this, one module per part:
         upd = update(run, ro.batch, step)          # update.py: loss over micro-batches (scoring.py) -> AdamW
                                                    #   (-> reference sync, sync_ref_model)
         row = metrics_row(run, step, ro, upd, clock)   # metrics.py: one JSON line per step
-        evaluation.after_step(run, step, row)      # evaluation.py: eval_steps on val, keep_best
+        periodic_eval.after_step(run, step, row)   # periodic_eval.py: eval_steps on val, keep_best
         save_step(run, step)                       # checkpoint.py: atomic step-N checkpoints, exact resume
 
 How this departs from a textbook / TRL-style implementation - the maths is the same (tests compare loss
@@ -36,7 +36,7 @@ and gradients with TRL's ``GRPOTrainer``), the *work* is not:
 - every random draw for prompt slot k of step s (its G samples, its augmentation) comes from a generator
   seeded by (seed, s, k), and the data order is a pure function of (seed, epoch): a resumed run replays
   exactly the same draws, and the completions do not depend on how many processes share the step.
-- aggregation normalisers are counted over the whole step (see vlgrpo.grpo), so accumulation does not
+- aggregation normalisers are counted over the whole step (see vlgrpo.algo.grpo), so accumulation does not
   change the maths.
 """
 from typing import Any

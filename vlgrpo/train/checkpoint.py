@@ -120,7 +120,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
     policy's weights and optimizer state (written instead of ``model`` / ``optimizer``'s own)."""
     from safetensors.torch import save_file, save_model as st_save
 
-    from vlgrpo import lora
+    from vlgrpo.model import lora
     from vlgrpo.train.sharding import unique_names
 
     # A full disk names the folder and the space needed: about what the previous checkpoint took.
@@ -179,7 +179,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
     from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model as st_load
 
-    from vlgrpo import lora
+    from vlgrpo.model import lora
     from vlgrpo.train import sharding
 
     try:

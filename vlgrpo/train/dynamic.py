@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlgrpo import grpo
+from vlgrpo.algo import grpo
 from vlgrpo.train.rollout import encode_step, sample, score_rewards, step_slots
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ class SamplingSpec:
     def for_training(cls, tc: TrainConfig, processor: Any, model: nn.Module) -> "SamplingSpec":
         """The rollout's sampling: ``train.num_generations``, ``max_completion_length``, ``temperature``,
         ``top_p``; stop, pad and banned ids from the processor and model (the ones evaluation uses)."""
-        from vlgrpo import modeling
+        from vlgrpo.model import modeling
 
         return cls(tc.num_generations, tc.max_completion_length, tc.temperature, tc.top_p,
                    tuple(modeling.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id,

@@ -7,7 +7,7 @@ from typing import Any
 
 from vlgrpo.config import Config
 from vlgrpo.train import checkpoint as ckpt
-from vlgrpo.train import evaluation, sharding
+from vlgrpo.train import periodic_eval, sharding
 from vlgrpo.train.metrics import StepClock, append_row, metrics_row, run_summary
 from vlgrpo.train.rollout import rollout
 from vlgrpo.train.setup import Run, RunPaths, setup
@@ -63,7 +63,7 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
             upd = update(run, ro.batch, step)
             clock.lap("update")
             row = metrics_row(run, step, ro, upd, clock)
-            evaluation.after_step(run, step, row)          # train.eval_steps / keep_best
+            periodic_eval.after_step(run, step, row)          # train.eval_steps / keep_best
             if main:
                 append_row(run.paths.metrics_path, row)
             history.append(row)
@@ -74,7 +74,7 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
         bar.close()
     summary = run_summary(run, history, len(history), time.perf_counter() - t_run)
     if summary["finished"]:
-        summary["best"] = evaluation.load_best(run)    # keep_best: the final model is the best one
+        summary["best"] = periodic_eval.load_best(run)    # keep_best: the final model is the best one
     weights = sharding.full_state_dict(run.policy, main) if (summary["finished"] and run.sharded) else None
     if summary["finished"] and main:
         ckpt.save_final(run.policy, run.processor, run.paths.out_dir, weights)

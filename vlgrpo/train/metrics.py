@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlgrpo import grpo
+from vlgrpo.algo import grpo
 from vlgrpo.train.errors import check_finite
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from vlgrpo import grpo
-from vlgrpo.train import prompts as P
+from vlgrpo.algo import grpo
+from vlgrpo.train import data_order as P
 from vlgrpo.train import sharding
 from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.errors import TrainingError
@@ -78,7 +78,7 @@ def step_slots(run: "Run", step: int) -> tuple[list[int], list[Any]]:
 
 def encode_step(run: "Run", step: int, slots: list[int], items: list[Any]) -> PromptBatch:
     """The step's prompts (augmented images when ``train.augment``), encoded and on the run's device."""
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
 
     mdir = run.paths.manifest.parent
     imgs = P.step_images(items, mdir, run.tc, step, slots)

@@ -7,7 +7,7 @@ reference).
 
 Memory-lean: the language model runs without its head and returns hidden states; only the completion
 positions' hidden states go through the head, ``train.logprob_chunk`` tokens at a time, fused with the
-log-softmax (``vlgrpo.logprobs``). No (completions x tokens x vocabulary) logits tensor is ever built, in the
+log-softmax (``vlgrpo.algo.logprobs``). No (completions x tokens x vocabulary) logits tensor is ever built, in the
 forward or the backward pass.
 
 Shared work (``train.shared_work``): the prompt and its images / videos run once per prompt, its KV cache is
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vlgrpo.config import TrainConfig
-from vlgrpo.logprobs import completion_logprobs
+from vlgrpo.algo.logprobs import completion_logprobs
 from vlgrpo.train.batches import MicroBatch, PromptBatch, micro_batches
 
 

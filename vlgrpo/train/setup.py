@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlgrpo import grpo
+from vlgrpo.algo import grpo
 from vlgrpo.config import Config, TrainConfig
 from vlgrpo.train import checkpoint as ckpt
 from vlgrpo.train import sharding
 from vlgrpo.train.errors import TrainingError
 from vlgrpo.train.generation import SamplingSpec
 from vlgrpo.train.paths import RunPaths
-from vlgrpo.train.prompts import load_train_items
+from vlgrpo.train.data_order import load_train_items
 from vlgrpo.train.rollout import RewardSetup
 from vlgrpo.train.scoring import CompletionScorer, unwrap
 
@@ -118,8 +118,9 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
 
     ``train.lora``: the policy is the base (frozen, in the compute dtype) + trainable adapters, and the
     reference is the same module with the adapters switched off - no second copy."""
-    from vlgrpo import lora, modeling
-    from vlgrpo.checkpointing import enable_gradient_checkpointing
+    from vlgrpo.model import lora
+    from vlgrpo.model import modeling
+    from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
 
     tc = cfg.train
     if tc.lora.enabled:

@@ -1,6 +1,6 @@
 """One update: the GRPO loss of a step's batch, accumulated over micro-batches, then optimizer steps.
 
-The loss of each micro-batch is its numerator over the *step's* normaliser (vlgrpo.grpo.loss_normalizer),
+The loss of each micro-batch is its numerator over the *step's* normaliser (vlgrpo.algo.grpo.loss_normalizer),
 so the accumulated gradient is the gradient of the whole batch's loss.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from vlgrpo import grpo
+from vlgrpo.algo import grpo
 from vlgrpo.config import TrainConfig
 from vlgrpo.train.batches import StepBatch, micro_batches
 from vlgrpo.train import sharding

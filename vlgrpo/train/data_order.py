@@ -41,7 +41,7 @@ def drop_long_prompts(processor: Any, items: Sequence[Any], manifest_dir: Path, 
                       max_tokens: int) -> tuple[list[Any], int]:
     """Items whose encoded prompt (image tokens included) fits ``max_tokens``, and how many were dropped
     (never truncated: that can cut image tokens)."""
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
 
     keep, dropped = [], 0
     for start in range(0, len(items), 64):
@@ -79,7 +79,8 @@ def step_images(items: Sequence[Any], manifest_dir: Path, tc: TrainConfig, step:
     None (the encoder then reads the cached originals)."""
     if not tc.augment:
         return None
-    from vlgrpo import augment, modeling
+    from vlgrpo.data import augment
+    from vlgrpo.model import modeling
 
     out = []
     for it, k in zip(items, slots):

@@ -1,7 +1,7 @@
 """Evaluate base vs candidate (vs champion) on the held-out test split: metrics, intervals, the decision.
 
-    from vlgrpo.evaluate import evaluate_models
-    from vlgrpo.modeling import load_model
+    from vlgrpo.eval.evaluate import evaluate_models
+    from vlgrpo.model.modeling import load_model
     result = evaluate_models(cfg, Path("data/manifest.jsonl"), {
         "base": lambda: load_model("models/base"),
         "candidate": lambda: load_model("models/candidate"),
@@ -21,7 +21,7 @@ completion length in tokens. Per model and per task type: the mean of each with 
 interval; between models: the *paired* difference (same items) with its interval.
 
 Result layout (flat enough for ``dvc metrics show``; ``items`` holds the per-item answers and is kept out
-of reports/evaluate.json by :func:`vlgrpo.report.metrics_only`):
+of reports/evaluate.json by :func:`vlgrpo.eval.report.metrics_only`):
 
     {"split": "test", "n_items": 200, "primary_metric": "accuracy", "metrics": ["accuracy", ...],
      "base": {"n": 200, "accuracy": 0.41, "accuracy_lo": 0.34, "accuracy_hi": 0.48, "format": ...,
@@ -43,8 +43,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from vlgrpo.config import Config
 from vlgrpo.data.manifest import Item, read_manifest
-from vlgrpo.gates import should_promote
-from vlgrpo.stats import bootstrap_ci, paired_diff_ci
+from vlgrpo.eval.gates import should_promote
+from vlgrpo.eval.stats import bootstrap_ci, paired_diff_ci
 
 Loader = Callable[[], tuple[Any, Any]]
 ALWAYS_REWARDS = ("format", "fluency")
@@ -92,7 +92,7 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
     """One record per item: every reward, the weighted ``reward``, ``completion_length``, ``terminated``.
 
     ``completions[i]`` answers ``items[i]`` (objects with ``text``, ``token_ids``, ``terminated``, i.e.
-    :class:`vlgrpo.modeling.Completion`). ``rewards``: prebuilt reward functions by name (else the registry).
+    :class:`vlgrpo.model.modeling.Completion`). ``rewards``: prebuilt reward functions by name (else the registry).
     """
     from vlgrpo.rewards import compute_rewards
 
@@ -219,7 +219,7 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
 
     import dataclasses
 
-    from vlgrpo.modeling import Decoding, generate_answers
+    from vlgrpo.model.modeling import Decoding, generate_answers
 
     ev = cfg.evaluate
     greedy_dec = Decoding(ev.batch_size, ev.max_new_tokens or cfg.train.max_completion_length,
@@ -272,7 +272,7 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     """
     import torch
 
-    from vlgrpo.modeling import Decoding, generate_answers
+    from vlgrpo.model.modeling import Decoding, generate_answers
 
     tc = cfg.train
     if not items:

@@ -37,7 +37,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from vlgrpo.answers import WORD_TO_DIGIT, normalize_answer
+from vlgrpo.data.answers import WORD_TO_DIGIT, normalize_answer
 
 RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
@@ -622,7 +622,7 @@ def make_vl_judge(name: str, path: str | Path, batch_size: int = 32, device: str
     """
     import torch
 
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
     from vlgrpo.data.manifest import Item
 
     model, processor = modeling.load_model(path)

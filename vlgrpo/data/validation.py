@@ -1,6 +1,6 @@
 """The ``validate`` stage core: row-level checks plus a Great Expectations suite, one JSON report.
 
-    from vlgrpo.validation import validate_file
+    from vlgrpo.data.validation import validate_file
     result = validate_file("data/manifest.jsonl", cfg, report_path=Path("reports/validate.json"),
                            data_docs_dir=Path("reports/data_docs"))
     print(format_summary(result), file=sys.stderr); sys.exit(0 if result.ok else 1)

@@ -34,7 +34,7 @@ def due(run: "Run", step: int) -> bool:
 
 def evaluate_policy(run: "Run") -> dict[str, Any]:
     """Greedy accuracy and mean reward of the current policy on the val split (``eval/*`` metrics)."""
-    from vlgrpo import evaluate as E
+    from vlgrpo.eval import evaluate as E
     from vlgrpo.data.manifest import read_manifest
 
     items = read_manifest(run.paths.manifest, split="val")

@@ -1,6 +1,6 @@
 """Memory-lean per-token log-probs: the language-model head, the log-softmax and the token pick, in chunks.
 
-    from vlgrpo.logprobs import completion_logprobs
+    from vlgrpo.algo.logprobs import completion_logprobs
     logp, entropy = completion_logprobs(hidden, model.lm_head.weight, completion_ids, temperature=0.7,
                                         chunk_size=512, with_entropy=True)      # (N, C), (N, C)
 
@@ -16,7 +16,7 @@ With gradients, each chunk runs under ``torch.utils.checkpoint`` (non-reentrant)
 chunk's inputs (its rows of hidden states, the shared head weight) and recomputes the chunk's logits during
 the backward pass, one chunk at a time. The extra cost is one more head matmul per chunk in the backward.
 
-The arithmetic per token is the same as ``vlgrpo.grpo.selective_log_softmax`` / ``entropy_from_logits`` on
+The arithmetic per token is the same as ``vlgrpo.algo.grpo.selective_log_softmax`` / ``entropy_from_logits`` on
 full logits (logits in the compute dtype, upcast to fp32, divided by T), so the result equals the unchunked
 one to float rounding (<= 1e-6 in fp32, tests/unit/test_logprobs.py), gradients included.
 """

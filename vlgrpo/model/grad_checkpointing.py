@@ -1,6 +1,6 @@
 """Gradient checkpointing (``train.gradient_checkpointing``) that keeps the shared-work KV cache.
 
-    from vlgrpo.checkpointing import enable_gradient_checkpointing
+    from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
     enable_gradient_checkpointing(model)     # every decoder layer and vision block; returns how many
 
 Each Qwen-VL decoder layer and vision block is recomputed in the backward pass instead of keeping its

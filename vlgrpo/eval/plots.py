@@ -4,7 +4,7 @@
     plot_training_curves(rows, "plots/train_curve.png", "plots/train_curve.csv")      # reward + KL by step
     plot_accuracy_by_task(result, "plots/accuracy_by_task.png", "plots/accuracy_by_task.csv")
 
-``result`` is what :func:`vlgrpo.evaluate.evaluate_models` returns. Every file is written atomically (a
+``result`` is what :func:`vlgrpo.eval.evaluate.evaluate_models` returns. Every file is written atomically (a
 reader never sees half a PNG or CSV).
 """
 from __future__ import annotations

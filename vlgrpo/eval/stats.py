@@ -1,6 +1,6 @@
 """Percentile-bootstrap confidence intervals for evaluation metrics (vectorised numpy, seeded).
 
-    from vlgrpo.stats import bootstrap_ci, paired_diff_ci
+    from vlgrpo.eval.stats import bootstrap_ci, paired_diff_ci
     mean, lo, hi = bootstrap_ci([1, 0, 1, 1], n_boot=1000, seed=0)          # accuracy of one model
     d, lo, hi = paired_diff_ci(candidate_correct, base_correct, n_boot=1000)  # same items, candidate - base
 

@@ -1,7 +1,7 @@
 """LoRA / QLoRA through peft (``train.lora``): wrap a loaded Qwen-VL policy, switch the adapters off for the
 reference policy, save and load adapter directories, merge.
 
-    from vlgrpo import lora
+    from vlgrpo.model import lora
     model = lora.load_policy("models/base", cfg.train.lora, torch.bfloat16)   # base in bf16 + fp32 adapters
     with lora.adapters_disabled(model):       # the reference policy: the same weights, adapters off
         ...
@@ -109,7 +109,7 @@ def _quantization_config(lc: LoraConfig, compute_dtype: torch.dtype) -> Any:
 def load_policy(path: str | Path, lc: LoraConfig, compute_dtype: torch.dtype,
                 gradient_checkpointing: bool = False) -> tuple[nn.Module, Any]:
     """(peft model, processor): the base in ``compute_dtype`` (4-bit with ``quantize_4bit``) + fresh adapters."""
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
 
     quant = _quantization_config(lc, compute_dtype) if lc.quantize_4bit else None
     model, processor = modeling.load_model(path, dtype=compute_dtype, quantization_config=quant)
@@ -171,7 +171,7 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32, trust_remo
     """(model, processor) from an adapter directory: its base model with the adapter merged in."""
     from peft import PeftModel
 
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
 
     path = Path(path)
     base = adapter_base(path)
@@ -187,7 +187,7 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32, trust_remo
 
 def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Write base + adapter merged as a plain checkpoint (safetensors + processor), atomically."""
-    from vlgrpo import modeling
+    from vlgrpo.model import modeling
 
     model, processor = load_merged(adapter_dir)
     return modeling.save_model(model, processor, out_dir)

@@ -1,12 +1,12 @@
 """``reports/evaluate.md``: the evaluation report a person reads, and the one call that writes every output.
 
-    from vlgrpo.report import write_evaluation_outputs
+    from vlgrpo.eval.report import write_evaluation_outputs
     paths = write_evaluation_outputs(result, root=Path("."), manifest=Path("data/manifest.jsonl"),
                                      train_metrics=Path("reports/train_metrics.jsonl"))
     # -> plots/train_curve.{png,csv}, plots/accuracy_by_task.{png,csv}, reports/evaluate.md,
     #    reports/evaluate_items.jsonl, reports/evaluate_assets/<item>.png (thumbnails)
 
-``result`` is what :func:`vlgrpo.evaluate.evaluate_models` returns. The report holds a summary table
+``result`` is what :func:`vlgrpo.eval.evaluate.evaluate_models` returns. The report holds a summary table
 (metric, each model with its 95% interval, the paired differences), the promotion decision with its
 reasons, the figures, and a sample of items: thumbnail, question, reference and each model's answer.
 """
@@ -203,7 +203,7 @@ def write_evaluation_outputs(result: Mapping[str, Any], root: str | Path, manife
     ``reports/evaluate.json`` itself is left to the caller (it adds run ids); use :func:`metrics_only`.
     Returns every written path by name.
     """
-    from vlgrpo.plots import plot_accuracy_by_task, plot_training_curves, read_metrics_jsonl
+    from vlgrpo.eval.plots import plot_accuracy_by_task, plot_training_curves, read_metrics_jsonl
 
     root = Path(root)
     plots_dir, reports = root / "plots", root / "reports"

@@ -233,7 +233,7 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
         p = Path(src)
         if not p.is_dir():
             raise ModelLoadError(f"{src}: model directory not found")
-        from vlgrpo import lora
+        from vlgrpo.model import lora
 
         if lora.is_adapter_dir(p):
             return lora.load_merged(p, dtype=dtype, trust_remote_code=trust_remote_code)

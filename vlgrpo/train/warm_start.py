@@ -1,6 +1,6 @@
 """The ``base`` stage: the policy GRPO starts from.
 
-    from vlgrpo.base import run_base
+    from vlgrpo.train.warm_start import run_base
     report = run_base(load_config("params.yaml"), root=Path("."), manifest=Path("data/manifest.jsonl"))
 
 Two routes, one output (``<root>/<base.out_dir>``: safetensors + processor + tokenizer + chat template):
@@ -35,11 +35,11 @@ import torch
 from vlgrpo.config import Config
 from vlgrpo.data.manifest import Item, read_manifest
 from vlgrpo.io import under_root
-from vlgrpo.modeling import (Decoding, build_tiny, count_parameters, generate_answers, load_model, save_model,
+from vlgrpo.model.modeling import (Decoding, build_tiny, count_parameters, generate_answers, load_model, save_model,
                              supervised_batch)
 
 try:  # the shared strict matcher; a local fallback keeps this module importable on its own
-    from vlgrpo.answers import answers_match
+    from vlgrpo.data.answers import answers_match
 except ImportError:  # pragma: no cover
     def answers_match(prediction: str | None, solution: str | None) -> bool:
         gold = (solution or "").strip().lower()
