@@ -37,13 +37,16 @@ class Import:
     first_party: bool
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Graph:
     """Modules (name -> file) and first-party edges (importer -> {imported: first line of the import})."""
     root: Path
     modules: dict[str, Path]
     edges: dict[str, dict[str, int]]
     imports: list[Import]
+
+    def __repr__(self) -> str:
+        return f"Graph({self.root}: {len(self.modules)} modules, {sum(map(len, self.edges.values()))} imports)"
 
     def file(self, module: str) -> str:
         """The module's file, relative to the project root, with forward slashes."""
