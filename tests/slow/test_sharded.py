@@ -24,6 +24,7 @@ DRIVER = '''
 import json, os, sys
 from vlgrpo.config import load_config
 from vlgrpo.train import RunPaths, train_grpo
+from tests.settings import tuned_config
 cfg = load_config("params.yaml")
 stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
 s = train_grpo(cfg, RunPaths.under(".", "data/manifest.jsonl", "models/base", sys.argv[1], sys.argv[2]),
@@ -61,7 +62,7 @@ def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(
     assert not sharding.fsdp2_requested()
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert sharding.fsdp2_requested()
-    tc = Config().train
+    tc = tuned_config().train
     assert sharding.unsupported_with_sharding(tc) == []
     for change, key in [({"lora": LoraConfig(enabled=True)}, "train.lora"), ({"eval_steps": 5}, "train.eval_steps"),
                         ({"keep_best_checkpoint": True, "eval_steps": 5}, "train.eval_steps"),

@@ -27,6 +27,7 @@ from tests.fixtures_data import write_video
 # A reward with spread on an untrained model (longer text scores more), so that the steps update the weights.
 PLUGIN = """
 from vlgrpo.rewards import register
+from tests.settings import tuned_config
 
 @register("text_length")
 def text_length(prompts, completions, **columns):
@@ -40,7 +41,7 @@ def make_cfg(**train):
          "warmup_ratio": 0.0}
     t.update(train)
     # motion (videos) mixed with colour (images): batches hold both kinds of prompt
-    return config_from_dict({"data": {"num_train": 8, "num_val": 2, "num_test": 2,
+    return tuned_config({"data": {"num_train": 8, "num_val": 2, "num_test": 2,
                                       "task_mix": {"motion": 2.0, "color": 1.0}},
                              "rewards": {"weights": {"accuracy": 1.0, "format": 0.1}}, "train": t})
 
@@ -149,7 +150,7 @@ def _frames(folder, n, start=0, green=90):
 
 
 def _cfg(path, **data):
-    return config_from_dict({"data": {"source": "jsonl", "path": str(path), "video_max_frames": 4, **data}})
+    return tuned_config({"data": {"source": "jsonl", "path": str(path), "video_max_frames": 4, **data}})
 
 
 def test_layout_with_videos_gives_the_exact_prompt_and_frame_count(tmp_path):
