@@ -14,6 +14,7 @@ import pytest
 
 from tests.families import FAMILIES, build_family
 from tests.project import make_project, project_env
+from tests.settings import tuned_data
 
 pytestmark = pytest.mark.slow
 STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
@@ -24,7 +25,6 @@ STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
 DRIVER = """
 import os, sys
 from flows.pipeline import pipeline_flow
-from tests.settings import tuned_data
 for params in sys.argv[1:]:
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         os.environ.pop(k, None)

@@ -25,11 +25,11 @@ from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
+from tests.settings import tuned_config
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = '''
 from vlgrpo.rewards import register
-from tests.settings import tuned_config
 
 @register("text_length")
 def text_length(prompts, completions, **columns):

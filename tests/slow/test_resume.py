@@ -19,13 +19,13 @@ from vlgrpo.train.checkpoint import latest_checkpoint
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
+from tests.settings import tuned_config
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = {"samples_per_s", "tokens_per_s", "step_time_s", "time/encode_s", "time/generate_s",
           "time/rewards_s", "time/score_s", "time/update_s"}
 PLUGIN = '''
 from vlgrpo.rewards import register
-from tests.settings import tuned_config
 
 @register("text_length")
 def text_length(prompts, completions, **columns):

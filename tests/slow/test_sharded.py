@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from tests.slow.test_multiprocess import accelerate_launch, run_two_process_comparison
+from tests.settings import tuned_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "accelerate"
@@ -24,7 +25,6 @@ DRIVER = '''
 import json, os, sys
 from vlgrpo.config import load_config
 from vlgrpo.train import RunPaths, train_grpo
-from tests.settings import tuned_config
 cfg = load_config("params.yaml")
 stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
 s = train_grpo(cfg, RunPaths.under(".", "data/manifest.jsonl", "models/base", sys.argv[1], sys.argv[2]),

@@ -22,12 +22,12 @@ from vlgrpo.train.prompts import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 from vlgrpo.validation import validate_file
 from tests.fixtures_data import write_video
+from tests.settings import tuned_config
 
 
 # A reward with spread on an untrained model (longer text scores more), so that the steps update the weights.
 PLUGIN = """
 from vlgrpo.rewards import register
-from tests.settings import tuned_config
 
 @register("text_length")
 def text_length(prompts, completions, **columns):
