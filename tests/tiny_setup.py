@@ -7,6 +7,7 @@ from vlgrpo.model import modeling
 from vlgrpo.config import Config, DataConfig, config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import Item, read_manifest
+from tests.settings import tuned_config, tuned_data
 
 
 def write_scenes(root: Path, n: int) -> list[Item]:
@@ -15,7 +16,7 @@ def write_scenes(root: Path, n: int) -> list[Item]:
 
     (root / "img").mkdir()
     items = []
-    for it, img in generate(DataConfig(num_train=n, num_val=0, num_test=0)):
+    for it, img in generate(tuned_data(num_train=n, num_val=0, num_test=0)):
         rel = f"img/{it.id}.png"
         img.save(root / rel)
         it.images = [rel]
@@ -43,6 +44,6 @@ TINY_TRAIN = {"max_steps": 2, "prompts_per_step": 2, "num_generations": 4, "micr
 def tiny_train_cfg(project: Path, weights: dict[str, float], num_val: int = 2, **train) -> Config:
     """The config of a tiny-project training test: 16 train items, ``num_val`` val and 2 test items, the
     project's ``plugin.py`` loaded, ``weights`` as rewards.weights and TINY_TRAIN updated with ``train``."""
-    return config_from_dict({"data": {"num_train": 16, "num_val": num_val, "num_test": 2},
+    return tuned_config({"data": {"num_train": 16, "num_val": num_val, "num_test": 2},
                              "rewards": {"weights": weights, "plugins": [str(project / "plugin.py")]},
                              "train": {**TINY_TRAIN, **train}})

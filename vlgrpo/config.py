@@ -146,9 +146,9 @@ class SyntheticConfig:
     """
     canvas_size: int = 112
     min_objects: int = 1
-    max_objects: int = 3
-    min_object_size: int = 28
-    max_object_size: int = 48
+    max_objects: int = 1
+    min_object_size: int = 36
+    max_object_size: int = 56
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
     background: str = "gray"
@@ -224,8 +224,8 @@ class DataConfig:
     num_test: int = 200
     val_fraction: float = 0.1        # imported sources without their own split
     test_fraction: float = 0.1
-    task_mix: dict[str, float] = field(default_factory=lambda: {"count": 1.0, "color": 1.0, "shape": 1.0,
-                                                                 "exists": 1.0, "caption": 0.0})
+    task_mix: dict[str, float] = field(default_factory=lambda: {"count": 0.0, "color": 1.0, "shape": 0.0,
+                                                                 "exists": 0.0, "caption": 0.0})
     min_pixels: int = 3136           # 56*56
     max_pixels: int = 12544          # 112*112
     video_max_frames: int = 8
@@ -330,9 +330,9 @@ class BaseConfig:
     trust_remote_code: bool = False
     out_dir: str = "models/base"
     seed: int = 0
-    warmup_steps: int = 60            # supervised warm-start steps (tiny default only)
+    warmup_steps: int = 14            # supervised warm-start steps (tiny default only)
     batch_size: int = 16
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def __post_init__(self) -> None:
@@ -522,7 +522,7 @@ class TrainConfig:
         lora: peft LoRA / QLoRA instead of full fine-tuning (``LoraConfig``).
     """
     seed: int = 0
-    max_steps: int = 60
+    max_steps: int = 200
     prompts_per_step: int = 8
     num_generations: int = 8
     micro_batch_size: int = 16          # completions per forward/backward; the rest is accumulated
@@ -530,19 +530,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 0.7
     top_p: float = 1.0
     max_completion_length: int = 8
     max_prompt_tokens: int = 512
-    beta: float = 0.0
+    beta: float = 0.04
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = 1
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
-    save_steps: int = 20
-    save_total_limit: int | None = None
+    save_steps: int = 50
+    save_total_limit: int | None = 2
     keep_best_checkpoint: bool = False
     augment: bool = False
     subset: int | None = None           # use only the first N train items

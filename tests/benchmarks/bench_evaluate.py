@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from tests.settings import tuned_config
 
 TARGET_ITEMS = 1000
 TARGET_SECONDS = 120.0
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vlgrpo.model.modeling import build_tiny
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.params) if Path(args.params).exists() else config_from_dict({})
+    cfg = load_config(args.params) if Path(args.params).exists() else tuned_config({})
     ev = dataclasses.replace(cfg.evaluate, max_items=None, samples_k=0,
                              batch_size=args.batch_size or cfg.evaluate.batch_size)
     cfg = dataclasses.replace(cfg, evaluate=ev)

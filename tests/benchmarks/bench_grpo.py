@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from tests.settings import tuned_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -242,7 +243,7 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     from vlgrpo.data.manifest import read_manifest
 
     steps = spec["total_steps"]
-    cfg = config_from_dict({
+    cfg = tuned_config({
         "data": {**size_params(spec["size"], spec.get("video", False)), "out_dir": "data"},
         "rewards": {"weights": {"accuracy": 1.0}},
         "train": {"max_steps": steps, "save_steps": steps, "prompts_per_step": PROMPTS_PER_STEP,
@@ -349,12 +350,12 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None
     roots = {}
     for s in sizes:
         root = tmp / f"size-{s}"
-        build_dataset(config_from_dict({"data": size_params(s)}), root)
+        build_dataset(tuned_config({"data": size_params(s)}), root)
         roots[s] = root
     items = read_manifest(roots[sizes[0]] / "data" / "manifest.jsonl")
     if video_size:
         roots["video"] = tmp / f"video-{video_size}"
-        build_dataset(config_from_dict({"data": size_params(video_size, video=True)}), roots["video"])
+        build_dataset(tuned_config({"data": size_params(video_size, video=True)}), roots["video"])
         items += read_manifest(roots["video"] / "data" / "manifest.jsonl")
     model, proc = modeling.build_tiny([t for it in items for t in (it.question, it.solution)] * 4,
                                       TinyModelConfig(**model_cfg), seed=0)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tests.benchmarks.bench_grpo import (Gate, _gpu_peak_mb, _machine, run_gated_vlgrpo, run_group, trl_grpo_args,
                                          trl_image_rows, trl_step_gate, vision_token_ids, worker_main)
+from tests.settings import tuned_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_PER_STEP = 2
@@ -140,7 +141,7 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
 
     from vlgrpo.config import config_from_dict
 
-    cfg = config_from_dict({
+    cfg = tuned_config({
         "data": data_params(),
         "rewards": {"weights": {"accuracy": 1.0}},
         "train": {"max_steps": spec["total_steps"], "save_steps": 10 ** 6, "prompts_per_step": PROMPTS_PER_STEP,
@@ -206,7 +207,7 @@ def prepare(tmp: Path, layers: int, vision_depth: int) -> tuple[Path, int]:
     from vlgrpo.data.manifest import read_manifest
 
     root = tmp / "ds"
-    build_dataset(config_from_dict({"data": data_params()}), root)
+    build_dataset(tuned_config({"data": data_params()}), root)
     items = read_manifest(root / "data" / "manifest.jsonl")
     n = build_model(tmp / "model", [t for it in items for t in (it.question, it.solution)] * 4, layers,
                     vision_depth)

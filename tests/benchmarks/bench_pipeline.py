@@ -43,6 +43,7 @@ import psutil
 import yaml
 
 from tests.project import BIN, ROOT, project_env
+from tests.settings import tuned_config
 
 STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
 DIRECT = {
@@ -282,7 +283,7 @@ def validate_rate(tmp: Path, rows: int) -> dict:
     import great_expectations  # noqa: F401  (one-off import, not per-row work)
 
     t0 = time.perf_counter()
-    res = validate_file(manifest, Config(), tmp / "validate" / "report.json", tmp / "validate" / "docs")
+    res = validate_file(manifest, tuned_config(), tmp / "validate" / "report.json", tmp / "validate" / "docs")
     dt = time.perf_counter() - t0
     if not (res.ok and res.valid_rows == rows):
         raise RuntimeError(f"validate benchmark: expected {rows} valid rows, got {res.counts}")

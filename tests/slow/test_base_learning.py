@@ -9,6 +9,7 @@ import torch
 
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.manifest import read_manifest, write_manifest
+from tests.settings import tuned_config
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,7 @@ def _write_dataset(root: Path, data: dict) -> Path:
     """Synthetic items + images under ``root/data`` (the data stage's layout, without its cache)."""
     from vlgrpo.data.synthetic import generate
 
-    cfg = config_from_dict({"data": data}).data
+    cfg = tuned_config({"data": data}).data
     out = root / "data"
     (out / "img").mkdir(parents=True)
     items = []
@@ -39,7 +40,7 @@ def test_warm_start_learns_colour_above_chance(tmp_path):
             "task_mix": {"count": 0.0, "color": 1.0, "shape": 0.0, "exists": 0.0, "caption": 0.0},
             "synthetic": {"min_objects": 1, "max_objects": 1, "min_object_size": 48, "max_object_size": 64}}
     manifest = _write_dataset(tmp_path, data)
-    cfg = config_from_dict({"data": data, "base": {"warmup_steps": 150, "batch_size": 16,
+    cfg = tuned_config({"data": data, "base": {"warmup_steps": 150, "batch_size": 16,
                                                    "learning_rate": 3e-3}})
     report = run_base(cfg, tmp_path, manifest, progress=False)
 
@@ -73,7 +74,7 @@ def test_warm_start_is_deterministic(tmp_path):
     states = []
     for _ in range(2):
         model, processor = build_tiny(texts, TinyModelConfig(), seed=3)
-        cfg = config_from_dict({"base": {"warmup_steps": 5, "batch_size": 8, "learning_rate": 3e-3, "seed": 3},
+        cfg = tuned_config({"base": {"warmup_steps": 5, "batch_size": 8, "learning_rate": 3e-3, "seed": 3},
                                 "data": {"min_pixels": 3136, "max_pixels": 12544}})
         log = warm_start(model, processor, warm_start_targets(train), manifest.parent, cfg, progress=False)
         states.append((log, {k: v.clone() for k, v in model.state_dict().items()}))

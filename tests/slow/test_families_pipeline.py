@@ -14,6 +14,7 @@ import pytest
 
 from tests.families import FAMILIES, build_family
 from tests.project import make_project, project_env
+from tests.settings import tuned_data
 
 pytestmark = pytest.mark.slow
 STAGES = ["data", "validate", "base", "pilot", "train", "evaluate", "register"]
@@ -37,7 +38,7 @@ def test_every_family_runs_data_to_register_from_a_checkpoint_path(tmp_path):
     from vlgrpo.config import DataConfig
     from vlgrpo.data.synthetic import generate
 
-    texts = [t for it, _ in generate(DataConfig(num_train=64, num_val=0, num_test=0))
+    texts = [t for it, _ in generate(tuned_data(num_train=64, num_val=0, num_test=0))
              for t in (it.question, it.solution)]
     ckpts, roots = {}, {}
     for fam in FAMILIES:

@@ -20,6 +20,7 @@ from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
 from vlgrpo.train import RunPaths, train_grpo
+from tests.settings import tuned_config
 
 TIMING = {"samples_per_s", "tokens_per_s", "step_time_s", "time/encode_s", "time/generate_s",
           "time/rewards_s", "time/score_s", "time/update_s"}
@@ -42,7 +43,7 @@ def _train(root, cfg, name, stop_after=None):
 
 @pytest.mark.slow
 def test_lora_run_trains_adapters_only_and_resumes_exactly(tmp_path):
-    root, cfg = tmp_path, config_from_dict(RAW)
+    root, cfg = tmp_path, tuned_config(RAW)
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)

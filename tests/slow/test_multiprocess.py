@@ -25,6 +25,7 @@ from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
+from tests.settings import tuned_config
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = '''
@@ -58,7 +59,7 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_ste
            "train": {"max_steps": 3, "prompts_per_step": 4, "num_generations": 4, "micro_batch_size": 2,
                      "mixed_precision": "no", "max_completion_length": 5, "save_steps": save_steps,
                      "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "dapo", "beta": 0.04}}
-    cfg = config_from_dict(raw)
+    cfg = tuned_config(raw)
     build_dataset(cfg, tmp_path)
     items = read_manifest(tmp_path / "data/manifest.jsonl")
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)

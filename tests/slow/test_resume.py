@@ -19,6 +19,7 @@ from vlgrpo.train.checkpoint import latest_checkpoint
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
+from tests.settings import tuned_config
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = {"samples_per_s", "tokens_per_s", "step_time_s", "time/encode_s", "time/generate_s",
@@ -42,7 +43,7 @@ def project(tmp_path_factory):
     (root / "plugin.py").write_text(PLUGIN)
     raw = dict(RAW, rewards={"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(root / "plugin.py")]})
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    cfg = config_from_dict(raw)
+    cfg = tuned_config(raw)
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)

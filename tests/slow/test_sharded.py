@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from tests.slow.test_multiprocess import accelerate_launch, run_two_process_comparison
+from tests.settings import tuned_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "accelerate"
@@ -61,7 +62,7 @@ def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(
     assert not sharding.fsdp2_requested()
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert sharding.fsdp2_requested()
-    tc = Config().train
+    tc = tuned_config().train
     assert sharding.unsupported_with_sharding(tc) == []
     for change, key in [({"lora": LoraConfig(enabled=True)}, "train.lora"), ({"eval_steps": 5}, "train.eval_steps"),
                         ({"keep_best_checkpoint": True, "eval_steps": 5}, "train.eval_steps"),

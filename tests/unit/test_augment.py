@@ -8,11 +8,12 @@ from vlgrpo.data import augment
 from vlgrpo.config import DataConfig
 from vlgrpo.data.manifest import Item
 from vlgrpo.data.synthetic import generate
+from tests.settings import tuned_data
 
 
 @pytest.fixture(scope="module")
 def pairs():
-    return list(generate(DataConfig(num_train=40, num_val=0, num_test=0, seed=5)))
+    return list(generate(tuned_data(num_train=40, num_val=0, num_test=0, seed=5)))
 
 
 def test_crop_box_always_contains_the_objects():

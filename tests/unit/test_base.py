@@ -8,6 +8,7 @@ import pytest
 from vlgrpo.train.warm_start import _thin, batch_schedule, corpus_texts, run_base, warm_start_targets
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.manifest import Item, write_manifest
+from tests.settings import tuned_config
 
 
 def _item(i: int, split: str = "train", **kw) -> Item:
@@ -44,7 +45,7 @@ def manifest(tmp_path_factory) -> Path:
     from vlgrpo.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("proj")
-    cfg = config_from_dict({"data": {"num_train": 16, "num_val": 6, "num_test": 0}}).data
+    cfg = tuned_config({"data": {"num_train": 16, "num_val": 6, "num_test": 0}}).data
     (root / "data" / "img").mkdir(parents=True)
     items = []
     for it, img in generate(cfg):
@@ -57,7 +58,7 @@ def manifest(tmp_path_factory) -> Path:
 
 def test_run_base_tiny_then_load_route(manifest, tmp_path):
     root = manifest.parent.parent
-    cfg = config_from_dict({"data": {"num_train": 16, "num_val": 6, "num_test": 0},
+    cfg = tuned_config({"data": {"num_train": 16, "num_val": 6, "num_test": 0},
                             "base": {"warmup_steps": 3, "batch_size": 4}})
     rep = run_base(cfg, root, Path("data/manifest.jsonl"), progress=False)
     assert rep["model"] == "tiny-qwen2.5-vl" and rep["steps"] == 3 and len(rep["loss_curve"]) == 3
@@ -66,7 +67,7 @@ def test_run_base_tiny_then_load_route(manifest, tmp_path):
     assert (root / "models" / "base" / "model.safetensors").is_file()
 
     # A named checkpoint is loaded through the Auto classes and saved unchanged, with no training.
-    cfg2 = config_from_dict({"data": {"num_train": 16, "num_val": 6, "num_test": 0},
+    cfg2 = tuned_config({"data": {"num_train": 16, "num_val": 6, "num_test": 0},
                              "base": {"model": str(root / "models" / "base"), "out_dir": str(tmp_path / "b2")}})
     rep2 = run_base(cfg2, root, manifest, progress=False)
     assert rep2["steps"] == 0 and rep2["params"] == rep["params"] and rep2["loss_curve"] == []
@@ -77,4 +78,4 @@ def test_run_base_tiny_then_load_route(manifest, tmp_path):
 
 def test_run_base_missing_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.jsonl: manifest not found; run the data stage"):
-        run_base(config_from_dict({}), tmp_path, Path("data/manifest.jsonl"), progress=False)
+        run_base(tuned_config({}), tmp_path, Path("data/manifest.jsonl"), progress=False)

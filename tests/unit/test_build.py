@@ -18,13 +18,14 @@ from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.build import BuildError, build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.validation import validate_file  # noqa: E402
+from tests.settings import tuned_config
 
 SMALL = {"num_train": 12, "num_val": 3, "num_test": 3,
          "task_mix": {"count": 1.0, "color": 1.0, "shape": 1.0, "exists": 1.0, "caption": 1.0}}
 
 
 def cfg_with(**data):
-    return config_from_dict({"data": {**SMALL, **data}})
+    return tuned_config({"data": {**SMALL, **data}})
 
 
 def test_synthetic_build_writes_manifest_and_cache(tmp_path):
@@ -98,7 +99,7 @@ def test_jsonl_build_normalises_drops_errors_and_splits_by_image(tmp_path):
             swift_row("img/grey.png", id="q3"), swift_row("img/missing.png", id="bad"),
             *[swift_row(f"img/s{i}.png", id=f"s{i}", solution=str(i)) for i in range(30)]]
     write_jsonl(ds / "train.jsonl", rows)
-    cfg = config_from_dict({"data": {"source": "jsonl", "path": "raw/train.jsonl", "val_fraction": 0.3,
+    cfg = tuned_config({"data": {"source": "jsonl", "path": "raw/train.jsonl", "val_fraction": 0.3,
                                      "test_fraction": 0.3}})
     s = build_dataset(cfg, tmp_path)
     items = {it.id: it for it in read_manifest(tmp_path / "data" / "manifest.jsonl")}
@@ -116,7 +117,7 @@ def test_jsonl_build_normalises_drops_errors_and_splits_by_image(tmp_path):
 
 def test_coco_and_flickr_builds(tmp_path):
     make_coco(tmp_path / "coco", [(1, "1.jpg", ["A cat.", "A kitten."]), (2, "2.jpg", ["A dog."])])
-    cfg = config_from_dict({"data": {"source": "coco", "path": "coco", "split": "val2017", "out_dir": "dc"}})
+    cfg = tuned_config({"data": {"source": "coco", "path": "coco", "split": "val2017", "out_dir": "dc"}})
     s = build_dataset(cfg, tmp_path)
     items = read_manifest(tmp_path / "dc" / "manifest.jsonl")
     assert s["rows"] == 2 and [it.references for it in items] == [["A cat.", "A kitten."], ["A dog."]]
@@ -124,7 +125,7 @@ def test_coco_and_flickr_builds(tmp_path):
 
     make_flickr(tmp_path / "f", [(0, "0.jpg", "train", ["A man."]), (1, "1.jpg", "restval", ["Kids."]),
                                  (2, "2.jpg", "test", ["Sea."])])
-    cfg = config_from_dict({"data": {"source": "flickr30k", "path": str(tmp_path / "f"), "out_dir": "df"}})
+    cfg = tuned_config({"data": {"source": "flickr30k", "path": str(tmp_path / "f"), "out_dir": "df"}})
     s = build_dataset(cfg, tmp_path)
     assert s["splits"] == {"test": 1, "train": 2}
 
@@ -133,7 +134,7 @@ def test_build_with_no_valid_rows_raises_and_keeps_old(tmp_path):
     build_dataset(cfg_with(), tmp_path)
     before = (tmp_path / "data" / "manifest.jsonl").read_bytes()
     write_jsonl(tmp_path / "bad.jsonl", [swift_row("missing.png")])
-    cfg = config_from_dict({"data": {"source": "jsonl", "path": "bad.jsonl"}})
+    cfg = tuned_config({"data": {"source": "jsonl", "path": "bad.jsonl"}})
     with pytest.raises(BuildError, match="no valid rows out of 1"):
         build_dataset(cfg, tmp_path)
     assert (tmp_path / "data" / "manifest.jsonl").read_bytes() == before

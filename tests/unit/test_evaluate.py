@@ -11,8 +11,9 @@ from vlgrpo.data.manifest import Item, write_manifest
 from vlgrpo.eval.evaluate import (evaluate_models, held_out_items, paired_deltas_by_task, pass_at_k,
                              score_completions, summarize_by_task)
 from vlgrpo.model.modeling import Completion
+from tests.settings import tuned_config, tuned_data
 
-CFG = config_from_dict({"rewards": {"weights": {"accuracy": 1.0, "format": 0.1}},
+CFG = tuned_config({"rewards": {"weights": {"accuracy": 1.0, "format": 0.1}},
                         "evaluate": {"bootstrap": 200, "seed": 0}})
 
 
@@ -104,7 +105,7 @@ def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     (root / "img").mkdir()
     items = []
-    for it, img in generate(DataConfig(num_train=2, num_val=0, num_test=10)):
+    for it, img in generate(tuned_data(num_train=2, num_val=0, num_test=10)):
         rel = f"img/{it.id}.png"
         img.save(root / rel)
         it.images = [rel]
@@ -116,7 +117,7 @@ def tiny_setup(tmp_path_factory):
 
 def test_evaluate_models_end_to_end_identical_models(tiny_setup):
     root, model, processor = tiny_setup
-    cfg = config_from_dict({"evaluate": {"bootstrap": 200, "samples_k": 2, "max_items": 8, "batch_size": 4,
+    cfg = tuned_config({"evaluate": {"bootstrap": 200, "samples_k": 2, "max_items": 8, "batch_size": 4,
                                          "max_new_tokens": 4, "guard_metrics": {"format": 0.05}}})
     loads = []
 
@@ -154,7 +155,7 @@ def test_evaluate_models_end_to_end_identical_models(tiny_setup):
 
 def test_champion_becomes_the_bar(tiny_setup):
     root, model, processor = tiny_setup
-    cfg = config_from_dict({"evaluate": {"bootstrap": 100, "max_items": 3, "max_new_tokens": 2}})
+    cfg = tuned_config({"evaluate": {"bootstrap": 100, "max_items": 3, "max_new_tokens": 2}})
     same = lambda: (model, processor)  # noqa: E731
     res = evaluate_models(cfg, root / "manifest.jsonl", {"base": same, "candidate": same, "champion": same},
                           progress=False, root=root)
@@ -165,7 +166,7 @@ def test_champion_becomes_the_bar(tiny_setup):
 
 def test_unknown_primary_metric_fails_before_loading_any_model(tiny_setup):
     root, *_ = tiny_setup
-    cfg = config_from_dict({"evaluate": {"primary_metric": "bleu"}})
+    cfg = tuned_config({"evaluate": {"primary_metric": "bleu"}})
 
     def never():
         raise AssertionError("a model was loaded although the config was wrong")
@@ -188,7 +189,7 @@ def test_mean_sampled_reward_is_the_mean_total_of_seeded_samples(tiny_setup):
     from vlgrpo.model.modeling import Decoding, generate_answers
 
     root, model, processor = tiny_setup
-    cfg = config_from_dict({"train": {"max_completion_length": 3}})
+    cfg = tuned_config({"train": {"max_completion_length": 3}})
     items = held_out_items(root / "manifest.jsonl", 3)
     got = mean_sampled_reward(model, processor, items, root, cfg, samples=2, seed=5)
     assert got == mean_sampled_reward(model, processor, items, root, cfg, samples=2, seed=5)

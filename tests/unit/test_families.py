@@ -16,6 +16,7 @@ from tests.tiny_setup import write_scenes  # noqa: E402
 from vlgrpo.model import modeling  # noqa: E402
 from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
+from tests.settings import tuned_config, tuned_train
 
 PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
 
@@ -85,7 +86,7 @@ def test_validation_counts_the_visual_tokens_training_sees(checkpoints, scenes, 
     from vlgrpo.data.validation import check_file
 
     path = checkpoints["qwen3_vl"]
-    cfg = config_from_dict({"data": {"num_train": 4, "num_val": 0, "num_test": 0, **PIX},
+    cfg = tuned_config({"data": {"num_train": 4, "num_val": 0, "num_test": 0, **PIX},
                             "base": {"model": str(path)}})
     build_dataset(cfg, tmp_path)
     manifest = tmp_path / "data" / "manifest.jsonl"
@@ -98,7 +99,7 @@ def test_validation_counts_the_visual_tokens_training_sees(checkpoints, scenes, 
     assert [r.item.id for r in rows] == [it.id for it in items]
     assert [sum(i.visual_tokens for i in r.images) for r in rows] == image_tokens
     assert all(r.prompt_tokens >= n for r, n in zip(rows, lengths))
-    tight = config_from_dict({"data": PIX, "base": {"model": str(path)},
+    tight = tuned_config({"data": PIX, "base": {"model": str(path)},
                               "train": {"max_prompt_tokens": min(lengths) - 1}})
     assert check_file(manifest, tight)[1] == []
 
@@ -188,7 +189,7 @@ def _scored(model, prompts, ids, mask, G: int, micro: int, shared: bool) -> torc
     from vlgrpo.train.batches import micro_batches
     from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 
-    tc = TrainConfig(prompts_per_step=len(prompts), num_generations=G, micro_batch_size=micro,
+    tc = tuned_train(prompts_per_step=len(prompts), num_generations=G, micro_batch_size=micro,
                      temperature=1.0, shared_work=shared)
     scorer = CompletionScorer(model)
     return torch.cat([score_micro_batch(scorer, mb, ids, mask, tc)[0]
@@ -253,7 +254,7 @@ def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
         return t
 
     for shared in (True, False):
-        tc = TrainConfig(prompts_per_step=2, num_generations=4, micro_batch_size=8, shared_work=shared,
+        tc = tuned_train(prompts_per_step=2, num_generations=4, micro_batch_size=8, shared_work=shared,
                          logprob_chunk=3)
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -276,7 +277,7 @@ def test_full_fine_tuning_reference_is_held_in_the_compute_dtype(checkpoints, sc
     paths = RunPaths.under(tmp_path, "data/manifest.jsonl", str(checkpoints["qwen2_5_vl"]), "out", "m.jsonl")
     refs = {}
     for mp in ("bf16", "no"):
-        cfg = config_from_dict({"train": {"beta": 0.04, "mixed_precision": mp, "prompts_per_step": 2,
+        cfg = tuned_config({"train": {"beta": 0.04, "mixed_precision": mp, "prompts_per_step": 2,
                                           "num_generations": 4, "micro_batch_size": 4}})
         model, proc, ref = load_models(cfg, paths, torch.device("cpu"))
         assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -10,9 +10,10 @@ import pytest
 from vlgrpo.config import Config, EvaluateConfig, PilotConfig, TrainConfig
 from vlgrpo.eval.gates import (PilotDecision, apply_adjustments, least_squares_slope, pilot_passed,
                           should_promote)
+from tests.settings import tuned_config, tuned_train
 
 PILOT = PilotConfig()          # max_kl 1.0, min_reward_slope 0, spike 10x, overfit_gap .25, alignment_low .3
-TRAIN = TrainConfig()          # lr 1e-3, 8 prompts x 8 generations = 64 completions per step
+TRAIN = tuned_train()          # lr 1e-3, 8 prompts x 8 generations = 64 completions per step
 
 
 def rows(n=10, reward=lambda s: 0.3 + 0.02 * s, **series):
@@ -119,14 +120,14 @@ def test_overfitting_turns_augmentation_on_only_when_val_is_far_below():
     assert diag["problem"] == "overfitting" and diag["adjust"] == {"train.augment": {"set": True}}
     assert pilot_passed(rs, PILOT, TRAIN, full_steps=60, val_reward=0.6).diagnoses == []   # gap .2
     assert pilot_passed(rs, PILOT, TRAIN, full_steps=60).diagnoses == []                   # no val
-    already = pilot_passed(rs, PILOT, TrainConfig(augment=True), full_steps=60, val_reward=0.5)
+    already = pilot_passed(rs, PILOT, tuned_train(augment=True), full_steps=60, val_reward=0.5)
     assert already.diagnoses[0]["adjust"] == {}
 
 
 def test_apply_adjustments_to_train_and_to_whole_config():
     rs = rows(rewards__detail_f1__mean=lambda s: 0.1, rewards__format__mean=lambda s: 0.95)
     rs[6]["grad_norm"] = 50.0
-    cfg = Config()
+    cfg = tuned_config()
     cfg = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, weights={"accuracy": 1.0,
                                                                                      "detail_f1": 0.5}))
     d = pilot_passed(rs, PILOT, cfg.train, full_steps=60, reward_weights=cfg.rewards.weights,
@@ -153,9 +154,9 @@ def test_remedies_scale_the_value_the_full_run_is_given_not_the_pilots():
     shows both the configured and the effective value."""
     rs = rows()
     rs[6]["grad_norm"] = 50.0
-    at_pilot = TrainConfig(learning_rate=5e-4)
+    at_pilot = tuned_train(learning_rate=5e-4)
     report = json.loads(json.dumps(pilot_passed(rs, PILOT, at_pilot, full_steps=60).to_dict()))  # pilot.json
-    lowered = dataclasses.replace(Config(), train=dataclasses.replace(at_pilot, learning_rate=1e-4))
+    lowered = dataclasses.replace(tuned_config(), train=dataclasses.replace(at_pilot, learning_rate=1e-4))
     new_cfg, changes = apply_adjustments(lowered, report)
     assert new_cfg.train.learning_rate == pytest.approx(5e-5)
     assert changes == ["train.learning_rate: 0.0001 -> 5e-05 (x0.5; unstable)"]
@@ -167,11 +168,11 @@ def test_an_absolute_remedy_from_an_old_pilot_report_is_refused_not_applied():
     old_report = {"passed": True, "reasons": ["ok"], "diagnoses": [
         {"problem": "unstable", "evidence": "", "remedy": "", "adjust": {"train.learning_rate": 5e-4}}]}
     with pytest.raises(ValueError, match=r"absolute remedy 0\.0005.*re-run the pilot stage"):
-        apply_adjustments(Config(), old_report)
+        apply_adjustments(tuned_config(), old_report)
 
 
 def test_apply_adjustments_without_diagnoses_is_identity():
-    cfg = TrainConfig()
+    cfg = tuned_train()
     new, changes = apply_adjustments(cfg, PilotDecision(True, ["ok"]))
     assert new is cfg and changes == []
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from vlgrpo.algo import grpo
 from vlgrpo.algo.logprobs import completion_logprobs
+from tests.settings import tuned_config
 
 N, C, H, V = 5, 7, 16, 97
 # Chunking changes only the row count of the head's matmul, and BLAS may round a logit differently in its last
@@ -122,6 +123,6 @@ def test_logprob_chunk_is_resume_neutral(tmp_path):
     init = tmp_path / "base"
     init.mkdir()
     (init / "model.safetensors").write_bytes(b"x")
-    cfg, items = Config(), [SimpleNamespace(id="a")]
+    cfg, items = tuned_config(), [SimpleNamespace(id="a")]
     smaller = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, logprob_chunk=64))
     assert run_fingerprint(cfg, init, items) == run_fingerprint(smaller, init, items)

@@ -24,6 +24,7 @@ from vlgrpo.data.synthetic import generate
 from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.scoring import CompletionScorer, score_batch
 from vlgrpo.train.update import update_phase
+from tests.settings import tuned_config, tuned_data, tuned_train
 
 G, P, C = 4, 2, 8
 N = P * G
@@ -32,7 +33,7 @@ LC = LoraConfig(enabled=True, rank=4, alpha=8.0, vision=True, merger=True)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    pairs = list(generate(DataConfig(num_train=6, num_val=0, num_test=0, seed=3)))
+    pairs = list(generate(tuned_data(num_train=6, num_val=0, num_test=0, seed=3)))
     items, images = [p[0] for p in pairs][:P], [[p[1]] for p in pairs][:P]
     model, proc = modeling.build_tiny([it.question + " " + it.solution for it, _ in pairs] * 4, TinyModelConfig(),
                                       seed=0)
@@ -49,7 +50,7 @@ def setup(tmp_path_factory):
     mask[1, 3:] = 0
     mask[6, 1:] = 0
     adv, _ = grpo.group_advantages(torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0.2]), G, "group")
-    tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
+    tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
                      max_completion_length=C, beta=0.04, epsilon_low=0.2, epsilon_high=0.28)
     base_logp = score_batch(CompletionScorer(model), prompts, ids, mask, tc)
     old_logp = base_logp + 0.3 * torch.randn(base_logp.shape, generator=torch.Generator().manual_seed(2))
@@ -194,7 +195,7 @@ def test_qlora_needs_a_gpu_and_lora_config_errors(setup):
     with pytest.raises(lora.LoraError, match="needs a CUDA GPU"):
         lora.load_policy(setup["dir"], LoraConfig(enabled=True, quantize_4bit=True), torch.bfloat16)
     with pytest.raises(ConfigError, match="train.lora.quantize_4bit"):
-        config_from_dict({"train": {"lora": {"quantize_4bit": True}}})
+        tuned_config({"train": {"lora": {"quantize_4bit": True}}})
     model, _ = modeling.load_model(setup["dir"])
     with pytest.raises(lora.LoraError, match="train.lora.target_modules"):
         lora.target_modules(model, LoraConfig(enabled=True, target_modules=("no_such_proj",)))

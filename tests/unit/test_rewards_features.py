@@ -9,6 +9,7 @@ from vlgrpo import rewards as R
 from vlgrpo.config import DataConfig, RewardsConfig
 from vlgrpo.data.images import smart_resize
 from vlgrpo.data.synthetic import generate
+from tests.settings import tuned_data
 
 
 # ------------------------------------------------------------------------------------------ soft_overlong
@@ -90,7 +91,7 @@ def test_iou_reads_the_image_size_from_the_file_under_the_manifest_folder(tmp_pa
 
 
 def test_grounding_task_answers_score_through_the_registry(tmp_path):
-    cfg = DataConfig(num_train=12, num_val=0, num_test=0, task_mix={"ground": 1.0})
+    cfg = tuned_data(num_train=12, num_val=0, num_test=0, task_mix={"ground": 1.0})
     pairs = list(generate(cfg))
     assert all(it.task == "ground" and it.question.startswith("<image>Where is the") for it, _ in pairs)
     items = [it for it, _ in pairs]

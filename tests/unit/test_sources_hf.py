@@ -17,6 +17,7 @@ from vlgrpo.data.build import build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.sources import detect_kind, iter_records  # noqa: E402
 from vlgrpo.data.validation import check_file, validate_file  # noqa: E402
+from tests.settings import tuned_config
 
 datasets = pytest.importorskip("datasets")
 Features, HFImage, Value = datasets.Features, datasets.Image, datasets.Value
@@ -33,7 +34,7 @@ def _png(seed: int) -> bytes:
 
 
 def _cfg(**data) -> Config:
-    return config_from_dict({"data": {"source": "hf", "path": "x", "val_fraction": 0.0, "test_fraction": 0.0,
+    return tuned_config({"data": {"source": "hf", "path": "x", "val_fraction": 0.0, "test_fraction": 0.0,
                                       **data}})
 
 

@@ -21,6 +21,7 @@ from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.sources import ReadOptions, detect_kind, iter_records, read_options  # noqa: E402
 from vlgrpo.model.modeling import build_messages, build_tiny  # noqa: E402
 from vlgrpo.data.validation import check_file, validate_file  # noqa: E402
+from tests.settings import tuned_config, tuned_data
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"   # one 56x56 image = one merged visual token
 SEEDS = {"a.png": 1, "b.png": 2, "c.png": 3}
@@ -130,7 +131,7 @@ def _images(folder: Path) -> None:
 
 
 def _cfg(**data) -> Config:
-    return config_from_dict({"data": {"source": "jsonl", "path": "x", "val_fraction": 0.0,
+    return tuned_config({"data": {"source": "jsonl", "path": "x", "val_fraction": 0.0,
                                       "test_fraction": 0.0, **data}})
 
 
@@ -236,7 +237,7 @@ def test_unknown_layout_one_clear_error_and_format_forces(tmp_path):
     for layout in ("messages", "llava", "sharegpt", "alpaca", "query_response", "problem_solution"):
         assert layout in msg
     # data.columns renames, then the layout is found
-    opts = read_options(DataConfig(columns={"picture": "image", "text": "problem", "label": "solution"}))
+    opts = read_options(tuned_data(columns={"picture": "image", "text": "problem", "label": "solution"}))
     [r] = list(iter_records(_write(tmp_path / "one.jsonl", [{"picture": "a.png", "text": "hi", "label": 1}]),
                             opts=opts))
     assert (r.item.question, r.item.solution, r.errors) == ("<image>hi", "1", [])
@@ -279,14 +280,14 @@ def test_image_roots_and_base_resolution_order(tmp_path, monkeypatch):
 
     # image_roots lets absolute and ../ paths into them through, and relative paths are looked up there too
     monkeypatch.chdir(tmp_path)
-    opts = read_options(DataConfig(image_roots=("shared", str(shared / "coco"))))
+    opts = read_options(tuned_data(image_roots=("shared", str(shared / "coco"))))
     recs = list(iter_records(src, opts=opts))
     assert all(not r.errors for r in recs)
     assert [r.refs[0].path for r in recs[:3]] == [(shared / "coco" / "x.png").resolve()] * 3
     assert recs[3].refs[0].path == (ds / "x.png").resolve()          # the dataset folder before the roots
 
     # image_base comes first, the dataset folder next; an escape outside every allowed folder stays an error
-    opts = read_options(DataConfig(image_base="base"), root=tmp_path)
+    opts = read_options(tuned_data(image_base="base"), root=tmp_path)
     recs = list(iter_records(src, opts=opts))
     assert recs[3].refs[0].path == (base / "x.png").resolve()
     assert recs[4].refs[0].path == (ds / "only_here.png").resolve()

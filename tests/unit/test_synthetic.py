@@ -13,6 +13,7 @@ from vlgrpo.config import DataConfig, SyntheticConfig
 from vlgrpo.data.manifest import IMAGE_TAG
 from vlgrpo.data.synthetic import (COLORS, MIN_SEPARATION, PLURALS, SceneError, count_objects, generate,
                                    make_item, render)
+from tests.settings import tuned_data, tuned_synthetic
 
 ALL_TASKS = {"count": 1.0, "color": 1.0, "shape": 1.0, "exists": 1.0, "caption": 1.0}
 SINGULAR = {p: s for s, p in PLURALS.items()}
@@ -21,7 +22,7 @@ SINGULAR = {p: s for s, p in PLURALS.items()}
 def _cfg(**kw) -> DataConfig:
     base = dict(num_train=120, num_val=20, num_test=30, task_mix=ALL_TASKS)
     base.update(kw)
-    return DataConfig(**base)
+    return tuned_data(**base)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_shapes_have_their_own_area(shape, area):
 
 
 def test_difficulty_parameters_are_honoured():
-    syn = SyntheticConfig(canvas_size=64, min_objects=4, max_objects=5, min_object_size=8,
+    syn = tuned_synthetic(canvas_size=64, min_objects=4, max_objects=5, min_object_size=8,
                           max_object_size=12, shapes=("diamond", "cross"), colors=("purple", "cyan"),
                           background="black")
     cfg = _cfg(num_train=60, num_val=0, num_test=0, synthetic=syn)
@@ -159,7 +160,7 @@ def test_difficulty_parameters_are_honoured():
 
 
 def test_crowded_config_fails_with_a_clear_error():
-    syn = SyntheticConfig(canvas_size=32, min_objects=6, max_objects=6, min_object_size=20,
+    syn = tuned_synthetic(canvas_size=32, min_objects=6, max_objects=6, min_object_size=20,
                           max_object_size=24)
     with pytest.raises(SceneError, match="max_objects"):
         make_item(_cfg(num_train=1, synthetic=syn), "train", 0)

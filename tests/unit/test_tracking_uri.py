@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers
 
 from tasks import tracking  # noqa: E402
 from vlgrpo.config import Config  # noqa: E402
+from tests.settings import tuned_config
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def _store(root: Path) -> MlflowClient:
 
 def _stage(root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
-    with tracking.stage_run("data", Config(), root) as run_id:
+    with tracking.stage_run("data", tuned_config(), root) as run_id:
         return run_id
 
 
@@ -44,7 +45,7 @@ def test_two_projects_in_one_process_log_to_their_own_stores(tmp_path, clean_mlf
     assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow's export of a's URI was undone
     assert _store(b).get_run(run_b).info.run_name == "data"
     assert _store(a).get_run(run_a).info.run_name == "data"
-    exp_a = _store(a).get_experiment_by_name(Config().register.experiment).experiment_id
+    exp_a = _store(a).get_experiment_by_name(tuned_config().register.experiment).experiment_id
     assert [r.info.run_id for r in _store(a).search_runs([exp_a])] == [run_a]
     # and back to the first project: still its own store
     run_a2 = _stage(a)

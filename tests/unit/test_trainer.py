@@ -18,6 +18,7 @@ from vlgrpo.train.generation import SamplingSpec, generate_group_completions, sa
 from vlgrpo.train.data_order import data_order, drop_long_prompts, step_generator, step_images, step_prompt_indices
 from vlgrpo.train.scoring import CompletionScorer
 from vlgrpo.train.update import update_phase
+from tests.settings import tuned_config
 
 TRL_NAMES = ["loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/low_mean",
              "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
@@ -230,7 +231,7 @@ def test_resume_fingerprint_tracks_what_a_step_computes(tmp_path):
     init = tmp_path / "base"
     init.mkdir()
     (init / "model.safetensors").write_bytes(b"x" * 10)
-    cfg = Config()
+    cfg = tuned_config()
     items = [SimpleNamespace(id=f"i{k}") for k in range(4)]
     fp = run_fingerprint(cfg, init, items)
     assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, out_dir="elsewhere")), init, items)

@@ -26,6 +26,7 @@ from vlgrpo.train.generation import SamplingSpec, generate_group_completions
 from vlgrpo.train.data_order import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_batch
 from vlgrpo.train.update import update_phase
+from tests.settings import tuned_data, tuned_train
 
 G, P, C = 4, 2, 8            # 2 prompts × 4 completions, up to 8 tokens
 N = P * G
@@ -33,7 +34,7 @@ N = P * G
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    pairs = list(generate(DataConfig(num_train=6, num_val=0, num_test=0, seed=3)))
+    pairs = list(generate(tuned_data(num_train=6, num_val=0, num_test=0, seed=3)))
     items = [p[0] for p in pairs][:P]
     images = [[p[1]] for p in pairs][:P]
     texts = [it.question + " " + it.solution for it, _ in pairs] * 4
@@ -58,7 +59,7 @@ def setup(tmp_path_factory):
         g = torch.Generator().manual_seed(1)
         for p in ref.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
+    tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
                      max_completion_length=C)
     ref_logp = score_batch(CompletionScorer(ref), prompts, ids, mask, dataclasses.replace(tc, shared_work=False))
     cur = score_batch(CompletionScorer(model), prompts, ids, mask, dataclasses.replace(tc, shared_work=False))
@@ -144,7 +145,7 @@ def _our_loss_and_grads(s, loss_type, beta, with_old, shared, micro_batch_size=N
     model, _ = modeling.load_model(s["dir"])
     model.train()
     rows, world = train.pop("rows", slice(0, N)), train.pop("num_processes", 1)
-    tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=micro_batch_size,
+    tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=micro_batch_size,
                      loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
                      max_completion_length=C, mixed_precision="no", shared_work=shared, **train)
     first = rows.start // G

@@ -20,6 +20,7 @@ from vlgrpo.train.generation import SamplingSpec, generate_group_completions
 from vlgrpo.train.data_order import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_batch
 from vlgrpo.train.update import update_phase
+from tests.settings import tuned_train
 
 
 def _trl(tr, s, loss_type, beta, with_old, mask=None, **attrs):
@@ -45,7 +46,7 @@ def _ours(s, loss_type, beta, with_old, mask=None, shared=False, **train):
     model, _ = modeling.load_model(s["dir"])
     model.train()
     mask = s["mask"] if mask is None else mask
-    tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=N, loss_type=loss_type, beta=beta,
+    tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=N, loss_type=loss_type, beta=beta,
                      epsilon_low=0.2, epsilon_high=0.28, max_completion_length=C, mixed_precision="no",
                      shared_work=shared, **train)
     batch = StepBatch(s["prompts"], s["ids"], mask, s["adv"], s["old_logp"] if with_old else None,
@@ -104,7 +105,7 @@ def truncation(setup, trl_trainer):
     trl_truncated = torch.tensor([seq[-1] not in eos_and_pad for seq in lists])
     s = dict(setup, ids=ids, mask=mask, term=term, trl_truncated=trl_truncated)
     # old / reference log-probs of these completions (the fixture's belong to its own completions)
-    tc = TrainConfig(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
+    tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=N, mixed_precision="no",
                      max_completion_length=C, shared_work=False)
     cur = score_batch(CompletionScorer(model), setup["prompts"], ids, mask, tc)
     s["old_logp"] = cur + 0.3 * torch.randn(cur.shape, generator=torch.Generator().manual_seed(2))

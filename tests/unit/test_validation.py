@@ -17,10 +17,11 @@ from vlgrpo.data.images import cache_image  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
 from vlgrpo.data.validation import (TEMPLATE_OVERHEAD, PromptCounter, check_file, format_summary,  # noqa: E402
                                validate_file)
+from tests.settings import tuned_config  # noqa: E402
 
 
 def make_cfg(**validate):
-    return config_from_dict({"validate": validate} if validate else {})
+    return tuned_config({"validate": validate} if validate else {})
 
 
 CFG = make_cfg()
@@ -259,7 +260,7 @@ def test_suite_fails_when_nothing_survives(ds):
 
 def test_remote_url_allowed_is_kept_and_charged_the_largest_image(ds):
     path = write_jsonl(ds / "t.jsonl", [good("https://example.org/cat.jpg", id="r1")])
-    cfg = config_from_dict({"data": {"allow_remote": True}})
+    cfg = tuned_config({"data": {"allow_remote": True}})
     _, kept, findings, _, _ = check_file(path, cfg)
     assert findings == [] and len(kept) == 1
     assert kept[0].prompt_tokens == len("Answer briefly.") + len("How many circles are there?") \

@@ -24,6 +24,7 @@ from vlgrpo.train.data_order import step_generator
 from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 from vlgrpo.data.validation import validate_file
 from tests.fixtures_data import write_video
+from tests.settings import tuned_config
 
 
 # A reward with spread on an untrained model (longer text scores more), so that the steps update the weights.
@@ -42,7 +43,7 @@ def make_cfg(**train):
          "warmup_ratio": 0.0}
     t.update(train)
     # motion (videos) mixed with colour (images): batches hold both kinds of prompt
-    return config_from_dict({"data": {"num_train": 8, "num_val": 2, "num_test": 2,
+    return tuned_config({"data": {"num_train": 8, "num_val": 2, "num_test": 2,
                                       "task_mix": {"motion": 2.0, "color": 1.0}},
                              "rewards": {"weights": {"accuracy": 1.0, "format": 0.1}}, "train": t})
 
@@ -151,7 +152,7 @@ def _frames(folder, n, start=0, green=90):
 
 
 def _cfg(path, **data):
-    return config_from_dict({"data": {"source": "jsonl", "path": str(path), "video_max_frames": 4, **data}})
+    return tuned_config({"data": {"source": "jsonl", "path": str(path), "video_max_frames": 4, **data}})
 
 
 def test_layout_with_videos_gives_the_exact_prompt_and_frame_count(tmp_path):
