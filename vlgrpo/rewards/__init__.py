@@ -36,9 +36,10 @@ length, device) and returns the reward function, which should carry the reward's
             return [float(n <= limit) for n in columns["completion_length"]]
         return short_enough
 
-A name may be registered once: another function under a taken name is an error (a plugin file loaded again
-replaces its own rewards). :func:`load_plugins` imports the files; a failing file raises :class:`PluginError`
-naming it and leaves none of its rewards behind.
+A name belongs to one function: registering another under a taken name is an error, except that a plugin
+file may replace what a plugin file registered before (the same file loaded again, or another project's run in
+the same process); a built-in is never shadowed. :func:`load_plugins` imports the files; a failing file raises
+:class:`PluginError` naming it and leaves none of its rewards behind.
 
 Built in (each module registers its own): ``accuracy``, ``format``, ``iou`` (:mod:`.answers`: short and box
 answers); ``fluency``, ``soft_overlong`` (:mod:`.text`); ``detail_f1``, ``reference`` (CIDEr-D)
