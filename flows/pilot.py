@@ -35,7 +35,7 @@ def pilot_flow(params: str = "params.yaml") -> dict:
                                    metrics)
             summary = grpo_task(pilot, paths, "pilot-progress")
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        val_reward = val_reward_task(pilot, manifest_path(cfg, root), Path(tmp) / "pilot-model")
+        val_reward = val_reward_task(pilot, root, manifest_path(cfg, root), Path(tmp) / "pilot-model")
         decision = dataclasses.asdict(pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps,
                                                    val_reward=val_reward, reward_weights=cfg.rewards.weights))
         decision["val_reward"] = val_reward

@@ -35,16 +35,18 @@ def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]
 
 
 @task(name="pilot-val-reward", retries=0, cache_policy=NO_CACHE)
-def val_reward_task(cfg: Config, manifest: Path, model_dir: Path, max_items: int = 32) -> float:
+def val_reward_task(cfg: Config, root: Path, manifest: Path, model_dir: Path, max_items: int = 32) -> float:
     """Sampled reward of the pilot policy on held-out val items (sampling as ``cfg.train``, the pilot's
-    config): the over-fitting check's reference."""
+    config; rewards set up as the pilot's training did): the over-fitting check's reference."""
     from vlgrpo.data.manifest import read_manifest
-    from vlgrpo.eval.evaluate import mean_sampled_reward
+    from vlgrpo.eval.evaluate import mean_sampled_reward, reward_names
     from vlgrpo.model.modeling import load_model
+    from vlgrpo.rewards import RewardContext, setup_rewards
 
     items = read_manifest(manifest, split="val")[:max_items]
+    rewards = setup_rewards(reward_names(cfg), RewardContext.from_config(cfg, root, manifest.parent))
     model, processor = load_model(model_dir)
-    return mean_sampled_reward(model, processor, items, manifest.parent, cfg, seed=cfg.train.seed)
+    return mean_sampled_reward(model, processor, items, manifest.parent, cfg, rewards=rewards)
 
 
 class ProgressWatcher(BackgroundLoop):

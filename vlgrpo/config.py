@@ -349,7 +349,7 @@ class RewardsConfig:
         weights: reward name -> weight; the total reward is the weighted sum of the rewards that apply to an
             item (built-ins: accuracy, format, detail_f1, reference, fluency, clip_score; or a plugin's).
         plugins: Python files (relative to the project root) that register more rewards with
-            ``@vlgrpo.rewards.register("name")``.
+            ``@vlgrpo.rewards.register("name")`` (or ``register_factory``).
         on_error: ``raise`` stops on a reward that fails; ``skip`` scores that item None (left out of the sum).
         clip_model: local CLIP folder for ``clip_score`` (relative to the project root); never downloaded.
         fluency_min_words / fluency_max_words: the word window ``fluency`` rewards.
@@ -365,7 +365,7 @@ class RewardsConfig:
             transformers sequence-classification model and its tokenizer (safetensors, no remote code); each
             scores prompt + completion (logit 0). A folder with a Qwen-VL checkpoint is a vision-language
             judge instead: it sees the item's images, question and completion and scores P(yes) / (P(yes) +
-            P(no)) for "Is the answer correct?" (``vlgrpo.rewards.make_vl_judge``). A name here is used like
+            P(no)) for "Is the answer correct?" (``vlgrpo.rewards.learned.make_vl_judge``). A name here is used like
             any reward in ``weights``.
         model_batch_size: texts (judge: prompts with their images) per reward-model forward.
     """

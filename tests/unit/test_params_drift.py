@@ -144,9 +144,14 @@ def _pilot(cfg, root, manifest, train_grpo, RunPaths, pilot_passed, mean_sampled
     pilot_cfg = cfg.pilot.train_config(cfg.train)
     paths = RunPaths.under(root, manifest, cfg.base.out_dir, "pilot-model", "reports/pilot_metrics.jsonl")
     train_grpo(dataclasses.replace(cfg, train=pilot_cfg), paths, progress=False)
+    from vlgrpo.eval.evaluate import reward_names
+    from vlgrpo.rewards import RewardContext, setup_rewards
+
     model, proc = load_model(paths.out_dir)
-    val = mean_sampled_reward(model, proc, read_manifest(manifest, split="val")[:2], manifest.parent,
-                              dataclasses.replace(cfg, train=pilot_cfg), seed=pilot_cfg.seed)
+    run_cfg = dataclasses.replace(cfg, train=pilot_cfg)
+    rewards = setup_rewards(reward_names(run_cfg), RewardContext.from_config(run_cfg, root, manifest.parent))
+    val = mean_sampled_reward(model, proc, read_manifest(manifest, split="val")[:2], manifest.parent, run_cfg,
+                              rewards=rewards)
     rows = [json.loads(x) for x in paths.metrics_path.read_text().splitlines()]
     pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps, val_reward=val,
                  reward_weights=cfg.rewards.weights)

@@ -9,6 +9,11 @@ import pytest
 from vlgrpo import rewards as R
 from vlgrpo.data.answers import answers_match, normalize_answer
 from vlgrpo.config import RewardsConfig
+from vlgrpo.rewards import registry
+from vlgrpo.rewards.answers import format_reward
+from vlgrpo.rewards.captions import caption_facts, detail_f1, detail_f1_score, make_reference
+from vlgrpo.rewards.learned import make_clip_score
+from vlgrpo.rewards.text import make_fluency
 
 # Two red circles and a blue square.
 SCENE = {"width": 112, "height": 112, "background": "gray", "objects": [
@@ -70,7 +75,7 @@ def test_format_reward():
     tasks = ["color"] * 6 + ["caption"] * 2
     sols = ["red"] * 6 + ["", ""]
     term = [True, True, True, True, False, True, True, True]
-    got = R.format_reward(["q"] * 8, comps, **cols(8, task=tasks, solution=sols, terminated=term))
+    got = format_reward(["q"] * 8, comps, **cols(8, task=tasks, solution=sols, terminated=term))
     assert got == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
@@ -78,16 +83,16 @@ def test_format_reward():
 
 
 def test_caption_facts_parse_counts_mentions_and_negation():
-    assert R.caption_facts("There are three shapes: two red circles and a blue square") == {
+    assert caption_facts("There are three shapes: two red circles and a blue square") == {
         ("count", None, None, 3), ("count", "red", "circle", 2), ("count", "blue", "square", 1),
         ("color", "red"), ("color", "blue"), ("shape", "circle"), ("shape", "square")}
-    assert R.caption_facts("no green triangles") == {("count", "green", "triangle", 0)}
-    assert R.caption_facts("4 crosses, red red red") == {("count", None, "cross", 4), ("color", "red"),
+    assert caption_facts("no green triangles") == {("count", "green", "triangle", 0)}
+    assert caption_facts("4 crosses, red red red") == {("count", None, "cross", 4), ("color", "red"),
                                                           ("shape", "cross")}
 
 
 def test_detail_f1_exact_values():
-    f1 = lambda t: R.detail_f1_score(t, SCENE)  # noqa: E731
+    f1 = lambda t: detail_f1_score(t, SCENE)  # noqa: E731
     assert f1("two red circles and a blue square") == 1.0
     # 4 of 6 stated facts true; covers 4 of the 6 scene facts -> P = R = 2/3.
     assert f1("two red circles and a green square") == pytest.approx(2 / 3, abs=1e-12)
@@ -103,7 +108,7 @@ def test_detail_f1_exact_values():
 
 
 def test_detail_f1_applies_only_to_captions_with_a_scene():
-    got = R.detail_f1(["q"] * 3, ["two red circles and a blue square"] * 3,
+    got = detail_f1(["q"] * 3, ["two red circles and a blue square"] * 3,
                       **cols(3, task=["caption", "caption", "color"], solution=["", "", "red"],
                              scene=[SCENE, None, SCENE]))
     assert got == [1.0, None, None]
@@ -140,7 +145,7 @@ def test_reference_counts_each_image_once_and_skips_items_without_references():
                                         **cols(5, references=[refs[0]] * 3 + [refs[1], []], solution=[""] * 5))
     assert grouped[:4] == pytest.approx([single[0]] * 3 + [single[1]], abs=1e-12)
     assert grouped[4] is None
-    fixed = R.make_reference(corpus=refs)
+    fixed = make_reference(corpus=refs)
     assert fixed.__name__ == "reference"
     assert fixed(["q"], [hyps[0]], **cols(1, references=[refs[0]])) == pytest.approx([single[0]], abs=1e-12)
 
@@ -149,15 +154,15 @@ def test_reference_counts_each_image_once_and_skips_items_without_references():
 
 
 def test_fluency_exact_values():
-    fl = R.make_fluency(min_words=1, max_words=30)
+    fl = make_fluency(min_words=1, max_words=30)
     many = " ".join(f"w{i}" for i in range(40))
     got = fl(["q"] * 5, ["two red circles", "red red red", "red red red", many, ""],
              **cols(5, terminated=[True, True, False, True, True]))
     assert got == pytest.approx([1.0, 0.5, 0.25, 0.75, 0.0], abs=1e-12)
-    assert R.make_fluency(min_words=4, max_words=8)(["q"], ["a red circle"], **cols(1)) == [0.75]
-    assert R.make_fluency().__name__ == "fluency"
+    assert make_fluency(min_words=4, max_words=8)(["q"], ["a red circle"], **cols(1)) == [0.75]
+    assert make_fluency().__name__ == "fluency"
     with pytest.raises(ValueError, match="min_words"):
-        R.make_fluency(min_words=5, max_words=2)
+        make_fluency(min_words=5, max_words=2)
 
 
 # ------------------------------------------------------------------------------------------ clip_score
@@ -194,7 +199,7 @@ def test_clip_score_is_the_cosine_of_a_local_clip(tmp_path):
     Image.new("RGB", (112, 112), (40, 80, 220)).save(tmp_path / "img" / "b.png")
     texts = ["a red square", "blue", "a red square " * 20, "no image"]
     images = [["img/r.png"], ["img/r.png"], ["img/b.png"], []]
-    fn = R.make_clip_score(tmp_path / "clip", root=tmp_path)
+    fn = make_clip_score(tmp_path / "clip", root=tmp_path)
     assert fn.__name__ == "clip_score"
     got = fn(["q"] * 4, texts, **cols(4, images=images))
     assert got[3] is None
@@ -214,35 +219,57 @@ def test_clip_score_is_the_cosine_of_a_local_clip(tmp_path):
     assert got[0] != pytest.approx(got[1], abs=1e-6)
 
     with pytest.raises(FileNotFoundError, match="clip_model"):
-        R.make_clip_score(tmp_path / "missing")
+        make_clip_score(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------------------ registry
 
 
 def test_every_registered_reward_resolves_and_runs():
-    assert {"accuracy", "format", "detail_f1", "reference", "fluency"} <= set(R.REWARDS)
+    assert {"accuracy", "format", "detail_f1", "reference", "fluency", "iou", "soft_overlong",
+            "clip_score"} <= set(R.REWARDS)
     comps = ["red", "two red circles and a blue square", "[10, 10, 40, 40]"]
     c = cols(3, task=["color", "caption", "ground"], solution=["red", "", "[12, 10, 40, 40]"],
-             references=[[], [comps[1]], []])
-    # Built-ins only: plugins registered by other tests in this process (e.g. a NaN reward) are theirs.
-    builtins = [n for n, f in R.REWARDS.items() if not f.__module__.startswith(R._PLUGIN_PREFIX)]
+             references=[[], [comps[1]], []], completion_length=[1, 8, 12])
+    ctx = R.RewardContext(max_completion_length=10)
+    # Built-ins only: plugins registered by other tests in this process (e.g. a NaN reward) are theirs;
+    # clip_score needs a CLIP checkpoint (test_clip_score_is_the_cosine_of_a_local_clip).
+    builtins = [n for n in R.REWARDS if not registry.is_plugin(n) and n != "clip_score"]
     for name in sorted(builtins):
-        fn = R.get_reward(name)
+        fn = R.get_reward(name, ctx)
         vals = fn(["q"] * 3, comps, **c)
         assert len(vals) == 3 and all(v is None or math.isfinite(v) for v in vals), name
         assert any(v is not None for v in vals), name
 
 
-def test_resolve_rewards_builds_configured_rewards(tmp_path):
+def test_setup_rewards_builds_configured_rewards(tmp_path):
     cfg = RewardsConfig(fluency_min_words=4, fluency_max_words=8)
-    fns = R.resolve_rewards(["accuracy", "fluency"], cfg)
+    fns = R.setup_rewards(["accuracy", "fluency"], R.RewardContext(cfg))
     assert fns["accuracy"](["q"] * 2, ["Red.", "blue"], **cols(2)) == [1.0, 0.0]
     assert fns["fluency"](["q"], ["a red circle"], **cols(1)) == [0.75]
     with pytest.raises(KeyError, match="clip_model"):
-        R.resolve_rewards(["clip_score"], cfg)
+        R.setup_rewards(["clip_score"], R.RewardContext(cfg))
     with pytest.raises(KeyError, match="registered: accuracy"):
         R.get_reward("nope")
+    with pytest.raises(KeyError, match="unknown reward 'nope'; registered: accuracy"):
+        R.setup_rewards(["accuracy", "nope"], R.RewardContext(cfg))
+
+
+def test_a_plugin_factory_gets_the_context(restore_registry):
+    @R.register_factory("under_limit")
+    def under_limit_factory(ctx):
+        limit = ctx.max_completion_length // 2
+
+        def under_limit(prompts, completions, **columns):
+            return [float(n <= limit) for n in columns["completion_length"]]
+        return under_limit
+
+    fns = R.setup_rewards(["under_limit"], R.RewardContext(max_completion_length=8))
+    out = R.compute_rewards({"under_limit": 1.0}, ["q"] * 2, ["a", "b"], {"completion_length": [4, 5]},
+                            rewards=fns)
+    assert out.total == [1.0, 0.0]
+    with pytest.raises(ValueError, match="already registered"):
+        R.register("under_limit")(lambda p, c, **k: [0.0] * len(c))
 
 
 def test_register_refuses_a_different_function_under_a_taken_name(restore_registry):
@@ -339,7 +366,7 @@ def test_setup_rewards_takes_paths_under_the_root_and_images_under_the_manifest(
     rcfg = RewardsConfig(weights={"always_one": 1.0, "clip_score": 1.0}, plugins=("plug.py",),
                          clip_model="models/clip")
     monkeypatch.chdir(tmp_path)                       # not the project root
-    fns = R.setup_rewards(["always_one", "clip_score"], rcfg, root, root / "data")
+    fns = R.setup_rewards(["always_one", "clip_score"], R.RewardContext(rcfg, root, root / "data"))
     assert fns["always_one"](["q"], ["a"]) == [1.0]
     (score,) = fns["clip_score"](["q"], ["a red square"], **cols(1, images=[["img/r.png"]]))
     assert -1.0 <= score <= 1.0

@@ -45,6 +45,7 @@ from vlgrpo.config import Config
 from vlgrpo.data.manifest import Item, read_manifest
 from vlgrpo.eval.gates import should_promote
 from vlgrpo.eval.stats import bootstrap_ci, paired_diff_ci
+from vlgrpo.rewards import RewardContext, compute_rewards, setup_rewards
 
 Loader = Callable[[], tuple[Any, Any]]
 ALWAYS_REWARDS = ("format", "fluency")
@@ -94,8 +95,6 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
     ``completions[i]`` answers ``items[i]`` (objects with ``text``, ``token_ids``, ``terminated``, i.e.
     :class:`vlgrpo.model.modeling.Completion`). ``rewards``: prebuilt reward functions by name (else the registry).
     """
-    from vlgrpo.rewards import compute_rewards
-
     if len(completions) != len(items):
         raise ValueError(f"score_completions: {len(completions)} completions for {len(items)} items")
     names = reward_names(cfg)
@@ -124,8 +123,6 @@ def pass_at_k(items: Sequence[Item], sampled: Sequence[Any], k: int,
 
     ``sampled`` holds ``k`` consecutive completions per item (``num_return_sequences=k``).
     """
-    from vlgrpo.rewards import compute_rewards
-
     if len(sampled) != k * len(items):
         raise ValueError(f"pass_at_k: {len(sampled)} sampled completions for {len(items)} items x k={k}")
     rep = [it for it in items for _ in range(k)]
@@ -222,8 +219,7 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
     from vlgrpo.model.modeling import Decoding, generate_answers
 
     ev = cfg.evaluate
-    greedy_dec = Decoding(ev.batch_size, ev.max_new_tokens or cfg.train.max_completion_length,
-                          cfg.data.min_pixels, cfg.data.max_pixels)
+    greedy_dec = Decoding(ev.batch_size, answer_length(cfg), cfg.data.min_pixels, cfg.data.max_pixels)
     t0 = time.perf_counter()
     greedy = generate_answers(model, processor, items, manifest_dir, greedy_dec,
                               f"{progress} (greedy)" if progress else None)
@@ -262,10 +258,11 @@ def val_metrics(model: Any, processor: Any, items: Sequence[Item], manifest_dir:
 
 
 def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config, *,
-                        samples: int = 4, seed: int = 0) -> float:
+                        samples: int = 4, rewards: Mapping[str, Callable] | None = None) -> float:
     """Mean weighted reward of ``samples`` sampled answers per item, decoded like training rollouts
-    (``cfg.train``'s ``temperature`` / ``top_p`` / ``max_completion_length``: pass the pilot's config
-    as ``dataclasses.replace(cfg, train=pilot_train)``).
+    (``cfg.train``'s ``temperature`` / ``top_p`` / ``max_completion_length``, seeded with its ``seed``: pass
+    the pilot's config as ``dataclasses.replace(cfg, train=pilot_train)``). ``rewards``: the reward
+    functions by name (from ``vlgrpo.rewards.setup_rewards``; else the registry's defaults).
 
     The pilot's over-fitting check compares this on val items with the train reward of the metrics stream:
     both are sampled rewards of the same policy, so the gap measures generalisation, not decoding.
@@ -278,7 +275,7 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     if not items:
         raise ValueError("mean_sampled_reward: no items to score")
     state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(tc.seed)
     try:
         decoding = Decoding(max(1, cfg.evaluate.batch_size // samples), tc.max_completion_length,
                             cfg.data.min_pixels, cfg.data.max_pixels, do_sample=True, temperature=tc.temperature,
@@ -287,18 +284,19 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     finally:
         torch.random.set_rng_state(state)
     rep = [it for it in items for _ in range(samples)]
-    records = score_completions(rep, comps, cfg)
+    records = score_completions(rep, comps, cfg, rewards)
     return sum(r["reward"] for r in records) / len(records)
 
 
-def resolve_reward_fns(cfg: Config, root: Path, manifest_dir: Path) -> dict[str, Callable]:
-    """The reward functions the report shows, set up as training does (``rewards.setup_rewards``; item images
-    under ``manifest_dir``), by name."""
-    from vlgrpo.rewards import setup_rewards
+def answer_length(cfg: Config) -> int:
+    """The longest answer evaluation generates: ``evaluate.max_new_tokens``, else the training length."""
+    return cfg.evaluate.max_new_tokens or cfg.train.max_completion_length
 
-    return setup_rewards(reward_names(cfg), cfg.rewards, root, manifest_dir,
-                         pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
-                         max_completion_length=cfg.evaluate.max_new_tokens or cfg.train.max_completion_length)
+
+def reward_context(cfg: Config, root: Path, manifest_dir: Path) -> RewardContext:
+    """The reward context of evaluation: the run's, with its answer length (item images under
+    ``manifest_dir``)."""
+    return RewardContext.from_config(cfg, root, manifest_dir, max_completion_length=answer_length(cfg))
 
 
 def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
@@ -329,7 +327,7 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = resolve_reward_fns(cfg, root, manifest.parent)
+    rewards = setup_rewards(reward_names(cfg), reward_context(cfg, root, manifest.parent))
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "

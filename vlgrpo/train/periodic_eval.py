@@ -36,13 +36,15 @@ def evaluate_policy(run: "Run") -> dict[str, Any]:
     """Greedy accuracy and mean reward of the current policy on the val split (``eval/*`` metrics)."""
     from vlgrpo.eval import evaluate as E
     from vlgrpo.data.manifest import read_manifest
+    from vlgrpo.rewards import setup_rewards
 
     items = read_manifest(run.paths.manifest, split="val")
     if not items:
         raise ValueError(f"{run.paths.manifest}: train.eval_steps needs val items (data.num_val / "
                          f"data.val_fraction)")
     if run.eval_rewards is None:
-        run.eval_rewards = E.resolve_reward_fns(run.cfg, run.paths.root, run.paths.manifest.parent)
+        run.eval_rewards = setup_rewards(E.reward_names(run.cfg),
+                                         E.reward_context(run.cfg, run.paths.root, run.paths.manifest.parent))
     policy = run.policy
     try:
         return E.val_metrics(policy, run.processor, items, run.paths.manifest.parent, run.cfg, run.eval_rewards)

@@ -10,6 +10,7 @@ from torch import nn
 
 from vlgrpo.algo import grpo
 from vlgrpo.config import Config, TrainConfig
+from vlgrpo.rewards import RewardContext, setup_rewards
 from vlgrpo.train import checkpoint as ckpt
 from vlgrpo.train import sharding
 from vlgrpo.train.errors import TrainingError
@@ -145,16 +146,6 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
     return model, processor, ref_scorer
 
 
-def reward_setup(cfg: Config, paths: RunPaths) -> RewardSetup:
-    """The reward functions of ``rewards.weights``, set up as evaluation does (``rewards.setup_rewards``)."""
-    from vlgrpo.rewards import setup_rewards
-
-    weights = dict(cfg.rewards.weights)
-    return RewardSetup(weights, setup_rewards(list(weights), cfg.rewards, paths.root, paths.manifest.parent,
-                                              pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
-                                              max_completion_length=cfg.train.max_completion_length))
-
-
 def _restore(run: Run) -> None:
     """Resume from the newest good checkpoint of this run (another run's are deleted first); a resumed run
     drops the metric lines after the checkpoint's step."""
@@ -197,8 +188,11 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
         scorer, optimizer = accelerator.prepare(CompletionScorer(model), optimizer)
     sampling = SamplingSpec.for_training(tc, processor, model)
     items, dropped = load_train_items(cfg, processor, paths.manifest)
+    weights = dict(cfg.rewards.weights)      # set up as evaluation does: the same functions, the same scores
+    reward_ctx = RewardContext.from_config(cfg, paths.root, paths.manifest.parent)
+    rewards = RewardSetup(weights, setup_rewards(weights, reward_ctx))
     run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
-              reward_setup(cfg, paths), sampling, sharded=sharded)
+              rewards, sampling, sharded=sharded)
     run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
     _restore(run)
     return run
