@@ -35,7 +35,7 @@ class RewardSetup:
         return torch.tensor([self.weights[n] for n in self.names], dtype=torch.float32)
 
 
-@dataclass
+@dataclass(eq=False)          # tensors: == would compare element-wise, not say whether two are equal
 class Completions:
     """G sampled completions per prompt, N = P·G rows in prompt order (prompt p owns rows p·G .. p·G + G - 1).
 
