@@ -209,7 +209,8 @@ def test_shared_work_logprobs_equal_a_plain_forward(family, checkpoints, scenes)
     prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
                                          [len(it.images) for it in chosen])
     G = 4
-    ids, mask, _ = _sample(model, proc, prompts, G, 5)
+    c = _sample(model, proc, prompts, G, 5)
+    ids, mask = c.ids, c.mask
     with torch.no_grad():
         want = _plain_forward_logprobs(model, prompts, ids, G)
         for micro, shared in ((2, True), (4, True), (12, True), (4, False), (12, False)):
@@ -227,7 +228,8 @@ def test_plain_path_scores_micro_batches_with_different_image_counts(checkpoints
     chosen = _mixed_items(root, items)
     prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
                                          [len(it.images) for it in chosen])
-    ids, mask, _ = _sample(model, proc, prompts, 4, 5)
+    c = _sample(model, proc, prompts, 4, 5)
+    ids, mask = c.ids, c.mask
     with torch.no_grad():
         plain = _scored(model, prompts, ids, mask, 4, 12, shared=False)   # all three prompts together
         shared = _scored(model, prompts, ids, mask, 4, 12, shared=True)
@@ -245,7 +247,8 @@ def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
     V, H = model.get_output_embeddings().weight.shape
     root, items = scenes
     prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
-    ids, mask, _ = _sample(model, proc, prompts, 4, 6)
+    c = _sample(model, proc, prompts, 4, 6)
+    ids, mask = c.ids, c.mask
     n, C = ids.shape
     saved: list[torch.Size] = []
 
@@ -286,7 +289,8 @@ def test_full_fine_tuning_reference_is_held_in_the_compute_dtype(checkpoints, sc
         refs[mp] = ref
     root, items = scenes
     prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
-    ids, mask, _ = _sample(model, proc, prompts, 4, 6)
+    c = _sample(model, proc, prompts, 4, 6)
+    ids, mask = c.ids, c.mask
     tc = cfg.train
     fp32 = score_batch(refs["no"], prompts, ids, mask, tc)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -130,7 +130,8 @@ def test_training_and_evaluation_suppress_the_same_vision_tokens(project):
     spec = SamplingSpec.for_training(make_cfg(project).train, proc, model)
     handle = model.lm_head.register_forward_hook(prefer_vision)
     try:
-        ids, mask, _ = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in (0, 1)])
+        sampled = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in (0, 1)])
+        ids, mask = sampled.ids, sampled.mask
         answers = modeling.generate_answers(model, proc, items, project / "data",
                                             modeling.Decoding(2, 4, 3136, 12544, do_sample=True,
                                                               num_return_sequences=2))
@@ -175,9 +176,9 @@ def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
     gens = [generate_group_completions(model, prompts, spec,
                                          [step_generator(0, 5, k, 0) for k in range(3)], shared=sh)
             for sh in (True, False)]
-    for a, b in zip(*gens):
-        assert torch.equal(a, b)              # same draws: the cache expansion changes nothing
-    ids, mask, _ = gens[0]
+    for field in ("ids", "mask", "terminated"):          # same draws: the cache expansion changes nothing
+        assert torch.equal(getattr(gens[0], field), getattr(gens[1], field))
+    ids, mask = gens[0].ids, gens[0].mask
     adv, _ = grpo.group_advantages(torch.arange(12.0) % 3, 4)
     out = {}
     for sh in (True, False):

@@ -46,7 +46,8 @@ def setup(tmp_path_factory):
     prompts = PromptBatch.from_encoded(enc, [1] * P)
     spec = SamplingSpec(G, C, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)), proc.tokenizer.pad_token_id,
                         tuple(modeling.vision_token_ids(proc, model)))
-    ids, mask, _ = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in range(P)])
+    c = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in range(P)])
+    ids, mask = c.ids, c.mask
     # make lengths differ for sure: cut two completions short (masks must matter in every loss type)
     mask = mask.clone()
     mask[1, 3:] = 0

@@ -93,8 +93,8 @@ def truncation(setup, trl_trainer):
     extra = int(torch.mode(setup["ids"][:, 1:].flatten()).values)
     spec = SamplingSpec(G, C, 1.0, 1.0, tuple(stops + [extra]), proc.tokenizer.pad_token_id,
                         tuple(modeling.vision_token_ids(proc, model)))
-    ids, mask, term = generate_group_completions(model, setup["prompts"], spec,
-                                                 [step_generator(0, 0, k, 0) for k in range(P)])
+    c = generate_group_completions(model, setup["prompts"], spec, [step_generator(0, 0, k, 0) for k in range(P)])
+    ids, mask, term = c.ids, c.mask, c.terminated
     saved = trl_trainer.eos_token_ids
     trl_trainer.eos_token_ids = [*saved, extra]
     try:

@@ -100,9 +100,9 @@ def test_shared_work_equals_a_plain_forward_on_video_prompts(project):
                         proc.tokenizer.pad_token_id, tuple(modeling.vision_token_ids(proc, model)))
     gens = [generate_group_completions(model, prompts, spec, [step_generator(0, 1, k, 0) for k in range(4)],
                                        shared=sh) for sh in (True, False)]
-    for a, b in zip(*gens):
-        assert torch.equal(a, b)
-    ids, mask, _ = gens[0]
+    for field in ("ids", "mask", "terminated"):
+        assert torch.equal(getattr(gens[0], field), getattr(gens[1], field))
+    ids, mask = gens[0].ids, gens[0].mask
     tc = make_cfg(micro_batch_size=8, max_completion_length=5).train
     out = {}
     for sh in (True, False):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlgrpo.data.images import Issue
-from vlgrpo.data.sources import SPLIT_ALIASES, ReadOptions, Record, row_records
+from vlgrpo.data.records import SPLIT_ALIASES, ReadOptions, Record, row_records
 
 BATCH_ROWS = 256
 

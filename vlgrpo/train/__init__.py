@@ -11,11 +11,13 @@ Run (the ``train`` / ``pilot`` stages call this; it needs ``data/manifest.jsonl`
     # two CPU processes (gloo):
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m vlgrpo.train params.yaml
 
-The loop (``loop.train_grpo``) reads like this, one module per part:
+The loop (``loop.train_grpo``) reads like this, one module per part; the types passed between them (Run,
+Rollout, Completions, UpdateResult, StepClock) live in state.py, which imports none of these modules:
 
-    run = setup(cfg, paths)                        # setup.py: model(s), optimizer, prompts, rewards, resume
+    run = setup(cfg, paths)                        # setup.py: model(s), optimizer, prompts, rewards, resume,
+                                                   #   the rollout strategy (run.rollout_fn)
     for step in range(run.start_step, max_steps):
-        ro = rollout(run, step, clock)             # rollout.py: prompts -> G completions (generation.py)
+        ro = run.rollout_fn(run, step, clock)      # rollout.py: prompts -> G completions (generation.py)
                                                    #   -> rewards -> group advantages -> old/ref log-probs
                                                    #   (dynamic.py: resample tied groups, dynamic_sampling)
         upd = update(run, ro.batch, step)          # update.py: loss over micro-batches (scoring.py) -> AdamW

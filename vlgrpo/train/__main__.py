@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from vlgrpo.config import load_config
-from vlgrpo.train import RunPaths, train_grpo
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 
 from vlgrpo.config import Config
 from vlgrpo.io import atomic_dir, atomic_write_text, write_content_hashes
+from vlgrpo.train import sharding
 from vlgrpo.train.errors import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -121,12 +122,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
     from safetensors.torch import save_file, save_model as st_save
 
     from vlgrpo.model import lora
-    from vlgrpo.train.sharding import unique_names
 
     # A full disk names the folder and the space needed: about what the previous checkpoint took.
     with atomic_dir(path, like=latest_checkpoint(path.parent.parent)) as tmp:
         if gathered is not None:
-            save_file(unique_names(gathered.weights), str(tmp / "model.safetensors"))
+            save_file(sharding.unique_names(gathered.weights), str(tmp / "model.safetensors"))
         elif lora.peft_model(model) is not None:
             save_file(lora.trainable_state(model), str(tmp / ADAPTER_FILE))
         else:
@@ -180,7 +180,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
     from safetensors.torch import load_file, load_model as st_load
 
     from vlgrpo.model import lora
-    from vlgrpo.train import sharding
 
     try:
         if sharded:

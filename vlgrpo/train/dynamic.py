@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vlgrpo.algo import grpo
-from vlgrpo.train.rollout import encode_step, sample, score_rewards, step_slots
-
-if TYPE_CHECKING:
-    from vlgrpo.train.batches import PromptBatch
-    from vlgrpo.train.metrics import StepClock
-    from vlgrpo.train.setup import Run
+from vlgrpo.train.rollout import encode_step, finish_rollout, sample, score_rewards, step_slots
+from vlgrpo.train.state import Completions, Rollout, Run, StepClock
 
 
 @dataclass(eq=False)
@@ -46,7 +42,7 @@ class Group:
     rewards: torch.Tensor    # (G, K) NaN for None
 
 
-def round_prompts(run: "Run", step: int, r: int) -> tuple[list[int], list[Any]]:
+def round_prompts(run: Run, step: int, r: int) -> tuple[list[int], list[Any]]:
     """This process's prompt slots and items of round ``r`` of 0-based ``step``."""
     if r == 0:
         return step_slots(run, step)
@@ -57,34 +53,35 @@ def round_prompts(run: "Run", step: int, r: int) -> tuple[list[int], list[Any]]:
     return [r * P + k for k in ks], [run.items[int(idx[k])] for k in ks]
 
 
-def sample_round(run: "Run", step: int, r: int) -> list[Group]:
+def sample_round(run: Run, step: int, r: int) -> list[Group]:
     """Round ``r``: encode its prompts, sample G completions each, score them → one Group per prompt."""
     slots, items = round_prompts(run, step, r)
     prompts = encode_step(run, step, slots, items)
     spec = run.sampling
     if r > 0 and run.tc.resample_temperature is not None:
         spec = dataclasses.replace(spec, temperature=run.tc.resample_temperature)
-    ids, mask, term = sample(run, prompts, step, slots, spec)
-    rewards = score_rewards(run, step, items, (ids, mask, term))
+    completions = sample(run, prompts, step, slots, spec)
+    rewards = score_rewards(run, step, items, completions)
+    ids, mask, term = completions.ids, completions.mask, completions.terminated
     G = run.tc.num_generations
     return [Group(it, k, ids[j * G:(j + 1) * G], mask[j * G:(j + 1) * G], term[j * G:(j + 1) * G],
                   rewards[j * G:(j + 1) * G]) for j, (it, k) in enumerate(zip(items, slots))]
 
 
-def _stack(groups: list[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The groups' completions right-padded to a common length → (ids, mask, terminated, rewards)."""
+def _stack(groups: list[Group], pad_id: int) -> tuple[Completions, torch.Tensor]:
+    """The groups' completions right-padded to a common length → (completions, rewards)."""
     C = max(g.ids.shape[1] for g in groups)
     ids = torch.cat([F.pad(g.ids, (0, C - g.ids.shape[1]), value=pad_id) for g in groups])
     mask = torch.cat([F.pad(g.mask, (0, C - g.mask.shape[1]), value=0) for g in groups])
-    return ids, mask, torch.cat([g.terminated for g in groups]), torch.cat([g.rewards for g in groups])
+    return Completions(ids, mask, torch.cat([g.terminated for g in groups])), torch.cat([g.rewards for g in groups])
 
 
-def informative_rollout(run: "Run", step: int, clock: "StepClock"
-                        ) -> tuple["PromptBatch", tuple, torch.Tensor, dict[str, float]]:
+def informative_rollout(run: Run, step: int, clock: StepClock) -> Rollout:
     """Rounds of sampling until this step has its prompts_per_step informative groups (or the rounds run
-    out) → (prompts, (ids, mask, terminated), local rewards (N_local, K), metrics). Metrics:
-    ``dynamic/resample_rounds`` (rounds after the first), ``dynamic/groups_sampled`` and
-    ``dynamic/frac_dropped`` (tied groups left out / groups sampled), over all processes."""
+    out), then advantages and log-probs as in the plain rollout (:func:`vlgrpo.train.rollout.finish_rollout`)
+    → the Rollout, its ``extra`` holding the metrics ``dynamic/resample_rounds`` (rounds after the first),
+    ``dynamic/groups_sampled`` and ``dynamic/frac_dropped`` (tied groups left out / groups sampled), over
+    all processes. The dynamic-sampling strategy of ``Run.rollout_fn``."""
     n, G, acc = run.local_prompts, run.tc.num_generations, run.accelerator
     weights = run.rewards.weight_tensor()
     informative: list[Group] = []
@@ -102,10 +99,10 @@ def informative_rollout(run: "Run", step: int, clock: "StepClock"
     clock.lap("generate")
     prompts = encode_step(run, step, [g.slot for g in chosen], [g.item for g in chosen])  # same images
     clock.lap("encode")
-    ids, mask, term, rewards = _stack(chosen, run.sampling.pad_id)
+    completions, rewards = _stack(chosen, run.sampling.pad_id)
     left_out = len(tied) - max(0, len(chosen) - len(informative))       # tied groups not used
     counts = acc.reduce(torch.tensor([len(informative) + len(tied), left_out], dtype=torch.float32,
                                      device=run.device), "sum").cpu().tolist()
     extra = {"dynamic/resample_rounds": float(rounds), "dynamic/groups_sampled": counts[0],
              "dynamic/frac_dropped": counts[1] / counts[0]}
-    return prompts, (ids.to(run.device), mask.to(run.device), term.to(run.device)), rewards.to(run.device), extra
+    return finish_rollout(run, prompts, completions.to(run.device), rewards.to(run.device), clock, extra)

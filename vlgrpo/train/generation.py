@@ -5,39 +5,33 @@ the plain path prefills G copies. Both draw the same tokens from the same genera
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from vlgrpo.config import TrainConfig
+from vlgrpo.train.backbone import backbone_and_head, unwrap
 from vlgrpo.train.batches import PromptBatch
-from vlgrpo.train.scoring import completion_positions
+from vlgrpo.train.sampling import SamplingSpec
+from vlgrpo.train.state import Completions
 
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    """How to sample: G completions of at most ``max_new_tokens`` at ``temperature`` / ``top_p``, stopping
-    at any of ``stop_ids``; finished rows are filled with ``pad_id``; ``banned_ids`` (the vision tokens,
-    ``modeling.vision_token_ids``) are never sampled."""
-    num_generations: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    stop_ids: tuple[int, ...]
-    pad_id: int
-    banned_ids: tuple[int, ...]
+def completion_positions(model: nn.Module, prompts: PromptBatch, length: int) -> torch.Tensor:
+    """3-D (M-RoPE) positions of ``length`` text tokens that follow each prompt: (3, P, length).
 
-    @classmethod
-    def for_training(cls, tc: TrainConfig, processor: Any, model: nn.Module) -> "SamplingSpec":
-        """The rollout's sampling: ``train.num_generations``, ``max_completion_length``, ``temperature``,
-        ``top_p``; stop, pad and banned ids from the processor and model (the ones evaluation uses)."""
-        from vlgrpo.model import modeling
-
-        return cls(tc.num_generations, tc.max_completion_length, tc.temperature, tc.top_p,
-                   tuple(modeling.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id,
-                   tuple(modeling.vision_token_ids(processor, model)))
+    A prompt ends with text (the assistant header), whose three position components are equal; the tokens
+    after it continue from there one by one - what ``get_rope_index`` gives on the full sequence. Generation
+    feeds its sampled tokens at these positions; scoring (``vlgrpo.train.scoring``) the completions.
+    """
+    backbone, _ = backbone_and_head(unwrap(model))
+    pos, _ = backbone.get_rope_index(prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids,
+                                     image_grid_thw=prompts.image_grid_thw,
+                                     video_grid_thw=prompts.video_grid_thw,
+                                     second_per_grid_ts=prompts.second_per_grid_ts,
+                                     attention_mask=prompts.attention_mask)        # (3, P, L)
+    last = pos[:, :, -1:]                                                           # (3, P, 1)
+    step = torch.arange(1, length + 1, device=pos.device).view(1, 1, -1)
+    return last + step                                                              # (3, P, length)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -77,8 +71,8 @@ def _prefill(model: nn.Module, prompts: PromptBatch, G: int, shared: bool):
 def generate_group_completions(model: nn.Module, prompts: PromptBatch, spec: SamplingSpec,
                                generators: Sequence[torch.Generator], shared: bool = True,
                                all_done: Callable[[bool], bool] | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """G sampled completions per prompt → (ids (N, C) right-padded, mask (N, C), terminated (N,)).
+                               ) -> Completions:
+    """G sampled completions per prompt → Completions: ids (N, C) right-padded, mask (N, C), terminated (N,).
 
     ``mask`` covers each completion up to and including its stop token; C is the longest completion.
     ``generators[p]`` draws prompt p's G samples. Shared: prefill each prompt once, expand its KV cache to G
@@ -120,4 +114,4 @@ def generate_group_completions(model: nn.Module, prompts: PromptBatch, spec: Sam
     C = max(1, int(lengths.max()))
     ids = tokens[:, :C]
     comp_mask = (torch.arange(C, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    return ids, comp_mask, terminated
+    return Completions(ids, comp_mask, terminated)

@@ -8,9 +8,10 @@ from typing import Any
 from vlgrpo.config import Config
 from vlgrpo.train import checkpoint as ckpt
 from vlgrpo.train import periodic_eval, sharding
-from vlgrpo.train.metrics import StepClock, append_row, metrics_row, run_summary
-from vlgrpo.train.rollout import rollout
-from vlgrpo.train.setup import Run, RunPaths, setup
+from vlgrpo.train.metrics import append_row, metrics_row, run_summary
+from vlgrpo.train.paths import RunPaths
+from vlgrpo.train.setup import setup
+from vlgrpo.train.state import Run, StepClock
 from vlgrpo.train.update import update
 
 
@@ -59,7 +60,7 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
             if stop_after is not None and len(history) >= stop_after:
                 break
             clock = StepClock()
-            ro = rollout(run, step, clock)
+            ro = run.rollout_fn(run, step, clock)         # plain or dynamic sampling, chosen at set-up
             upd = update(run, ro.batch, step)
             clock.lap("update")
             row = metrics_row(run, step, ro, upd, clock)

@@ -4,40 +4,19 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from vlgrpo.algo import grpo
 from vlgrpo.train.errors import check_finite
-
-if TYPE_CHECKING:
-    from vlgrpo.train.rollout import Rollout
-    from vlgrpo.train.setup import Run
+from vlgrpo.train.state import Rollout, Run, StepClock, UpdateResult
 
 _MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
-class StepClock:
-    """Where a step's time goes: ``lap(phase)`` records the seconds since the previous lap (this process)."""
-
-    def __init__(self) -> None:
-        self.start = self._last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.laps[phase] = now - self._last
-        self._last = now
-
-    @property
-    def total(self) -> float:
-        return self._last - self.start
-
-
-def _reduced_means(run: "Run", sums: dict[str, float]) -> dict[str, float]:
+def _reduced_means(run: Run, sums: dict[str, float]) -> dict[str, float]:
     """Sum the update's metric sums over processes → loss per update and the per-token means."""
     keys = sorted(sums)
     red = run.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=run.device), "sum")
@@ -49,12 +28,11 @@ def _reduced_means(run: "Run", sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def metrics_row(run: "Run", step: int, ro: "Rollout", update: tuple[dict[str, float], list[float]],
-                clock: StepClock) -> dict[str, Any]:
+def metrics_row(run: Run, step: int, ro: Rollout, update: UpdateResult, clock: StepClock) -> dict[str, Any]:
     """The metrics of 0-based ``step`` from its rollout, its update (metric sums, grad norms) and its clock.
     A non-finite mean reward or loss raises TrainingError."""
     tc, acc, G = run.tc, run.accelerator, run.tc.num_generations
-    means = _reduced_means(run, update[0])
+    means = _reduced_means(run, update.sums)
     local_lengths = ro.lengths if ro.lengths is not None else ro.batch.completion_mask.sum(1)
     lengths = acc.gather(local_lengths.float()).cpu()
     clipped = acc.gather((~ro.terminated).float()).cpu()
@@ -78,7 +56,7 @@ def metrics_row(run: "Run", step: int, ro: "Rollout", update: tuple[dict[str, fl
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(clipped.mean()),
-        "grad_norm": update[1][-1],
+        "grad_norm": update.grad_norm,
         "learning_rate": run.scheduler.get_last_lr()[0],
         "samples_per_s": tc.prompts_per_step * G / dt,
         "tokens_per_s": (prompt_tok * G + float(lengths.sum())) / dt,
@@ -100,7 +78,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         f.flush()
 
 
-def run_summary(run: "Run", history: list[dict[str, Any]], steps_done: int, wall: float) -> dict[str, Any]:
+def run_summary(run: Run, history: list[dict[str, Any]], steps_done: int, wall: float) -> dict[str, Any]:
     """What ``train_grpo`` returns: steps, throughput (median step), data counts and the last metrics row."""
     tc = run.tc
     finished = run.start_step + steps_done >= tc.max_steps

@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vlgrpo.io import atomic_dir
 from vlgrpo.train import checkpoint as ckpt
-
-if TYPE_CHECKING:
-    from vlgrpo.train.setup import Run
+from vlgrpo.train.state import Run
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 
 
-def due(run: "Run", step: int) -> bool:
+def due(run: Run, step: int) -> bool:
     """Is there an evaluation after 0-based ``step``?"""
     every = run.tc.eval_steps
     return every is not None and ((step + 1) % every == 0 or step + 1 == run.tc.max_steps)
 
 
-def evaluate_policy(run: "Run") -> dict[str, Any]:
+def evaluate_policy(run: Run) -> dict[str, Any]:
     """Greedy accuracy and mean reward of the current policy on the val split (``eval/*`` metrics)."""
     from vlgrpo.eval import evaluate as E
     from vlgrpo.data.manifest import read_manifest
@@ -52,11 +50,11 @@ def evaluate_policy(run: "Run") -> dict[str, Any]:
         policy.train()
 
 
-def best_dir(run: "Run") -> Path:
+def best_dir(run: Run) -> Path:
     return run.paths.out_dir / ckpt.CHECKPOINT_DIR / BEST_DIR
 
 
-def best_record(run: "Run") -> dict[str, Any] | None:
+def best_record(run: Run) -> dict[str, Any] | None:
     """The kept best evaluation (``step``, ``eval/reward``, ``eval/accuracy``), or None."""
     try:
         return json.loads((best_dir(run) / BEST_FILE).read_text(encoding="utf-8"))
@@ -64,7 +62,7 @@ def best_record(run: "Run") -> dict[str, Any] | None:
         return None
 
 
-def keep_if_best(run: "Run", step: int, metrics: dict[str, Any]) -> bool:
+def keep_if_best(run: Run, step: int, metrics: dict[str, Any]) -> bool:
     """Keep the policy as the best one when its ``eval/reward`` beats the kept one; True when it did."""
     from safetensors.torch import save_model
 
@@ -78,7 +76,7 @@ def keep_if_best(run: "Run", step: int, metrics: dict[str, Any]) -> bool:
     return True
 
 
-def after_step(run: "Run", step: int, row: dict[str, Any]) -> None:
+def after_step(run: Run, step: int, row: dict[str, Any]) -> None:
     """Evaluate after 0-based ``step`` when due (main process only; the others wait): add the ``eval/*``
     metrics to ``row`` and keep the policy when it is the best so far."""
     if not due(run, step):
@@ -92,7 +90,7 @@ def after_step(run: "Run", step: int, row: dict[str, Any]) -> None:
     acc.wait_for_everyone()
 
 
-def load_best(run: "Run") -> dict[str, Any] | None:
+def load_best(run: Run) -> dict[str, Any] | None:
     """With keep_best: put the best policy's weights into the policy (before the final save) → its record."""
     from safetensors.torch import load_model
 

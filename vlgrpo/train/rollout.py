@@ -1,10 +1,15 @@
 """One rollout: this step's prompts → G sampled completions each → rewards → group advantages → the batch
-the update consumes (with old-policy / reference log-probs when the maths needs them)."""
+the update consumes (with old-policy / reference log-probs when the maths needs them).
+
+``rollout`` is the plain strategy (the step's prompts, sampled once). The pieces it is made of -
+``step_slots``, ``encode_step``, ``sample``, ``score_rewards`` and ``finish_rollout`` - are shared with
+dynamic sampling (:mod:`vlgrpo.train.dynamic`), which builds its own strategy from them; set-up picks one
+of the two for the run (``Run.rollout_fn``).
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,42 +17,12 @@ import torch.nn.functional as F
 from vlgrpo.algo import grpo
 from vlgrpo.train import data_order as P
 from vlgrpo.train import sharding
+from vlgrpo.train.backbone import unwrap
 from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.errors import TrainingError
-from vlgrpo.train.scoring import score_batch, unwrap
-
-if TYPE_CHECKING:
-    from vlgrpo.train.generation import SamplingSpec
-    from vlgrpo.train.metrics import StepClock
-    from vlgrpo.train.setup import Run
-
-
-@dataclass
-class RewardSetup:
-    """The reward functions of ``rewards.weights``, resolved once per run, in the weights' order."""
-    weights: dict[str, float]
-    fns: dict[str, Callable]
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.weights)
-
-    def weight_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.weights[n] for n in self.names], dtype=torch.float32)
-
-
-@dataclass
-class Rollout:
-    """What one step's rollout gives: the local update batch, the local ``terminated`` flags and completion
-    lengths, the rewards of all processes' completions (per reward (N_global, K), weighted total
-    (N_global,), per-group std (P_global,)), and extra metrics (dynamic sampling's)."""
-    batch: StepBatch
-    terminated: torch.Tensor
-    rewards: torch.Tensor
-    total: torch.Tensor
-    group_std: torch.Tensor
-    lengths: torch.Tensor | None = None      # (N_local,) tokens; the batch's mask may have dropped some
-    extra: dict[str, float] = field(default_factory=dict)
+from vlgrpo.train.sampling import SamplingSpec
+from vlgrpo.train.scoring import score_batch
+from vlgrpo.train.state import Completions, Rollout, Run, StepClock
 
 
 def reward_tensor(step: int, per_reward: dict[str, list], names: Sequence[str]) -> torch.Tensor:
@@ -68,7 +43,7 @@ def reward_tensor(step: int, per_reward: dict[str, list], names: Sequence[str]) 
     return torch.tensor(cols, dtype=torch.float32).T.reshape(-1, len(names)).contiguous()
 
 
-def step_slots(run: "Run", step: int) -> tuple[list[int], list[Any]]:
+def step_slots(run: Run, step: int) -> tuple[list[int], list[Any]]:
     """This process's global prompt slots of ``step`` and their manifest items."""
     n = run.local_prompts
     global_idx = P.step_prompt_indices(step, run.tc.prompts_per_step, len(run.items), run.tc.seed)
@@ -76,7 +51,7 @@ def step_slots(run: "Run", step: int) -> tuple[list[int], list[Any]]:
     return slots, [run.items[i] for i in global_idx[slots[0]:slots[-1] + 1]]
 
 
-def encode_step(run: "Run", step: int, slots: list[int], items: list[Any]) -> PromptBatch:
+def encode_step(run: Run, step: int, slots: list[int], items: list[Any]) -> PromptBatch:
     """The step's prompts (augmented images when ``train.augment``), encoded and on the run's device."""
     from vlgrpo.model import modeling
 
@@ -88,8 +63,9 @@ def encode_step(run: "Run", step: int, slots: list[int], items: list[Any]) -> Pr
                                     [len(it.videos) for it in items]).to(run.device)
 
 
-def sample(run: "Run", prompts: PromptBatch, step: int, slots: list[int], spec: "SamplingSpec | None" = None):
-    """G completions per prompt from the current policy (eval mode, autocast) → (ids, mask, terminated).
+def sample(run: Run, prompts: PromptBatch, step: int, slots: list[int],
+           spec: SamplingSpec | None = None) -> Completions:
+    """G completions per prompt from the current policy (eval mode, autocast).
     ``spec``: how to sample (default ``run.sampling``; dynamic sampling's extra rounds may sample hotter)."""
     scorer = unwrap(run.scorer)
     spec = spec or run.sampling
@@ -97,24 +73,25 @@ def sample(run: "Run", prompts: PromptBatch, step: int, slots: list[int], spec: 
     all_done = (lambda flag: sharding.all_processes(flag, run.device)) if run.sharded else None
     scorer.model.eval()
     with run.accelerator.autocast():
-        ids, mask, term = scorer.generate(prompts, spec, gens, run.tc.shared_work, all_done=all_done)
+        completions = scorer.generate(prompts, spec, gens, run.tc.shared_work, all_done=all_done)
     scorer.model.train()
     if run.sharded:
         # every process scores completions of one width, the longest of all: whether the shared path runs
         # its second (completion) forward then does not differ between processes - each forward through a
         # sharded layer is a collective. Padded columns are masked (causal attention: earlier tokens unchanged).
+        ids, mask = completions.ids, completions.mask
         width = sharding.max_over_processes(ids.shape[1], run.device)
-        ids = F.pad(ids, (0, width - ids.shape[1]), value=run.sampling.pad_id)
-        mask = F.pad(mask, (0, width - mask.shape[1]), value=0)
-    return ids, mask, term
+        completions = Completions(F.pad(ids, (0, width - ids.shape[1]), value=run.sampling.pad_id),
+                                  F.pad(mask, (0, width - mask.shape[1]), value=0), completions.terminated)
+    return completions
 
 
-def score_rewards(run: "Run", step: int, items: list[Any], completions: tuple) -> torch.Tensor:
+def score_rewards(run: Run, step: int, items: list[Any], completions: Completions) -> torch.Tensor:
     """Decode the completions and score them with the reward registry → local (N_local, K), NaN for None."""
     from vlgrpo import rewards as R
 
     G = run.tc.num_generations
-    c_ids, c_mask, term = completions
+    c_ids, c_mask, term = completions.ids, completions.mask, completions.terminated
     texts = [run.processor.tokenizer.decode(ids[:int(m.sum())], skip_special_tokens=True).strip()
              for ids, m in zip(c_ids.tolist(), c_mask)]
     prompts_txt = [it.text for it in items for _ in range(G)]
@@ -132,29 +109,25 @@ def score_rewards(run: "Run", step: int, items: list[Any], completions: tuple) -
     return reward_tensor(step + 1, rb.per_reward, run.rewards.names)
 
 
-def rollout(run: "Run", step: int, clock: "StepClock") -> Rollout:
-    """Run one step's rollout (0-based ``step``) on this process; ``clock`` gets a lap per phase
-    (encode, generate, rewards, score). Advantages are computed over the rewards of all processes. With
-    ``train.dynamic_sampling`` the groups come from :func:`vlgrpo.train.dynamic.informative_rollout`."""
-    if run.tc.dynamic_sampling:
-        from vlgrpo.train.dynamic import informative_rollout
-
-        prompts, completions, local_r, extra = informative_rollout(run, step, clock)
-    else:
-        slots, items = step_slots(run, step)
-        prompts = encode_step(run, step, slots, items)
-        clock.lap("encode")
-        completions = sample(run, prompts, step, slots)
-        clock.lap("generate")
-        local_r = score_rewards(run, step, items, completions).to(run.device)        # (N_local, K)
-        extra = {}
-    return finish_rollout(run, prompts, completions, local_r, clock, extra)
+def rollout(run: Run, step: int, clock: StepClock) -> Rollout:
+    """Run one step's rollout (0-based ``step``) on this process, its prompts sampled once; ``clock`` gets
+    a lap per phase (encode, generate, rewards, score). Advantages are computed over the rewards of all
+    processes. The plain strategy of ``Run.rollout_fn`` (dynamic sampling's is
+    :func:`vlgrpo.train.dynamic.informative_rollout`)."""
+    slots, items = step_slots(run, step)
+    prompts = encode_step(run, step, slots, items)
+    clock.lap("encode")
+    completions = sample(run, prompts, step, slots)
+    clock.lap("generate")
+    local_r = score_rewards(run, step, items, completions).to(run.device)        # (N_local, K)
+    return finish_rollout(run, prompts, completions, local_r, clock, {})
 
 
-def finish_rollout(run: "Run", prompts: PromptBatch, completions: tuple, local_r: torch.Tensor,
-                   clock: "StepClock", extra: dict[str, float]) -> Rollout:
-    """Group advantages over all processes' rewards, then old-policy / reference log-probs → the Rollout."""
-    c_ids, c_mask, term = completions
+def finish_rollout(run: Run, prompts: PromptBatch, completions: Completions, local_r: torch.Tensor,
+                   clock: StepClock, extra: dict[str, float]) -> Rollout:
+    """Group advantages over all processes' rewards (``local_r``: this process's (N_local, K)), then
+    old-policy / reference log-probs → the Rollout."""
+    c_ids, c_mask, term = completions.ids, completions.mask, completions.terminated
     all_r = run.accelerator.gather(local_r).cpu()                                     # (N_global, K)
     total = grpo.total_rewards(all_r, run.rewards.weight_tensor())                    # (N_global,)
     adv_all, std = grpo.group_advantages(total, run.tc.num_generations, run.tc.scale_rewards)

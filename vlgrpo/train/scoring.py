@@ -24,36 +24,11 @@ from torch import nn
 
 from vlgrpo.config import TrainConfig
 from vlgrpo.algo.logprobs import completion_logprobs
+from vlgrpo.train.backbone import backbone_and_head
 from vlgrpo.train.batches import MicroBatch, PromptBatch, micro_batches
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / accelerate wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the model without its head: hidden states out, the head): ``model.model`` / ``lm_head`` of a Qwen-VL
-    ``...ForConditionalGeneration`` (a peft wrapper is looked through; its adapters stay in the layers)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, inner.get_output_embeddings()
-
-
-def completion_positions(model: nn.Module, prompts: PromptBatch, length: int) -> torch.Tensor:
-    """3-D (M-RoPE) positions of ``length`` text tokens that follow each prompt: (3, P, length).
-
-    A prompt ends with text (the assistant header), whose three position components are equal; the tokens
-    after it continue from there one by one - what ``get_rope_index`` gives on the full sequence.
-    """
-    backbone, _ = _backbone_and_head(unwrap(model))
-    pos, _ = backbone.get_rope_index(prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids,
-                                     image_grid_thw=prompts.image_grid_thw,
-                                     video_grid_thw=prompts.video_grid_thw,
-                                     second_per_grid_ts=prompts.second_per_grid_ts,
-                                     attention_mask=prompts.attention_mask)        # (3, P, L)
-    last = pos[:, :, -1:]                                                           # (3, P, 1)
-    step = torch.arange(1, length + 1, device=pos.device).view(1, 1, -1)
-    return last + step                                                              # (3, P, length)
+from vlgrpo.train.generation import completion_positions, generate_group_completions
+from vlgrpo.train.sampling import SamplingSpec
+from vlgrpo.train.state import Completions
 
 
 class CompletionScorer(nn.Module):
@@ -74,7 +49,7 @@ class CompletionScorer(nn.Module):
         """Prompts (p, L) each continued by ``repeats`` completions (p·repeats, C) → (log-probs, entropies)
         (p·repeats, C) fp32; ``head``: ``completion_logprobs`` keywords (temperature, chunk_size,
         with_entropy)."""
-        backbone, lm_head = _backbone_and_head(self.model)
+        backbone, lm_head = backbone_and_head(self.model)
         run = self._shared if shared else self._plain
         hidden = run(backbone, prompts, completion_ids, completion_mask, repeats)     # (n, C, H)
         logp, ent = completion_logprobs(hidden, lm_head.weight, completion_ids, bias=lm_head.bias, **head)
@@ -82,12 +57,11 @@ class CompletionScorer(nn.Module):
         # dropped by an in-place op downstream (torch warns); (n, C) floats cost nothing to copy
         return (logp.clone() if logp.requires_grad else logp), ent
 
-    def generate(self, prompts: PromptBatch, spec, generators, shared: bool, all_done=None):
+    def generate(self, prompts: PromptBatch, spec: SamplingSpec, generators, shared: bool,
+                 all_done=None) -> Completions:
         """``vlgrpo.train.generation.generate_group_completions`` with this policy: a method of the wrapped
         module, so that a sharded scorer (registered as an FSDP forward method, vlgrpo.train.sharding) gathers
         its root weights - embeddings, tied head - before decoding."""
-        from vlgrpo.train.generation import generate_group_completions
-
         return generate_group_completions(self.model, prompts, spec, generators, shared=shared, all_done=all_done)
 
     def _plain(self, backbone: nn.Module, p: PromptBatch, c_ids: torch.Tensor, c_mask: torch.Tensor,

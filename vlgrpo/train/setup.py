@@ -1,9 +1,6 @@
 """Set-up of a GRPO run: paths, accelerator, policy (and reference), optimizer + schedule, train prompts,
-rewards, and the resume point - everything the loop reads, in one ``Run``."""
+rewards, the rollout strategy and the resume point - everything the loop reads, in one ``Run``."""
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -13,74 +10,17 @@ from vlgrpo.config import Config, TrainConfig
 from vlgrpo.rewards import RewardContext, setup_rewards
 from vlgrpo.train import checkpoint as ckpt
 from vlgrpo.train import sharding
-from vlgrpo.train.errors import TrainingError
-from vlgrpo.train.generation import SamplingSpec
-from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.data_order import load_train_items
-from vlgrpo.train.rollout import RewardSetup
-from vlgrpo.train.scoring import CompletionScorer, unwrap
+from vlgrpo.train.dynamic import informative_rollout
+from vlgrpo.train.errors import TrainingError
+from vlgrpo.train.paths import RunPaths
+from vlgrpo.train.rollout import rollout
+from vlgrpo.train.sampling import SamplingSpec
+from vlgrpo.train.scoring import CompletionScorer
+from vlgrpo.train.state import RewardSetup, RolloutFn, Run
 
 # train.mixed_precision -> the dtype autocast computes in (and the frozen reference is held in)
 COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-
-
-@dataclass
-class Run:
-    """The state of one GRPO run: set up once by ``setup``, read (and the model / optimizer / scheduler
-    advanced) by every step."""
-    cfg: Config
-    paths: RunPaths
-    accelerator: Any
-    scorer: nn.Module                 # the policy, wrapped (DDP / autocast) by accelerate
-    ref_scorer: nn.Module | None      # the frozen reference; None when beta is 0
-    optimizer: Any
-    scheduler: Any
-    processor: Any
-    items: list[Any]                  # train prompts that fit train.max_prompt_tokens
-    dropped: int                      # over-long prompts left out
-    rewards: RewardSetup
-    sampling: SamplingSpec
-    fingerprint: str = ""
-    start_step: int = 0
-    resumed_from: int | None = None
-    sharded: bool = False             # FSDP2 applied by the trainer (vlgrpo.train.sharding)
-    eval_rewards: dict[str, Any] | None = None   # reward functions of in-training evaluation, built on first use
-
-    @property
-    def tc(self) -> TrainConfig:
-        return self.cfg.train
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def local_prompts(self) -> int:
-        return self.tc.prompts_per_step // self.world
-
-    @property
-    def policy(self) -> nn.Module:
-        """The bare policy model (unwrapped)."""
-        return unwrap(self.scorer).model
-
-    @property
-    def reference(self) -> nn.Module | None:
-        """The bare reference model; None when beta is 0."""
-        return unwrap(self.ref_scorer).model if self.ref_scorer is not None else None
-
-    @property
-    def checkpointed_reference(self) -> nn.Module | None:
-        """The reference model when it changes during the run (``train.sync_ref_model``): checkpoints must
-        then hold it for an exact resume. None otherwise (it is the base model, reloaded at set-up)."""
-        return self.reference if self.tc.sync_ref_model else None
 
 
 def make_accelerator(mixed_precision: str):
@@ -146,6 +86,13 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
     return model, processor, ref_scorer
 
 
+def rollout_strategy(tc: TrainConfig) -> RolloutFn:
+    """How every step of the run gets its batch, chosen once: with ``train.dynamic_sampling`` tied groups
+    are resampled (:func:`vlgrpo.train.dynamic.informative_rollout`), else the step's prompts are sampled
+    once (:func:`vlgrpo.train.rollout.rollout`)."""
+    return informative_rollout if tc.dynamic_sampling else rollout
+
+
 def _restore(run: Run) -> None:
     """Resume from the newest good checkpoint of this run (another run's are deleted first); a resumed run
     drops the metric lines after the checkpoint's step."""
@@ -192,7 +139,7 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     reward_ctx = RewardContext.from_config(cfg, paths.root, paths.manifest.parent)
     rewards = RewardSetup(weights, setup_rewards(weights, reward_ctx))
     run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
-              rewards, sampling, sharded=sharded)
+              rewards, sampling, rollout_strategy(tc), sharded=sharded)
     run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
     _restore(run)
     return run

@@ -6,7 +6,7 @@ so the accumulated gradient is the gradient of the whole batch's loss.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,9 +17,7 @@ from vlgrpo.train.batches import StepBatch, micro_batches
 from vlgrpo.train import sharding
 from vlgrpo.train.errors import check_finite
 from vlgrpo.train.scoring import score_micro_batch
-
-if TYPE_CHECKING:
-    from vlgrpo.train.setup import Run
+from vlgrpo.train.state import Run, UpdateResult
 
 
 def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerator=None) -> dict[str, float]:
@@ -92,10 +90,10 @@ def _add(sums: dict[str, float], name: str, sc: tuple[float, float]) -> None:
     sums[name + "#count"] = sums.get(name + "#count", 0.0) + sc[1]
 
 
-def update(run: "Run", batch: StepBatch, step: int) -> tuple[dict[str, float], list[float]]:
-    """``train.num_iterations`` optimizer updates on one step's batch (0-based ``step``) → (metric sums added
-    over the iterations, grad norm of each iteration). A non-finite loss or grad norm raises TrainingError
-    before the optimizer steps."""
+def update(run: Run, batch: StepBatch, step: int) -> UpdateResult:
+    """``train.num_iterations`` optimizer updates on one step's batch (0-based ``step``) → UpdateResult
+    (metric sums added over the iterations, grad norm of each iteration). A non-finite loss or grad norm
+    raises TrainingError before the optimizer steps."""
     agg: dict[str, float] = {}
     grad_norms: list[float] = []
     for i in range(run.tc.num_iterations):
@@ -113,10 +111,10 @@ def update(run: "Run", batch: StepBatch, step: int) -> tuple[dict[str, float], l
         sync_reference(run, step * run.tc.num_iterations + i + 1)
         for k, v in sums.items():
             agg[k] = agg.get(k, 0.0) + v
-    return agg, grad_norms
+    return UpdateResult(agg, grad_norms)
 
 
-def sync_reference(run: "Run", updates: int) -> None:
+def sync_reference(run: Run, updates: int) -> None:
     """``train.sync_ref_model`` (TR-DPO, as TRL's SyncRefModelCallback): after every
     ``ref_model_sync_steps``-th optimizer update (``updates`` counts them from 1 over the run),
     π_ref ← α·π_θ + (1 − α)·π_ref with α = ``ref_model_mixup_alpha``."""
