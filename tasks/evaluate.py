@@ -17,7 +17,7 @@ from vlgrpo.io import under_root
 @task(name="evaluate-models", retries=0, cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, root: Path, manifest: Path, run_id: str) -> dict[str, Any]:
     from vlgrpo.eval.evaluate import evaluate_models
-    from vlgrpo.model.modeling import load_model
+    from vlgrpo.model.loading import load_model
     from vlgrpo.eval.report import metrics_only, write_evaluation_outputs
 
     champion = retry(lambda: champion_loader(cfg.register.model_name), what="look up champion")

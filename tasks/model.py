@@ -40,7 +40,7 @@ def val_reward_task(cfg: Config, root: Path, manifest: Path, model_dir: Path, ma
     config; rewards set up as the pilot's training did): the over-fitting check's reference."""
     from vlgrpo.data.manifest import read_manifest
     from vlgrpo.eval.evaluate import mean_sampled_reward, reward_names
-    from vlgrpo.model.modeling import load_model
+    from vlgrpo.model.loading import load_model
     from vlgrpo.rewards import RewardContext, setup_rewards
 
     items = read_manifest(manifest, split="val")[:max_items]

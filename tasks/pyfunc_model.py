@@ -24,7 +24,7 @@ from mlflow.pyfunc import PythonModel
 
 class VLGRPOPyfunc(PythonModel):
     def load_context(self, context):  # noqa: D401 - MLflow hook
-        from vlgrpo.model.modeling import load_model
+        from vlgrpo.model.loading import load_model
 
         self.model, self.processor = load_model(context.artifacts["checkpoint"])
         self.model.eval()
@@ -37,7 +37,7 @@ class VLGRPOPyfunc(PythonModel):
         from PIL import Image
 
         from vlgrpo.data.manifest import IMAGE_TAG, Item
-        from vlgrpo.model.modeling import Decoding, generate_answers
+        from vlgrpo.model.decoding import Decoding, generate_answers
 
         params = params or {}
         records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else model_input

@@ -91,7 +91,7 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
     """
     import tempfile
 
-    from vlgrpo.model import lora
+    from vlgrpo.model import loading, lora
 
     root = Path(root)
 
@@ -112,8 +112,8 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
             raise disk_full(store / "model", tree_size(checkpoint) + tree_size(root / "vlgrpo"), "about") from e
 
     with tempfile.TemporaryDirectory(prefix="vlgrpo-merged-") as tmp:
-        if lora.is_adapter_dir(checkpoint) and merge_lora:
-            checkpoint = lora.save_merged(checkpoint, Path(tmp) / "merged")
+        if loading.is_adapter_dir(checkpoint) and merge_lora:
+            checkpoint = loading.save_merged(checkpoint, Path(tmp) / "merged")
         return retry(lambda: upload(checkpoint), what="log pyfunc model")
 
 

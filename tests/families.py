@@ -2,7 +2,7 @@
 
 Each family is built from transformers' own config class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with deepstack,
 Qwen3-VL-MoE) at toy widths, with a byte-level BPE tokenizer trained on the data (the pieces of
-``vlgrpo.model.modeling.build_tiny``), and written the way a real ``huggingface-cli download`` folder looks:
+``vlgrpo.model.tiny_model.build_tiny``), and written the way a real ``huggingface-cli download`` folder looks:
 
 - ``config.json`` in the hub's own shape: flat text keys + legacy ``rope_scaling: {type: mrope, ...}`` for
   Qwen2-VL / Qwen2.5-VL (the 3B config's layout: tied embeddings, 2 KV heads, window attention with full
@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import torch
 
-from vlgrpo.model import modeling
+from vlgrpo.model import tiny_model
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
@@ -73,11 +73,11 @@ TEMPLATE_PLAIN = _TURNS
 def _tokenizer(texts: Iterable[str]):
     roles = ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n",
              "You are a helpful assistant."] * 8
-    return modeling._wrap_tokenizer(modeling._train_tokenizer(itertools.chain(roles, texts), VOCAB))
+    return tiny_model._wrap_tokenizer(tiny_model._train_tokenizer(itertools.chain(roles, texts), VOCAB))
 
 
 def _ids(tok) -> dict[str, int]:
-    return {t: tok.convert_tokens_to_ids(t) for t in modeling.SPECIAL_TOKENS}
+    return {t: tok.convert_tokens_to_ids(t) for t in tiny_model.SPECIAL_TOKENS}
 
 
 def _mrope(interleaved: bool) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def build_family(family: str, texts: Iterable[str], out_dir: str | Path, seed: i
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(texts)
     config = real_config(family, tok)
-    with modeling._seeded(seed):
+    with tiny_model._seeded(seed):
         model = AutoModelForImageTextToText.from_config(config)
     model.save_pretrained(out, safe_serialization=True)
     cfg_path = out / "config.json"
@@ -194,5 +194,5 @@ def reference_model(family: str, texts: Iterable[str], seed: int = 0) -> torch.n
     from transformers import AutoModelForImageTextToText
 
     config = real_config(family, _tokenizer(texts))
-    with modeling._seeded(seed):
+    with tiny_model._seeded(seed):
         return AutoModelForImageTextToText.from_config(config).eval()

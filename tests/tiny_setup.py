@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlgrpo.model import modeling
+from vlgrpo.model import loading, tiny_model
 from vlgrpo.config import Config, DataConfig, config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import Item, read_manifest
@@ -29,8 +29,8 @@ def tiny_project(root: Path, cfg: Config, plugin: str) -> Path:
     (root / "plugin.py").write_text(plugin)
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
+    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    loading.save_model(model, proc, root / "models/base")
     return root
 
 

@@ -409,7 +409,7 @@ class LoraConfig:
     frozen weights are held in the compute dtype (``train.mixed_precision``: bf16/fp16; fp32 with ``no``),
     only the adapters get gradients and optimizer state, checkpoints hold the adapters, and the final
     ``train.out_dir`` is a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` +
-    processor) that names its base model. ``vlgrpo.model.modeling.load_model`` loads such a directory as base +
+    processor) that names its base model. ``vlgrpo.model.loading.load_model`` loads such a directory as base +
     adapter, merged.
 
     Fields:

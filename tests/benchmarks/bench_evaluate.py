@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vlgrpo.data.manifest import write_manifest
     from vlgrpo.data.synthetic import generate
     from vlgrpo.eval.evaluate import evaluate_models
-    from vlgrpo.model.modeling import build_tiny
+    from vlgrpo.model.tiny_model import build_tiny
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.params) if Path(args.params).exists() else tuned_config({})

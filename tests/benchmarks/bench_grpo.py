@@ -9,7 +9,7 @@ Not a pytest test (timings are not asserted); ``make bench`` runs it. The last l
 
 Setup, per image size: a synthetic dataset (``vlgrpo.data.build.build_dataset`` with the canvas at that size and
 ``data.min_pixels/max_pixels`` fitted to it: 112x112 → 16 visual tokens a prompt, 448x448 → 256), and one tiny
-Qwen2.5-VL (``modeling.build_tiny`` with the default ``TinyModelConfig``) saved once and loaded by both
+Qwen2.5-VL (``tiny_model.build_tiny`` with the default ``TinyModelConfig``) saved once and loaded by both
 trainers. The same settings for both: 4 prompts a step × G=8 completions, at most 16 completion tokens,
 ``loss_type`` grpo, beta 0.04 (a reference model is loaded and scored), ``num_iterations`` 1, fp32, lr 1e-3, the
 32 completions of a step in one forward/backward (TRL: ``per_device_train_batch_size`` 32; vlgrpo:
@@ -238,7 +238,7 @@ def worker_main(spec: dict, workers: dict) -> None:
 def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     import torch
 
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, prompt_encoding, tiny_model
     from vlgrpo.config import config_from_dict
     from vlgrpo.data.manifest import read_manifest
 
@@ -255,10 +255,10 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     })
     root = Path(spec["root"])
     item = read_manifest(root / "data" / "manifest.jsonl", split="train")[0]
-    model, proc = modeling.load_model(spec["model"])
+    model, proc = loading.load_model(spec["model"])
     params = sum(p.numel() for p in model.parameters())
     del model
-    enc = modeling.encode_prompts(proc, [item], root / "data", cfg.data.min_pixels, cfg.data.max_pixels)
+    enc = prompt_encoding.encode_prompts(proc, [item], root / "data", cfg.data.min_pixels, cfg.data.max_pixels)
     pads = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
     image_tokens = int(torch.isin(enc["input_ids"], torch.tensor(pads)).sum())   # visual tokens a prompt
     summary, rows = run_gated_vlgrpo(cfg, root, spec["model"], Path(spec["out"]), gate)
@@ -279,9 +279,9 @@ def _trl_messages(item, min_pixels: int, max_pixels: int) -> list[dict]:
     Derived from vlgrpo's own message builder so both trainers render the very same prompt text."""
     from PIL import Image
 
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, prompt_encoding, tiny_model
 
-    msgs = modeling.build_messages(item, [Image.new("RGB", (1, 1))], min_pixels, max_pixels)
+    msgs = prompt_encoding.build_messages(item, [Image.new("RGB", (1, 1))], min_pixels, max_pixels)
     return [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image"
                                             else {"type": "text", "text": p["text"]} for p in m["content"]]}
             for m in msgs]
@@ -294,10 +294,10 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
 
     from vlgrpo import rewards as R
 
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, prompt_encoding, tiny_model
 
     sp = size_params(spec["size"])
-    model, processor = modeling.load_model(spec["model"])
+    model, processor = loading.load_model(spec["model"])
     rows, prompt_tokens = [], []
     for it, prompt, img in trl_image_rows(Path(spec["root"]), sp["min_pixels"], sp["max_pixels"]):
         rows.append({"prompt": prompt, "image": img, "solution": it.solution, "task": it.task, "row": len(rows)})
@@ -342,7 +342,7 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None
     """One dataset per image size (under tmp/size-<n>/data; the video one under tmp/video-<n>, key
     ``"video"``) and the model (tmp/model): ``build_tiny`` with the default ``TinyModelConfig`` updated by
     ``model_cfg``. Returns the dataset roots."""
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, prompt_encoding, tiny_model
     from vlgrpo.config import TinyModelConfig, config_from_dict
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
@@ -357,9 +357,9 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None
         roots["video"] = tmp / f"video-{video_size}"
         build_dataset(tuned_config({"data": size_params(video_size, video=True)}), roots["video"])
         items += read_manifest(roots["video"] / "data" / "manifest.jsonl")
-    model, proc = modeling.build_tiny([t for it in items for t in (it.question, it.solution)] * 4,
+    model, proc = tiny_model.build_tiny([t for it in items for t in (it.question, it.solution)] * 4,
                                       TinyModelConfig(**model_cfg), seed=0)
-    modeling.save_model(model, proc, tmp / "model")
+    loading.save_model(model, proc, tmp / "model")
     return roots
 
 

@@ -75,7 +75,7 @@ def qwen25_vl_3b_config(tokenizer, layers: int, vision_depth: int):
     special-token ids are the given tokenizer's."""
     from transformers import Qwen2_5_VLConfig
 
-    from vlgrpo.model.modeling import SPECIAL_TOKENS
+    from vlgrpo.model.tiny_model import SPECIAL_TOKENS
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=layers,
@@ -99,10 +99,10 @@ def build_model(out: Path, texts: list[str], layers: int, vision_depth: int) -> 
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, tiny_model
     from vlgrpo.config import TinyModelConfig
 
-    _, processor = modeling.build_tiny(texts, TinyModelConfig(), seed=0)   # the tokenizer + processor only
+    _, processor = tiny_model.build_tiny(texts, TinyModelConfig(), seed=0)   # the tokenizer + processor only
     tok = processor.tokenizer
     cfg = qwen25_vl_3b_config(tok, layers, vision_depth)
     old = torch.get_default_dtype()
@@ -116,7 +116,7 @@ def build_model(out: Path, texts: list[str], layers: int, vision_depth: int) -> 
     model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad,
                                                do_sample=False)
     n = sum(p.numel() for p in model.parameters())
-    modeling.save_model(model, processor, out)
+    loading.save_model(model, processor, out)
     return n
 
 
@@ -125,7 +125,7 @@ def lora_targets(model_dir: str) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vlgrpo.model import lora
+    from vlgrpo.model import loading, lora
     from vlgrpo.config import LoraConfig
 
     with torch.device("meta"):
@@ -164,7 +164,7 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
 
     from vlgrpo import rewards as R
 
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, tiny_model
 
     dp = data_params()
     rows = [{"prompt": prompt, "image": img, "solution": it.solution}
@@ -188,7 +188,7 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
     # the model as a path, like vlgrpo's: TRL loads it with its default dtype (float32), and its own reference
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=[accuracy], args=args,
                           train_dataset=Dataset.from_list(rows),
-                          processing_class=modeling.load_processor(spec["model"]),
+                          processing_class=loading.load_processor(spec["model"]),
                           callbacks=[trl_step_gate(gate, spec["device"])], peft_config=peft_config)
     assert (trainer.ref_model is None) == spec["lora"]      # LoRA: adapters off, no second copy
     trainer.train()

@@ -24,14 +24,14 @@ QUESTION = "How many red circles are there? Answer with one word."
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from vlgrpo.model import lora
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, lora
+    from vlgrpo.model import loading, tiny_model
     from vlgrpo.config import LoraConfig, TinyModelConfig
 
     d = tmp_path_factory.mktemp("lora")
     texts = [QUESTION, "2", "red", "circle", "yes", "no"] * 20
-    model, processor = modeling.build_tiny(texts, TinyModelConfig(), seed=0)
-    modeling.save_model(model, processor, d / "base")
+    model, processor = tiny_model.build_tiny(texts, TinyModelConfig(), seed=0)
+    loading.save_model(model, processor, d / "base")
     pm, processor = lora.load_policy(d / "base", LoraConfig(enabled=True, rank=4, vision=True, merger=True),
                                      torch.float32)
     with torch.no_grad():             # peft starts B at 0 (adapter = no-op); give it weights that matter
@@ -75,12 +75,13 @@ def test_adapter_and_merged_register_load_and_serve_alike(tmp_path, monkeypatch,
     from tasks.registry import log_candidate, register_version
     from tasks.tracking import setup
     from tests.integration.test_registry_postgres import _png_b64
-    from vlgrpo.model import lora
+    from vlgrpo.model import loading, lora
     from vlgrpo.data.manifest import Item
-    from vlgrpo.model.modeling import Decoding, generate_answers, load_model
+    from vlgrpo.model.decoding import Decoding, generate_answers
+    from vlgrpo.model.loading import load_model
 
     cand = adapter_dir / "candidate"
-    assert lora.is_adapter_dir(cand) and lora.adapter_base(cand) == str(adapter_dir / "base")
+    assert loading.is_adapter_dir(cand) and loading.adapter_base(cand) == str(adapter_dir / "base")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     exp = setup(tmp_path, "vlgrpo-lora")          # artifacts beside tmp_path/mlflow.db

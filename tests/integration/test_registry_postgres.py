@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     from vlgrpo.config import TinyModelConfig
-    from vlgrpo.model.modeling import build_tiny, save_model
+    from vlgrpo.model.loading import save_model
+    from vlgrpo.model.tiny_model import build_tiny
 
     texts = ["How many red circles are there? Answer with one word.", "2", "red", "circle", "yes", "no"] * 20
     model, processor = build_tiny(texts, TinyModelConfig(), seed=0)
@@ -48,7 +49,8 @@ def test_register_promote_load_and_serve(tmp_path, monkeypatch, tiny_checkpoint)
     from tasks.registry import champion_version, log_candidate, promote, register_version
     from tasks.tracking import setup
     from vlgrpo.data.manifest import Item
-    from vlgrpo.model.modeling import Decoding, generate_answers, load_model
+    from vlgrpo.model.decoding import Decoding, generate_answers
+    from vlgrpo.model.loading import load_model
 
     name = f"vlgrpo-test-{uuid.uuid4().hex[:6]}"
     with postgres_database() as db, mlflow_server(tmp_path, db) as srv:
@@ -115,7 +117,7 @@ def test_champion_loader_gives_the_registered_checkpoint(tmp_path, monkeypatch, 
 
     from tasks.registry import champion_loader, log_candidate, pip_requirements, promote, register_version
     from tasks.tracking import setup
-    from vlgrpo.model.modeling import load_model
+    from vlgrpo.model.loading import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     setup(tmp_path, "vlgrpo-it")

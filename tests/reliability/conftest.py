@@ -59,7 +59,7 @@ def update_params(root: Path, **sections: dict) -> dict:
 @pytest.fixture(scope="session")
 def ready_project(tmp_path_factory) -> Path:
     """A project folder with data and an (untrained) tiny base model; copy it, never modify it."""
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, tiny_model
     from vlgrpo.config import load_config
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
@@ -70,8 +70,8 @@ def ready_project(tmp_path_factory) -> Path:
     cfg = load_config(root / "params.yaml")
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base", rebuild="vlgrpo base")
+    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    loading.save_model(model, proc, root / "models/base", rebuild="vlgrpo base")
     return root
 
 

@@ -53,7 +53,7 @@ def test_flipped_byte_in_cached_image_is_found_before_use_and_rebuilt_by_the_dat
 
 
 def test_flipped_byte_in_models_base_is_found_before_use(project):
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading
     from vlgrpo.config import load_config
     from vlgrpo.io import ContentMismatch
     from vlgrpo.train import RunPaths, train_grpo
@@ -63,7 +63,7 @@ def test_flipped_byte_in_models_base_is_found_before_use(project):
     cfg = load_config(project / "params.yaml")
     want = rf"{weights}: content changed since it was written .*rebuild it with `vlgrpo base`"
     with pytest.raises(ContentMismatch, match=want):
-        modeling.load_model(project / "models/base")             # evaluate's and the pilot's load path
+        loading.load_model(project / "models/base")             # evaluate's and the pilot's load path
     with pytest.raises(ContentMismatch, match=want):
         train_grpo(cfg, RunPaths.under(project, "data/manifest.jsonl", "models/base", "models/candidate",
                                        "reports/train_metrics.jsonl"), progress=False)

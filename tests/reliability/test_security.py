@@ -121,7 +121,7 @@ pathlib.Path(os.environ["VLGRPO_TEST_SENTINEL"]).mkdir()   # runs on import: rem
 def test_model_with_custom_code_is_refused_without_trust_remote_code(project, tmp_path, monkeypatch):
     from vlgrpo.train.warm_start import run_base
     from vlgrpo.config import load_config
-    from vlgrpo.model.modeling import ModelLoadError
+    from vlgrpo.model.loading import ModelLoadError
 
     evil = project / "evil-model"
     evil.mkdir()

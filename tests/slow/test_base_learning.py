@@ -34,7 +34,8 @@ def _write_dataset(root: Path, data: dict) -> Path:
 def test_warm_start_learns_colour_above_chance(tmp_path):
     """Colour-only questions, 4 colours: chance (or always the majority colour) is far below 0.6."""
     from vlgrpo.train.warm_start import run_base
-    from vlgrpo.model.modeling import Decoding, generate_answers, load_model
+    from vlgrpo.model.decoding import Decoding, generate_answers
+    from vlgrpo.model.loading import load_model
 
     data = {"num_train": 256, "num_val": 64, "num_test": 0,
             "task_mix": {"count": 0.0, "color": 1.0, "shape": 0.0, "exists": 0.0, "caption": 0.0},
@@ -65,7 +66,7 @@ def test_warm_start_learns_colour_above_chance(tmp_path):
 def test_warm_start_is_deterministic(tmp_path):
     """Same seed, same data -> bit-identical weights (CPU)."""
     from vlgrpo.train.warm_start import warm_start, warm_start_targets
-    from vlgrpo.model.modeling import build_tiny
+    from vlgrpo.model.tiny_model import build_tiny
     from vlgrpo.config import TinyModelConfig
 
     manifest = _write_dataset(tmp_path, {"num_train": 32, "num_val": 0, "num_test": 0})

@@ -23,7 +23,7 @@ def test_default_pipeline_candidate_beats_base_by_0_20(tmp_path):
     from vlgrpo.data.build import build_dataset
     from vlgrpo.eval.evaluate import evaluate_models
     from vlgrpo.eval.gates import pilot_passed
-    from vlgrpo.model.modeling import load_model
+    from vlgrpo.model.loading import load_model
     from vlgrpo.train import RunPaths, train_grpo
 
     cfg = load_config(ROOT / "params.yaml")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlgrpo.model import lora
+from vlgrpo.model import loading, lora
 
-from vlgrpo.model import modeling
+from vlgrpo.model import loading, tiny_model
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
@@ -46,8 +46,8 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(tmp_path):
     root, cfg = tmp_path, tuned_config(RAW)
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
+    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    loading.save_model(model, proc, root / "models/base")
     base_file = root / "models/base/model.safetensors"
     base_before = base_file.read_bytes()
 
@@ -57,8 +57,8 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(tmp_path):
     assert rows[0]["kl"] == 0.0                              # adapters start at 0: policy == reference
     assert rows[-1]["kl"] > 0                                # ... and the reference stays the base
     out = root / "ref"
-    assert lora.is_adapter_dir(out) and not (out / "model.safetensors").exists()
-    assert lora.adapter_base(out) == str(root / "models/base")
+    assert loading.is_adapter_dir(out) and not (out / "model.safetensors").exists()
+    assert loading.adapter_base(out) == str(root / "models/base")
     assert (out / "adapter_model.safetensors").stat().st_size < base_file.stat().st_size / 3
     step2 = out / "checkpoints" / "step-2"
     assert (step2 / "adapter.safetensors").is_file() and not (step2 / "model.safetensors").exists()
@@ -75,7 +75,7 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
     # the final adapter directory loads as base + adapter, merged: not the base
-    merged, _ = modeling.load_model(out)
-    base, _ = modeling.load_model(root / "models/base")
+    merged, _ = loading.load_model(out)
+    base, _ = loading.load_model(root / "models/base")
     m, s = merged.state_dict(), base.state_dict()
     assert m.keys() == s.keys() and any(not torch.equal(m[k], s[k]) for k in m)

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlgrpo.model import modeling
+from vlgrpo.model import loading, tiny_model
 from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
@@ -62,8 +62,8 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_ste
     cfg = tuned_config(raw)
     build_dataset(cfg, tmp_path)
     items = read_manifest(tmp_path / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, tmp_path / "models/base")
+    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    loading.save_model(model, proc, tmp_path / "models/base")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
     one = train_grpo(cfg, RunPaths.under(tmp_path, "data/manifest.jsonl", "models/base", "out1",

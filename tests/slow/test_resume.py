@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlgrpo.model import modeling
+from vlgrpo.model import loading, tiny_model
 from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.train.checkpoint import latest_checkpoint
 from vlgrpo.config import config_from_dict
@@ -46,8 +46,8 @@ def project(tmp_path_factory):
     cfg = tuned_config(raw)
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
+    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    loading.save_model(model, proc, root / "models/base")
     ref = train_grpo(cfg, RunPaths.under(root, "data/manifest.jsonl", "models/base", "ref", "reports/ref.jsonl"),
                        progress=False)
     assert ref["finished"]

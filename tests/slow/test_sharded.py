@@ -73,7 +73,7 @@ def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(
 
 @pytest.mark.slow
 def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading
 
     # 1) 3 steps, one process vs two FSDP2 processes: metrics and final weights as in the DDP test
     summary = run_two_process_comparison(tmp_path, CONFIGS / "fsdp2.yaml", save_steps=1)
@@ -87,9 +87,9 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
     for i, st in o1["state"].items():
         assert {k: tuple(v.shape) for k, v in o2["state"][i].items()} == {k: tuple(v.shape) for k, v in st.items()}
     # ... and they load with the normal loaders: safetensors into a fresh model, the final one via from_pretrained
-    fresh, _ = modeling.load_model(tmp_path / "models/base")
+    fresh, _ = loading.load_model(tmp_path / "models/base")
     load_model(fresh, str(two / "model.safetensors"))
-    final, _ = modeling.load_model(tmp_path / "out2")
+    final, _ = loading.load_model(tmp_path / "out2")
     w2 = load_file(tmp_path / "out2/model.safetensors")
     assert all(torch.equal(t, w2[k]) for k, t in final.state_dict().items() if k in w2)
 

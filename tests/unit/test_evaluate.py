@@ -10,7 +10,7 @@ from vlgrpo.config import DataConfig, TinyModelConfig, config_from_dict
 from vlgrpo.data.manifest import Item, write_manifest
 from vlgrpo.eval.evaluate import (evaluate_models, held_out_items, paired_deltas_by_task, pass_at_k,
                              score_completions, summarize_by_task)
-from vlgrpo.model.modeling import Completion
+from vlgrpo.model.decoding import Completion
 from tests.settings import tuned_config, tuned_data
 
 CFG = tuned_config({"rewards": {"weights": {"accuracy": 1.0, "format": 0.1}},
@@ -100,7 +100,7 @@ def test_score_completions_refuses_misaligned_lists():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     from vlgrpo.data.synthetic import generate
-    from vlgrpo.model.modeling import build_tiny
+    from vlgrpo.model.tiny_model import build_tiny
 
     root = tmp_path_factory.mktemp("evaluate")
     (root / "img").mkdir()
@@ -186,7 +186,7 @@ def test_mean_sampled_reward_is_the_mean_total_of_seeded_samples(tiny_setup):
     import torch
 
     from vlgrpo.eval.evaluate import mean_sampled_reward
-    from vlgrpo.model.modeling import Decoding, generate_answers
+    from vlgrpo.model.decoding import Decoding, generate_answers
 
     root, model, processor = tiny_setup
     cfg = tuned_config({"train": {"max_completion_length": 3, "seed": 5}})

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers
 
 from tests.families import FAMILIES, build_family, reference_model  # noqa: E402
 from tests.tiny_setup import write_scenes  # noqa: E402
-from vlgrpo.model import modeling  # noqa: E402
+from vlgrpo.model import decoding, loading, prompt_encoding  # noqa: E402
 from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
 from tests.settings import tuned_config, tuned_train
@@ -48,7 +48,7 @@ def test_checkpoint_has_the_hub_layout_and_loads_unchanged(family, checkpoints, 
     raw = json.loads((path / "config.json").read_text())
     if family in ("qwen2_vl", "qwen2_5_vl"):        # flat text keys, legacy M-RoPE spelling
         assert "text_config" not in raw and raw["rope_scaling"]["type"] == "mrope"
-    model, proc = modeling.load_model(path)
+    model, proc = loading.load_model(path)
     assert type(model).__name__ == type(reference_model(family, _texts(scenes[1]))).__name__
     ref = reference_model(family, _texts(scenes[1])).state_dict()
     got = model.state_dict()
@@ -62,9 +62,9 @@ def test_checkpoint_has_the_hub_layout_and_loads_unchanged(family, checkpoints, 
 
 
 def _image_tokens(path: Path, scenes) -> tuple[int, list[list[int]]]:
-    model, proc = modeling.load_model(path)
+    model, proc = loading.load_model(path)
     root, items = scenes
-    batch = modeling.encode_prompts(proc, items[:1], root, **PIX)
+    batch = prompt_encoding.encode_prompts(proc, items[:1], root, **PIX)
     return int((batch["input_ids"] == model.config.image_token_id).sum()), batch["image_grid_thw"].tolist()
 
 
@@ -91,8 +91,8 @@ def test_validation_counts_the_visual_tokens_training_sees(checkpoints, scenes, 
     build_dataset(cfg, tmp_path)
     manifest = tmp_path / "data" / "manifest.jsonl"
     items = read_manifest(manifest)
-    model, proc = modeling.load_model(path)
-    enc = modeling.encode_prompts(proc, items, manifest.parent, **PIX)
+    model, proc = loading.load_model(path)
+    enc = prompt_encoding.encode_prompts(proc, items, manifest.parent, **PIX)
     lengths = enc["attention_mask"].sum(1).tolist()
     image_tokens = (enc["input_ids"] == model.config.image_token_id).sum(1).tolist()
     _, rows, _, _, _ = check_file(manifest, cfg)
@@ -138,15 +138,15 @@ def test_greedy_evaluation_ignores_the_checkpoints_decoding_settings(settings, c
     path = shutil.copytree(checkpoints["qwen2_5_vl"], tmp_path / "ckpt")
     gen = json.loads((path / "generation_config.json").read_text())
     (path / "generation_config.json").write_text(json.dumps({**gen, **settings}))
-    model, proc = modeling.load_model(path)
+    model, proc = loading.load_model(path)
     assert model.generation_config.repetition_penalty == settings.get("repetition_penalty", 1.05)
     root, items = scenes
-    stops = modeling.stop_token_ids(proc, model)
-    banned = modeling.vision_token_ids(proc, model)
+    stops = decoding.stop_token_ids(proc, model)
+    banned = decoding.vision_token_ids(proc, model)
     n = 12
-    comps = modeling.generate_answers(model, proc, items, root, modeling.Decoding(len(items), n, **PIX))
+    comps = decoding.generate_answers(model, proc, items, root, decoding.Decoding(len(items), n, **PIX))
     for it, c in zip(items, comps):
-        batch = modeling.encode_prompts(proc, [it], root, **PIX)
+        batch = prompt_encoding.encode_prompts(proc, [it], root, **PIX)
         assert c.token_ids == _argmax_decode(model, batch, stops, banned, n), it.id
 
 
@@ -164,8 +164,8 @@ def _sample(model, proc, prompts, G: int, length: int):
     from vlgrpo.train.generation import SamplingSpec, generate_group_completions
     from vlgrpo.train.data_order import step_generator
 
-    spec = SamplingSpec(G, length, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)),
-                        proc.tokenizer.pad_token_id, tuple(modeling.vision_token_ids(proc, model)))
+    spec = SamplingSpec(G, length, 1.0, 1.0, tuple(decoding.stop_token_ids(proc, model)),
+                        proc.tokenizer.pad_token_id, tuple(decoding.vision_token_ids(proc, model)))
     gens = [step_generator(0, 3, k, 0) for k in range(len(prompts))]
     return generate_group_completions(model, prompts, spec, gens, shared=True)
 
@@ -203,10 +203,10 @@ def test_shared_work_logprobs_equal_a_plain_forward(family, checkpoints, scenes)
     with prompts carrying different numbers of images."""
     from vlgrpo.train.batches import PromptBatch
 
-    model, proc = modeling.load_model(checkpoints[family])
+    model, proc = loading.load_model(checkpoints[family])
     root, items = scenes
     chosen = _mixed_items(root, items)
-    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
+    prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, chosen, root, **PIX),
                                          [len(it.images) for it in chosen])
     G = 4
     c = _sample(model, proc, prompts, G, 5)
@@ -223,10 +223,10 @@ def test_plain_path_scores_micro_batches_with_different_image_counts(checkpoints
     shared path (it used to split the image rows as if every prompt had the same number of images)."""
     from vlgrpo.train.batches import PromptBatch
 
-    model, proc = modeling.load_model(checkpoints["qwen2_5_vl"])
+    model, proc = loading.load_model(checkpoints["qwen2_5_vl"])
     root, items = scenes
     chosen = _mixed_items(root, items)
-    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, chosen, root, **PIX),
+    prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, chosen, root, **PIX),
                                          [len(it.images) for it in chosen])
     c = _sample(model, proc, prompts, 4, 5)
     ids, mask = c.ids, c.mask
@@ -243,10 +243,10 @@ def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
     from vlgrpo.train.batches import PromptBatch, micro_batches
     from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 
-    model, proc = modeling.load_model(checkpoints["qwen2_5_vl"])
+    model, proc = loading.load_model(checkpoints["qwen2_5_vl"])
     V, H = model.get_output_embeddings().weight.shape
     root, items = scenes
-    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
+    prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
     c = _sample(model, proc, prompts, 4, 6)
     ids, mask = c.ids, c.mask
     n, C = ids.shape
@@ -288,7 +288,7 @@ def test_full_fine_tuning_reference_is_held_in_the_compute_dtype(checkpoints, sc
         assert not any(p.requires_grad for p in ref.parameters())
         refs[mp] = ref
     root, items = scenes
-    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
+    prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
     c = _sample(model, proc, prompts, 4, 6)
     ids, mask = c.ids, c.mask
     tc = cfg.train

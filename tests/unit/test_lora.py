@@ -15,9 +15,9 @@ import torch
 
 from vlgrpo.algo import grpo
 
-from vlgrpo.model import lora
+from vlgrpo.model import loading, lora
 
-from vlgrpo.model import modeling
+from vlgrpo.model import loading, prompt_encoding, tiny_model
 from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
 from vlgrpo.config import ConfigError, DataConfig, LoraConfig, TinyModelConfig, TrainConfig, config_from_dict
 from vlgrpo.data.synthetic import generate
@@ -35,15 +35,15 @@ LC = LoraConfig(enabled=True, rank=4, alpha=8.0, vision=True, merger=True)
 def setup(tmp_path_factory):
     pairs = list(generate(tuned_data(num_train=6, num_val=0, num_test=0, seed=3)))
     items, images = [p[0] for p in pairs][:P], [[p[1]] for p in pairs][:P]
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it, _ in pairs] * 4, TinyModelConfig(),
+    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it, _ in pairs] * 4, TinyModelConfig(),
                                       seed=0)
     d = tmp_path_factory.mktemp("tiny")
-    modeling.save_model(model, proc, d)
-    model, proc = modeling.load_model(d)
-    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items, None, 3136, 12544, images=images),
+    loading.save_model(model, proc, d)
+    model, proc = loading.load_model(d)
+    prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, items, None, 3136, 12544, images=images),
                                        [1] * P)
     # completions: random text tokens (the maths does not care how they were sampled)
-    text_ids = torch.arange(len(modeling.SPECIAL_TOKENS), len(proc.tokenizer))   # no special / vision token
+    text_ids = torch.arange(len(tiny_model.SPECIAL_TOKENS), len(proc.tokenizer))   # no special / vision token
     ids = text_ids[torch.randint(len(text_ids), (N, C), generator=torch.Generator().manual_seed(0))]
     mask = torch.ones(N, C, dtype=torch.long)
     mask = mask.clone()
@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
 
 
 def _lora_model(s, ckpt=False):
-    model, _ = modeling.load_model(s["dir"])
+    model, _ = loading.load_model(s["dir"])
     if ckpt:
         enable_gradient_checkpointing(model)
     pm = lora.wrap(model, LC)
@@ -107,7 +107,7 @@ def trl_lora(setup, tmp_path_factory):
     from trl import GRPOConfig, GRPOTrainer
 
     s = setup
-    model, _ = modeling.load_model(s["dir"])
+    model, _ = loading.load_model(s["dir"])
     targets = lora.target_modules(model, LC)
     args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=N,
                       num_generations=G, loss_type="grpo", beta=0.04, epsilon=0.2, epsilon_high=0.28,
@@ -144,7 +144,7 @@ def test_lora_loss_and_adapter_grads_match_trl_peft(setup, trl_lora, loss_type):
     trl_loss.backward()
     want = _grads(tr.model)
     assert all("lora_" in n for n in want) and len(want) == 2 * len(lora.target_modules(
-        modeling.load_model(s["dir"])[0], LC))
+        loading.load_model(s["dir"])[0], LC))
     for shared, ckpt, tol in [(False, False, 1e-5), (True, False, 1e-5), (True, True, 1e-5)]:
         pm = _lora_model(s, ckpt)
         scorer = CompletionScorer(pm)
@@ -165,7 +165,7 @@ def test_gradient_checkpointing_same_grads_fewer_saved_bytes(setup, shared):
     batch = StepBatch(s["prompts"], s["ids"], s["mask"], s["adv"], s["old_logp"], s["base_logp"] + 0.05)
     out = {}
     for ckpt in (False, True):
-        model, _ = modeling.load_model(s["dir"])
+        model, _ = loading.load_model(s["dir"])
         model.train()
         if ckpt:
             names = {type(m).__name__ for m in model.modules() if getattr(m, "gradient_checkpointing", False)}
@@ -196,7 +196,7 @@ def test_qlora_needs_a_gpu_and_lora_config_errors(setup):
         lora.load_policy(setup["dir"], LoraConfig(enabled=True, quantize_4bit=True), torch.bfloat16)
     with pytest.raises(ConfigError, match="train.lora.quantize_4bit"):
         tuned_config({"train": {"lora": {"quantize_4bit": True}}})
-    model, _ = modeling.load_model(setup["dir"])
+    model, _ = loading.load_model(setup["dir"])
     with pytest.raises(lora.LoraError, match="train.lora.target_modules"):
         lora.target_modules(model, LoraConfig(enabled=True, target_modules=("no_such_proj",)))
     assert not any(".visual." in n for n in lora.target_modules(model, LoraConfig(enabled=True)))

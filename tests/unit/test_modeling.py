@@ -12,8 +12,10 @@ from PIL import Image
 from tests.tiny_setup import write_scenes
 from vlgrpo.config import TinyModelConfig
 from vlgrpo.data.manifest import Item
-from vlgrpo.model.modeling import (IGNORE_INDEX, Decoding, ModelLoadError, build_messages, build_tiny, encode_prompts,
-                             generate_answers, load_model, save_model, supervised_batch)
+from vlgrpo.model.decoding import Decoding, generate_answers
+from vlgrpo.model.loading import ModelLoadError, load_model, save_model
+from vlgrpo.model.prompt_encoding import IGNORE_INDEX, build_messages, encode_prompts, supervised_batch
+from vlgrpo.model.tiny_model import build_tiny
 
 PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
 

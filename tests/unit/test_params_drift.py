@@ -98,7 +98,7 @@ def reads(tmp_path_factory):
     from vlgrpo.data.manifest import read_manifest
     from vlgrpo.eval.evaluate import evaluate_models, mean_sampled_reward
     from vlgrpo.eval.gates import pilot_passed
-    from vlgrpo.model.modeling import load_model
+    from vlgrpo.model.loading import load_model
     from vlgrpo.eval.report import write_evaluation_outputs
     from vlgrpo.train import RunPaths, train_grpo
     from vlgrpo.data.validation import validate_file

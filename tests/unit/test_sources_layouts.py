@@ -1,6 +1,6 @@
 """Every row layout ms-swift documents, written in its own shape (literal JSON, not through vlgrpo), read
 by the data stage into the exact prompt turns, images and solution, and rendered by the processor's chat
-template (the project's Qwen-style template of the tiny model, ``vlgrpo.model.modeling.CHAT_TEMPLATE``; a hub
+template (the project's Qwen-style template of the tiny model, ``vlgrpo.model.tiny_model.CHAT_TEMPLATE``; a hub
 checkpoint brings its own, which adds a default system turn) into the exact prompt text the model sees. Plus: what is warned about, refused, and how image
 paths resolve (data.image_base / data.image_roots)."""
 from __future__ import annotations
@@ -19,7 +19,8 @@ from vlgrpo.config import Config, DataConfig, TinyModelConfig, config_from_dict 
 from vlgrpo.data.build import build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.sources import ReadOptions, detect_kind, iter_records, read_options  # noqa: E402
-from vlgrpo.model.modeling import build_messages, build_tiny  # noqa: E402
+from vlgrpo.model.prompt_encoding import build_messages
+from vlgrpo.model.tiny_model import build_tiny  # noqa: E402
 from vlgrpo.data.validation import check_file, validate_file  # noqa: E402
 from tests.settings import tuned_config, tuned_data
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
-from vlgrpo.model import modeling
+from vlgrpo.model import loading
 from tests.tiny_setup import tiny_project, tiny_train_cfg
 from vlgrpo.train import RunPaths, train_grpo
 
@@ -81,7 +81,7 @@ def test_gspo_entropy_and_truncation_settings_train(project):
 def loaded(project, path=None):
     """The tiny model with the weights of a safetensors file (tied weights are stored once: compare models,
     not files)."""
-    model = modeling.load_model(project / "models/base")[0]
+    model = loading.load_model(project / "models/base")[0]
     if path is not None:
         load_model(model, str(path))
     return model
@@ -165,7 +165,7 @@ def test_eval_during_training_and_keep_best(project):
     rewards = [r["eval/reward"] for r in rs]
     best_step = rewards.index(max(rewards)) + 1                # the first of equal maxima is kept
     assert s["best"]["step"] == best_step and s["best"]["eval/reward"] == max(rewards)
-    final = modeling.load_model(project / "out/evald")[0]           # the published model folder
+    final = loading.load_model(project / "out/evald")[0]           # the published model folder
     assert params_equal(final, loaded(project, project / f"out/evald/checkpoints/step-{best_step}/model.safetensors"))
     if best_step != 4:                                          # the last policy is not what was kept
         assert not params_equal(final, loaded(project, project / "out/evald/checkpoints/step-4/model.safetensors"))

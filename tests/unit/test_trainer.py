@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from tests.tiny_setup import tiny_project, tiny_train_cfg
 from vlgrpo.algo import grpo
-from vlgrpo.model import modeling
+from vlgrpo.model import decoding, loading, prompt_encoding
 from vlgrpo.data.manifest import read_manifest
 from vlgrpo.train import RunPaths, train_grpo, TrainingError
 from vlgrpo.train.batches import PromptBatch, StepBatch
@@ -78,7 +78,7 @@ def test_smoke_params_change_and_metrics_have_trl_names(project):
     assert len(changed) > len(base) // 2, f"only {len(changed)}/{len(base)} tensors changed"
     assert any("visual" in k for k in changed), "the vision tower must learn too"
     # the final model reloads through the same path as any checkpoint; checkpoints are kept beside it
-    modeling.load_model(project / "out/smoke")
+    loading.load_model(project / "out/smoke")
     assert sorted(p.name for p in (project / "out/smoke/checkpoints").iterdir()) == ["step-1", "step-2"]
     assert json.loads((project / "out/smoke/checkpoints/step-2/trainer_state.json").read_text())["step"] == 2
 
@@ -94,7 +94,7 @@ def test_augment_changes_the_step_images_reproducibly(project):
     items = read_manifest(project / "data/manifest.jsonl", split="train")[:2]
     a = step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
     b = step_images(items, project / "data", cfg.train, step=3, slots=[0, 1])
-    orig = modeling.IMAGE_CACHE.get(project / "data" / items[0].images[0])
+    orig = prompt_encoding.IMAGE_CACHE.get(project / "data" / items[0].images[0])
     assert a[0][0].tobytes() == b[0][0].tobytes() != orig.tobytes()
     assert a[0][0].size == orig.size
     assert step_images(items, project / "data", make_cfg(project).train, 3, [0, 1]) is None
@@ -116,7 +116,7 @@ def test_relative_reward_plugin_is_found_from_another_folder(project, tmp_path, 
 def test_training_and_evaluation_suppress_the_same_vision_tokens(project):
     """A policy that prefers every vision token must emit none of them, in rollouts and in evaluation
     alike (training used to ban only the model config's ids and so could sample <|vision_pad|>)."""
-    model, proc = modeling.load_model(project / "models/base")
+    model, proc = loading.load_model(project / "models/base")
     names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
     vision = [proc.tokenizer.convert_tokens_to_ids(n) for n in names]
 
@@ -126,20 +126,20 @@ def test_training_and_evaluation_suppress_the_same_vision_tokens(project):
         return logits
 
     items = read_manifest(project / "data/manifest.jsonl", split="train")[:2]
-    prompts = PromptBatch.from_encoded(modeling.encode_prompts(proc, items, project / "data", 3136, 12544), [1, 1])
+    prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, items, project / "data", 3136, 12544), [1, 1])
     spec = SamplingSpec.for_training(make_cfg(project).train, proc, model)
     handle = model.lm_head.register_forward_hook(prefer_vision)
     try:
         sampled = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in (0, 1)])
         ids, mask = sampled.ids, sampled.mask
-        answers = modeling.generate_answers(model, proc, items, project / "data",
-                                            modeling.Decoding(2, 4, 3136, 12544, do_sample=True,
+        answers = decoding.generate_answers(model, proc, items, project / "data",
+                                            decoding.Decoding(2, 4, 3136, 12544, do_sample=True,
                                                               num_return_sequences=2))
     finally:
         handle.remove()
     assert not set(ids[mask.bool()].tolist()) & set(vision)
     assert not {t for c in answers for t in c.token_ids} & set(vision)
-    assert set(spec.banned_ids) == set(modeling.vision_token_ids(proc, model)) >= set(vision)
+    assert set(spec.banned_ids) == set(decoding.vision_token_ids(proc, model)) >= set(vision)
 
 
 def test_fp16_on_cpu_is_refused(project):
@@ -154,9 +154,9 @@ def test_nan_reward_names_step_and_reward(project):
 
 def test_over_long_prompts_are_dropped_not_truncated(project):
     cfg = make_cfg(project)
-    model, proc = modeling.load_model(project / "models/base")
+    model, proc = loading.load_model(project / "models/base")
     items = read_manifest(project / "data/manifest.jsonl", split="train")
-    enc = modeling.encode_prompts(proc, items, project / "data", cfg.data.min_pixels, cfg.data.max_pixels)
+    enc = prompt_encoding.encode_prompts(proc, items, project / "data", cfg.data.min_pixels, cfg.data.max_pixels)
     lengths = enc["attention_mask"].sum(1).tolist()
     limit = sorted(lengths)[len(lengths) // 2]
     kept, dropped = drop_long_prompts(proc, items, project / "data", cfg.data, limit)
@@ -167,12 +167,12 @@ def test_over_long_prompts_are_dropped_not_truncated(project):
 
 
 def test_shared_and_plain_paths_same_samples_loss_and_grads(project):
-    model, proc = modeling.load_model(project / "models/base")
+    model, proc = loading.load_model(project / "models/base")
     items = read_manifest(project / "data/manifest.jsonl", split="train")[:3]
     prompts = PromptBatch.from_encoded(
-        modeling.encode_prompts(proc, items, project / "data", 3136, 12544), [1] * 3)
-    stops, pad = modeling.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
-    spec = SamplingSpec(4, 6, 1.0, 0.9, tuple(stops), pad, tuple(modeling.vision_token_ids(proc, model)))
+        prompt_encoding.encode_prompts(proc, items, project / "data", 3136, 12544), [1] * 3)
+    stops, pad = decoding.stop_token_ids(proc, model), proc.tokenizer.pad_token_id
+    spec = SamplingSpec(4, 6, 1.0, 0.9, tuple(stops), pad, tuple(decoding.vision_token_ids(proc, model)))
     gens = [generate_group_completions(model, prompts, spec,
                                          [step_generator(0, 5, k, 0) for k in range(3)], shared=sh)
             for sh in (True, False)]

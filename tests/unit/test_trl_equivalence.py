@@ -18,7 +18,7 @@ import torch
 
 from vlgrpo.algo import grpo
 
-from vlgrpo.model import modeling
+from vlgrpo.model import decoding, loading, prompt_encoding, tiny_model
 from vlgrpo.config import DataConfig, TinyModelConfig, TrainConfig
 from vlgrpo.data.synthetic import generate
 from vlgrpo.train.batches import micro_batches, PromptBatch, StepBatch
@@ -38,14 +38,14 @@ def setup(tmp_path_factory):
     items = [p[0] for p in pairs][:P]
     images = [[p[1]] for p in pairs][:P]
     texts = [it.question + " " + it.solution for it, _ in pairs] * 4
-    model, proc = modeling.build_tiny(texts, TinyModelConfig(), seed=0)
+    model, proc = tiny_model.build_tiny(texts, TinyModelConfig(), seed=0)
     d = tmp_path_factory.mktemp("tiny")
-    modeling.save_model(model, proc, d)
-    model, proc = modeling.load_model(d)
-    enc = modeling.encode_prompts(proc, items, None, 3136, 12544, images=images)
+    loading.save_model(model, proc, d)
+    model, proc = loading.load_model(d)
+    enc = prompt_encoding.encode_prompts(proc, items, None, 3136, 12544, images=images)
     prompts = PromptBatch.from_encoded(enc, [1] * P)
-    spec = SamplingSpec(G, C, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)), proc.tokenizer.pad_token_id,
-                        tuple(modeling.vision_token_ids(proc, model)))
+    spec = SamplingSpec(G, C, 1.0, 1.0, tuple(decoding.stop_token_ids(proc, model)), proc.tokenizer.pad_token_id,
+                        tuple(decoding.vision_token_ids(proc, model)))
     c = generate_group_completions(model, prompts, spec, [step_generator(0, 0, k, 0) for k in range(P)])
     ids, mask = c.ids, c.mask
     # make lengths differ for sure: cut two completions short (masks must matter in every loss type)
@@ -94,7 +94,7 @@ def _make_trl_trainer(setup, tmp_path_factory, temperature):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    model, _ = modeling.load_model(setup["dir"])
+    model, _ = loading.load_model(setup["dir"])
     args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=N,
                       num_generations=G, loss_type="grpo", beta=0.04, epsilon=0.2, epsilon_high=0.28,
                       max_completion_length=C, use_cpu=True, bf16=False, report_to=[],
@@ -143,7 +143,7 @@ def _trl_loss_and_grads(tr, s, loss_type, beta, with_old, accumulate=1):
 def _our_loss_and_grads(s, loss_type, beta, with_old, shared, micro_batch_size=N, **train):
     """Our ``update_phase`` on the whole batch (or, with ``rows`` / ``num_processes`` in ``train``, on the
     rows one of ``num_processes`` DDP processes holds, normalised as that process would)."""
-    model, _ = modeling.load_model(s["dir"])
+    model, _ = loading.load_model(s["dir"])
     model.train()
     rows, world = train.pop("rows", slice(0, N)), train.pop("num_processes", 1)
     tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=micro_batch_size,

@@ -13,7 +13,7 @@ import torch
 from tests.unit.test_trl_equivalence import (C, G, N, P, _assert_grads_close, _trl_inputs,  # noqa: F401
                                              setup, trl_trainer)
 from vlgrpo.algo import grpo
-from vlgrpo.model import modeling
+from vlgrpo.model import decoding, loading
 from vlgrpo.config import TrainConfig
 from vlgrpo.train.batches import StepBatch
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions
@@ -43,7 +43,7 @@ def _trl(tr, s, loss_type, beta, with_old, mask=None, **attrs):
 
 
 def _ours(s, loss_type, beta, with_old, mask=None, shared=False, **train):
-    model, _ = modeling.load_model(s["dir"])
+    model, _ = loading.load_model(s["dir"])
     model.train()
     mask = s["mask"] if mask is None else mask
     tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=N, loss_type=loss_type, beta=beta,
@@ -88,11 +88,11 @@ def truncation(setup, trl_trainer):
     most frequent one in the fixture's completions) is made a stop token too - for our sampler and as TRL's
     ``eos_token_ids`` alike (what a generation config with two EOS ids gives).
     """
-    model, proc = modeling.load_model(setup["dir"])
-    stops = list(modeling.stop_token_ids(proc, model))
+    model, proc = loading.load_model(setup["dir"])
+    stops = list(decoding.stop_token_ids(proc, model))
     extra = int(torch.mode(setup["ids"][:, 1:].flatten()).values)
     spec = SamplingSpec(G, C, 1.0, 1.0, tuple(stops + [extra]), proc.tokenizer.pad_token_id,
-                        tuple(modeling.vision_token_ids(proc, model)))
+                        tuple(decoding.vision_token_ids(proc, model)))
     c = generate_group_completions(model, setup["prompts"], spec, [step_generator(0, 0, k, 0) for k in range(P)])
     ids, mask, term = c.ids, c.mask, c.terminated
     saved = trl_trainer.eos_token_ids

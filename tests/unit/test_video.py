@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlgrpo.algo import grpo
 
-from vlgrpo.model import modeling
+from vlgrpo.model import decoding, loading, prompt_encoding, tiny_model
 from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.images import png_bytes
@@ -55,8 +55,8 @@ def project(tmp_path_factory):
     summary = build_dataset(cfg, root)
     assert summary["tasks"]["motion"] > 0 and summary["tasks"]["color"] > 0
     items = read_manifest(root / "data/manifest.jsonl")
-    model, proc = modeling.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    modeling.save_model(model, proc, root / "models/base")
+    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
+    loading.save_model(model, proc, root / "models/base")
     return root
 
 
@@ -69,18 +69,18 @@ def test_motion_items_are_cached_videos_the_model_sees_as_video_tokens(project):
     frames = [Image.open(project / "data" / f) for f in it.videos[0]]
     assert {f.size for f in frames} == {(56, 56)}                   # data.video_max_pixels = 56*56
     assert len({f.tobytes() for f in frames}) == 4                  # the shape moves
-    model, proc = modeling.load_model(project / "models/base")
-    enc = modeling.encode_prompts(proc, [it], project / "data", 3136, 12544)
+    model, proc = loading.load_model(project / "models/base")
+    enc = prompt_encoding.encode_prompts(proc, [it], project / "data", 3136, 12544)
     text = proc.tokenizer.decode(enc["input_ids"][0])
     # 4 frames of 56x56: 2 temporal patches x (2x2 merged patches) = 8 video tokens
     assert "<|vision_start|>" + "<|video_pad|>" * 8 + "<|vision_end|>Which way does the" in text
     assert enc["video_grid_thw"].tolist() == [[2, 4, 4]] and "pixel_values" not in enc
     assert enc["pixel_values_videos"].shape[0] == 2 * 4 * 4
     # the other consumers of a prompt: evaluation's decoding and the base stage's supervised batch
-    (ans,) = modeling.generate_answers(model, proc, [it], project / "data", modeling.Decoding(1, 3, 3136, 12544))
+    (ans,) = decoding.generate_answers(model, proc, [it], project / "data", decoding.Decoding(1, 3, 3136, 12544))
     assert 1 <= len(ans.token_ids) <= 3
-    sup = modeling.supervised_batch(proc, [it], project / "data", 3136, 12544)
-    assert int((sup["labels"] != modeling.IGNORE_INDEX).sum()) >= 2 and "pixel_values_videos" in sup
+    sup = prompt_encoding.supervised_batch(proc, [it], project / "data", 3136, 12544)
+    assert int((sup["labels"] != prompt_encoding.IGNORE_INDEX).sum()) >= 2 and "pixel_values_videos" in sup
     assert torch.isfinite(model(**sup).loss)
     # the validate stage on the manifest: frames checked in the video budget, video tokens counted
     res = validate_file(project / "data/manifest.jsonl", make_cfg())
@@ -88,16 +88,16 @@ def test_motion_items_are_cached_videos_the_model_sees_as_video_tokens(project):
 
 
 def test_shared_work_equals_a_plain_forward_on_video_prompts(project):
-    model, proc = modeling.load_model(project / "models/base")
+    model, proc = loading.load_model(project / "models/base")
     train = read_manifest(project / "data/manifest.jsonl", split="train")
     # videos and images in one batch: 3 motion prompts and a colour prompt
     items = [it for it in train if it.task == "motion"][:2] + [next(it for it in train if it.task == "color")] \
         + [it for it in train if it.task == "motion"][2:3]
     assert len(items) == 4
-    enc = modeling.encode_prompts(proc, items, project / "data", 3136, 12544)
+    enc = prompt_encoding.encode_prompts(proc, items, project / "data", 3136, 12544)
     prompts = PromptBatch.from_encoded(enc, [len(i.images) for i in items], [len(i.videos) for i in items])
-    spec = SamplingSpec(4, 5, 1.0, 1.0, tuple(modeling.stop_token_ids(proc, model)),
-                        proc.tokenizer.pad_token_id, tuple(modeling.vision_token_ids(proc, model)))
+    spec = SamplingSpec(4, 5, 1.0, 1.0, tuple(decoding.stop_token_ids(proc, model)),
+                        proc.tokenizer.pad_token_id, tuple(decoding.vision_token_ids(proc, model)))
     gens = [generate_group_completions(model, prompts, spec, [step_generator(0, 1, k, 0) for k in range(4)],
                                        shared=sh) for sh in (True, False)]
     for field in ("ids", "mask", "terminated"):
@@ -127,14 +127,14 @@ def test_a_few_grpo_steps_on_the_video_task(project):
                                                           plugins=(str(project / "plugin.py"),)))
     build_dataset(cfg, project)
     assert {it.task for it in read_manifest(project / "vdata/manifest.jsonl")} == {"motion"}
-    before = modeling.load_model(project / "models/base")[0].state_dict()
+    before = loading.load_model(project / "models/base")[0].state_dict()
     s = train_grpo(cfg, RunPaths.under(project, "vdata/manifest.jsonl", "models/base", "out/video",
                                        "reports/video.jsonl"), progress=False)
     assert s["finished"] and s["steps"] == 2
     lines = [json.loads(ln) for ln in (project / "reports/video.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines if "loss" in ln] == [1, 2]
     assert all(torch.isfinite(torch.tensor(ln["loss"])) for ln in lines if "loss" in ln)
-    after = modeling.load_model(project / "out/video")[0].state_dict()
+    after = loading.load_model(project / "out/video")[0].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "visual" in k)
 
 
@@ -180,8 +180,8 @@ def test_layout_with_videos_gives_the_exact_prompt_and_frame_count(tmp_path):
     assert summary["rows"] == 2 and [len(v) for it in items for v in it.videos] == [4, 2]
     assert all(f.startswith("cache/") for it in items for v in it.videos for f in v)
     assert Image.open(tmp_path / "data" / items[0].videos[0][0]).size == (56, 56)   # video_max_pixels
-    model, proc = modeling.build_tiny(["where does it go same as"] * 4, cfg.base.tiny, 0)
-    enc = modeling.encode_prompts(proc, items, tmp_path / "data", 3136, 12544)
+    model, proc = tiny_model.build_tiny(["where does it go same as"] * 4, cfg.base.tiny, 0)
+    enc = prompt_encoding.encode_prompts(proc, items, tmp_path / "data", 3136, 12544)
     assert enc["video_grid_thw"].tolist() == [[2, 4, 4], [1, 4, 4]]
     assert enc["image_grid_thw"].tolist() == [[1, 4, 4]]
     text = proc.tokenizer.decode(enc["input_ids"][1], skip_special_tokens=False)
@@ -259,8 +259,8 @@ def test_mp4_files_run_through_validate_data_and_a_training_forward(tmp_path):
     # the frames of different clips differ (the square moves differently)
     assert len({Image.open(tmp_path / "data" / it.videos[0][-1]).tobytes() for it in items}) == 4
 
-    model, proc = modeling.build_tiny([r["problem"] + " " + r["solution"] for r in rows], cfg.base.tiny, 0)
-    batch = modeling.supervised_batch(proc, items, tmp_path / "data", cfg.data.min_pixels, cfg.data.max_pixels)
+    model, proc = tiny_model.build_tiny([r["problem"] + " " + r["solution"] for r in rows], cfg.base.tiny, 0)
+    batch = prompt_encoding.supervised_batch(proc, items, tmp_path / "data", cfg.data.min_pixels, cfg.data.max_pixels)
     # 28x56 cached frames (84x112 in a 3136 px budget) stay 28x56: 2 temporal x 2x4 patches of 14 px
     assert batch["video_grid_thw"].tolist() == [[2, 2, 4]] * 4 and "pixel_values" not in batch
     loss = model(**batch).loss

@@ -1,7 +1,7 @@
 """Evaluate base vs candidate (vs champion) on the held-out test split: metrics, intervals, the decision.
 
     from vlgrpo.eval.evaluate import evaluate_models
-    from vlgrpo.model.modeling import load_model
+    from vlgrpo.model.loading import load_model
     result = evaluate_models(cfg, Path("data/manifest.jsonl"), {
         "base": lambda: load_model("models/base"),
         "candidate": lambda: load_model("models/candidate"),
@@ -93,7 +93,7 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
     """One record per item: every reward, the weighted ``reward``, ``completion_length``, ``terminated``.
 
     ``completions[i]`` answers ``items[i]`` (objects with ``text``, ``token_ids``, ``terminated``, i.e.
-    :class:`vlgrpo.model.modeling.Completion`). ``rewards``: prebuilt reward functions by name (else the registry).
+    :class:`vlgrpo.model.decoding.Completion`). ``rewards``: prebuilt reward functions by name (else the registry).
     """
     if len(completions) != len(items):
         raise ValueError(f"score_completions: {len(completions)} completions for {len(items)} items")
@@ -216,7 +216,7 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
 
     import dataclasses
 
-    from vlgrpo.model.modeling import Decoding, generate_answers
+    from vlgrpo.model.decoding import Decoding, generate_answers
 
     ev = cfg.evaluate
     greedy_dec = Decoding(ev.batch_size, answer_length(cfg), cfg.data.min_pixels, cfg.data.max_pixels)
@@ -269,7 +269,7 @@ def mean_sampled_reward(model: Any, processor: Any, items: Sequence[Item], manif
     """
     import torch
 
-    from vlgrpo.model.modeling import Decoding, generate_answers
+    from vlgrpo.model.decoding import Decoding, generate_answers
 
     tc = cfg.train
     if not items:

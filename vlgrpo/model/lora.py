@@ -1,12 +1,12 @@
 """LoRA / QLoRA through peft (``train.lora``): wrap a loaded Qwen-VL policy, switch the adapters off for the
 reference policy, save and load adapter directories, merge.
 
-    from vlgrpo.model import lora
+    from vlgrpo.model import loading, lora
     model = lora.load_policy("models/base", cfg.train.lora, torch.bfloat16)   # base in bf16 + fp32 adapters
     with lora.adapters_disabled(model):       # the reference policy: the same weights, adapters off
         ...
     model.save_pretrained("out")              # adapter_config.json + adapter_model.safetensors
-    merged, processor = modeling.load_model("out")     # base + adapter, merged (an adapter dir loads too)
+    merged, processor = loading.load_model("out")     # base + adapter, merged (an adapter dir loads too)
 
 Only the adapters are trainable; the frozen weights are held in the compute dtype (bf16/fp16 under mixed
 precision, fp32 without), since no optimizer ever updates them. The adapters themselves stay fp32 (peft's
@@ -15,7 +15,6 @@ precision, fp32 without), since no optimizer ever updates them. The adapters the
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,29 +23,9 @@ from torch import nn
 
 from vlgrpo.config import LoraConfig
 
-ADAPTER_CONFIG = "adapter_config.json"
-
 
 class LoraError(RuntimeError):
     """A LoRA/QLoRA set-up that cannot work here; the message names the ``train.lora`` key and the reason."""
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """A peft adapter directory (adapter_config.json, no full config.json)."""
-    p = Path(path)
-    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
-
-
-def adapter_base(path: str | Path) -> str:
-    """The base model (path or hub id) an adapter directory was trained on."""
-    p = Path(path) / ADAPTER_CONFIG
-    try:
-        base = json.loads(p.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise LoraError(f"{p}: cannot read the adapter config: {e}") from e
-    if not base:
-        raise LoraError(f"{p}: no base_model_name_or_path - cannot tell which base model the adapter belongs to")
-    return str(base)
 
 
 def _vision_prefix(model: nn.Module) -> str | None:
@@ -109,10 +88,10 @@ def _quantization_config(lc: LoraConfig, compute_dtype: torch.dtype) -> Any:
 def load_policy(path: str | Path, lc: LoraConfig, compute_dtype: torch.dtype,
                 gradient_checkpointing: bool = False) -> tuple[nn.Module, Any]:
     """(peft model, processor): the base in ``compute_dtype`` (4-bit with ``quantize_4bit``) + fresh adapters."""
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading
 
     quant = _quantization_config(lc, compute_dtype) if lc.quantize_4bit else None
-    model, processor = modeling.load_model(path, dtype=compute_dtype, quantization_config=quant)
+    model, processor = loading.load_model(path, dtype=compute_dtype, quantization_config=quant)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -165,32 +144,6 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     res = set_peft_model_state_dict(pm, state)
     if getattr(res, "unexpected_keys", None):
         raise LoraError(f"adapter weights: unexpected keys {res.unexpected_keys[:3]}")
-
-
-def load_merged(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, processor) from an adapter directory: its base model with the adapter merged in."""
-    from peft import PeftModel
-
-    from vlgrpo.model import modeling
-
-    path = Path(path)
-    base = adapter_base(path)
-    try:
-        model, _ = modeling.load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
-    except modeling.ModelLoadError as e:
-        raise modeling.ModelLoadError(f"{path}: is a LoRA adapter; its base model {base} cannot be loaded: "
-                                      f"{e}") from e
-    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    model.eval()
-    return model, modeling.load_processor(path, trust_remote_code=trust_remote_code)
-
-
-def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write base + adapter merged as a plain checkpoint (safetensors + processor), atomically."""
-    from vlgrpo.model import modeling
-
-    model, processor = load_merged(adapter_dir)
-    return modeling.save_model(model, processor, out_dir)
 
 
 class AdaptersOff(nn.Module):

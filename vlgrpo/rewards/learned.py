@@ -84,10 +84,10 @@ def make_vl_judge(name: str, path: str | Path, batch_size: int = 32, device: str
     """
     import torch
 
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, prompt_encoding
     from vlgrpo.data.manifest import Item
 
-    model, processor = modeling.load_model(path)
+    model, processor = loading.load_model(path)
     model.to(device)
     yes, no = _yes_no_ids(processor.tokenizer, name)
     root = Path(image_root)
@@ -100,7 +100,7 @@ def make_vl_judge(name: str, path: str | Path, batch_size: int = 32, device: str
                  for i, (p, c, im) in enumerate(zip(prompts, completions, images))]
         out: list[float] = []
         for s in range(0, len(items), batch_size):
-            enc = modeling.encode_prompts(processor, items[s:s + batch_size], root, *pixels).to(device)
+            enc = prompt_encoding.encode_prompts(processor, items[s:s + batch_size], root, *pixels).to(device)
             # left padding: the last position predicts the next token; only its logits are computed
             logits = model(**enc, logits_to_keep=1).logits[:, -1, [yes, no]].float()
             out += torch.softmax(logits, dim=-1)[:, 0].tolist()

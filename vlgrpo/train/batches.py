@@ -28,7 +28,7 @@ def _rows_spans(grid: torch.Tensor | None, counts: Sequence[int]) -> list[tuple[
 
 @dataclass
 class PromptBatch:
-    """P prompts, left-padded, with their images and videos; produced by ``modeling.encode_prompts``."""
+    """P prompts, left-padded, with their images and videos; produced by ``prompt_encoding.encode_prompts``."""
     input_ids: torch.Tensor            # (P, L)
     attention_mask: torch.Tensor       # (P, L)
     mm_token_type_ids: torch.Tensor    # (P, L) 0 text, 1 image, 2 video

@@ -41,12 +41,12 @@ def drop_long_prompts(processor: Any, items: Sequence[Any], manifest_dir: Path, 
                       max_tokens: int) -> tuple[list[Any], int]:
     """Items whose encoded prompt (image tokens included) fits ``max_tokens``, and how many were dropped
     (never truncated: that can cut image tokens)."""
-    from vlgrpo.model import modeling
+    from vlgrpo.model import prompt_encoding
 
     keep, dropped = [], 0
     for start in range(0, len(items), 64):
         chunk = items[start:start + 64]
-        enc = modeling.encode_prompts(processor, chunk, manifest_dir, dcfg.min_pixels, dcfg.max_pixels)
+        enc = prompt_encoding.encode_prompts(processor, chunk, manifest_dir, dcfg.min_pixels, dcfg.max_pixels)
         for it, n in zip(chunk, enc["attention_mask"].sum(1).tolist()):
             if n <= max_tokens:
                 keep.append(it)
@@ -80,11 +80,11 @@ def step_images(items: Sequence[Any], manifest_dir: Path, tc: TrainConfig, step:
     if not tc.augment:
         return None
     from vlgrpo.data import augment
-    from vlgrpo.model import modeling
+    from vlgrpo.model import prompt_encoding
 
     out = []
     for it, k in zip(items, slots):
         rng = np.random.default_rng([tc.seed, step, k, 1])               # this prompt slot's own stream
-        out.append([augment.augment_image(modeling.IMAGE_CACHE.get(manifest_dir / rel), it, rng)
+        out.append([augment.augment_image(prompt_encoding.IMAGE_CACHE.get(manifest_dir / rel), it, rng)
                     for rel in it.images])
     return out

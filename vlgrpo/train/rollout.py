@@ -53,11 +53,11 @@ def step_slots(run: Run, step: int) -> tuple[list[int], list[Any]]:
 
 def encode_step(run: Run, step: int, slots: list[int], items: list[Any]) -> PromptBatch:
     """The step's prompts (augmented images when ``train.augment``), encoded and on the run's device."""
-    from vlgrpo.model import modeling
+    from vlgrpo.model import prompt_encoding
 
     mdir = run.paths.manifest.parent
     imgs = P.step_images(items, mdir, run.tc, step, slots)
-    enc = modeling.encode_prompts(run.processor, items, mdir, run.cfg.data.min_pixels, run.cfg.data.max_pixels,
+    enc = prompt_encoding.encode_prompts(run.processor, items, mdir, run.cfg.data.min_pixels, run.cfg.data.max_pixels,
                                   images=imgs)
     return PromptBatch.from_encoded(enc, [len(it.images) for it in items],
                                     [len(it.videos) for it in items]).to(run.device)

@@ -13,7 +13,7 @@ from vlgrpo.config import TrainConfig
 class SamplingSpec:
     """How to sample: G completions of at most ``max_new_tokens`` at ``temperature`` / ``top_p``, stopping
     at any of ``stop_ids``; finished rows are filled with ``pad_id``; ``banned_ids`` (the vision tokens,
-    ``modeling.vision_token_ids``) are never sampled."""
+    ``decoding.vision_token_ids``) are never sampled."""
     num_generations: int
     max_new_tokens: int
     temperature: float
@@ -26,8 +26,8 @@ class SamplingSpec:
     def for_training(cls, tc: TrainConfig, processor: Any, model: nn.Module) -> "SamplingSpec":
         """The rollout's sampling: ``train.num_generations``, ``max_completion_length``, ``temperature``,
         ``top_p``; stop, pad and banned ids from the processor and model (the ones evaluation uses)."""
-        from vlgrpo.model import modeling
+        from vlgrpo.model import decoding
 
         return cls(tc.num_generations, tc.max_completion_length, tc.temperature, tc.top_p,
-                   tuple(modeling.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id,
-                   tuple(modeling.vision_token_ids(processor, model)))
+                   tuple(decoding.stop_token_ids(processor, model)), processor.tokenizer.pad_token_id,
+                   tuple(decoding.vision_token_ids(processor, model)))

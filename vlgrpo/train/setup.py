@@ -59,15 +59,15 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
 
     ``train.lora``: the policy is the base (frozen, in the compute dtype) + trainable adapters, and the
     reference is the same module with the adapters switched off - no second copy."""
-    from vlgrpo.model import lora
-    from vlgrpo.model import modeling
+    from vlgrpo.model import loading, lora
+    from vlgrpo.model import loading
     from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
 
     tc = cfg.train
     if tc.lora.enabled:
         model, processor = lora.load_policy(paths.init_model_dir, tc.lora, COMPUTE_DTYPES[tc.mixed_precision])
     else:
-        model, processor = modeling.load_model(paths.init_model_dir, dtype=torch.float32)
+        model, processor = loading.load_model(paths.init_model_dir, dtype=torch.float32)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if not tc.lora.quantize_4bit:                    # a 4-bit base is placed on its GPU when loaded
@@ -79,7 +79,7 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
     if cfg.train.beta > 0:                           # β = 0: no reference model at all
         # The frozen reference only runs forward passes under the policy's autocast, whose matmuls are in the
         # compute dtype anyway: holding it in that dtype (bf16/fp16) halves what a second fp32 copy costs.
-        ref_model, _ = modeling.load_model(paths.init_model_dir, dtype=COMPUTE_DTYPE[cfg.train.mixed_precision])
+        ref_model, _ = loading.load_model(paths.init_model_dir, dtype=COMPUTE_DTYPE[cfg.train.mixed_precision])
         ref_model.to(device).eval().requires_grad_(False)
         ref_scorer = CompletionScorer(ref_model)
     model.train()

@@ -35,8 +35,10 @@ import torch
 from vlgrpo.config import Config
 from vlgrpo.data.manifest import Item, read_manifest
 from vlgrpo.io import under_root
-from vlgrpo.model.modeling import (Decoding, build_tiny, count_parameters, generate_answers, load_model, save_model,
-                             supervised_batch)
+from vlgrpo.model.decoding import Decoding, generate_answers
+from vlgrpo.model.loading import count_parameters, load_model, save_model
+from vlgrpo.model.prompt_encoding import supervised_batch
+from vlgrpo.model.tiny_model import build_tiny
 
 try:  # the shared strict matcher; a local fallback keeps this module importable on its own
     from vlgrpo.data.answers import answers_match
