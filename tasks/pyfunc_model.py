@@ -34,7 +34,6 @@ class VLGRPOPyfunc(PythonModel):
         self.max_pixels = int(cfg.get("max_pixels", 12544))
 
     def predict(self, context, model_input, params=None):
-        from PIL import Image
 
         from vlgrpo.data.manifest import IMAGE_TAG, Item
         from vlgrpo.model.decoding import Decoding, generate_answers

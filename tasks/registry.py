@@ -91,7 +91,7 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
     """
     import tempfile
 
-    from vlgrpo.model import loading, lora
+    from vlgrpo.model import loading
 
     root = Path(root)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlgrpo.model import loading, tiny_model
-from vlgrpo.config import Config, DataConfig, config_from_dict
+from vlgrpo.config import Config
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import Item, read_manifest
 from tests.settings import tuned_config, tuned_data

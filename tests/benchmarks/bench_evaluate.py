@@ -13,7 +13,6 @@ Data generation and the model build are not timed.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from vlgrpo.config import config_from_dict, load_config
+    from vlgrpo.config import load_config
     from vlgrpo.data.manifest import write_manifest
     from vlgrpo.data.synthetic import generate
     from vlgrpo.eval.evaluate import evaluate_models

@@ -238,8 +238,7 @@ def worker_main(spec: dict, workers: dict) -> None:
 def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     import torch
 
-    from vlgrpo.model import loading, prompt_encoding, tiny_model
-    from vlgrpo.config import config_from_dict
+    from vlgrpo.model import loading, prompt_encoding
     from vlgrpo.data.manifest import read_manifest
 
     steps = spec["total_steps"]
@@ -279,7 +278,7 @@ def _trl_messages(item, min_pixels: int, max_pixels: int) -> list[dict]:
     Derived from vlgrpo's own message builder so both trainers render the very same prompt text."""
     from PIL import Image
 
-    from vlgrpo.model import loading, prompt_encoding, tiny_model
+    from vlgrpo.model import prompt_encoding
 
     msgs = prompt_encoding.build_messages(item, [Image.new("RGB", (1, 1))], min_pixels, max_pixels)
     return [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image"
@@ -294,7 +293,7 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
 
     from vlgrpo import rewards as R
 
-    from vlgrpo.model import loading, prompt_encoding, tiny_model
+    from vlgrpo.model import loading
 
     sp = size_params(spec["size"])
     model, processor = loading.load_model(spec["model"])
@@ -342,8 +341,8 @@ def prepare(tmp: Path, sizes: list[int], model_cfg: dict, video_size: int | None
     """One dataset per image size (under tmp/size-<n>/data; the video one under tmp/video-<n>, key
     ``"video"``) and the model (tmp/model): ``build_tiny`` with the default ``TinyModelConfig`` updated by
     ``model_cfg``. Returns the dataset roots."""
-    from vlgrpo.model import loading, prompt_encoding, tiny_model
-    from vlgrpo.config import TinyModelConfig, config_from_dict
+    from vlgrpo.model import loading, tiny_model
+    from vlgrpo.config import TinyModelConfig
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
 

@@ -125,7 +125,7 @@ def lora_targets(model_dir: str) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vlgrpo.model import loading, lora
+    from vlgrpo.model import lora
     from vlgrpo.config import LoraConfig
 
     with torch.device("meta"):
@@ -139,7 +139,6 @@ def lora_targets(model_dir: str) -> list[str]:
 def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     import torch
 
-    from vlgrpo.config import config_from_dict
 
     cfg = tuned_config({
         "data": data_params(),
@@ -164,7 +163,7 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
 
     from vlgrpo import rewards as R
 
-    from vlgrpo.model import loading, tiny_model
+    from vlgrpo.model import loading
 
     dp = data_params()
     rows = [{"prompt": prompt, "image": img, "solution": it.solution}
@@ -202,7 +201,6 @@ WORKERS = {"trl": _trl_worker, "vlgrpo": _vlgrpo_worker}
 
 
 def prepare(tmp: Path, layers: int, vision_depth: int) -> tuple[Path, int]:
-    from vlgrpo.config import config_from_dict
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
 

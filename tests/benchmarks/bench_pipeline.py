@@ -33,7 +33,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import resource
 import tempfile
 import time
@@ -276,7 +275,6 @@ def dvc_cache_growth(root: Path, first: int) -> dict:
 
 def validate_rate(tmp: Path, rows: int) -> dict:
     from tests.benchmarks.bench_validate import make_manifest
-    from vlgrpo.config import Config
     from vlgrpo.data.validation import validate_file
 
     manifest = make_manifest(tmp / "validate", rows, max(1, min(500, rows // 20)))

@@ -58,7 +58,6 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=500)
     args = ap.parse_args()
 
-    from vlgrpo.config import Config
     from vlgrpo.data.validation import validate_file
 
     with tempfile.TemporaryDirectory(prefix="bench_validate_") as tmp:

@@ -25,7 +25,7 @@ QUESTION = "How many red circles are there? Answer with one word."
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     from vlgrpo.model import loading, lora
-    from vlgrpo.model import loading, tiny_model
+    from vlgrpo.model import tiny_model
     from vlgrpo.config import LoraConfig, TinyModelConfig
 
     d = tmp_path_factory.mktemp("lora")
@@ -75,7 +75,7 @@ def test_adapter_and_merged_register_load_and_serve_alike(tmp_path, monkeypatch,
     from tasks.registry import log_candidate, register_version
     from tasks.tracking import setup
     from tests.integration.test_registry_postgres import _png_b64
-    from vlgrpo.model import loading, lora
+    from vlgrpo.model import loading
     from vlgrpo.data.manifest import Item
     from vlgrpo.model.decoding import Decoding, generate_answers
     from vlgrpo.model.loading import load_model

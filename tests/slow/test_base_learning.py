@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlgrpo.config import config_from_dict
 from vlgrpo.data.manifest import read_manifest, write_manifest
 from tests.settings import tuned_config
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -35,7 +34,6 @@ for params in sys.argv[1:]:
 def test_every_family_runs_data_to_register_from_a_checkpoint_path(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from vlgrpo.config import DataConfig
     from vlgrpo.data.synthetic import generate
 
     texts = [t for it, _ in generate(tuned_data(num_train=64, num_val=0, num_test=0))

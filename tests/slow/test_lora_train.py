@@ -13,10 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlgrpo.model import loading, lora
+from vlgrpo.model import loading
 
-from vlgrpo.model import loading, tiny_model
-from vlgrpo.config import config_from_dict
+from vlgrpo.model import tiny_model
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
 from vlgrpo.train import RunPaths, train_grpo

@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 from vlgrpo.model import loading, tiny_model
 from vlgrpo.train import RunPaths, train_grpo
-from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
 from tests.settings import tuned_config

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from vlgrpo.model import loading, tiny_model
 from vlgrpo.train import RunPaths, train_grpo
 from vlgrpo.train.checkpoint import latest_checkpoint
-from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
 from tests.settings import tuned_config

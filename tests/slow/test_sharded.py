@@ -52,7 +52,7 @@ def test_every_accelerate_config_loads_with_accelerate():
 def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(monkeypatch):
     import dataclasses
 
-    from vlgrpo.config import Config, LoraConfig
+    from vlgrpo.config import LoraConfig
     from vlgrpo.train import sharding
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from vlgrpo.data import augment
-from vlgrpo.config import DataConfig
 from vlgrpo.data.manifest import Item
 from vlgrpo.data.synthetic import generate
 from tests.settings import tuned_data

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from vlgrpo.train.warm_start import _thin, batch_schedule, corpus_texts, run_base, warm_start_targets
-from vlgrpo.config import config_from_dict
 from vlgrpo.data.manifest import Item, write_manifest
 from tests.settings import tuned_config
 

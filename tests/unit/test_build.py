@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers
 
 import vlgrpo.data.synthetic as synthetic  # noqa: E402
 from tests.fixtures_data import make_coco, make_flickr, save_image, swift_row, write_jsonl  # noqa: E402
-from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.build import BuildError, build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.validation import validate_file  # noqa: E402

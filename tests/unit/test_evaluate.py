@@ -6,7 +6,7 @@ import json
 import pytest
 
 from vlgrpo.data.answers import answers_match
-from vlgrpo.config import DataConfig, TinyModelConfig, config_from_dict
+from vlgrpo.config import TinyModelConfig
 from vlgrpo.data.manifest import Item, write_manifest
 from vlgrpo.eval.evaluate import (evaluate_models, held_out_items, paired_deltas_by_task, pass_at_k,
                              score_completions, summarize_by_task)

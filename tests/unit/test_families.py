@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers
 from tests.families import FAMILIES, build_family, reference_model  # noqa: E402
 from tests.tiny_setup import write_scenes  # noqa: E402
 from vlgrpo.model import decoding, loading, prompt_encoding  # noqa: E402
-from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
 from tests.settings import tuned_config, tuned_train
 
@@ -185,7 +184,6 @@ def _plain_forward_logprobs(model, prompts, ids, G: int) -> torch.Tensor:
 
 
 def _scored(model, prompts, ids, mask, G: int, micro: int, shared: bool) -> torch.Tensor:
-    from vlgrpo.config import TrainConfig
     from vlgrpo.train.batches import micro_batches
     from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 
@@ -239,7 +237,6 @@ def test_plain_path_scores_micro_batches_with_different_image_counts(checkpoints
 def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
     """A forward + backward of the policy's score keeps at most ``train.logprob_chunk`` tokens' worth of
     vocabulary-sized tensors for the backward pass (the full path kept completions x tokens x vocab)."""
-    from vlgrpo.config import TrainConfig
     from vlgrpo.train.batches import PromptBatch, micro_batches
     from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 
@@ -271,7 +268,6 @@ def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
 def test_full_fine_tuning_reference_is_held_in_the_compute_dtype(checkpoints, scenes, tmp_path):
     """bf16 training: the frozen reference is a bf16 copy (half of fp32), fp32 only without mixed precision;
     its log-probs under autocast differ from an fp32-held reference's by about what autocast itself changes."""
-    from vlgrpo.config import config_from_dict
     from vlgrpo.train import RunPaths
     from vlgrpo.train.batches import PromptBatch
     from vlgrpo.train.scoring import score_batch

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from vlgrpo.config import Config, EvaluateConfig, PilotConfig, TrainConfig
+from vlgrpo.config import EvaluateConfig, PilotConfig, TrainConfig
 from vlgrpo.eval.gates import (PilotDecision, apply_adjustments, least_squares_slope, pilot_passed,
                           should_promote)
 from tests.settings import tuned_config, tuned_train

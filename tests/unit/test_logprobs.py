@@ -117,7 +117,6 @@ def test_logprob_chunk_is_resume_neutral(tmp_path):
     import dataclasses
     from types import SimpleNamespace
 
-    from vlgrpo.config import Config
     from vlgrpo.train.checkpoint import run_fingerprint
 
     init = tmp_path / "base"

@@ -17,9 +17,9 @@ from vlgrpo.algo import grpo
 
 from vlgrpo.model import loading, lora
 
-from vlgrpo.model import loading, prompt_encoding, tiny_model
+from vlgrpo.model import prompt_encoding, tiny_model
 from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
-from vlgrpo.config import ConfigError, DataConfig, LoraConfig, TinyModelConfig, TrainConfig, config_from_dict
+from vlgrpo.config import ConfigError, LoraConfig, TinyModelConfig
 from vlgrpo.data.synthetic import generate
 from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.scoring import CompletionScorer, score_batch

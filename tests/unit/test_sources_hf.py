@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
 
 from tests.fixtures_data import color, save_image  # noqa: E402
-from vlgrpo.config import Config, config_from_dict  # noqa: E402
+from vlgrpo.config import Config  # noqa: E402
 from vlgrpo.data.build import build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.sources import detect_kind, iter_records  # noqa: E402

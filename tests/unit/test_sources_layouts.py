@@ -15,7 +15,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
 
 from tests.fixtures_data import save_image  # noqa: E402
-from vlgrpo.config import Config, DataConfig, TinyModelConfig, config_from_dict  # noqa: E402
+from vlgrpo.config import Config, DataConfig, TinyModelConfig  # noqa: E402
 from vlgrpo.data.build import build_dataset  # noqa: E402
 from vlgrpo.data.manifest import read_manifest  # noqa: E402
 from vlgrpo.data.sources import ReadOptions, detect_kind, iter_records, read_options  # noqa: E402

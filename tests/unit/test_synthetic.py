@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vlgrpo.data.answers import WORD_TO_DIGIT
-from vlgrpo.config import DataConfig, SyntheticConfig
+from vlgrpo.config import DataConfig
 from vlgrpo.data.manifest import IMAGE_TAG
 from vlgrpo.data.synthetic import (COLORS, MIN_SEPARATION, PLURALS, SceneError, count_objects, generate,
                                    make_item, render)

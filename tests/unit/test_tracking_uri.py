@@ -12,7 +12,6 @@ from mlflow.tracking import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
 
 from tasks import tracking  # noqa: E402
-from vlgrpo.config import Config  # noqa: E402
 from tests.settings import tuned_config
 
 

@@ -226,7 +226,6 @@ def test_resume_fingerprint_tracks_what_a_step_computes(tmp_path):
 
     from types import SimpleNamespace
 
-    from vlgrpo.config import Config
     from vlgrpo.train.checkpoint import run_fingerprint
 
     init = tmp_path / "base"

@@ -19,7 +19,7 @@ import torch
 from vlgrpo.algo import grpo
 
 from vlgrpo.model import decoding, loading, prompt_encoding, tiny_model
-from vlgrpo.config import DataConfig, TinyModelConfig, TrainConfig
+from vlgrpo.config import TinyModelConfig
 from vlgrpo.data.synthetic import generate
 from vlgrpo.train.batches import micro_batches, PromptBatch, StepBatch
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions

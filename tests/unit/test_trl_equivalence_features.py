@@ -14,7 +14,6 @@ from tests.unit.test_trl_equivalence import (C, G, N, P, _assert_grads_close, _t
                                              setup, trl_trainer)
 from vlgrpo.algo import grpo
 from vlgrpo.model import decoding, loading
-from vlgrpo.config import TrainConfig
 from vlgrpo.train.batches import StepBatch
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions
 from vlgrpo.train.data_order import step_generator

@@ -12,7 +12,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
 
 from tests.fixtures_data import make_coco, make_flickr, save_image, swift_row, write_jsonl  # noqa: E402
-from vlgrpo.config import config_from_dict  # noqa: E402
 from vlgrpo.data.images import cache_image  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
 from vlgrpo.data.validation import (TEMPLATE_OVERHEAD, PromptCounter, check_file, format_summary,  # noqa: E402

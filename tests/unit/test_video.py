@@ -9,10 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlgrpo.algo import grpo
 
 from vlgrpo.model import decoding, loading, prompt_encoding, tiny_model
-from vlgrpo.config import config_from_dict
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.images import png_bytes
 from vlgrpo.data.manifest import read_manifest

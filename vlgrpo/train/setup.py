@@ -60,7 +60,6 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
     ``train.lora``: the policy is the base (frozen, in the compute dtype) + trainable adapters, and the
     reference is the same module with the adapters switched off - no second copy."""
     from vlgrpo.model import loading, lora
-    from vlgrpo.model import loading
     from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
 
     tc = cfg.train
