@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.common import expected_failures, load, manifest_path, write_report
-from tasks.model import base_task
+from tasks.base import base_task
 from tasks.tracking import log_report, stage_run
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.common import StageFailed, expected_failures, load, manifest_path, report_path, write_report
-from tasks.model import grpo_task, publish_pilot, val_reward_task
+from tasks.grpo import grpo_task, publish_pilot, val_reward_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
 from vlgrpo.train.paths import RunPaths
 

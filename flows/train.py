@@ -12,7 +12,7 @@ from prefect import flow
 
 from tasks.common import (StageFailed, expected_failures, load, manifest_path, read_report, report_path,
                           write_report)
-from tasks.model import grpo_task
+from tasks.grpo import grpo_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
 from vlgrpo.train.paths import RunPaths
 

@@ -64,7 +64,7 @@ def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: f
     import torch
 
     from vlgrpo.config import load_config
-    from vlgrpo.train import RunPaths
+    from vlgrpo.train.paths import RunPaths
     from vlgrpo.train.loop import train
     from vlgrpo.train.setup import setup
 

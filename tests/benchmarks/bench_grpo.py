@@ -153,7 +153,8 @@ def run_gated_vlgrpo(cfg, root: Path, model: str, out: Path, gate: Gate) -> tupl
     ``train_grpo`` has no callbacks: ``vlgrpo.train.data_order.step_prompt_indices`` (called first thing in every
     step) is wrapped with a function that waits at the gate and then calls the real one."""
     import vlgrpo.train.data_order as data_order_module
-    from vlgrpo.train import RunPaths, train_grpo
+    from vlgrpo.train.loop import train_grpo
+    from vlgrpo.train.paths import RunPaths
 
     real = data_order_module.step_prompt_indices
 

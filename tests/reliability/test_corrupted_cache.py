@@ -56,7 +56,8 @@ def test_flipped_byte_in_models_base_is_found_before_use(project):
     from vlgrpo.model import loading
     from vlgrpo.config import load_config
     from vlgrpo.io import ContentMismatch
-    from vlgrpo.train import RunPaths, train_grpo
+    from vlgrpo.train.loop import train_grpo
+    from vlgrpo.train.paths import RunPaths
 
     weights = project / "models/base/model.safetensors"
     _flip(weights, weights.stat().st_size - 100)                  # a weight value, not the header

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from tests.project import run
 from tests.reliability.conftest import VLGRPO, kill9, spawn, wait_for
 from tests.reliability.slow_training import SLOW, add_slow_reward
-from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.errors import TrainingError
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.checkpoint import CHECKPOINT_DIR, STATE_FILE, latest_checkpoint
 
 pytestmark = pytest.mark.reliability

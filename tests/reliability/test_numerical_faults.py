@@ -16,7 +16,9 @@ import pytest
 
 from tests.project import run
 from tests.reliability.conftest import VLGRPO, update_params
-from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.errors import TrainingError
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.checkpoint import STATE_FILE, latest_checkpoint
 from vlgrpo.train.data_order import step_prompt_indices
 

@@ -28,7 +28,9 @@ import torch
 from tests.project import run
 from tests.reliability.conftest import REPO, VLGRPO, update_params
 from tests.servers import mlflow_server
-from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.errors import TrainingError
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.reliability

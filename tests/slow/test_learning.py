@@ -24,7 +24,8 @@ def test_default_pipeline_candidate_beats_base_by_0_20(tmp_path):
     from vlgrpo.eval.evaluate import evaluate_models
     from vlgrpo.eval.gates import pilot_passed
     from vlgrpo.model.loading import load_model
-    from vlgrpo.train import RunPaths, train_grpo
+    from vlgrpo.train.loop import train_grpo
+    from vlgrpo.train.paths import RunPaths
 
     cfg = load_config(ROOT / "params.yaml")
     build_dataset(cfg, tmp_path)

@@ -18,7 +18,8 @@ from vlgrpo.model import loading
 from vlgrpo.model import tiny_model
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
-from vlgrpo.train import RunPaths, train_grpo
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 from tests.settings import tuned_config
 
 TIMING = {"samples_per_s", "tokens_per_s", "step_time_s", "time/encode_s", "time/generate_s",

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from vlgrpo.model import loading, tiny_model
-from vlgrpo.train import RunPaths, train_grpo
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.checkpoint import latest_checkpoint
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest

@@ -24,7 +24,8 @@ CONFIGS = REPO / "configs" / "accelerate"
 DRIVER = '''
 import json, os, sys
 from vlgrpo.config import load_config
-from vlgrpo.train import RunPaths, train_grpo
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 cfg = load_config("params.yaml")
 stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
 s = train_grpo(cfg, RunPaths.under(".", "data/manifest.jsonl", "models/base", sys.argv[1], sys.argv[2]),

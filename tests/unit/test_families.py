@@ -268,7 +268,7 @@ def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
 def test_full_fine_tuning_reference_is_held_in_the_compute_dtype(checkpoints, scenes, tmp_path):
     """bf16 training: the frozen reference is a bf16 copy (half of fp32), fp32 only without mixed precision;
     its log-probs under autocast differ from an fp32-held reference's by about what autocast itself changes."""
-    from vlgrpo.train import RunPaths
+    from vlgrpo.train.paths import RunPaths
     from vlgrpo.train.batches import PromptBatch
     from vlgrpo.train.scoring import score_batch
     from vlgrpo.train.setup import load_models

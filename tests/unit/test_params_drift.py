@@ -100,7 +100,8 @@ def reads(tmp_path_factory):
     from vlgrpo.eval.gates import pilot_passed
     from vlgrpo.model.loading import load_model
     from vlgrpo.eval.report import write_evaluation_outputs
-    from vlgrpo.train import RunPaths, train_grpo
+    from vlgrpo.train.loop import train_grpo
+    from vlgrpo.train.paths import RunPaths
     from vlgrpo.data.validation import validate_file
 
     root = tmp_path_factory.mktemp("drift")

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, load_model
 
 from vlgrpo.model import loading
 from tests.tiny_setup import tiny_project, tiny_train_cfg
-from vlgrpo.train import RunPaths, train_grpo
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 
 # text_length: spread on an untrained model. half_tied: the same on even item ids, a constant 0.5 on odd ones
 # (their groups tie: no signal), so dynamic sampling has groups to drop.

@@ -11,7 +11,9 @@ from tests.tiny_setup import tiny_project, tiny_train_cfg
 from vlgrpo.algo import grpo
 from vlgrpo.model import decoding, loading, prompt_encoding
 from vlgrpo.data.manifest import read_manifest
-from vlgrpo.train import RunPaths, train_grpo, TrainingError
+from vlgrpo.train.errors import TrainingError
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.checkpoint import truncate_metrics
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions, sample_next

@@ -15,7 +15,8 @@ from vlgrpo.data.build import build_dataset
 from vlgrpo.data.images import png_bytes
 from vlgrpo.data.manifest import read_manifest
 from vlgrpo.data.sources import iter_records, read_options
-from vlgrpo.train import RunPaths, train_grpo
+from vlgrpo.train.loop import train_grpo
+from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.batches import PromptBatch, micro_batches
 from vlgrpo.train.generation import SamplingSpec, generate_group_completions
 from vlgrpo.train.data_order import step_generator

@@ -3,7 +3,8 @@
 Run (the ``train`` / ``pilot`` stages call this; it needs ``data/manifest.jsonl`` and ``models/base``):
 
     from vlgrpo.config import load_config
-    from vlgrpo.train import RunPaths, train_grpo
+    from vlgrpo.train.loop import train_grpo
+    from vlgrpo.train.paths import RunPaths
     cfg = load_config("params.yaml")
     train_grpo(cfg, RunPaths.under(".", "data/manifest.jsonl", "models/base", "models/candidate",
                                    "reports/train_metrics.jsonl"))
@@ -41,18 +42,3 @@ and gradients with TRL's ``GRPOTrainer``), the *work* is not:
 - aggregation normalisers are counted over the whole step (see vlgrpo.algo.grpo), so accumulation does not
   change the maths.
 """
-from typing import Any
-
-from vlgrpo.train.errors import TrainingError
-from vlgrpo.train.paths import RunPaths
-
-__all__ = ["RunPaths", "TrainingError", "train_grpo"]
-
-
-def __getattr__(name: str) -> Any:
-    # train_grpo loads torch and transformers: only when asked for, so flows and the CLI start fast
-    if name == "train_grpo":
-        from vlgrpo.train.loop import train_grpo
-
-        return train_grpo
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Tasks of the `base`, `pilot` and `train` stages: thin adapters over vlgrpo.train.warm_start / train / gates."""
+"""Tasks of the `pilot` and `train` stages: thin adapters over vlgrpo.train (GRPO) and the pilot's val reward."""
 from __future__ import annotations
 
 import json
@@ -15,17 +15,10 @@ from vlgrpo.train.paths import RunPaths
 
 
 # Training is never retried: a retry would silently double the compute and hide the failure.
-@task(name="warm-start-base", retries=0, cache_policy=NO_CACHE)
-def base_task(cfg: Config, root: Path, manifest: Path) -> dict[str, Any]:
-    from vlgrpo.train.warm_start import run_base
-
-    return run_base(cfg, root, manifest, progress=True)
-
-
 @task(name="grpo", retries=0, cache_policy=NO_CACHE)
 def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]:
     """GRPO with ``cfg.train`` (the pilot passes its overrides applied to it) on ``paths``."""
-    from vlgrpo.train import train_grpo
+    from vlgrpo.train.loop import train_grpo
 
     # The console bar (step, reward, KL, ETA) and the Prefect progress artifact both follow the metrics stream.
     desc = artifact_key.removesuffix("-progress")
