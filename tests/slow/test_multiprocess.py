@@ -25,7 +25,7 @@ from vlgrpo.train.loop import train_grpo
 from vlgrpo.train.paths import RunPaths
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
-from tests.settings import tuned_config
+from tests.settings import tuned_config, tuned_raw
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = '''
@@ -64,7 +64,7 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_ste
     items = read_manifest(tmp_path / "data/manifest.jsonl")
     model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
     loading.save_model(model, proc, tmp_path / "models/base")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tuned_raw(raw)))
 
     one = train_grpo(cfg, RunPaths.under(tmp_path, "data/manifest.jsonl", "models/base", "out1",
                        "reports/one.jsonl"), progress=False)
@@ -92,10 +92,12 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_ste
         # Adam divides by sqrt(v): where a gradient element is ~0, all-reduce rounding can move that
         # element's update by a visible fraction of lr (0.01); the chunked log-prob head (recomputed per
         # chunk in backward) adds one more rounding path (seen: 2e-4 on one merger weight after 3 steps).
-        # Bound it at 5% of lr, and almost all elements must agree to 1e-5.
+        # Bound it at 5% of lr, and almost all elements must agree to 1e-5 - counted over the whole model,
+        # since one such element in a 64-element bias is already 1.6% of that tensor.
         d = (w1[k] - w2[k]).abs()
         assert d.max().item() < 5e-4, (k, d.max().item())
-        assert (d > 1e-5).float().mean().item() < 1e-3, k
+    off = sum(int(((w1[k] - w2[k]).abs() > 1e-5).sum()) for k in w1)
+    assert off / sum(w1[k].numel() for k in w1) < 1e-3, f"{off} weights differ by more than 1e-5"
     return summary
 
 

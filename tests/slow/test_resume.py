@@ -19,7 +19,7 @@ from vlgrpo.train.paths import RunPaths
 from vlgrpo.train.checkpoint import latest_checkpoint
 from vlgrpo.data.build import build_dataset
 from vlgrpo.data.manifest import read_manifest
-from tests.settings import tuned_config
+from tests.settings import tuned_config, tuned_raw
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = {"samples_per_s", "tokens_per_s", "step_time_s", "time/encode_s", "time/generate_s",
@@ -42,7 +42,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     (root / "plugin.py").write_text(PLUGIN)
     raw = dict(RAW, rewards={"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(root / "plugin.py")]})
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "params.yaml").write_text(yaml.safe_dump(tuned_raw(raw)))
     cfg = tuned_config(raw)
     build_dataset(cfg, root)
     items = read_manifest(root / "data/manifest.jsonl")
