@@ -1,4 +1,4 @@
-"""Issue-14 features in the real training loop (vlgrpo.train) on a tiny Qwen2.5-VL: GSPO / entropy masking /
+"""The trainer's options in the real training loop (vlgrpo.train) on a tiny Qwen2.5-VL: GSPO / entropy masking /
 truncation masking settings train, TR-DPO reference sync (TRL's schedule and mixing, checkpointed for an exact
 resume), dynamic sampling (tied groups replaced, logged, exact resume), evaluation during training and
 keep_best."""
