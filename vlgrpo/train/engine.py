@@ -36,7 +36,7 @@ from vlgrpo.train.sampling import SamplingSpec
 from vlgrpo.train.state import Completions, Rollout, Run, StepClock
 
 SERVER_SCRIPT = Path(__file__).with_name("vllm_server.py")
-LOG_TAIL_LINES = 8
+LOG_TAIL_LINES = 5
 
 
 class EngineError(TrainingError):
@@ -145,8 +145,13 @@ class VllmEngine:
         if self.log_path is None or not self.log_path.exists():
             return ""
         with open(self.log_path, errors="replace") as f:
-            lines = deque((ln.rstrip() for ln in f if ln.strip()), maxlen=LOG_TAIL_LINES)
-        return " | ".join(lines)
+            lines = deque((ln.strip() for ln in f if ln.strip()), maxlen=4 * LOG_TAIL_LINES)
+        seen, tail = set(), []
+        for ln in reversed(lines):          # the newest distinct lines (vLLM repeats some warnings per request)
+            if ln not in seen and len(tail) < LOG_TAIL_LINES:
+                seen.add(ln)
+                tail.append(ln)
+        return " | ".join(reversed(tail))
 
     def _error(self, what: str) -> EngineError:
         where = f"{self.url}" + (f", started with {self.python}" if self.python else "")
@@ -163,6 +168,11 @@ class VllmEngine:
             detail = e.read().decode(errors="replace")[:500]
             raise self._error(f"failed on {path}: HTTP {e.code} {detail}") from None
         except (OSError, ValueError) as e:
+            if self.proc is not None:
+                try:                    # a dropped connection is usually the server dying: give it a moment
+                    self.proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    pass
             if self.proc is not None and self.proc.poll() is not None:
                 raise self._error(f"died (exit code {self.proc.returncode}) during {path}") from None
             if isinstance(e, TimeoutError) or "timed out" in str(e):
