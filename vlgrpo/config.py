@@ -446,6 +446,81 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class VllmConfig:
+    """``train.rollout.vllm``: the vLLM engine that generates the rollouts when ``train.rollout.engine`` is
+    ``vllm`` (``vlgrpo.train.engine``).
+
+    The engine runs as its own process, in its own environment (vLLM pins its own torch and transformers;
+    ``make vllm-env`` builds ``.venv-vllm``): the trainer starts ``vlgrpo/train/vllm_server.py`` with
+    ``python`` and stops it when the run ends, or talks to a server already running at ``url``.
+
+    Fields:
+        python: the engine environment's interpreter (relative paths are under the project root).
+        url: ``http://host:port`` of a server already running (started by hand with the same script); null:
+            the trainer starts one on a free local port.
+        dtype: the engine's weights and compute: ``auto`` (the checkpoint's dtype), ``float32``, ``bfloat16``
+            or ``float16``.
+        max_model_len: prompt + completion tokens the engine reserves per sequence.
+        kv_cache_gib: CPU engine: GiB of KV cache (``VLLM_CPU_KVCACHE_SPACE``).
+        gpu_memory_utilization: GPU engine: share of the GPU's memory vLLM may take (weights + KV cache); the
+            trainer shares the GPU when both run on one.
+        tensor_parallel_size: GPUs the engine shards the model over.
+        sync_steps: push the policy's weights to the engine every this many GRPO steps (1: before every
+            rollout, so rollouts are sampled by the policy of the last optimizer update). The engine's
+            log-probs of older weights are corrected by the importance sampling below.
+        startup_timeout_s: seconds the engine may take to load before the run fails.
+        request_timeout_s: seconds one generate or weight push may take before the run fails.
+        importance_sampling: truncated importance sampling of the trainer/engine mismatch (TRL's
+            ``vllm_importance_sampling_correction``): each policy-loss token is weighted by
+            pi_trainer / pi_engine of its completion.
+        is_mode: ``token_truncate`` (per-token ratio clipped to [is_min, is_cap]), ``token_mask`` (ratios outside
+            it weigh 0), ``sequence_truncate`` / ``sequence_mask`` (one ratio per completion, the exp of its
+            summed log-ratios) - TRL's ``vllm_importance_sampling_mode``.
+        is_cap: the upper bound C_max (TRL's ``vllm_importance_sampling_clip_max``).
+        is_min: the lower bound C_min (null: none; TRL's ``vllm_importance_sampling_clip_min``).
+    """
+    python: str = ".venv-vllm/bin/python"
+    url: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    sync_steps: int = 1
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 300.0
+    importance_sampling: bool = True
+    is_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
+    is_cap: float = 3.0
+    is_min: float | None = None
+
+    def __post_init__(self) -> None:
+        k = "train.rollout.vllm"
+        for n in ("max_model_len", "tensor_parallel_size", "sync_steps"):
+            _check_range(f"{k}.{n}", getattr(self, n), 1)
+        for n in ("kv_cache_gib", "startup_timeout_s", "request_timeout_s", "is_cap"):
+            _check_range(f"{k}.{n}", getattr(self, n), 0, lo_open=True)
+        _check_range(f"{k}.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, lo_open=True)
+        if self.is_min is not None:
+            _check_range(f"{k}.is_min", self.is_min, 0, self.is_cap)
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            _fail(f"{k}.url", f"{self.url!r} is not an http(s):// URL")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """``train.rollout``: what generates the rollouts.
+
+    Fields:
+        engine: ``hf`` (the policy itself, in the trainer's process: ``vlgrpo.train.generation``) or ``vllm``
+            (a vLLM engine in its own process, weights pushed from the policy: ``VllmConfig``).
+        vllm: the vLLM engine's settings (read only with ``engine: vllm``).
+    """
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """``train``: the GRPO run (the ``pilot`` stage runs it with ``pilot.overrides`` applied).
 
@@ -520,6 +595,7 @@ class TrainConfig:
             of keeping their activations (less memory, about one more forward; same gradients; the
             shared-work KV cache is kept: ``vlgrpo.model.grad_checkpointing``).
         lora: peft LoRA / QLoRA instead of full fine-tuning (``LoraConfig``).
+        rollout: what generates the rollouts: the policy itself or a vLLM engine (``RolloutConfig``).
     """
     seed: int = 0
     max_steps: int = 200
@@ -564,6 +640,7 @@ class TrainConfig:
     # their activations (less memory, about one more forward of compute); same gradients.
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)   # see LoraConfig
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)   # see RolloutConfig
 
     def __post_init__(self) -> None:
         k = "train"
@@ -606,6 +683,17 @@ class TrainConfig:
             _fail(f"{k}.keep_best", "needs train.eval_steps (the best checkpoint is chosen by val reward)")
         if self.save_total_limit is not None:
             _check_range(f"{k}.save_total_limit", self.save_total_limit, 1)
+        if self.rollout.engine == "vllm":
+            self._check_vllm()
+
+    def _check_vllm(self) -> None:
+        k = "train.rollout.engine"
+        if self.dynamic_sampling:
+            _fail(k, "vllm does not support train.dynamic_sampling yet; use engine: hf for dynamic sampling")
+        if self.resample_temperature is not None:
+            _fail(k, "vllm does not support train.resample_temperature (it belongs to dynamic sampling)")
+        if self.lora.quantize_4bit:
+            _fail(k, "vllm cannot take the weights of a 4-bit (QLoRA) policy; use engine: hf")
 
     @property
     def completions_per_step(self) -> int:

@@ -178,8 +178,9 @@ def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_log
                       keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """ℓ = keep · clipped surrogate(ρ at ``spec.importance_sampling_level``) + β·KL, as TRL composes it.
 
-    ``mask`` (N, T) is needed for the sequence-level weights; ``keep`` (N, T) bool, optional: tokens whose
-    policy term counts (the high-entropy mask); the KL term applies to every token either way (TRL does the
+    ``mask`` (N, T) is needed for the sequence-level weights; ``keep`` (N, T) bool or float, optional: the
+    weight of each token's policy term (the high-entropy mask, times the sampler correction's importance
+    weights when a rollout engine sampled); the KL term applies to every token either way (TRL does the
     same). Returns (ℓ (N, T), ρ (N, T) - a sequence weight repeated over its tokens -, KL (N, T) or None).
     """
     if old_logp is None:                                                   # on-policy: ρ ≡ 1 in value
@@ -325,3 +326,47 @@ def lr_multiplier(step: int, max_steps: int, warmup_steps: int) -> float:
         return (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sampler_correction(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float | None, floor: float | None = None) -> torch.Tensor:
+    """Truncated importance sampling of the trainer/sampler mismatch (TRL's
+    ``vllm_importance_sampling_correction``): the weight (N, T) of each token's policy term.
+
+    ρ = π_trainer / π_sampler of a token (``token_*`` modes) or of a whole completion (``sequence_*``: the exp
+    of its summed log-ratios, repeated over its tokens). ``*_truncate`` clips ρ to [floor, cap]; ``*_mask``
+    sets ρ outside it to 0. Padding (``mask`` 0) and tokens the sampler gave no log-prob (NaN) count as a
+    log-ratio of 0.
+    """
+    diff = torch.nan_to_num((trainer_logp - sampler_logp) * mask.to(trainer_logp.dtype), nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        ratio = torch.clamp(ratio, min=floor, max=cap)
+    elif mode.endswith("mask"):
+        lo = floor if floor is not None else -math.inf
+        hi = cap if cap is not None else math.inf
+        ratio = ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+    else:
+        raise ValueError(f"unknown importance sampling mode {mode!r}")
+    return ratio.expand_as(trainer_logp)
+
+
+def mismatch_stats(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                   weights: torch.Tensor | None, cap: float | None, floor: float | None = None) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's over the real tokens: mean and max
+    |log ratio|, and (with the correction's ``weights``) the weights' mean and the share of tokens whose
+    ratio fell outside [floor, cap] (clipped or masked)."""
+    m = mask.bool() & ~torch.isnan(sampler_logp)
+    d = (trainer_logp - sampler_logp)[m].float()
+    if d.numel() == 0:
+        return {}
+    out = {"mismatch/logp_diff_mean": float(d.abs().mean()), "mismatch/logp_diff_max": float(d.abs().max())}
+    r = torch.exp(d)
+    hi = cap if cap is not None else math.inf
+    lo = floor if floor is not None else -math.inf
+    out["mismatch/token_outside_frac"] = float(((r > hi) | (r < lo)).float().mean())
+    if weights is not None:
+        out["mismatch/is_weight_mean"] = float(weights[m].float().mean())
+    return out

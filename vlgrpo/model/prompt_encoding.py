@@ -191,15 +191,30 @@ def encode_prompts(processor, items: Sequence[Item], manifest_dir: Path, min_pix
     ``video_grid_thw`` (n_videos, 3) and ``second_per_grid_ts`` (n_videos,). ``images`` overrides the item's files (e.g.
     augmented copies), one list per item.
     """
+    rendered = render_prompts(processor, items, manifest_dir, min_pixels, max_pixels, images)
+    return encode_rendered(processor, rendered, min_pixels, max_pixels)
+
+
+def render_prompts(processor, items: Sequence[Item], manifest_dir: Path, min_pixels: int, max_pixels: int,
+                   images: Sequence[Sequence[Image.Image]] | None = None) -> list[tuple[str, list, list]]:
+    """Each item's (chat-templated prompt text with one placeholder per image, its images fitted to the pixel
+    budget, its videos as frame tensors): what ``encode_rendered`` tokenizes, and what a rollout engine is
+    sent so that it runs the very prompt the trainer scores."""
     if images is not None and len(images) != len(items):
         raise ValueError(f"images: got {len(images)} lists for {len(items)} items")
-    texts, flat, flat_videos = [], [], []
+    out = []
     for i, it in enumerate(items):
         imgs = images[i] if images is not None else _item_images(it, manifest_dir)
         text, vision, videos = _render(processor, it, imgs, min_pixels, max_pixels, manifest_dir)
-        texts.append(text)
-        flat.extend(vision)
-        flat_videos.extend(videos)
+        out.append((text, list(vision), list(videos)))
+    return out
+
+
+def encode_rendered(processor, rendered: Sequence[tuple[str, list, list]], min_pixels: int, max_pixels: int):
+    """``render_prompts``' output → the left-padded BatchFeature of ``encode_prompts``."""
+    texts = [r[0] for r in rendered]
+    flat = [im for r in rendered for im in r[1]]
+    flat_videos = [v for r in rendered for v in r[2]]
     return _encode(processor, texts, flat, flat_videos, min_pixels, max_pixels)
 
 

@@ -142,3 +142,6 @@ class StepBatch:
     ref_logp: torch.Tensor | None    # (N, C)
     global_num_tokens: float | None = None
     num_processes: int = 1
+    # (N, C) weight of each token's policy term correcting the sampler/trainer mismatch (a rollout engine's
+    # truncated importance sampling); None: every token weighs 1
+    is_weight: torch.Tensor | None = None

@@ -73,6 +73,8 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
             save_step(run, step, row.get("reward"))
     finally:
         bar.close()
+        if run.engine is not None:        # the engine server this run started goes with it
+            run.engine.close()
     summary = run_summary(run, history, len(history), time.perf_counter() - t_run)
     if summary["finished"]:
         summary["best"] = periodic_eval.load_best(run)    # keep_best: the final model is the best one

@@ -124,9 +124,11 @@ def rollout(run: Run, step: int, clock: StepClock) -> Rollout:
 
 
 def finish_rollout(run: Run, prompts: PromptBatch, completions: Completions, local_r: torch.Tensor,
-                   clock: StepClock, extra: dict[str, float]) -> Rollout:
+                   clock: StepClock, extra: dict[str, float], sampler_logp: torch.Tensor | None = None) -> Rollout:
     """Group advantages over all processes' rewards (``local_r``: this process's (N_local, K)), then
-    old-policy / reference log-probs → the Rollout."""
+    old-policy / reference log-probs → the Rollout. ``sampler_logp`` (N_local, C): a rollout engine's
+    log-probs of the sampled tokens; the trainer's own are then always computed, the mismatch logged and
+    (``train.rollout.vllm.importance_sampling``) corrected."""
     c_ids, c_mask, term = completions.ids, completions.mask, completions.terminated
     all_r = run.accelerator.gather(local_r).cpu()                                     # (N_global, K)
     total = grpo.total_rewards(all_r, run.rewards.weight_tensor())                    # (N_global,)
@@ -139,10 +141,24 @@ def finish_rollout(run: Run, prompts: PromptBatch, completions: Completions, loc
     mask = grpo.drop_truncated(c_mask, term) if run.tc.mask_truncated_completions else c_mask
     # old policy / reference log-probs only when the maths needs them
     old_logp = (score_batch(run.scorer, prompts, c_ids, mask, run.tc, run.accelerator)
-                if run.tc.num_iterations > 1 else None)
+                if run.tc.num_iterations > 1 or sampler_logp is not None else None)
+    is_weight = None
+    if sampler_logp is not None:
+        is_weight = sampler_weights(run, old_logp, sampler_logp.to(old_logp.device), mask, extra)
     ref_logp = (score_batch(run.ref_scorer, prompts, c_ids, mask, run.tc, run.accelerator)
                 if run.ref_scorer is not None else None)
     global_tokens = float(run.accelerator.gather(mask.sum().reshape(1).float()).sum())
-    batch = StepBatch(prompts, c_ids, mask, adv, old_logp, ref_logp, global_tokens, run.world)
+    batch = StepBatch(prompts, c_ids, mask, adv, old_logp, ref_logp, global_tokens, run.world, is_weight)
     clock.lap("score")
     return Rollout(batch, term, all_r, total, std, c_mask.sum(1), extra)
+
+
+def sampler_weights(run: Run, trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                    extra: dict[str, float]) -> torch.Tensor | None:
+    """The importance weights (N, C) of ``train.rollout.vllm`` (None when its ``importance_sampling`` is off);
+    the mismatch statistics of this process's tokens go into ``extra`` either way."""
+    vc = run.tc.rollout.vllm
+    w = (grpo.sampler_correction(trainer_logp, sampler_logp, mask, vc.is_mode, vc.is_cap, vc.is_min)
+         if vc.importance_sampling else None)
+    extra.update(grpo.mismatch_stats(trainer_logp, sampler_logp, mask, w, vc.is_cap, vc.is_min))
+    return w

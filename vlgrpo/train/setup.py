@@ -86,10 +86,29 @@ def load_models(cfg: Config, paths: RunPaths, device: torch.device):
 
 
 def rollout_strategy(tc: TrainConfig) -> RolloutFn:
-    """How every step of the run gets its batch, chosen once: with ``train.dynamic_sampling`` tied groups
+    """How every step of the run gets its batch, chosen once: with ``train.rollout.engine: vllm`` a vLLM
+    engine samples (:func:`vlgrpo.train.engine.vllm_rollout`); with ``train.dynamic_sampling`` tied groups
     are resampled (:func:`vlgrpo.train.dynamic.informative_rollout`), else the step's prompts are sampled
     once (:func:`vlgrpo.train.rollout.rollout`)."""
+    if tc.rollout.engine == "vllm":
+        from vlgrpo.train.engine import vllm_rollout
+
+        return vllm_rollout
     return informative_rollout if tc.dynamic_sampling else rollout
+
+
+def start_rollout_engine(cfg: Config, paths: RunPaths, accelerator):
+    """``train.rollout.engine: vllm``: the engine this run samples with (started, or connected to at
+    ``train.rollout.vllm.url``), loading the run's starting model; None for ``hf``."""
+    tc = cfg.train
+    if tc.rollout.engine != "vllm":
+        return None
+    if accelerator.num_processes > 1:
+        raise TrainingError("train.rollout.engine vllm runs in one trainer process for now; launch without "
+                            "accelerate's multi-process mode or use engine: hf")
+    from vlgrpo.train.engine import start_engine
+
+    return start_engine(tc.rollout.vllm, paths.init_model_dir, paths.root, tc.seed)
 
 
 def _restore(run: Run) -> None:
@@ -141,4 +160,5 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
               rewards, sampling, rollout_strategy(tc), sharded=sharded)
     run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
     _restore(run)
+    run.engine = start_rollout_engine(cfg, paths, accelerator)   # last: nothing after it can fail set-up
     return run

@@ -122,6 +122,7 @@ class Run:
     resumed_from: int | None = None
     sharded: bool = False             # FSDP2 applied by the trainer (vlgrpo.train.sharding)
     eval_rewards: dict[str, Any] | None = None   # reward functions of in-training evaluation, built on first use
+    engine: Any = None                # train.rollout.engine vllm: the engine client (vlgrpo.train.engine)
 
     @property
     def tc(self) -> TrainConfig:

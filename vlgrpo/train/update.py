@@ -48,6 +48,9 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
             # train.top_entropy_quantile: the policy term only on this micro-batch's high-entropy tokens
             keep = (grpo.high_entropy_mask(ent, mask[sl], tc.top_entropy_quantile, gather)
                     if tc.top_entropy_quantile < 1.0 else None)
+            if batch.is_weight is not None:      # the rollout engine's importance weights, as TRL applies them
+                w = batch.is_weight[sl]
+                keep = w if keep is None else keep.to(w.dtype) * w
             tl, ratio, kl = grpo.policy_token_loss(logp, old, ref, batch.advantages[sl], mask[sl], spec, keep)
             loss = grpo.aggregate_loss(tl, mask[sl], tc.loss_type, norm)
             if accelerator is not None:
