@@ -238,6 +238,12 @@ def test_resume_fingerprint_tracks_what_a_step_computes(tmp_path):
     fp = run_fingerprint(cfg, init, items)
     assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, out_dir="elsewhere")), init, items)
     assert fp != run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=5e-4)), init, items)
+    # the rollout engine's placement (interpreter, URL, memory, timeouts) may move; its sampling may not
+    ro = cfg.train.rollout
+    moved = dataclasses.replace(ro, vllm=dataclasses.replace(ro.vllm, url="http://127.0.0.1:9", request_timeout_s=9.0))
+    assert fp == run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rollout=moved)), init, items)
+    resampled = dataclasses.replace(ro, vllm=dataclasses.replace(ro.vllm, dtype="bfloat16"))
+    assert fp != run_fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rollout=resampled)), init, items)
     other_rewards = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, weights={"accuracy": 2.0}))
     assert fp != run_fingerprint(other_rewards, init, items)
     assert fp != run_fingerprint(cfg, init, items[:3])

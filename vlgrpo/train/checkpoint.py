@@ -33,6 +33,10 @@ ADAPTER_FILE = "adapter.safetensors"        # a LoRA run's checkpointed weights
 # operations: the same numbers, less memory.)
 _RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best", "logprob_chunk",
                    "save_total_limit", "keep_best_checkpoint", "gradient_checkpointing")
+# Where the rollout engine runs and how much memory or time it is given: a run moved to another engine
+# process (a new URL, another interpreter, a longer timeout) samples the same maths and resumes.
+_ENGINE_PLACEMENT = ("python", "url", "kv_cache_gib", "gpu_memory_utilization", "startup_timeout_s",
+                     "request_timeout_s")
 REFERENCE_FILE = "ref_model.safetensors"   # the reference weights, when train.sync_ref_model moves them
 
 
@@ -58,6 +62,9 @@ def run_fingerprint(cfg: Config, init_model_dir: str | Path, items: Sequence[Any
     rewards, pixel budget, the starting weights and the prompt list (ids in order)."""
     h = hashlib.sha256()
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _RESUME_NEUTRAL}
+    engine = train.get("rollout", {}).get("vllm", {})
+    for k in _ENGINE_PLACEMENT:
+        engine.pop(k, None)
     h.update(json.dumps({"train": train, "rewards": dataclasses.asdict(cfg.rewards),
                          "pixels": [cfg.data.min_pixels, cfg.data.max_pixels]}, sort_keys=True,
                         default=str).encode())
