@@ -7,7 +7,7 @@ from torch import nn
 
 from vlgrpo.algo import grpo
 from vlgrpo.config import Config, TrainConfig
-from vlgrpo.rewards import RewardContext, setup_rewards
+from vlgrpo.rewards import RewardContext, extra_columns, setup_rewards
 from vlgrpo.train import checkpoint as ckpt
 from vlgrpo.train import sharding
 from vlgrpo.train.data_order import load_train_items
@@ -135,7 +135,7 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     sampling = SamplingSpec.for_training(tc, processor, model)
     items, dropped = load_train_items(cfg, processor, paths.manifest)
     weights = dict(cfg.rewards.weights)      # set up as evaluation does: the same functions, the same scores
-    reward_ctx = RewardContext.from_config(cfg, paths.root, paths.manifest.parent)
+    reward_ctx = RewardContext.from_config(cfg, paths.root, paths.manifest.parent, columns=extra_columns(items))
     rewards = RewardSetup(weights, setup_rewards(weights, reward_ctx))
     run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
               rewards, sampling, rollout_strategy(tc), sharded=sharded)
