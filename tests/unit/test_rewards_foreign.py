@@ -252,3 +252,17 @@ def test_async_rewards_of_one_batch_run_concurrently_and_bounded(tmp_path, resto
         running = plugin_module("slow_0").RUNNING
         assert R.compute_rewards({n: 1.0 for n in names}, PROMPTS, COMPLETIONS, COLUMNS, rewards=fns).total == [4.0] * 3
         assert running["max"] == expected
+
+
+def test_training_with_an_unbindable_reward_fails_before_any_model_is_loaded(tmp_path, restore_registry):
+    from tests.settings import tuned_config
+    from vlgrpo.data.manifest import Item, write_manifest
+    from vlgrpo.train.loop import train_grpo
+    from vlgrpo.train.paths import RunPaths
+
+    (tmp_path / "bad.py").write_text("def needs_gold(completions, gold_label, **kwargs):\n    return [0.0]\n")
+    write_manifest(tmp_path / "manifest.jsonl", [Item("a", "train", "color", "<image>Colour?", ["a.png"], "red")])
+    cfg = tuned_config({"rewards": {"weights": {"needs_gold": 1.0}, "plugins": ["bad.py"]}})
+    # there is no model folder at all: the reward's error comes first, before any loading
+    with pytest.raises(R.RewardBindingError, match="'needs_gold': parameter\\(s\\) gold_label"):
+        train_grpo(cfg, RunPaths.under(tmp_path, "manifest.jsonl", "models/none", "out", "m.jsonl"), progress=False)

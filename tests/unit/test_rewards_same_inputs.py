@@ -3,6 +3,7 @@ evaluate stage: the same names, the same prompt representation, the same columns
 belong to the completion."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 
@@ -44,6 +45,7 @@ def test_a_reward_sees_the_same_inputs_in_training_pilot_in_training_eval_and_ev
     from tasks.grpo import val_reward_task
 
     cfg = tiny_train_cfg(tmp_path, {"recorder": 1.0}, num_val=2, max_steps=1, eval_steps=1)
+    cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, bootstrap=100))
     root = tiny_project(tmp_path, cfg, RECORDER)
     manifest = root / "data/manifest.jsonl"
     items = read_manifest(manifest)
