@@ -349,7 +349,8 @@ class RewardsConfig:
         weights: reward name -> weight; the total reward is the weighted sum of the rewards that apply to an
             item (built-ins: accuracy, format, detail_f1, reference, fluency, clip_score; or a plugin's).
         plugins: Python files (relative to the project root) that register more rewards with
-            ``@vlgrpo.rewards.register("name")`` (or ``register_factory``).
+            ``@vlgrpo.rewards.register("name")`` (or ``register_factory``), ms-swift ORM plugin files
+            (``orms["name"] = ORM subclass``) or TRL reward functions (by function name); docs/rewards.md.
         on_error: ``raise`` stops on a reward that fails; ``skip`` scores that item None (left out of the sum).
         clip_model: local CLIP folder for ``clip_score`` (relative to the project root); never downloaded.
         fluency_min_words / fluency_max_words: the word window ``fluency`` rewards.
