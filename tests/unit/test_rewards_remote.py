@@ -48,7 +48,8 @@ def stats(url):
 
 def score(names, **cfg):
     fns = R.setup_rewards(names, R.RewardContext(RewardsConfig(**cfg)))
-    return R.compute_rewards({n: 1.0 for n in names}, PROMPTS, COMPLETIONS, COLUMNS, rewards=fns).per_reward
+    return R.compute_rewards({n: 1.0 for n in names}, PROMPTS, COMPLETIONS, COLUMNS, rewards=fns,
+                             on_error=cfg.get("on_error", "raise")).per_reward
 
 
 def test_a_remote_scoring_endpoint(server):
@@ -59,10 +60,14 @@ def test_a_remote_scoring_endpoint(server):
 def test_a_remote_endpoint_is_retried_then_fails_clearly(server):
     with pytest.raises(R.RewardError, match=rf"reward 'flaky': {server}/flaky failed after 1 tries: HTTP 503"):
         score(["flaky"], remote={"flaky": f"{server}/flaky"}, remote_retries=0)
-    # the second request is refused too, the third answered: two retries get through
+    # the server refuses its first two requests (the batch's, then the first item's alone); retries get through
     assert score(["flaky"], remote={"flaky": f"{server}/flaky"}, remote_retries=2)["flaky"][0] == 1.0
     with pytest.raises(R.RewardError, match=r"reward 'slow': .*/slow failed after 1 tries: .*timed out"):
         score(["slow"], remote={"slow": f"{server}/slow"}, remote_retries=0, remote_timeout=0.3)
+    # with on_error: skip an unreachable endpoint scores None, and the other rewards still count
+    dead = f"http://127.0.0.1:{free_port()}/score"
+    got = score(["gone", "format"], remote={"gone": dead}, remote_retries=0, on_error="skip")
+    assert got["gone"] == [None] * len(COMPLETIONS) and got["format"][0] == 1.0
 
 
 def test_an_openai_compatible_judge_with_bounded_concurrency(server):

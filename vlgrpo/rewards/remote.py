@@ -3,7 +3,8 @@
 
 Both are ``async`` rewards: the requests of a batch run concurrently, at most ``rewards.max_concurrency`` at a
 time; each request has ``rewards.remote_timeout`` seconds and is retried ``rewards.remote_retries`` times;
-a request that still fails raises an error naming the reward, the URL and the reason.
+a request that still fails raises an error naming the reward, the URL and the reason (``rewards.on_error:
+skip`` then scores the batch's items one by one and those that still fail None).
 
 Scoring endpoint protocol: ``POST <url>`` with JSON ``{"prompts": [...], "completions": [...], <every
 JSON-serialisable column>}``, answered with ``{"rewards": [float | null, ...]}`` (one per completion).
@@ -20,6 +21,11 @@ from vlgrpo.rewards.learned import JUDGE_TEMPLATE
 from vlgrpo.rewards.registry import RewardContext, RewardError, RewardFn
 
 
+class RemoteRewardError(RuntimeError):
+    """A remote reward's request failed after its retries (``rewards.on_error`` applies, like any failure of a
+    reward on its items)."""
+
+
 def _post(url: str, payload: Any | None, timeout: float) -> Any:
     data = None if payload is None else json.dumps(payload).encode("utf-8")
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
@@ -29,7 +35,7 @@ def _post(url: str, payload: Any | None, timeout: float) -> Any:
 
 
 async def request(name: str, url: str, payload: Any | None, timeout: float, retries: int) -> Any:
-    """The JSON answer of ``url`` (POST ``payload``; GET when None), retried; RewardError when it fails."""
+    """The JSON answer of ``url`` (POST ``payload``; GET when None), retried; RemoteRewardError when it fails."""
     last: Exception | None = None
     for attempt in range(retries + 1):
         try:
@@ -39,7 +45,7 @@ async def request(name: str, url: str, payload: Any | None, timeout: float, retr
             if attempt < retries:
                 await asyncio.sleep(min(0.1 * 2 ** attempt, 2.0))
     detail = f"HTTP {last.code}" if isinstance(last, urllib.error.HTTPError) else f"{type(last).__name__}: {last}"
-    raise RewardError(f"reward {name!r}: {url} failed after {retries + 1} tries: {detail}")
+    raise RemoteRewardError(f"reward {name!r}: {url} failed after {retries + 1} tries: {detail}")
 
 
 def _jsonable(columns: dict[str, Any]) -> dict[str, Any]:
