@@ -34,10 +34,11 @@ def val_reward_task(cfg: Config, root: Path, manifest: Path, model_dir: Path, ma
     from vlgrpo.data.manifest import read_manifest
     from vlgrpo.eval.evaluate import mean_sampled_reward, reward_names
     from vlgrpo.model.loading import load_model
-    from vlgrpo.rewards import RewardContext, setup_rewards
+    from vlgrpo.rewards import RewardContext, extra_columns, setup_rewards
 
     items = read_manifest(manifest, split="val")[:max_items]
-    rewards = setup_rewards(reward_names(cfg), RewardContext.from_config(cfg, root, manifest.parent))
+    rewards = setup_rewards(reward_names(cfg), RewardContext.from_config(cfg, root, manifest.parent,
+                                                                         columns=extra_columns(items)))
     model, processor = load_model(model_dir)
     return mean_sampled_reward(model, processor, items, manifest.parent, cfg, rewards=rewards)
 

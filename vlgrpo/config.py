@@ -349,7 +349,8 @@ class RewardsConfig:
         weights: reward name -> weight; the total reward is the weighted sum of the rewards that apply to an
             item (built-ins: accuracy, format, detail_f1, reference, fluency, clip_score; or a plugin's).
         plugins: Python files (relative to the project root) that register more rewards with
-            ``@vlgrpo.rewards.register("name")`` (or ``register_factory``).
+            ``@vlgrpo.rewards.register("name")`` (or ``register_factory``), ms-swift ORM plugin files
+            (``orms["name"] = ORM subclass``) or TRL reward functions (by function name); docs/rewards.md.
         on_error: ``raise`` stops on a reward that fails; ``skip`` scores that item None (left out of the sum).
         clip_model: local CLIP folder for ``clip_score`` (relative to the project root); never downloaded.
         fluency_min_words / fluency_max_words: the word window ``fluency`` rewards.
@@ -368,6 +369,15 @@ class RewardsConfig:
             P(no)) for "Is the answer correct?" (``vlgrpo.rewards.learned.make_vl_judge``). A name here is used like
             any reward in ``weights``.
         model_batch_size: texts (judge: prompts with their images) per reward-model forward.
+        completion_format: ``text`` or ``conversational``: how plugin reward functions get ``prompts`` /
+            ``completions`` (strings, or TRL's message lists ``[{"role": "assistant", "content": ...}]``).
+        max_concurrency: async rewards of one batch (and requests of a remote reward) running at once.
+        remote: remote rewards, name -> URL of an HTTP scoring endpoint (POST JSON of the call's arguments,
+            answers ``{"rewards": [...]}``).
+        judges: OpenAI-compatible judges, name -> base URL of a server speaking the chat API (``.../v1``); the
+            reward is 1.0 when it answers yes to ``JUDGE_TEMPLATE``, else 0.0.
+        judge_model: the model name sent to the judges (null: the server's first in ``/v1/models``).
+        remote_timeout / remote_retries: seconds per request, and retries after a failed one.
     """
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     plugins: tuple[str, ...] = ()
@@ -380,6 +390,13 @@ class RewardsConfig:
     iou_box_format: Literal["qwen2.5", "qwen3"] = "qwen2.5"
     models: dict[str, str] = field(default_factory=dict)
     model_batch_size: int = 32
+    completion_format: Literal["text", "conversational"] = "text"
+    max_concurrency: int = 8
+    remote: dict[str, str] = field(default_factory=dict)
+    judges: dict[str, str] = field(default_factory=dict)
+    judge_model: str | None = None
+    remote_timeout: float = 30.0
+    remote_retries: int = 2
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -393,6 +410,13 @@ class RewardsConfig:
         if self.overlong_max_length is not None:
             _check_range("rewards.overlong_max_length", self.overlong_max_length, self.overlong_buffer)
         _check_range("rewards.model_batch_size", self.model_batch_size, 1)
+        _check_range("rewards.max_concurrency", self.max_concurrency, 1)
+        _check_range("rewards.remote_timeout", self.remote_timeout, 0, lo_open=True)
+        _check_range("rewards.remote_retries", self.remote_retries, 0)
+        for section in ("remote", "judges"):
+            for name, url in getattr(self, section).items():
+                if not str(url).startswith(("http://", "https://")):
+                    _fail(f"rewards.{section}.{name}", f"must be an http(s) URL, got {url!r}")
         for name, path in self.models.items():
             if not path:
                 _fail(f"rewards.models.{name}", "must be a local model directory")

@@ -330,8 +330,8 @@ def test_on_error_raise_names_reward_and_item(restore_registry):
 
 
 def test_nan_and_wrong_length_are_errors(restore_registry):
-    R.register("nan_reward")(lambda p, c, **k: [0.0, float("nan")])
-    R.register("short_reward")(lambda p, c, **k: [0.0])
+    R.register("nan_reward")(lambda prompts, completions, **k: [0.0, float("nan")])
+    R.register("short_reward")(lambda prompts, completions, **k: [0.0])
     c = cols(2, id=["x1", "x2"])
     for mode in ("raise", "skip"):
         with pytest.raises(R.RewardError, match=r"'nan_reward' returned nan for item x2"):
@@ -341,7 +341,7 @@ def test_nan_and_wrong_length_are_errors(restore_registry):
 
 
 def test_batch_only_failure_is_reported_in_raise_mode(restore_registry):
-    R.register("batchy")(lambda p, c, **k: [1.0] * len(c) if len(c) == 1 else 1 / 0)
+    R.register("batchy")(lambda prompts, completions, **k: [1.0] * len(completions) if len(completions) == 1 else 1 / 0)
     c = cols(2, id=["x1", "x2"])
     with pytest.raises(R.RewardError, match=r"'batchy' failed on the batch of items x1..x2"):
         R.compute_rewards({"batchy": 1.0}, ["q"] * 2, ["a", "b"], c)

@@ -45,7 +45,7 @@ from vlgrpo.config import Config
 from vlgrpo.data.manifest import Item, read_manifest
 from vlgrpo.eval.gates import should_promote
 from vlgrpo.eval.stats import bootstrap_ci, paired_diff_ci
-from vlgrpo.rewards import RewardContext, compute_rewards, setup_rewards
+from vlgrpo.rewards import RewardContext, RewardState, compute_rewards, extra_columns, reward_prompt, setup_rewards
 
 Loader = Callable[[], tuple[Any, Any]]
 ALWAYS_REWARDS = ("format", "fluency")
@@ -73,10 +73,10 @@ def pass_at_k_name(k: int) -> str:
     return f"pass_at_{k}"
 
 
-def columns_for(items: Sequence[Item], terminated: Sequence[bool],
-                lengths: Sequence[int] | None = None) -> dict[str, list[Any]]:
+def columns_for(items: Sequence[Item], terminated: Sequence[bool], lengths: Sequence[int] | None = None,
+                completion_ids: Sequence[Sequence[int]] | None = None) -> dict[str, list[Any]]:
     """Per-completion reward columns (``Item.columns()`` keys plus ``terminated`` and, when given,
-    ``completion_length`` in tokens), one entry per item."""
+    ``completion_length`` in tokens and ``completion_ids``), one entry per item."""
     keys: list[str] = []
     rows = [it.columns() for it in items]
     for r in rows:
@@ -85,15 +85,20 @@ def columns_for(items: Sequence[Item], terminated: Sequence[bool],
     cols["terminated"] = list(terminated)
     if lengths is not None:
         cols["completion_length"] = list(lengths)
+    if completion_ids is not None:
+        cols["completion_ids"] = [list(c) for c in completion_ids]
     return cols
 
 
 def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Config,
-                      rewards: Mapping[str, Callable] | None = None) -> list[dict[str, float | None]]:
+                      rewards: Mapping[str, Callable] | None = None,
+                      trainer_state: RewardState | None = None) -> list[dict[str, float | None]]:
     """One record per item: every reward, the weighted ``reward``, ``completion_length``, ``terminated``.
 
     ``completions[i]`` answers ``items[i]`` (objects with ``text``, ``token_ids``, ``terminated``, i.e.
     :class:`vlgrpo.model.decoding.Completion`). ``rewards``: prebuilt reward functions by name (else the registry).
+    Rewards get what training gives them (:func:`vlgrpo.rewards.reward_prompt` prompts, ``completion_ids``);
+    ``trainer_state``: default ``RewardState()`` (outside a training run; in-training evaluation passes its step).
     """
     if len(completions) != len(items):
         raise ValueError(f"score_completions: {len(completions)} completions for {len(items)} items")
@@ -103,9 +108,9 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
     # Weights only matter for the total; scoring the unweighted extras with weight 0 keeps them out of it.
     weights = {n: float(cfg.rewards.weights.get(n, 0.0)) for n in names}
     lengths = [len(c.token_ids) for c in completions]
-    batch = compute_rewards(weights, [it.question for it in items], texts,
-                            columns_for(items, terminated, lengths), on_error=cfg.rewards.on_error,
-                            rewards=rewards)
+    batch = compute_rewards(weights, [reward_prompt(it) for it in items], texts,
+                            columns_for(items, terminated, lengths, [c.token_ids for c in completions]),
+                            on_error=cfg.rewards.on_error, rewards=rewards, trainer_state=trainer_state)
     records = []
     for i, c in enumerate(completions):
         rec: dict[str, float | None] = {n: batch.per_reward[n][i] for n in names}
@@ -117,7 +122,8 @@ def score_completions(items: Sequence[Item], completions: Sequence[Any], cfg: Co
 
 
 def pass_at_k(items: Sequence[Item], sampled: Sequence[Any], k: int,
-              rewards: Mapping[str, Callable] | None = None) -> list[float | None]:
+              rewards: Mapping[str, Callable] | None = None,
+              trainer_state: RewardState | None = None) -> list[float | None]:
     """1.0 when any of the k sampled answers of an item is correct (k samples, so the unbiased pass@k
     estimator reduces to "any"); None for items without a verifiable answer.
 
@@ -126,9 +132,10 @@ def pass_at_k(items: Sequence[Item], sampled: Sequence[Any], k: int,
     if len(sampled) != k * len(items):
         raise ValueError(f"pass_at_k: {len(sampled)} sampled completions for {len(items)} items x k={k}")
     rep = [it for it in items for _ in range(k)]
-    acc = compute_rewards({"accuracy": 1.0}, [it.question for it in rep], [c.text for c in sampled],
-                          columns_for(rep, [c.terminated for c in sampled], [len(c.token_ids) for c in sampled]),
-                          rewards=rewards).per_reward["accuracy"]
+    acc = compute_rewards({"accuracy": 1.0}, [reward_prompt(it) for it in rep], [c.text for c in sampled],
+                          columns_for(rep, [c.terminated for c in sampled], [len(c.token_ids) for c in sampled],
+                                      [c.token_ids for c in sampled]),
+                          rewards=rewards, trainer_state=trainer_state).per_reward["accuracy"]
     out: list[float | None] = []
     for i in range(len(items)):
         group = acc[i * k:(i + 1) * k]
@@ -216,10 +223,10 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
 
     import dataclasses
 
-    from vlgrpo.model.decoding import Decoding, generate_answers
+    from vlgrpo.model.decoding import generate_answers
 
     ev = cfg.evaluate
-    greedy_dec = Decoding(ev.batch_size, answer_length(cfg), cfg.data.min_pixels, cfg.data.max_pixels)
+    greedy_dec = greedy_decoding(cfg)
     t0 = time.perf_counter()
     greedy = generate_answers(model, processor, items, manifest_dir, greedy_dec,
                               f"{progress} (greedy)" if progress else None)
@@ -241,8 +248,16 @@ def run_model(model: Any, processor: Any, items: Sequence[Item], manifest_dir: P
     return [c.text for c in greedy], records, time.perf_counter() - t0
 
 
+def greedy_decoding(cfg: Config) -> Any:
+    """How evaluation answers: greedy, ``evaluate.batch_size`` items a batch, up to :func:`answer_length`."""
+    from vlgrpo.model.decoding import Decoding
+
+    return Decoding(cfg.evaluate.batch_size, answer_length(cfg), cfg.data.min_pixels, cfg.data.max_pixels)
+
+
 def val_metrics(model: Any, processor: Any, items: Sequence[Item], manifest_dir: Path, cfg: Config,
-                rewards: Mapping[str, Callable] | None = None) -> dict[str, float | None]:
+                rewards: Mapping[str, Callable] | None = None,
+                trainer_state: RewardState | None = None) -> dict[str, float | None]:
     """Evaluation during training (``train.eval_steps``): greedy ``eval/accuracy`` (over items with a
     verifiable answer; None when there are none) and ``eval/reward`` (mean weighted reward) on ``items``.
 
@@ -250,8 +265,12 @@ def val_metrics(model: Any, processor: Any, items: Sequence[Item], manifest_dir:
     """
     import dataclasses
 
-    quick = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, samples_k=0))
-    _, records, secs = run_model(model, processor, items, manifest_dir, quick, rewards=rewards, progress=None)
+    from vlgrpo.model.decoding import generate_answers
+
+    t0 = time.perf_counter()
+    greedy = generate_answers(model, processor, items, manifest_dir, greedy_decoding(cfg), None)
+    records = score_completions(items, greedy, cfg, rewards, trainer_state)
+    secs = time.perf_counter() - t0
     acc = [r["accuracy"] for r in records if r.get("accuracy") is not None]
     return {"eval/accuracy": sum(acc) / len(acc) if acc else None,
             "eval/reward": sum(r["reward"] for r in records) / len(records), "eval/seconds": secs}
@@ -293,10 +312,11 @@ def answer_length(cfg: Config) -> int:
     return cfg.evaluate.max_new_tokens or cfg.train.max_completion_length
 
 
-def reward_context(cfg: Config, root: Path, manifest_dir: Path) -> RewardContext:
+def reward_context(cfg: Config, root: Path, manifest_dir: Path, items: Sequence[Item] = ()) -> RewardContext:
     """The reward context of evaluation: the run's, with its answer length (item images under
-    ``manifest_dir``)."""
-    return RewardContext.from_config(cfg, root, manifest_dir, max_completion_length=answer_length(cfg))
+    ``manifest_dir``; the extra columns of ``items``)."""
+    return RewardContext.from_config(cfg, root, manifest_dir, max_completion_length=answer_length(cfg),
+                                     columns=extra_columns(items))
 
 
 def item_rows(items: Sequence[Item], answers: Mapping[str, Sequence[str]],
@@ -327,7 +347,7 @@ def evaluate_models(cfg: Config, manifest: str | Path, models: Mapping[str, Load
     ev = cfg.evaluate
     items = held_out_items(manifest, ev.max_items)
     tasks = [it.task for it in items]
-    rewards = setup_rewards(reward_names(cfg), reward_context(cfg, root, manifest.parent))
+    rewards = setup_rewards(reward_names(cfg), reward_context(cfg, root, manifest.parent, items))
     metrics = metric_names(cfg)
     if ev.primary_metric not in metrics:  # fail before minutes of generation, not after
         raise ValueError(f"evaluate.primary_metric {ev.primary_metric!r} is not measured; measured metrics: "

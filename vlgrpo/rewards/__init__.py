@@ -1,4 +1,6 @@
-"""Rewards (outcome reward models): name -> ``fn(prompts, completions, **columns) -> list[float | None]``.
+"""Rewards (outcome reward models): name -> ``fn(prompts, completions, **columns) -> list[float | None]``,
+always called by keyword (see :mod:`.calling`; ms-swift ORM plugins and TRL reward functions work unchanged,
+see docs/rewards.md).
 
 A reward scores a batch of completions. ``columns`` are per-completion lists built from ``Item.columns()``
 (``id``, ``task``, ``solution``, ``references``, ``scene``, ``images`` and the item's extra keys) plus
@@ -51,11 +53,13 @@ from __future__ import annotations
 # The built-in modules register their rewards when imported.
 from vlgrpo.rewards import answers, captions, learned, text  # noqa: F401
 from vlgrpo.rewards.answers import BoxConvention, accuracy, box_iou, parse_box
+from vlgrpo.rewards.calling import Reward, RewardBindingError, RewardState, reward_prompt
 from vlgrpo.rewards.combine import RewardBatch, combine, compute_rewards
 from vlgrpo.rewards.registry import (REWARDS, PluginError, RewardContext, RewardError, RewardFactory, RewardFn,
-                                     get_reward, load_plugins, register, register_factory)
+                                     extra_columns, get_reward, load_plugins, register, register_factory)
 from vlgrpo.rewards.setup import setup_rewards
 
-__all__ = ["BoxConvention", "PluginError", "REWARDS", "RewardBatch", "RewardContext", "RewardError",
-           "RewardFactory", "RewardFn", "accuracy", "box_iou", "combine", "compute_rewards", "get_reward",
-           "load_plugins", "parse_box", "register", "register_factory", "setup_rewards"]
+__all__ = ["BoxConvention", "PluginError", "REWARDS", "Reward", "RewardBatch", "RewardBindingError",
+           "RewardContext", "RewardError", "RewardFactory", "RewardFn", "RewardState", "accuracy", "box_iou",
+           "combine", "compute_rewards", "extra_columns", "get_reward", "load_plugins", "parse_box",
+           "register", "register_factory", "reward_prompt", "setup_rewards"]

@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from vlgrpo.rewards.registry import RewardError, RewardFn, get_reward
+from vlgrpo.rewards.calling import (Reward, RewardBindingError, RewardState, call_concurrently, item_args)
+from vlgrpo.rewards.registry import RewardError, get_reward
 
 class RewardBatch(NamedTuple):
     per_reward: dict[str, list[float | None]]
@@ -51,24 +52,15 @@ def _check_values(name: str, values: Any, n: int, columns: Mapping[str, Any]) ->
     return out
 
 
-def _run_one(name: str, fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
-             columns: Mapping[str, Any], on_error: str) -> list[float | None]:
-    n = len(completions)
-    try:
-        return _check_values(name, fn(list(prompts), list(completions), **columns), n, columns)
-    except RewardError:
-        raise
-    except Exception as batch_error:  # noqa: BLE001 - narrowed to the failing item(s) below
-        first = batch_error
+def _fallback(name: str, r: Reward, args: Mapping[str, Any], columns: Mapping[str, Any], n: int,
+              on_error: str, first: BaseException) -> list[float | None]:
     # The batch call failed: score item by item to name the culprit (and, for "skip", keep the rest).
     # Batch-level statistics (e.g. CIDEr's document frequencies) are then per item: a degraded fallback.
     out: list[float | None] = []
     for i in range(n):
-        cols_i = {k: [v[i]] for k, v in columns.items()}
         try:
-            got = fn([prompts[i]], [completions[i]], **cols_i)
-            out += _check_values(name, got, 1, {"id": [_item_id(columns, i)]})
-        except RewardError:
+            out += _check_values(name, r.call(item_args(args, i)), 1, {"id": [_item_id(columns, i)]})
+        except (RewardError, RewardBindingError):
             raise
         except Exception as e:  # noqa: BLE001
             if on_error == "raise":
@@ -82,17 +74,45 @@ def _run_one(name: str, fn: RewardFn, prompts: Sequence[str], completions: Seque
     return out
 
 
-def compute_rewards(names_weights: Mapping[str, float], prompts: Sequence[str], completions: Sequence[str],
+def _result(name: str, r: Reward, got: Any, args: Mapping[str, Any], columns: Mapping[str, Any], n: int,
+            on_error: str) -> list[float | None]:
+    """A batch result (or the exception the batch call raised) checked, or re-scored item by item."""
+    if isinstance(got, (RewardError, RewardBindingError)):
+        raise got
+    if not isinstance(got, BaseException):
+        return _check_values(name, got, n, columns)
+    if not isinstance(got, Exception):
+        raise got
+    return _fallback(name, r, args, columns, n, on_error, got)
+
+
+def bind_all(fns: Mapping[str, Any], names: Iterable[str], available: Iterable[str]) -> dict[str, Reward]:
+    """Every reward of ``names`` as a bound :class:`Reward` (prebuilt ones kept; plain functions, or names
+    not in ``fns`` built from the registry, bound to ``available``)."""
+    available = list(available)
+    out: dict[str, Reward] = {}
+    for name in names:
+        fn = fns[name] if name in fns else get_reward(name)
+        out[name] = fn if isinstance(fn, Reward) else Reward(name, fn, available)
+    return out
+
+
+def compute_rewards(names_weights: Mapping[str, float], prompts: Sequence[Any], completions: Sequence[str],
                     columns: Mapping[str, Sequence[Any]], on_error: str = "raise",
-                    rewards: Mapping[str, RewardFn] | None = None) -> RewardBatch:
+                    rewards: Mapping[str, Any] | None = None, *,
+                    trainer_state: RewardState | None = None) -> RewardBatch:
     """Score every completion with every weighted reward and combine them.
 
-    ``columns``: per-completion lists (all of length ``len(completions)``). ``rewards``: prebuilt functions
-    (from :func:`~vlgrpo.rewards.setup.setup_rewards`); names not in it are built from the registry with
-    the default configuration. ``on_error="raise"``: a reward that raises gives :class:`RewardError` naming
-    the reward and item; ``"skip"``: that item scores None and the others are still scored. A NaN/inf
-    score or a wrong-length result is always a RewardError: it is a bug in the reward, not a property of
-    one item.
+    Each reward is called by keyword (:mod:`~vlgrpo.rewards.calling`) with ``prompts``, ``completions``,
+    ``trainer_state`` (default ``RewardState()``) and every column; ``columns``: per-completion lists (all
+    of length ``len(completions)``; ``completion_ids``, the token ids of each completion, is one of them
+    where the caller has them). ``rewards``: prebuilt rewards (from
+    :func:`~vlgrpo.rewards.setup.setup_rewards`); names not in it are built from the registry with the
+    default configuration. Async rewards run concurrently (``rewards.max_concurrency`` at a time).
+    ``on_error="raise"``: a reward that raises gives :class:`RewardError` naming the reward and item;
+    ``"skip"``: that item scores None and the others are still scored. A NaN/inf score or a wrong-length
+    result is always a RewardError: it is a bug in the reward, not a property of one item; so is a reward
+    whose parameters match no argument (RewardBindingError), whatever ``on_error`` says.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -102,8 +122,19 @@ def compute_rewards(names_weights: Mapping[str, float], prompts: Sequence[str], 
     for k, v in columns.items():
         if len(v) != n:
             raise ValueError(f"column {k!r} has {len(v)} values for {n} completions")
-    fns = dict(rewards or {})
-    per = {name: _run_one(name, fns[name] if name in fns else get_reward(name), prompts, completions,
-                          columns, on_error)
-           for name in names_weights}
+    args: dict[str, Any] = {**columns, "prompts": list(prompts), "completions": list(completions),
+                            "trainer_state": trainer_state if trainer_state is not None else RewardState()}
+    bound = bind_all(dict(rewards or {}), names_weights, args)
+    got: dict[str, Any] = {}
+    for name, r in bound.items():
+        if not r.is_async:
+            try:
+                got[name] = r.call(args)
+            except Exception as e:  # noqa: BLE001 - checked (and narrowed to items) by _result
+                got[name] = e
+    async_names = [name for name, r in bound.items() if r.is_async]
+    if async_names:
+        limit = min(bound[k].max_concurrency for k in async_names)
+        got.update(zip(async_names, call_concurrently([bound[k] for k in async_names], args, limit)))
+    per = {name: _result(name, bound[name], got[name], args, columns, n, on_error) for name in names_weights}
     return RewardBatch(per, combine(per, names_weights))

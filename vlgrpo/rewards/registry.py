@@ -9,7 +9,7 @@ reads it there instead of every caller passing it. Two decorators fill the regis
 - :func:`register` registers a plain reward function, for rewards that need no configuration (the usual
   plugin); it is wrapped in a factory that returns the function itself.
 
-Plugin files are imported by :func:`load_plugins`. This module imports nothing else of the package.
+Plugin files are imported by :func:`load_plugins`. This module imports only :mod:`.foreign` of the package.
 """
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ import hashlib
 import importlib.util
 import re
 import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from vlgrpo.config import RewardsConfig
+from vlgrpo.rewards import foreign
 
 if TYPE_CHECKING:
     from vlgrpo.config import Config
@@ -47,7 +49,8 @@ class RewardContext:
     plugin files are relative to it); ``manifest_dir``: the folder the ``images`` column is relative to (the
     manifest's; default ``root``); ``pixels``: (data.min_pixels, data.max_pixels), the budget the policy's
     images are fitted into; ``max_completion_length``: the answer length limit (``soft_overlong``'s default
-    maximum); ``device``: where learned reward models run.
+    maximum); ``device``: where learned reward models run; ``columns``: the manifest's extra columns
+    (``Item.extra`` keys), which rewards may take as parameters besides the standard ones.
     """
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
     root: Path = Path(".")
@@ -55,6 +58,7 @@ class RewardContext:
     pixels: tuple[int, int] = DEFAULT_PIXELS
     max_completion_length: int | None = None
     device: str = "cpu"
+    columns: tuple[str, ...] = ()
 
     @property
     def image_dir(self) -> Path:
@@ -63,17 +67,25 @@ class RewardContext:
 
     @classmethod
     def from_config(cls, cfg: "Config", root: str | Path, manifest_dir: str | Path, *,
-                    max_completion_length: int | None = None, device: str = "cpu") -> "RewardContext":
+                    max_completion_length: int | None = None, device: str = "cpu",
+                    columns: Iterable[str] = ()) -> "RewardContext":
         """The context of a run of ``cfg``: its rewards section and pixel budget; ``max_completion_length``
-        defaults to ``train.max_completion_length``."""
+        defaults to ``train.max_completion_length``; ``columns``: the manifest's extra columns
+        (:func:`extra_columns`)."""
         if max_completion_length is None:
             max_completion_length = cfg.train.max_completion_length
         return cls(cfg.rewards, Path(root), Path(manifest_dir), (cfg.data.min_pixels, cfg.data.max_pixels),
-                   max_completion_length, device)
+                   max_completion_length, device, tuple(columns))
+
+
+def extra_columns(items: Iterable[Any]) -> tuple[str, ...]:
+    """The extra columns (``Item.extra`` keys) of manifest items, in first-seen order."""
+    return tuple(dict.fromkeys(k for it in items for k in it.extra))
 
 
 RewardFactory = Callable[[RewardContext], RewardFn]
 REWARDS: dict[str, RewardFactory] = {}
+SHADOWED: dict[str, str] = {}      # plugin function names left unregistered (a built-in's name) -> their file
 PLUGIN_PREFIX = "vlgrpo_plugin_"
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
@@ -151,10 +163,51 @@ def is_plugin(name: str) -> bool:
     return _origin(get_factory(name))[0].startswith(PLUGIN_PREFIX)
 
 
+def _plain_factory(name: str, fn: RewardFn, module: str) -> RewardFactory:
+    def plain(ctx: RewardContext) -> RewardFn:
+        return fn
+
+    plain.__module__, plain.__qualname__, plain.__wrapped__ = module, getattr(fn, "__qualname__", name), fn
+    return plain
+
+
+def _orm_factory(name: str, cls: type, module: str) -> RewardFactory:
+    def build(ctx: RewardContext) -> RewardFn:
+        settings = types.SimpleNamespace(**dataclasses.asdict(ctx.rewards), root=ctx.root,
+                                         max_completion_length=ctx.max_completion_length, device=ctx.device)
+        return foreign.orm_instance(name, cls, settings)
+
+    build.__module__, build.__qualname__, build.__wrapped__ = module, f"orms[{name!r}]", cls
+    return build
+
+
+def _register_foreign(module: types.ModuleType, orms: list[dict]) -> None:
+    """The names a file registers the ms-swift way (``orms[name] = ORM subclass``) and its TRL-style
+    functions (by function name) become rewards; a function that a decorator registered already, or whose
+    name is a built-in reward, is left alone (recorded in SHADOWED so that using it is an error)."""
+    registered = {getattr(f, "__wrapped__", None) for f in REWARDS.values()}
+    for table in orms:
+        for name, cls in list(table.items()):
+            if getattr(cls, "__module__", None) == module.__name__:
+                _check_name(name)
+                _add(name, _orm_factory(name, cls, module.__name__))
+    for name, fn in foreign.trl_functions(module).items():
+        if fn in registered:
+            continue
+        old = REWARDS.get(name)
+        if old is not None and not _origin(old)[0].startswith(PLUGIN_PREFIX):
+            SHADOWED[name] = str(getattr(module, "__file__", module.__name__))
+            continue
+        _add(name, _plain_factory(name, fn, module.__name__))
+
+
 def load_plugins(paths: Iterable[str | Path]) -> list[str]:
-    """Import each Python file (which calls :func:`register` / :func:`register_factory`); return the
-    reward names it added."""
+    """Import each Python file and return the reward names it added: what it registers with
+    :func:`register` / :func:`register_factory`, the ms-swift ORM classes it puts into ``orms`` (``swift.rewards``
+    / ``swift.plugin`` are importable while it loads, see :mod:`~vlgrpo.rewards.foreign`) and its TRL-style
+    reward functions, by function name."""
     added: list[str] = []
+    SHADOWED.clear()                  # what the files of this call leave unregistered
     for p in paths:
         path = Path(p).resolve()
         if not path.is_file():
@@ -168,7 +221,9 @@ def load_plugins(paths: Iterable[str | Path]) -> list[str]:
                 raise ImportError("not a Python source file")
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
-            spec.loader.exec_module(module)
+            with foreign.swift_imports() as orms:
+                spec.loader.exec_module(module)
+            _register_foreign(module, orms)
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
             sys.modules.pop(mod_name, None)
             REWARDS.clear()

@@ -30,11 +30,12 @@ def due(run: Run, step: int) -> bool:
     return every is not None and ((step + 1) % every == 0 or step + 1 == run.tc.max_steps)
 
 
-def evaluate_policy(run: Run) -> dict[str, Any]:
-    """Greedy accuracy and mean reward of the current policy on the val split (``eval/*`` metrics)."""
+def evaluate_policy(run: Run, step: int = 0) -> dict[str, Any]:
+    """Greedy accuracy and mean reward of the current policy on the val split (``eval/*`` metrics) after
+    ``step`` optimizer steps (the rewards' ``trainer_state.global_step``)."""
     from vlgrpo.eval import evaluate as E
     from vlgrpo.data.manifest import read_manifest
-    from vlgrpo.rewards import setup_rewards
+    from vlgrpo.rewards import RewardState, setup_rewards
 
     items = read_manifest(run.paths.manifest, split="val")
     if not items:
@@ -42,10 +43,11 @@ def evaluate_policy(run: Run) -> dict[str, Any]:
                          f"data.val_fraction)")
     if run.eval_rewards is None:
         run.eval_rewards = setup_rewards(E.reward_names(run.cfg),
-                                         E.reward_context(run.cfg, run.paths.root, run.paths.manifest.parent))
+                                         E.reward_context(run.cfg, run.paths.root, run.paths.manifest.parent, items))
     policy = run.policy
     try:
-        return E.val_metrics(policy, run.processor, items, run.paths.manifest.parent, run.cfg, run.eval_rewards)
+        return E.val_metrics(policy, run.processor, items, run.paths.manifest.parent, run.cfg, run.eval_rewards,
+                             trainer_state=RewardState(step, run.tc.max_steps))
     finally:
         policy.train()
 
@@ -83,7 +85,7 @@ def after_step(run: Run, step: int, row: dict[str, Any]) -> None:
         return
     acc = run.accelerator
     if acc.is_main_process:
-        metrics = evaluate_policy(run)
+        metrics = evaluate_policy(run, step + 1)
         row.update(metrics)
         if run.tc.keep_best:
             row["eval/is_best"] = float(keep_if_best(run, step, metrics))

@@ -92,18 +92,20 @@ def score_rewards(run: Run, step: int, items: list[Any], completions: Completion
 
     G = run.tc.num_generations
     c_ids, c_mask, term = completions.ids, completions.mask, completions.terminated
-    texts = [run.processor.tokenizer.decode(ids[:int(m.sum())], skip_special_tokens=True).strip()
-             for ids, m in zip(c_ids.tolist(), c_mask)]
-    prompts_txt = [it.text for it in items for _ in range(G)]
+    ids_list = [ids[:int(m.sum())] for ids, m in zip(c_ids.tolist(), c_mask)]
+    texts = [run.processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in ids_list]
+    prompts_txt = [R.reward_prompt(it) for it in items for _ in range(G)]
     columns: dict[str, list] = {}
     for it in items:
         for k, v in it.columns().items():
             columns.setdefault(k, []).extend([v] * G)
     columns["terminated"] = term.tolist()
     columns["completion_length"] = c_mask.sum(1).tolist()        # tokens (soft_overlong reads it)
+    columns["completion_ids"] = ids_list
     try:
         rb = R.compute_rewards(run.rewards.weights, prompts_txt, texts, columns,
-                               on_error=run.cfg.rewards.on_error, rewards=run.rewards.fns)
+                               on_error=run.cfg.rewards.on_error, rewards=run.rewards.fns,
+                               trainer_state=R.RewardState(step, run.tc.max_steps))
     except R.RewardError as e:
         raise TrainingError(f"step {step + 1}: {e}") from e
     return reward_tensor(step + 1, rb.per_reward, run.rewards.names)

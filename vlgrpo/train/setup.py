@@ -7,7 +7,8 @@ from torch import nn
 
 from vlgrpo.algo import grpo
 from vlgrpo.config import Config, TrainConfig
-from vlgrpo.rewards import RewardContext, setup_rewards
+from vlgrpo.data.manifest import read_manifest
+from vlgrpo.rewards import RewardContext, extra_columns, setup_rewards
 from vlgrpo.train import checkpoint as ckpt
 from vlgrpo.train import sharding
 from vlgrpo.train.data_order import load_train_items
@@ -143,6 +144,11 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     if unsupported:
         raise TrainingError("FSDP2 sharding (an accelerate config with fsdp_version: 2) does not support "
                             + "; ".join(unsupported))
+    # rewards first: a reward whose parameters match no argument fails here, before any model is loaded
+    weights = dict(cfg.rewards.weights)      # set up as evaluation does: the same functions, the same scores
+    reward_ctx = RewardContext.from_config(cfg, paths.root, paths.manifest.parent,
+                                           columns=extra_columns(read_manifest(paths.manifest, split="train")))
+    rewards = RewardSetup(weights, setup_rewards(weights, reward_ctx))
     torch.manual_seed(tc.seed)
     model, processor, ref_scorer = load_models(cfg, paths, accelerator.device)
     if sharded:       # shard first: the optimizer must hold the sharded parameters
@@ -153,9 +159,6 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
         scorer, optimizer = accelerator.prepare(CompletionScorer(model), optimizer)
     sampling = SamplingSpec.for_training(tc, processor, model)
     items, dropped = load_train_items(cfg, processor, paths.manifest)
-    weights = dict(cfg.rewards.weights)      # set up as evaluation does: the same functions, the same scores
-    reward_ctx = RewardContext.from_config(cfg, paths.root, paths.manifest.parent)
-    rewards = RewardSetup(weights, setup_rewards(weights, reward_ctx))
     run = Run(cfg, paths, accelerator, scorer, ref_scorer, optimizer, scheduler, processor, items, dropped,
               rewards, sampling, rollout_strategy(tc), sharded=sharded)
     run.fingerprint = ckpt.run_fingerprint(cfg, paths.init_model_dir, items)
