@@ -1,7 +1,6 @@
 """train.rollout.engine vllm: a real vLLM engine (its own environment, .venv-vllm from `make vllm-env`) generates
 a short GRPO run's rollouts on the tiny model; after a weight push its greedy output equals the trainer's; a
 killed engine fails the run with one clear line, leaves no process behind, and the rerun resumes."""
-import dataclasses
 import os
 import signal
 import textwrap

@@ -263,7 +263,6 @@ def val_metrics(model: Any, processor: Any, items: Sequence[Item], manifest_dir:
 
     Greedy decoding draws no random numbers, so evaluating does not change what training samples next.
     """
-    import dataclasses
 
     from vlgrpo.model.decoding import generate_answers
 
