@@ -48,7 +48,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 def test_plugin_rewards_are_known_and_paths_are_checked(tmp_path):
     (tmp_path / "plug.py").write_text("from vlgrpo.rewards import register\n\n@register('brevity_pf')\n"
-                                      "def brevity(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+                                      "def brevity(prompts, completions, **kw):\n"
+                                      "    return [1.0 for _ in completions]\n")
 
     def edit(raw):
         raw["rewards"]["plugins"] = ["plug.py"]

@@ -13,9 +13,9 @@ Kinds (``detect_kind`` tells them apart, so ``vlgrpo validate --data`` accepts a
 
 Line numbers: for JSON lines a record's ``line`` is its line in the file; for a JSON array, the 1-based
 position of the element in the array (its row: findings say ``row N``); for a Hugging Face dataset, the
-1-based row number. COCO and Flickr30k are one JSON document, so there ``line`` is the 1-based position of the entry in the file's ``images`` array (COCO: the
-image entry that all its captions attach to); a file that is not valid JSON at all is reported at the line
-the JSON parser stopped on.
+1-based row number. COCO and Flickr30k are one JSON document, so there ``line`` is the 1-based position of
+the entry in the file's ``images`` array (COCO: the image entry that all its captions attach to); a file
+that is not valid JSON at all is reported at the line the JSON parser stopped on.
 
 Image paths. A relative path is looked up, in order, in ``data.image_base`` (when set), the dataset's own
 folder (COCO / Flickr30k: its image folder), then each ``data.image_roots`` folder; the first place where the
