@@ -53,11 +53,12 @@ def worker(root: Path, tag: str, steps: int, precision: str) -> None:
     from vlgrpo.train.paths import RunPaths
 
     out = root / "models" / tag
-    paths = RunPaths.under(root, root / "data/manifest.jsonl", root / "models/base", out, out / "metrics.jsonl")
+    metrics = root / "reports" / f"{tag}.metrics.jsonl"
+    paths = RunPaths.under(root, root / "data/manifest.jsonl", root / "models/base", out, metrics)
     summary = train_grpo(_config(steps, precision), paths, progress=False)
     rows = [json.loads(line) for line in paths.metrics_path.read_text().splitlines() if line.strip()]
     times = [r["step_time_s"] for r in rows[1:]] or [r["step_time_s"] for r in rows]
-    print(json.dumps({"tag": tag, "median_step_s": statistics.median(times),
+    print(json.dumps({"tag": tag, "median_step_s": statistics.median(times), "steps_s": times,
                       "mixed_precision": summary["mixed_precision"]}))
 
 
@@ -97,6 +98,7 @@ def main() -> None:
             pair = [_spawn(root, f"pair{i}-{policy}", args, policy) for i in (1, 2)]
             side = [_result(p) for p in pair]
             ratio = max(s["median_step_s"] for s in side) / solo["median_step_s"]
+            print(f"  steps (s): alone {solo['steps_s']}, side by side {[s['steps_s'] for s in side]}")
             pair_s = [s["median_step_s"] for s in side]
             results[policy] = {"solo_step_s": solo["median_step_s"], "pair_step_s": pair_s, "ratio": ratio,
                                "mixed_precision": solo["mixed_precision"]}
