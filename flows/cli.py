@@ -8,10 +8,14 @@
     vlgrpo promote --version N --reason "..."
     vlgrpo serve               # serve the scheduled `pipeline` deployment (needs PREFECT_API_URL)
     vlgrpo where               # where the results are
+    vlgrpo check               # only the pre-flight check of params.yaml and what it names
 
 Each stage subcommand runs that stage's Prefect flow (flows/<stage>.py). Exit status: 0 on success,
 1 when the stage fails or refuses (the reason is printed once, without a traceback; the Prefect run is
 marked Failed with it), 2 on a usage error. A real crash prints its full traceback.
+
+Every command first runs the pre-flight check (tasks/preflight.py: keys, types, values, reward names, plugin
+files, data and model paths) and stops with all the problems listed, before Prefect, MLflow or a stage starts.
 
 With PREFECT_API_URL unset, `repro` and `pipeline` start one temporary Prefect server for the whole run and
 hand it to every stage; a stage command run alone starts its own, as Prefect does. Modules are imported
@@ -77,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--cron", help="cron schedule (default: the one in prefect.yaml)")
     sp.add_argument("--name", default="scheduled", help="deployment name (default: %(default)s)")
     sub.add_parser("where", help="print where the reports, models and MLflow UI are")
+    sub.add_parser("check", help="check params.yaml and what it names (rewards, plugins, paths); nothing runs",
+                   description="The pre-flight check every command runs first, alone: every problem of the "
+                   "params file at once (keys, types, values, reward names, plugin files, data and model "
+                   "paths). Exit status 0 when there is none, 1 otherwise.")
     return p
 
 
@@ -121,6 +129,9 @@ def _run(args: argparse.Namespace) -> object:
         return serve(params, name=args.name, cron=args.cron)
     if cmd == "where":
         return where(params)
+    if cmd == "check":
+        print(f"{params}: ok (keys, values, rewards, plugins, paths)")
+        return None
     raise AssertionError(cmd)
 
 
@@ -246,9 +257,15 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from tasks.common import EXPECTED
+    from tasks.preflight import PreflightFailed, preflight
 
     try:
+        if not (args.command == "validate" and args.data):  # a file anywhere: no project to check
+            preflight(args.params or "params.yaml")
         _run(args)
+    except PreflightFailed as e:  # one line per problem
+        print(f"vlgrpo {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except EXPECTED as e:  # raised outside a flow (config, lock, a standalone check)
         print(f"vlgrpo {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -18,8 +18,12 @@ from vlgrpo.train.paths import RunPaths
 @task(name="grpo", retries=0, cache_policy=NO_CACHE)
 def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]:
     """GRPO with ``cfg.train`` (the pilot passes its overrides applied to it) on ``paths``."""
+    from prefect import get_run_logger
+
+    from vlgrpo.model.precision import describe_precision
     from vlgrpo.train.loop import train_grpo
 
+    get_run_logger().info(describe_precision(cfg.train.mixed_precision)[1])  # what "auto" became here
     # The console bar (step, reward, KL, ETA) and the Prefect progress artifact both follow the metrics stream.
     desc = artifact_key.removesuffix("-progress")
     with ProgressWatcher(paths.metrics_path, cfg.train.max_steps, artifact_key), \

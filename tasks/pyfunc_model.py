@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -33,7 +34,8 @@ class VLGRPOPyfunc(PythonModel):
         self.min_pixels = int(cfg.get("min_pixels", 3136))
         self.max_pixels = int(cfg.get("max_pixels", 12544))
 
-    def predict(self, context, model_input, params=None):
+    # The hint tells MLflow a request arrives as a DataFrame (rows as in the signature register logs).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
 
         from vlgrpo.data.manifest import IMAGE_TAG, Item
         from vlgrpo.model.decoding import Decoding, generate_answers

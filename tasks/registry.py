@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +52,45 @@ def pip_requirements() -> list[str]:
         except PackageNotFoundError:  # e.g. peft where LoRA is not installed: the model does not need it
             continue
     return pins
+
+
+def _log_model(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int) -> Any:
+    """The pyfunc model of ``checkpoint`` logged to the active run, with its signature and an example."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(root / "tasks" / "pyfunc_model.py"),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(root / "vlgrpo")],
+        model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
+        pip_requirements=pip_requirements(),
+        # What a request holds and returns; MLflow also answers the example once as a smoke test.
+        signature=serving_signature(), input_example=serving_example(min_pixels),
+    )
+
+
+def serving_signature() -> Any:
+    """The served model's signature: rows of ``image`` (base64 or a path), ``question``, optional ``task``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "question"),
+                     ColSpec("string", "task", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
+
+
+def serving_example(min_pixels: int) -> Any:
+    """One request row: a plain grey PNG of the smallest size the model takes, and a question."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    side = max(28, int(min_pixels ** 0.5))
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(buf, format="PNG")
+    return pd.DataFrame([{"image": base64.b64encode(buf.getvalue()).decode("ascii"),
+                          "question": "What colour is the image?"}])
 
 
 def champion_version(client: MlflowClient, name: str) -> str | None:
@@ -97,14 +137,11 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
 
     def upload(checkpoint: Path) -> Any:
         try:
-            return mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(root / "tasks" / "pyfunc_model.py"),
-                artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(root / "vlgrpo")],
-                model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
-                pip_requirements=pip_requirements(),
-            )
+            with warnings.catch_warnings():
+                # MLflow's own pandas call when it saves the input example (`df.columns == range(...)`) is
+                # deprecated in pandas; nothing the user can change. Only that one message is hidden.
+                warnings.filterwarnings("ignore", message="Operation with range is deprecated", module="mlflow")
+                return _log_model(root, checkpoint, min_pixels, max_pixels)
         except Exception as e:  # noqa: BLE001 - MLflow wraps OS errors in several types
             if not is_disk_full(e):
                 raise

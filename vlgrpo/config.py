@@ -14,6 +14,7 @@ Loading has no side effects (no directories created, no tracking URIs set).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, a)
             except ConfigError as e:
                 errors.append(str(e))
+                if typing.get_origin(a) is Literal and isinstance(value, str):
+                    raise  # a misspelt choice: say which choices there are
         _fail(key, f"wrong type {type(value).__name__} ({value!r}); expected {_type_name(tp)}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -571,7 +574,9 @@ class TrainConfig:
         scale_rewards: advantages divide by the ``group``'s reward std, the ``batch``'s, or not at all
             (``none``).
         num_iterations: optimizer updates per rollout (> 1 uses the old policy's log-probs and clipping).
-        mixed_precision: ``bf16`` (default; CPU too), ``fp16`` (GPU only) or ``no`` (fp32).
+        mixed_precision: ``auto`` (default: bf16 on a GPU that has it, else fp16 on a GPU; on a CPU bf16
+            only where it has native bf16 instructions - AVX512-BF16 or AMX - else fp32; the choice is
+            logged), ``bf16``, ``fp16`` (GPU only) or ``no`` (fp32; ``fp32`` and ``false`` mean the same).
         save_steps: checkpoint every this many steps (and at the last one).
         save_total_limit: keep only the newest N complete checkpoints, deleting older ones after each save
             (null: keep all). The newest always stays, so a killed run still resumes.
@@ -640,7 +645,8 @@ class TrainConfig:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = 1
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    # "auto" picks for the hardware at set-up; False is what YAML reads `no` as (normalised to "no").
+    mixed_precision: Literal["auto", "bf16", "fp16", "no", "fp32"] | bool = "auto"
     save_steps: int = 50
     save_total_limit: int | None = 2
     keep_best_checkpoint: bool = False
@@ -668,6 +674,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         k = "train"
+        if self.mixed_precision is True:
+            _fail(f"{k}.mixed_precision", "true is ambiguous; write auto, bf16, fp16 or no (fp32)")
+        if self.mixed_precision in (False, "fp32"):   # one spelling for "no mixed precision" downstream
+            object.__setattr__(self, "mixed_precision", "no")
         for n in ("max_steps", "prompts_per_step", "num_iterations", "save_steps",
                   "max_completion_length", "max_prompt_tokens", "micro_batch_size", "logprob_chunk"):
             _check_range(f"{k}.{n}", getattr(self, n), 1)
@@ -863,6 +873,63 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _section_problems(cls: type, raw: Mapping[str, Any], prefix: str) -> list[str]:
+    """Every unknown key and wrong type in ``raw`` (one message each), then, when there are none, the
+    section's own value checks (the first one that fails)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = []
+    for key in sorted(set(raw) - names, key=str):
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        out.append(f"params.yaml: {dotted}: " + (_RETIRED.get(dotted) or f"unknown key; {hint}allowed keys in "
+                                                 f"'{prefix or 'top level'}': {', '.join(sorted(names))}"))
+    for key in [k for k in raw if k in names]:
+        dotted = f"{prefix}.{key}" if prefix else key
+        tp, value = hints[key], raw[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            out += _section_problems(tp, value, dotted)
+            continue
+        try:
+            _coerce(dotted, value, tp)
+        except ConfigError as e:
+            out.append(str(e))
+    if not out and prefix:
+        try:
+            _build(cls, raw, prefix)
+        except ConfigError as e:
+            out.append(str(e))
+    return out
+
+
+def config_problems(raw: Any) -> list[str]:
+    """Every problem of a parsed params.yaml at once (``load_config`` stops at the first): unknown keys and
+    wrong types everywhere, each section's value checks, then the checks across sections. [] when valid."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        return ["params.yaml: top level must be a mapping of sections"]
+    out = _section_problems(Config, raw, "")
+    if not out:
+        try:
+            config_from_dict(raw)
+        except ConfigError as e:
+            out.append(str(e))
+    return out
+
+
+def read_params(path: str | Path) -> Any:
+    """The parsed YAML of a params file; ConfigError naming the file when it is missing or not YAML."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
     if raw is None:
         raw = {}
@@ -873,12 +940,7 @@ def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
 
 def load_config(path: str | Path = "params.yaml") -> Config:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_params(path)
     try:
         return config_from_dict(raw)
     except ConfigError as e:

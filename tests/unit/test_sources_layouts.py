@@ -182,14 +182,34 @@ def test_json_array_lines_and_broken_array(tmp_path):
             {"image": "b.png", "problem": "Shape?", "solution": "square"}]
     src = _write(tmp_path / "rows.json", rows)
     recs = list(iter_records(src))
-    assert [r.line for r in recs] == [2, 7]            # the line each element starts on (indent=2)
+    assert [r.line for r in recs] == [1, 2]            # the element's row in the array, not its line
     assert [r.item.solution for r in recs] == ["red", "square"] and all(not r.errors for r in recs)
     # A truncated array: rows before the damage are read, then one invalid_json finding, no exception.
     text = src.read_text()
     (tmp_path / "cut.json").write_text(text[: text.index('"Shape?"')])
     kind, kept, findings, stats, _ = check_file(tmp_path / "cut.json", _cfg())
     assert kind == "jsonl" and len(kept) == 1
-    assert [(f["line"], f["check"]) for f in findings] == [(7, "invalid_json")]
+    assert [(f["line"], f["check"]) for f in findings] == [(2, "invalid_json")]
+    assert findings[0]["message"].startswith(f"{tmp_path / 'cut.json'} row 2: ")
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["json.dump default (one line)", "pretty-printed"])
+def test_json_array_rows_are_numbered_by_position(tmp_path, indent):
+    """``json.dump(rows, f)`` writes the array on one line: every row still gets its own id and position."""
+    _images(tmp_path)
+    rows = [{"image": "a.png", "problem": "Colour?", "solution": "red"},
+            {"image": "b.png", "problem": "Shape?", "solution": "square"},
+            {"image": "a.png", "problem": "Colour?", "solution": ""}]          # row 3: an empty solution
+    src = tmp_path / "rows.json"
+    with open(src, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=indent)
+    assert (len(src.read_text().splitlines()) == 1) == (indent is None)
+    recs = list(iter_records(src))
+    assert [r.line for r in recs] == [1, 2, 3] and len({r.item.id for r in recs}) == 3
+    _, kept, findings, _, _ = check_file(src, _cfg())
+    assert len(kept) == 2
+    assert [(f["line"], f["check"]) for f in findings] == [(3, "empty_solution")]
+    assert findings[0]["message"].startswith(f"{src} row 3: ")
 
 
 def test_nothing_dropped_silently(tmp_path):

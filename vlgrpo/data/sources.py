@@ -11,11 +11,11 @@ Kinds (``detect_kind`` tells them apart, so ``vlgrpo validate --data`` accepts a
 - ``coco``      - COCO captions: ``<root>/annotations/captions_<split>.json`` + an image folder.
 - ``flickr30k`` - the Karpathy split file ``<root>/dataset_flickr30k.json`` + an image folder.
 
-Line numbers: for JSON lines a record's ``line`` is its line in the file; for a JSON array, the line its
-element starts on; for a Hugging Face dataset, the 1-based row number. COCO and Flickr30k are one JSON
-document, so there ``line`` is the 1-based position of the entry in the file's ``images`` array (COCO: the
-image entry that all its captions attach to); a file that is not valid JSON at all is reported at the line
-the JSON parser stopped on.
+Line numbers: for JSON lines a record's ``line`` is its line in the file; for a JSON array, the 1-based
+position of the element in the array (its row: findings say ``row N``); for a Hugging Face dataset, the
+1-based row number. COCO and Flickr30k are one JSON document, so there ``line`` is the 1-based position of
+the entry in the file's ``images`` array (COCO: the image entry that all its captions attach to); a file
+that is not valid JSON at all is reported at the line the JSON parser stopped on.
 
 Image paths. A relative path is looked up, in order, in ``data.image_base`` (when set), the dataset's own
 folder (COCO / Flickr30k: its image folder), then each ``data.image_roots`` folder; the first place where the
@@ -103,7 +103,7 @@ def detect_kind(path: str | Path) -> str:
             return "flickr30k"
         if path.name.startswith("captions_"):
             return "coco"
-        if _is_json_array(path):
+        if is_json_array(path):
             return "jsonl"
         doc_kind = _document_kind(path)
         if doc_kind is not None:
@@ -254,10 +254,12 @@ def read_options(data_cfg: Any, root: Path | None = None, coco_split: str | None
 
 
 def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """(line, element text, element or Issue) for each element of a JSON array file.
+    """(row, element text, element or Issue) for each element of a JSON array file.
 
-    Elements are decoded one at a time, so each is reported at the line it starts on; a syntax error
-    stops the file there (there is no way to resynchronise inside a broken JSON document).
+    Elements are decoded one at a time and numbered by their 1-based position in the array (``json.dump``
+    writes the whole array on one line, so a line number would name every row alike); a syntax error stops
+    the file there (there is no way to resynchronise inside a broken JSON document) and is reported at the
+    row it broke in.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -270,42 +272,40 @@ def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
         yield 1, "", Issue("invalid_json", "expected a JSON array of rows")
         return
     i += 1
-    line, counted = 1, 0
+    row = 0
     while True:
         while i < len(text) and text[i] in " \t\r\n":
             i += 1
         if text.startswith("]", i):
             return
-        line += text.count("\n", counted, i)
-        counted = i
+        row += 1
         try:
             obj, end = dec.raw_decode(text, i)
         except ValueError as e:
-            yield line, "", Issue("invalid_json", f"not valid JSON: {e}")
+            yield row, "", Issue("invalid_json", f"not valid JSON: {e}")
             return
         except RecursionError:
-            yield line, "", Issue("invalid_json", "JSON nested too deeply to parse")
+            yield row, "", Issue("invalid_json", "JSON nested too deeply to parse")
             return
         chunk = text[i:end]
         if not isinstance(obj, dict):
-            yield line, chunk, Issue("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+            yield row, chunk, Issue("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
         elif _bad_unicode(chunk, obj):
-            yield line, chunk, Issue("invalid_json", "not valid Unicode text (a lone surrogate)")
+            yield row, chunk, Issue("invalid_json", "not valid Unicode text (a lone surrogate)")
         else:
-            yield line, chunk, obj
+            yield row, chunk, obj
         i = end
         while i < len(text) and text[i] in " \t\r\n":
             i += 1
         if text.startswith(",", i):
             i += 1
         elif not text.startswith("]", i):
-            line += text.count("\n", counted, i)
-            counted = i
-            yield line, "", Issue("invalid_json", "expected ',' or ']' after an array element")
+            yield row, "", Issue("invalid_json", "expected ',' or ']' after an array element")
             return
 
 
-def _is_json_array(path: Path) -> bool:
+def is_json_array(path: str | Path) -> bool:
+    """Whether ``path`` holds a JSON array (its records are numbered by row, not by line)."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     return head.startswith(b"\xef\xbb\xbf[") or head.startswith(b"[")
@@ -318,7 +318,7 @@ def iter_row_records(path: str | Path, opts: ReadOptions = ReadOptions()) -> Ite
     """
     path = Path(path)
     resolve = opts.resolver(path.parent, path.parent)
-    if _is_json_array(path):
+    if is_json_array(path):
         rows = _json_array(path)
     else:
         rows = _one_document(path) if path.suffix == ".json" else None

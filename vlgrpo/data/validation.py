@@ -61,8 +61,8 @@ from vlgrpo.config import Config
 from vlgrpo.data.images import ImageError, ImageInfo, inspect_image, vision_block, visual_tokens
 from vlgrpo.data.manifest import IMAGE_TAG, SPLITS, VIDEO_TAG, Item
 from vlgrpo.data.layouts import WARNING_CHECKS as LAYOUT_WARNINGS
-from vlgrpo.data.sources import (TASK_NAMES, ImageRef, Record, assign_split, detect_kind, iter_records,
-                                 read_options)
+from vlgrpo.data.sources import (TASK_NAMES, ImageRef, Record, assign_split, detect_kind, is_json_array,
+                                 iter_records, read_options)
 from vlgrpo.io import atomic_dir, atomic_write_json
 
 ERROR_CHECKS = ("invalid_json", "invalid_dataset", "unreadable_source", "unknown_layout", "bad_schema",
@@ -85,8 +85,11 @@ TURN_OVERHEAD = 2 + len(b"\n\n")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
-def finding(source: object, line: int, severity: str, check: str, message: str) -> dict[str, Any]:
-    return {"line": line, "severity": severity, "check": check, "message": f"{source}:{line}: {message}"}
+def finding(source: object, line: int, severity: str, check: str, message: str,
+            unit: str = "line") -> dict[str, Any]:
+    """One finding; ``unit`` "row" (JSON arrays, numbered by element) writes ``<source> row N:``."""
+    where = f"{source}:{line}" if unit == "line" else f"{source} row {line}"
+    return {"line": line, "severity": severity, "check": check, "message": f"{where}: {message}"}
 
 
 # --------------------------------------------------------------------------------------------- tokens
@@ -219,12 +222,14 @@ class RowChecker:
         # A remote image (allowed but not fetched here) is charged the most tokens the budget allows.
         self.remote_tokens = visual_tokens(*_largest_side_pair(d.max_pixels), d.min_pixels, d.max_pixels,
                                            factor)
+        # A JSON array's records are numbered by element (json.dump writes them all on line 1).
+        self.unit = "row" if isinstance(source, Path) and source.is_file() and is_json_array(source) else "line"
         self._rows: set[bytes] = set()
         self._ids: dict[str, int] = {}
         self._image_split: dict[str, tuple[str, int]] = {}
 
     def _f(self, line: int, severity: str, check: str, message: str) -> dict[str, Any]:
-        return finding(self.source, line, severity, check, message)
+        return finding(self.source, line, severity, check, message, self.unit)
 
     def check(self, rec: Record) -> Checked:
         n = rec.line
@@ -287,13 +292,13 @@ class RowChecker:
             item.split = assign_split(key, self.cfg.data.val_fraction, self.cfg.data.test_fraction)
         first = self._ids.get(item.id)
         if first is not None:
-            out.append(self._f(n, "error", "duplicate_id", f"id {item.id!r} already used on line {first}"))
+            out.append(self._f(n, "error", "duplicate_id", f"id {item.id!r} already used on {self.unit} {first}"))
         for info in infos:
             seen = self._image_split.get(info.sha256)
             if seen is not None and seen[0] != item.split:
                 out.append(self._f(n, "error", "image_in_two_splits",
                                    f"image {info.sha256[:12]} is in split {item.split!r} here and in "
-                                   f"{seen[0]!r} on line {seen[1]}"))
+                                   f"{seen[0]!r} on {self.unit} {seen[1]}"))
         if any(f["severity"] == "error" for f in out):
             return Checked(n, item, False, out, infos, tokens, refs=rec.refs, videos=rec.videos)
         self._ids[item.id] = n

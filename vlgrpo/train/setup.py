@@ -2,12 +2,15 @@
 rewards, the rollout strategy and the resume point - everything the loop reads, in one ``Run``."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from vlgrpo.algo import grpo
 from vlgrpo.config import Config, TrainConfig
 from vlgrpo.data.manifest import read_manifest
+from vlgrpo.model.precision import resolve_precision
 from vlgrpo.rewards import RewardContext, extra_columns, setup_rewards
 from vlgrpo.train import checkpoint as ckpt
 from vlgrpo.train import sharding
@@ -131,7 +134,9 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     """Everything a run needs before its first step (``cfg.train`` is the run's train section) → a Run,
     resumed from its newest checkpoint when there is one. Raises TrainingError on a set-up that cannot train
     (fp16 on CPU, prompts_per_step not divisible by the processes, too few prompts)."""
-    tc = cfg.train
+    # "auto" becomes what this machine runs well; the run, its checkpoints and its metrics see the choice.
+    tc = dataclasses.replace(cfg.train, mixed_precision=resolve_precision(cfg.train.mixed_precision))
+    cfg = dataclasses.replace(cfg, train=tc)
     if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision: fp16 needs a GPU (loss scaling); use bf16 or no on CPU")
     accelerator = make_accelerator(tc.mixed_precision)
