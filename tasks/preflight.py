@@ -66,11 +66,11 @@ def reward_problems(rc: RewardsConfig, root: Path) -> list[str]:
             load_plugins([under_root(root, p)])
         except PluginError as e:
             out.append(f"rewards.plugins: {e}")
-    known = set(REWARDS) | set(rc.models)
+    known = set(REWARDS) | set(rc.models) | set(rc.remote) | set(rc.judges)
     for name in rc.weights:
         if name not in known:
             out.append(f"rewards.weights.{name}: unknown reward {name!r}; known: {', '.join(sorted(known))} "
-                       "(more come from rewards.plugins and rewards.models)")
+                       "(more come from rewards.plugins, rewards.models, rewards.remote and rewards.judges)")
     return out
 
 
@@ -86,6 +86,9 @@ def path_problems(cfg: Config, root: Path) -> list[str]:
     if cfg.rewards.clip_model and "clip_score" in cfg.rewards.weights:
         wanted.append(("rewards.clip_model", cfg.rewards.clip_model))
     wanted += [(f"rewards.models.{n}", p) for n, p in cfg.rewards.models.items()]
+    engine = cfg.train.rollout
+    if engine.engine == "vllm" and not engine.vllm.url:  # the engine is started from its own interpreter
+        wanted.append(("train.rollout.vllm.python", engine.vllm.python))
     for key, rel in wanted:
         if not under_root(root, rel).exists():
             out.append(f"{key}: {rel} not found (relative paths are taken from {root})")

@@ -56,12 +56,35 @@ def test_plugin_rewards_are_known_and_paths_are_checked(tmp_path):
         raw["rewards"]["weights"] = {"accuracy": 1.0, "brevity_pf": 0.5}
     assert preflight(_params(tmp_path, edit)).rewards.weights["brevity_pf"] == 0.5
 
+    # a TRL function and an ms-swift ORM class by the names their files give them; remote rewards and
+    # judges by their config names
+    (tmp_path / "trl_plug.py").write_text("def brevity_trl(completions, **kwargs):\n"
+                                          "    return [1.0 for _ in completions]\n")
+    (tmp_path / "swift_plug.py").write_text("from swift.rewards import ORM, orms\n\n\nclass Short(ORM):\n"
+                                            "    def __call__(self, completions, **kwargs):\n"
+                                            "        return [1.0 for _ in completions]\n\n\n"
+                                            "orms['short_orm'] = Short\n")
+
+    def edit_foreign(raw):
+        raw["rewards"]["plugins"] = ["trl_plug.py", "swift_plug.py"]
+        raw["rewards"]["remote"] = {"scorer": "http://127.0.0.1:9/score"}
+        raw["rewards"]["judges"] = {"judge": "http://127.0.0.1:9/v1"}
+        raw["rewards"]["weights"] = {"brevity_trl": 1.0, "short_orm": 1.0, "scorer": 1.0, "judge": 1.0}
+    assert set(preflight(_params(tmp_path, edit_foreign)).rewards.weights) == {"brevity_trl", "short_orm",
+                                                                                "scorer", "judge"}
+
     def edit2(raw):
         raw["data"].update(source="jsonl", path="no/such/rows.jsonl")
         raw["base"]["model"] = "./models/not-there"
     with pytest.raises(PreflightFailed) as e:
         preflight(_params(tmp_path, edit2))
     assert [p.split(":")[0] for p in e.value.problems] == ["data.path", "base.model"]
+
+    def edit3(raw):
+        raw["train"]["rollout"] = {"engine": "vllm", "vllm": {"python": "no/such/venv/bin/python"}}
+    with pytest.raises(PreflightFailed) as e:
+        preflight(_params(tmp_path, edit3))
+    assert [p.split(":")[0] for p in e.value.problems] == ["train.rollout.vllm.python"]
 
 
 @pytest.mark.parametrize("spelling", ["no", "false", "fp32", "'no'"])
