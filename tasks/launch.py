@@ -113,21 +113,32 @@ def failure_message(stage: str, rc: int, tail: list[str], log_path: Path, second
     """What failed: the failing rank's own error lines (torchrun prefixes them ``[rankN]:``), torchrun's
     summary of which rank exited how, and the last lines of the output."""
     ranks = _failed_ranks(tail)
-    own = [line for line in tail if any(line.startswith(f"[rank{r}]:") for r in ranks)][-15:]
+    own = [line for line in tail if any(line.startswith(f"[rank{r}]:") for r in ranks)]
+    errors = [line for line in own if _ERROR_LINE.match(line)]
     last = tail[-TAIL_LINES:]
     who = f"rank {', '.join(ranks)}" if ranks else "a process"
     parts = [f"{stage}: {who} failed after {seconds:.0f} s (launcher exit status {rc}); "
              f"the other processes were stopped. Full output: {log_path}"]
     if own:
-        parts += [f"--- error of {who} ---", *own]
+        parts += [f"--- error of {who} ---", *dict.fromkeys(errors[-10:]), "...", *own[-8:]]
     parts += [f"--- last {len(last)} lines ---", *last]
     return "\n".join(parts)
 
 
+# "[rank1]: RuntimeError: ..." - the exception line of each traceback in a chain
+_ERROR_LINE = re.compile(r"\[rank\d+\]: [A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failed)\b")
+
+
 def _failed_ranks(lines: list[str]) -> list[str]:
-    # torchrun's failure summary: "  rank      : 1 (local_rank: 1)" per failed process
-    found = [m.group(1) for line in lines for m in [re.match(r"\s*rank\s*:\s*(\d+)", line)] if m]
-    return sorted(set(found), key=int)
+    """The ranks torchrun names as the root cause ("Root Cause (first observed failure)", then "rank : N");
+    every rank its failure summary names when that block is missing."""
+    rank = re.compile(r"\s*rank\s*:\s*(\d+)")
+    start = max((i for i, line in enumerate(lines) if "Root Cause" in line), default=None)
+    if start is not None:
+        for line in lines[start:]:
+            if m := rank.match(line):
+                return [m.group(1)]
+    return sorted({m.group(1) for line in lines if (m := rank.match(line))}, key=int)
 
 
 def _copy_output(proc: subprocess.Popen, log_path: Path, tail: collections.deque) -> None:
