@@ -6,15 +6,18 @@ registers a candidate. Against it, in the same project:
 
 - the manual launch (``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m vlgrpo.train``)
   gives the same weights (within the DDP test's bound) and metrics, and the stage's MLflow run holds them;
-- faults: rank 1 raises (the stage fails with that error), then rank 1 is SIGKILLed (the stage fails naming
-  rank 1); each time the other rank is stopped (the subprocess timeout bounds it: a hang fails the test),
+- faults: rank 1 raises (the stage fails with that error), rank 1 hangs and the stage gets SIGTERM (every
+  launched process ends with it), then rank 1 is SIGKILLed (the stage fails naming rank 1); each time the other rank is stopped (the subprocess timeout bounds it: a hang fails the test),
   no final model is written, and the next run resumes from the last complete checkpoint to the same result;
 - two "machines" on loopback (two launches with ``num_machines: 2``, machine ranks 0 and 1, one process
   each) give the same result as one machine with two processes.
 """
 import json
 import os
+import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.project import BIN, make_project, run
+from tests.project import BIN, make_project, project_env, run
 
 pytestmark = pytest.mark.slow
 VLGRPO = str(BIN / "vlgrpo")
@@ -36,12 +39,15 @@ _calls = [0]
 
 @register("fault")
 def fault(prompts, completions, **columns):
-    """0 for every completion; on rank 1, at its VLGRPO_TEST_FAULT_AT-th call, raise or SIGKILL itself."""
+    """0 for every completion; on rank 1, at its VLGRPO_TEST_FAULT_AT-th call: raise, hang, or SIGKILL itself."""
     _calls[0] += 1
     mode = os.environ.get("VLGRPO_TEST_FAULT")
     if mode and os.environ.get("RANK") == "1" and _calls[0] == int(os.environ["VLGRPO_TEST_FAULT_AT"]):
         if mode == "raise":
             raise RuntimeError("injected fault on rank 1")
+        if mode == "hang":
+            open(os.environ["VLGRPO_TEST_FAULT_MARK"], "w").close()
+            signal.pause()
         os.kill(os.getpid(), signal.SIGKILL)
     return [0.0] * len(completions)
 '''
@@ -126,7 +132,32 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_the_rerun_resumes(pro
     assert sorted(d.name for d in (out / "checkpoints").iterdir() if d.name.startswith("step-")) == ["step-1"]
     assert not (out / "model.safetensors").exists()
 
-    # 2) rank 1 SIGKILLed in its second step after resuming (step 3): the stage fails naming rank 1 and how
+    # 2) rank 1 hangs in step 2 and the stage gets SIGTERM (what Prefect's cancellation sends the flow's
+    #    process): the stage ends and takes every launched process with it
+    mark = root / "hang.mark"
+    proc = subprocess.Popen(train, cwd=root, env=project_env(root, VLGRPO_TEST_FAULT="hang", VLGRPO_TEST_FAULT_AT="1",
+                                                          VLGRPO_TEST_FAULT_MARK=str(mark)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(3000):
+            if mark.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert mark.exists(), "rank 1 never reached the hang"
+        assert any(_pids_running_in(root))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for _ in range(300):                    # the stage waits for its group; a few more seconds at most
+        if not any(_pids_running_in(root)):
+            break
+        time.sleep(0.1)
+    assert not any(_pids_running_in(root)), "a launched process outlived the stopped stage"
+    assert not (out / "model.safetensors").exists()
+
+    # 3) rank 1 SIGKILLed in its second step after resuming (step 3): the stage fails naming rank 1 and how
     p = run(train, root, timeout=300, check=False, VLGRPO_TEST_FAULT="kill", VLGRPO_TEST_FAULT_AT="2")
     said = p.stdout + p.stderr
     assert p.returncode != 0 and "rank 1 failed" in said and "SIGKILL" in said, said[-3000:]
@@ -134,7 +165,7 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_the_rerun_resumes(pro
     assert not (out / "model.safetensors").exists()
     assert not any(_pids_running_in(root)), "a launched process outlived the failed stage"
 
-    # 3) no fault: resumes from step 2 and ends where the uninterrupted stage did
+    # 4) no fault: resumes from step 2 and ends where the uninterrupted stage did
     run(train, root, timeout=600)
     report = json.loads((root / "reports/train.json").read_text())
     assert report["resumed_from"] == 2 and report["finished"] and report["num_processes"] == 2
