@@ -56,7 +56,9 @@ def launched_grpo(cfg: Config, paths: RunPaths, stage: str) -> dict[str, Any]:
         started = time.monotonic()
         rc, tail = run_group(cmd, root, log_path)
         if rc != 0:
-            raise StageFailed(failure_message(stage, rc, tail, log_path, time.monotonic() - started))
+            seconds = time.monotonic() - started
+            print(failure_message(stage, rc, tail, log_path, seconds))   # the rank's error and the last lines
+            raise StageFailed(failure_summary(stage, rc, tail, log_path, seconds))
         if summary_file.exists():
             import json
 
@@ -127,6 +129,33 @@ def failure_message(stage: str, rc: int, tail: list[str], log_path: Path, second
 
 # "[rank1]: RuntimeError: ..." - the exception line of each traceback in a chain
 _ERROR_LINE = re.compile(r"\[rank\d+\]: [A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failed)\b")
+
+
+def failure_summary(stage: str, rc: int, tail: list[str], log_path: Path, seconds: float) -> str:
+    """One line: which rank failed and how (its last exception line, or torchrun's exit code / signal)."""
+    ranks = _failed_ranks(tail)
+    who = f"rank {', '.join(ranks)}" if ranks else "a process"
+    errors = [line.split("]: ", 1)[1] for line in tail if _ERROR_LINE.match(line)
+              and any(line.startswith(f"[rank{r}]:") for r in ranks)]
+    how = errors[-1] if errors else "; ".join(_root_cause_details(tail)) or f"launcher exit status {rc}"
+    return f"{stage}: {who} failed after {seconds:.0f} s: {how} (the other processes were stopped; full output: " \
+           f"{log_path})"
+
+
+def _root_cause_details(lines: list[str]) -> list[str]:
+    """torchrun's "exitcode" and "traceback" entries of the root-cause block ("exitcode : -9", "Signal 9
+    (SIGKILL) received by PID ...")."""
+    start = max((i for i, line in enumerate(lines) if "Root Cause" in line), default=None)
+    if start is None:
+        return []
+    out = []
+    for line in lines[start + 1:]:
+        if line.startswith("===="):
+            break
+        key, _, value = line.strip().partition(":")
+        if key.strip() in ("exitcode", "traceback") and value.strip() and "To enable traceback" not in value:
+            out.append(f"{key.strip()} {value.strip()}")
+    return out
 
 
 def _failed_ranks(lines: list[str]) -> list[str]:
