@@ -7,8 +7,9 @@ registers a candidate. Against it, in the same project:
 - the manual launch (``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m vlgrpo.train``)
   gives the same weights (within the DDP test's bound) and metrics, and the stage's MLflow run holds them;
 - faults: rank 1 raises (the stage fails with that error), rank 1 hangs and the stage gets SIGTERM (every
-  launched process ends with it), then rank 1 is SIGKILLed (the stage fails naming rank 1); each time the other rank is stopped (the subprocess timeout bounds it: a hang fails the test),
-  no final model is written, and the next run resumes from the last complete checkpoint to the same result;
+  launched process ends with it), then rank 1 is SIGKILLed (the stage fails naming rank 1); each time the
+  other rank is stopped (the subprocess timeout bounds it: a hang fails the test), no final model is
+  written, and the next run resumes from the last complete checkpoint to the same result;
 - two "machines" on loopback (two launches with ``num_machines: 2``, machine ranks 0 and 1, one process
   each) give the same result as one machine with two processes.
 """

@@ -6,8 +6,8 @@ Two CPU processes (gloo), launched by hand:
 
 The train and pilot stages start the same module themselves when ``train.launch`` asks for several
 processes (vlgrpo.train.launch builds that command); they name every path explicitly: ``--root``,
-``--manifest``, ``--init`` (starting model), ``--out``, ``--metrics``, and ``--no-progress`` and ``--summary`` (a JSON file the main
-process writes the run's summary to, atomically).
+``--manifest``, ``--init`` (starting model), ``--out``, ``--metrics``, plus ``--no-progress`` and
+``--summary`` (a JSON file the main process writes the run's summary to, atomically).
 """
 from __future__ import annotations
 
