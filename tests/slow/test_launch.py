@@ -10,6 +10,7 @@ registers a candidate. Against it, in the same project:
   launched process ends with it), then rank 1 is SIGKILLed (the stage fails naming rank 1); each time the
   other rank is stopped (the subprocess timeout bounds it: a hang fails the test), no final model is
   written, and the next run resumes from the last complete checkpoint to the same result;
+- the FSDP2 config through the stage shards the policy and gives the same result;
 - two "machines" on loopback (two launches with ``num_machines: 2``, machine ranks 0 and 1, one process
   each) give the same result as one machine with two processes.
 """
@@ -227,3 +228,22 @@ def _pids_running_in(root: Path):
                 continue
             if "vlgrpo.train" in cmd and str(root) in cmd and state != "Z":
                 yield int(d.name)
+
+
+def test_the_stage_with_the_fsdp2_config_shards_and_equals_the_manual_launch(project):
+    import dataclasses
+
+    from tasks.launch import launched_grpo
+    from vlgrpo.config import LaunchConfig, load_config
+    from vlgrpo.train.paths import RunPaths
+
+    root, _ = project
+    cfg = load_config(root / "params.yaml")
+    launch = LaunchConfig(num_processes=2, config="configs/accelerate/fsdp2.yaml")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, launch=launch))
+    paths = RunPaths.under(root, "data/manifest.jsonl", "models/base", "models/fsdp2", "reports/fsdp2.jsonl")
+    summary = launched_grpo(cfg, paths, "fsdp2")
+    assert summary["sharding"] == "fsdp2" and summary["num_processes"] == 2 and summary["finished"]
+    assert "--config_file" in (root / "reports/fsdp2_launch.log").read_text()
+    _assert_same_run(_rows(root / "reports/manual.jsonl"), _rows(root / "reports/fsdp2.jsonl"),
+                     root / "models/manual/model.safetensors", root / "models/fsdp2/model.safetensors")
