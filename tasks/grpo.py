@@ -17,17 +17,25 @@ from vlgrpo.train.paths import RunPaths
 # Training is never retried: a retry would silently double the compute and hide the failure.
 @task(name="grpo", retries=0, cache_policy=NO_CACHE)
 def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]:
-    """GRPO with ``cfg.train`` (the pilot passes its overrides applied to it) on ``paths``."""
+    """GRPO with ``cfg.train`` (the pilot passes its overrides applied to it) on ``paths``: in this process,
+    or on the processes / machines of ``cfg.train.launch`` through accelerate's launcher (tasks/launch.py)."""
     from prefect import get_run_logger
 
     from vlgrpo.model.precision import describe_precision
-    from vlgrpo.train.loop import train_grpo
+    from vlgrpo.train.launch import is_launched
 
     get_run_logger().info(describe_precision(cfg.train.mixed_precision)[1])  # what "auto" became here
-    # The console bar (step, reward, KL, ETA) and the Prefect progress artifact both follow the metrics stream.
+    # The console bar (step, reward, KL, ETA) and the Prefect progress artifact both follow the metrics stream,
+    # which the main process writes wherever it runs.
     desc = artifact_key.removesuffix("-progress")
     with ProgressWatcher(paths.metrics_path, cfg.train.max_steps, artifact_key), \
             ConsoleProgress(paths.metrics_path, cfg.train.max_steps, desc):
+        if is_launched(cfg.train.launch):
+            from tasks.launch import launched_grpo
+
+            return launched_grpo(cfg, paths, desc)
+        from vlgrpo.train.loop import train_grpo
+
         return train_grpo(cfg, paths, progress=False)
 
 

@@ -548,6 +548,52 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """``train.launch``: how many processes (and machines) the train and pilot stages start.
+
+    1 process (the default) trains inside the stage's own process. More processes are started by the stage
+    through accelerate's launcher (torchrun underneath): ``python -m accelerate.commands.launch ... -m
+    vlgrpo.train``, in a process group of their own that the stage stops when it fails or is stopped; the main
+    process's metrics stream feeds MLflow and the progress display as in a 1-process run.
+
+    Fields:
+        num_processes: processes over all machines: 1 (in-process), N, or ``auto`` (one per visible GPU, 1
+            on a machine without GPUs).
+        config: an accelerate config file (e.g. ``configs/accelerate/fsdp2.yaml``), relative to the project
+            root; its own process and machine counts are replaced by the ones here. null: plain DDP
+            (``--multi_gpu``; over gloo on CPU processes).
+        num_machines: machines the run spans; each machine runs the stage with its own ``machine_rank``.
+        machine_rank: this machine's rank (0 = the main machine, the one whose stage writes the model,
+            metrics and reports).
+        main_process_ip: address of machine 0 (several machines; one machine uses 127.0.0.1).
+        main_process_port: port of the process group's rendezvous on machine 0 (null: a free port, one
+            machine only).
+    """
+    num_processes: int | Literal["auto"] = 1
+    config: str | None = None
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+    def __post_init__(self) -> None:
+        k = "train.launch"
+        if self.num_processes != "auto":
+            _check_range(f"{k}.num_processes", self.num_processes, 1)
+        _check_range(f"{k}.num_machines", self.num_machines, 1)
+        _check_range(f"{k}.machine_rank", self.machine_rank, 0, self.num_machines - 1)
+        if self.main_process_port is not None:
+            _check_range(f"{k}.main_process_port", self.main_process_port, 1, 65535)
+        if self.num_machines > 1:
+            if self.num_processes == "auto" or self.num_processes % self.num_machines:
+                _fail(f"{k}.num_processes", f"with num_machines {self.num_machines} must be a number divisible "
+                                            f"by it (the processes over all machines), got {self.num_processes!r}")
+            if not self.main_process_ip or self.main_process_port is None:
+                _fail(f"{k}.main_process_ip", "several machines need main_process_ip and main_process_port "
+                                              "(machine 0's address and a port open on it)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """``train``: the GRPO run (the ``pilot`` stage runs it with ``pilot.overrides`` applied).
 
@@ -625,6 +671,9 @@ class TrainConfig:
             shared-work KV cache is kept: ``vlgrpo.model.grad_checkpointing``).
         lora: peft LoRA / QLoRA instead of full fine-tuning (``LoraConfig``).
         rollout: what generates the rollouts: the policy itself or a vLLM engine (``RolloutConfig``).
+
+        launch: processes and machines of the run (``LaunchConfig``); the result does not depend on it beyond
+            float rounding (checked on 2 CPU processes).
     """
     seed: int = 0
     max_steps: int = 200
@@ -671,6 +720,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)   # see LoraConfig
     rollout: RolloutConfig = field(default_factory=RolloutConfig)   # see RolloutConfig
+
+    launch: LaunchConfig = field(default_factory=LaunchConfig)   # see LaunchConfig
 
     def __post_init__(self) -> None:
         k = "train"

@@ -1,6 +1,7 @@
 """The scheduled deployment on a real Prefect server: create the pool, deploy prefect.yaml, start a worker,
 trigger a run, and see it COMPLETED - every stage a subflow, the stage artifacts on the server, and a new
-model version (promoted) in MLflow.
+model version (promoted) in MLflow. The project trains on 2 processes (``train.launch.num_processes: 2``):
+the pilot and train stages of the worker's flow run start them through accelerate's launcher.
 """
 import json
 
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_scheduled_deployment_runs_the_pipeline(tmp_path):
-    root = make_project(tmp_path / "proj", params={"evaluate": {"min_improvement": -1.0}},
+    root = make_project(tmp_path / "proj", params={"evaluate": {"min_improvement": -1.0},
+                                                   "train": {"launch": {"num_processes": 2}}},
                         model_name="vlgrpo-prefect-test")
     with prefect_server(tmp_path) as srv:
         deploy(root, srv)
@@ -48,5 +50,6 @@ def test_scheduled_deployment_runs_the_pipeline(tmp_path):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     aliases = client.get_registered_model("vlgrpo-prefect-test").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"candidate": "1", "champion": "1"}
+    assert json.loads((root / "reports" / "train.json").read_text())["num_processes"] == 2
     register = json.loads((root / "reports" / "register.json").read_text())
     assert register["version"] == "1" and register["promoted"] is True

@@ -24,7 +24,7 @@ from vlgrpo import config as C
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {C.DataConfig: "data", C.SyntheticConfig: "data.synthetic", C.ValidateConfig: "validate",
             C.BaseConfig: "base", C.TinyModelConfig: "base.tiny", C.RewardsConfig: "rewards",
-            C.PilotConfig: "pilot", C.TrainConfig: "train", C.LoraConfig: "train.lora",
+            C.PilotConfig: "pilot", C.TrainConfig: "train", C.LoraConfig: "train.lora", C.LaunchConfig: "train.launch",
             C.EvaluateConfig: "evaluate", C.RegisterConfig: "register"}
 # Paths a flow builds from these keys are the stage's deps / outs in dvc.yaml (tracked as files there).
 PATH_KEYS = {"data.out_dir", "base.out_dir", "train.out_dir"}
@@ -39,7 +39,7 @@ FLOW_READS = {"train": {"pilot.auto_adjust"}, "evaluate": {"register.model_name"
 
 def _keys(cls, prefix: str):
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or f.name in ("synthetic", "tiny", "lora"):   # sections
+        if dataclasses.is_dataclass(f.type) or f.name in ("synthetic", "tiny", "lora", "launch"):   # sections
             continue
         yield f"{prefix}.{f.name}", f.name, cls
 
