@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
 
-from tests.families import FAMILIES, build_family, reference_model  # noqa: E402
+from tests.families import FAMILIES, HYBRID_LAYERS, build_family, reference_model  # noqa: E402
 from tests.tiny_setup import write_scenes  # noqa: E402
 from vlgrpo.model import decoding, loading, prompt_encoding  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
@@ -53,10 +53,16 @@ def test_checkpoint_has_the_hub_layout_and_loads_unchanged(family, checkpoints, 
     got = model.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     text = model.config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (64, 2, 2)
+    hybrid = family.startswith("qwen3_5")
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (64, 4 if hybrid else 2, 2)
     assert text.rope_parameters["mrope_section"] == [2, 3, 3]
-    if family.startswith("qwen3"):
+    if hybrid:                  # 3 Gated DeltaNet layers + 1 full attention, as the real 3:1 pattern
+        assert text.layer_types == list(HYBRID_LAYERS)
+        assert [type(layer.linear_attn).__name__ for layer in model.model.language_model.layers[:3]] \
+            == ["Qwen3_5GatedDeltaNet" if family == "qwen3_5" else "Qwen3_5MoeGatedDeltaNet"] * 3
+    elif family.startswith("qwen3"):
         assert list(model.config.vision_config.deepstack_visual_indexes) == [0, 1]
+    if family.startswith("qwen3"):
         assert proc.image_processor.patch_size == 16
 
 
