@@ -7,11 +7,11 @@ the batch dimension with ``repeat_interleave`` (differentiable, so the gradients
 back into the one prompt forward). A layer type this module does not know raises an error naming it rather
 than expanding half a cache.
 
-The expanded recurrent states are then replaced, not overwritten, by the completions forward: transformers
-copies a linear layer's new recurrent state into the old tensor in place (to keep a static address for CUDA
-graphs), but with gradients on, the delta rule saved that old tensor for its backward pass, and the in-place
-write would fail it ("modified by an inplace operation"). The conv state needs no such care: it is only
-concatenated, and concatenation keeps nothing for its backward.
+The expanded linear-attention states are then replaced, not overwritten, by the completions forward:
+transformers copies a linear layer's new states into the old tensors in place (to keep static addresses for
+CUDA graphs), but with gradients on, the delta rule saved the old recurrent state for its backward pass, and
+the in-place write would fail it ("modified by an inplace operation"); and gradient checkpointing's
+recompute (vlgrpo.model.grad_checkpointing) must find the states the original forward read.
 """
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ def _assign_recurrent_state(layer, recurrent_states: torch.Tensor, state_idx: in
     return recurrent_states
 
 
+def _assign_conv_state(layer, conv_states: torch.Tensor, state_idx: int = 0, conv_kernel_size: int | None = None,
+                       **kwargs) -> torch.Tensor:
+    if not layer.has_previous_state[state_idx]:       # a prefill: transformers' own path, on fresh tensors
+        return type(layer).update_conv_state(layer, conv_states, state_idx, conv_kernel_size, **kwargs)
+    full = torch.cat([layer.conv_states[state_idx], conv_states], dim=-1)
+    layer.conv_states[state_idx] = full if layer.record_past else full[..., -layer.conv_kernel_size[state_idx]:]
+    return full
+
+
 def expand_cache(cache, repeats: int) -> None:
     """Repeat every layer of ``cache`` (a transformers ``Cache`` with ``.layers``) ``repeats`` times along the
     batch, in place: row p becomes rows p·repeats .. p·repeats + repeats - 1, for key/value layers,
@@ -76,6 +85,7 @@ def expand_cache(cache, repeats: int) -> None:
             _repeat_states(layer.recurrent_states, repeats)
             # this cache lives for one rollout or one scoring pass; see the module docstring for why
             layer.update_recurrent_state = functools.partial(_assign_recurrent_state, layer)
+            layer.update_conv_state = functools.partial(_assign_conv_state, layer)
         if KV in kind and isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel():
             layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
             layer.values = layer.values.repeat_interleave(repeats, dim=0)
