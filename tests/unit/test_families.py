@@ -73,9 +73,9 @@ def _image_tokens(path: Path, scenes) -> tuple[int, list[list[int]]]:
     return int((batch["input_ids"] == model.config.image_token_id).sum()), batch["image_grid_thw"].tolist()
 
 
-@pytest.mark.parametrize("family,tokens", [("qwen2_5_vl", 16), ("qwen3_vl", 9)])
+@pytest.mark.parametrize("family,tokens", [("qwen2_5_vl", 16), ("qwen3_vl", 9), ("qwen3_5", 9)])
 def test_pixel_budget_applies_to_every_family(family, tokens, checkpoints, scenes):
-    """112x112 in a 3136..12544 px budget: 4x4 blocks of 28 px, or 3x3 blocks of 32 px for Qwen3-VL whose
+    """112x112 in a 3136..12544 px budget: 4x4 blocks of 28 px, or 3x3 blocks of 32 px for Qwen3-VL / Qwen3.5 whose
     checkpoint asks for shortest_edge 65536 (256x256, 64 tokens) when the processor is not given the budget."""
     n, grid = _image_tokens(checkpoints[family], scenes)
     assert n == tokens
@@ -240,13 +240,15 @@ def test_plain_path_scores_micro_batches_with_different_image_counts(checkpoints
     assert ((plain - shared).abs() * mask).max() <= 1e-5
 
 
-def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+def test_training_scores_never_keep_completion_logits(family, checkpoints, scenes):
     """A forward + backward of the policy's score keeps at most ``train.logprob_chunk`` tokens' worth of
-    vocabulary-sized tensors for the backward pass (the full path kept completions x tokens x vocab)."""
+    vocabulary-sized tensors for the backward pass (the full path kept completions x tokens x vocab); Qwen3.5
+    too, whose 248k-token vocabulary is where it matters most."""
     from vlgrpo.train.batches import PromptBatch, micro_batches
     from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 
-    model, proc = loading.load_model(checkpoints["qwen2_5_vl"])
+    model, proc = loading.load_model(checkpoints[family])
     V, H = model.get_output_embeddings().weight.shape
     root, items = scenes
     prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
