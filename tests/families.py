@@ -1,12 +1,12 @@
 """Tiny random-weight checkpoints of every Qwen-VL family, laid out on disk like a real hub download.
 
 Each family is built from transformers' own config class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with deepstack,
-Qwen3-VL-MoE) at toy widths, with a byte-level BPE tokenizer trained on the data (the pieces of
+Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE with 3 linear-attention layers + 1 full-attention layer) at toy widths, with a byte-level BPE tokenizer trained on the data (the pieces of
 ``vlgrpo.model.tiny_model.build_tiny``), and written the way a real ``huggingface-cli download`` folder looks:
 
 - ``config.json`` in the hub's own shape: flat text keys + legacy ``rope_scaling: {type: mrope, ...}`` for
   Qwen2-VL / Qwen2.5-VL (the 3B config's layout: tied embeddings, 2 KV heads, window attention with full
-  attention every few blocks), nested ``text_config`` / ``vision_config`` for Qwen3-VL and Qwen3-VL-MoE;
+  attention every few blocks), nested ``text_config`` / ``vision_config`` for Qwen3-VL, Qwen3-VL-MoE and Qwen3.5;
 - the legacy ``preprocessor_config.json`` (image processor fields at the top level, ``processor_class``)
   instead of ``processor_config.json``; Qwen3-VL's carries the real ``size: {shortest_edge: 65536}`` and
   16 px patches;
