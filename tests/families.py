@@ -1,12 +1,12 @@
 """Tiny random-weight checkpoints of every Qwen-VL family, laid out on disk like a real hub download.
 
 Each family is built from transformers' own config class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with deepstack,
-Qwen3-VL-MoE) at toy widths, with a byte-level BPE tokenizer trained on the data (the pieces of
+Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE with 3 linear-attention layers + 1 full-attention layer) at toy widths, with a byte-level BPE tokenizer trained on the data (the pieces of
 ``vlgrpo.model.tiny_model.build_tiny``), and written the way a real ``huggingface-cli download`` folder looks:
 
 - ``config.json`` in the hub's own shape: flat text keys + legacy ``rope_scaling: {type: mrope, ...}`` for
   Qwen2-VL / Qwen2.5-VL (the 3B config's layout: tied embeddings, 2 KV heads, window attention with full
-  attention every few blocks), nested ``text_config`` / ``vision_config`` for Qwen3-VL and Qwen3-VL-MoE;
+  attention every few blocks), nested ``text_config`` / ``vision_config`` for Qwen3-VL, Qwen3-VL-MoE and Qwen3.5;
 - the legacy ``preprocessor_config.json`` (image processor fields at the top level, ``processor_class``)
   instead of ``processor_config.json``; Qwen3-VL's carries the real ``size: {shortest_edge: 65536}`` and
   16 px patches;
@@ -31,7 +31,10 @@ import torch
 
 from vlgrpo.model import tiny_model
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# Qwen3.5's decoder mixes Gated DeltaNet linear-attention layers with full attention, 3:1 as the real
+# checkpoints do: 4 layers here, the fourth one full attention.
+HYBRID_LAYERS = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
 
 # Toy widths shared by every family: 2 language layers of width 64 (4 heads of 16, 2 KV heads, so head_dim
 # 16 and an M-RoPE half-dimension of 8), 3 vision blocks of width 32.
@@ -47,6 +50,9 @@ GENERATION = {
     "qwen3_vl": {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0},
     "qwen3_vl_moe": {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
                      "repetition_penalty": 1.0},
+    "qwen3_5": {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.0},
+    "qwen3_5_moe": {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
+                    "repetition_penalty": 1.0},
 }
 
 # Qwen2-VL / Qwen2.5-VL templates insert a default system turn; Qwen3-VL's do not. Both render an image as
@@ -117,6 +123,8 @@ def real_config(family: str, tok) -> Any:
                           window_size=112, fullatt_block_indexes=[V_DEPTH - 1])
             cls, text = tf.Qwen2_5_VLConfig, _text(tok, rope_parameters=_mrope(False), tie_word_embeddings=True)
         return cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **_token_ids(tok))
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        return _qwen3_5_config(family, tok)
     vision = dict(depth=V_DEPTH, hidden_size=V_HIDDEN, intermediate_size=2 * V_HIDDEN, num_heads=V_HEADS,
                   out_hidden_size=HIDDEN, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                   num_position_embeddings=256, deepstack_visual_indexes=[0, 1])
@@ -129,6 +137,26 @@ def real_config(family: str, tok) -> Any:
         return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                                    **_token_ids(tok))
     raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+
+
+def _qwen3_5_config(family: str, tok) -> Any:
+    """Qwen3.5 / Qwen3.5-MoE: hybrid layers (Gated DeltaNet + gated full attention), no deepstack, rotary on a
+    quarter of each head (partial_rotary_factor 0.25, so head_dim 64 keeps the M-RoPE half-dimension at 8)."""
+    import transformers as tf
+
+    vision = dict(depth=V_DEPTH, hidden_size=V_HIDDEN, intermediate_size=2 * V_HIDDEN, num_heads=V_HEADS,
+                  out_hidden_size=HIDDEN, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=256)
+    text = _text(tok, layer_types=list(HYBRID_LAYERS), head_dim=64,
+                 rope_parameters={**_mrope(True), "partial_rotary_factor": 0.25},
+                 linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4)
+    text["num_hidden_layers"] = len(HYBRID_LAYERS)
+    if family == "qwen3_5":
+        return tf.Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **_token_ids(tok))
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    text.pop("intermediate_size")
+    return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_token_ids(tok))
 
 
 def _hub_config_json(family: str, saved: dict[str, Any]) -> dict[str, Any]:

@@ -425,7 +425,10 @@ class RewardsConfig:
                 _fail(f"rewards.models.{name}", "must be a local model directory")
 
 
-LM_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every family's LoRA targets (vlgrpo.model.families.all_lora_targets, which a test keeps equal): attention
+# and MLP projections, plus Qwen3.5's Gated DeltaNet projections; a name a model lacks simply matches nothing.
+LM_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                     "in_proj_qkv", "in_proj_z", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -444,8 +447,10 @@ class LoraConfig:
         rank: r, the rank of each adapter (A: r x in, B: out x r).
         alpha: the adapter's output is scaled by alpha / rank.
         dropout: dropout on the adapter's input while training (0 keeps the maths deterministic).
-        target_modules: leaf names of the language model's linear layers that get adapters (Qwen-VL:
-            q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). lm_head and the embedding never do.
+        target_modules: leaf names of the language model's linear layers that get adapters (default: the
+            attention and MLP projections q/k/v/o_proj, gate/up/down_proj, and Qwen3.5's linear-attention
+            projections in_proj_qkv, in_proj_z, out_proj; per family in vlgrpo.model.families). A name the
+            model lacks matches nothing; lm_head and the embedding never get adapters.
         vision: also put adapters on every linear layer of the vision tower's blocks.
         merger: also put adapters on the vision-to-language merger's linear layers (frozen otherwise).
         quantize_4bit: QLoRA - the frozen base in 4-bit NF4 (bitsandbytes); needs a CUDA GPU and

@@ -1,7 +1,7 @@
 """All seven stages for every Qwen-VL family, each loaded only through ``base.model: <path>``.
 
 The checkpoints come from tests/families.py (real config classes, hub on-disk layout). One tiny project per
-family (3 GRPO steps), all four pipelines in ONE process so the Prefect / MLflow start-up is paid once.
+family (3 GRPO steps), all six pipelines in ONE process so the Prefect / MLflow start-up is paid once.
 """
 from __future__ import annotations
 

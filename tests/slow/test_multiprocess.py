@@ -49,10 +49,12 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     assert summary["sharding"] is None                    # DDP: every process holds the whole policy
 
 
-def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_steps: int = 10) -> dict:
+def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_steps: int = 10,
+                               family: str | None = None) -> dict:
     """The same 3-step run in one process and under ``accelerate launch --config_file accelerate_config`` with
     two processes: metrics and final weights must agree (tests/slow/test_sharded.py reuses it for FSDP2 and
-    ZeRO-3). Returns the 2-process run's summary."""
+    ZeRO-3). ``family``: the base is that tests/families.py checkpoint instead of the default tiny model.
+    Returns the 2-process run's summary."""
     (tmp_path / "plugin.py").write_text(PLUGIN)
     raw = {"data": {"num_train": 16, "num_val": 2, "num_test": 2},
            "rewards": {"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(tmp_path / "plugin.py")]},
@@ -62,8 +64,14 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_ste
     cfg = tuned_config(raw)
     build_dataset(cfg, tmp_path)
     items = read_manifest(tmp_path / "data/manifest.jsonl")
-    model, proc = tiny_model.build_tiny([it.question + " " + it.solution for it in items], cfg.base.tiny, 0)
-    loading.save_model(model, proc, tmp_path / "models/base")
+    texts = [it.question + " " + it.solution for it in items]
+    if family is None:
+        model, proc = tiny_model.build_tiny(texts, cfg.base.tiny, 0)
+        loading.save_model(model, proc, tmp_path / "models/base")
+    else:
+        from tests.families import build_family
+
+        build_family(family, texts, tmp_path / "models/base")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tuned_raw(raw)))
 
     one = train_grpo(cfg, RunPaths.under(tmp_path, "data/manifest.jsonl", "models/base", "out1",

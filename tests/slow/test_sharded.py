@@ -110,6 +110,14 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
     assert all(torch.equal(w3[k], w2[k]) for k in w2)
 
 
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_shard_the_hybrid_qwen3_5(tmp_path):
+    """Qwen3.5's Gated DeltaNet and full-attention decoder layers as FSDP2 units on 2 CPU processes: the same
+    metrics and weights as one process (the shared-work rollout and scoring through the hybrid cache)."""
+    summary = run_two_process_comparison(tmp_path, CONFIGS / "fsdp2.yaml", family="qwen3_5")
+    assert summary["sharding"] == "fsdp2"
+
+
 def _by_step(path: Path) -> dict[int, dict]:
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     return {r["step"]: r for r in rows}

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` helpers under the pytest script
 
-from tests.families import FAMILIES, build_family, reference_model  # noqa: E402
+from tests.families import FAMILIES, HYBRID_LAYERS, build_family, reference_model  # noqa: E402
 from tests.tiny_setup import write_scenes  # noqa: E402
 from vlgrpo.model import decoding, loading, prompt_encoding  # noqa: E402
 from vlgrpo.data.manifest import Item  # noqa: E402
@@ -53,10 +53,16 @@ def test_checkpoint_has_the_hub_layout_and_loads_unchanged(family, checkpoints, 
     got = model.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     text = model.config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (64, 2, 2)
+    hybrid = family.startswith("qwen3_5")
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (64, 4 if hybrid else 2, 2)
     assert text.rope_parameters["mrope_section"] == [2, 3, 3]
-    if family.startswith("qwen3"):
+    if hybrid:                  # 3 Gated DeltaNet layers + 1 full attention, as the real 3:1 pattern
+        assert text.layer_types == list(HYBRID_LAYERS)
+        assert [type(layer.linear_attn).__name__ for layer in model.model.language_model.layers[:3]] \
+            == ["Qwen3_5GatedDeltaNet" if family == "qwen3_5" else "Qwen3_5MoeGatedDeltaNet"] * 3
+    elif family.startswith("qwen3"):
         assert list(model.config.vision_config.deepstack_visual_indexes) == [0, 1]
+    if family.startswith("qwen3"):
         assert proc.image_processor.patch_size == 16
 
 
@@ -67,9 +73,9 @@ def _image_tokens(path: Path, scenes) -> tuple[int, list[list[int]]]:
     return int((batch["input_ids"] == model.config.image_token_id).sum()), batch["image_grid_thw"].tolist()
 
 
-@pytest.mark.parametrize("family,tokens", [("qwen2_5_vl", 16), ("qwen3_vl", 9)])
+@pytest.mark.parametrize("family,tokens", [("qwen2_5_vl", 16), ("qwen3_vl", 9), ("qwen3_5", 9)])
 def test_pixel_budget_applies_to_every_family(family, tokens, checkpoints, scenes):
-    """112x112 in a 3136..12544 px budget: 4x4 blocks of 28 px, or 3x3 blocks of 32 px for Qwen3-VL whose
+    """112x112 in a 3136..12544 px budget: 4x4 blocks of 28 px, or 3x3 blocks of 32 px for Qwen3-VL / Qwen3.5 whose
     checkpoint asks for shortest_edge 65536 (256x256, 64 tokens) when the processor is not given the budget."""
     n, grid = _image_tokens(checkpoints[family], scenes)
     assert n == tokens
@@ -234,13 +240,15 @@ def test_plain_path_scores_micro_batches_with_different_image_counts(checkpoints
     assert ((plain - shared).abs() * mask).max() <= 1e-5
 
 
-def test_training_scores_never_keep_completion_logits(checkpoints, scenes):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+def test_training_scores_never_keep_completion_logits(family, checkpoints, scenes):
     """A forward + backward of the policy's score keeps at most ``train.logprob_chunk`` tokens' worth of
-    vocabulary-sized tensors for the backward pass (the full path kept completions x tokens x vocab)."""
+    vocabulary-sized tensors for the backward pass (the full path kept completions x tokens x vocab); Qwen3.5
+    too, whose 248k-token vocabulary is where it matters most."""
     from vlgrpo.train.batches import PromptBatch, micro_batches
     from vlgrpo.train.scoring import CompletionScorer, score_micro_batch
 
-    model, proc = loading.load_model(checkpoints["qwen2_5_vl"])
+    model, proc = loading.load_model(checkpoints[family])
     V, H = model.get_output_embeddings().weight.shape
     root, items = scenes
     prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, items[:2], root, **PIX), [1, 1])
@@ -294,3 +302,107 @@ def test_full_fine_tuning_reference_is_held_in_the_compute_dtype(checkpoints, sc
         held_fp32 = score_batch(refs["no"], prompts, ids, mask, tc)
     autocast_effect = float(((held_fp32 - fp32).abs() * mask).max())
     assert float(((held_bf16 - held_fp32).abs() * mask).max()) <= 2 * autocast_effect + 1e-3
+
+
+# ------------------------------------------------------------------------------------ the family table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_table_row_matches_the_real_checkpoint(family, checkpoints, scenes):
+    """vlgrpo.model.families: each row's patch size, processor, cache kinds (from a real prefill) and LoRA
+    targets (adapters land on each of them, linear-attention projections included) are the checkpoint's."""
+    from vlgrpo.config import LM_LINEAR_MODULES, LoraConfig
+    from vlgrpo.model import families, lora
+    from vlgrpo.model.caches import layer_kinds
+
+    model, proc = loading.load_model(checkpoints[family])
+    row = families.family_of(model)
+    assert row.name == family and type(proc).__name__ == row.processor
+    assert proc.image_processor.patch_size == row.patch_size
+    root, items = scenes
+    batch = prompt_encoding.encode_prompts(proc, items[:1], root, **PIX)
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True, logits_to_keep=1).past_key_values
+    assert frozenset().union(*(layer_kinds(layer) for layer in cache.layers)) == row.cache_kinds
+    assert set(families.all_lora_targets()) == set(LM_LINEAR_MODULES)      # the shipped default covers all
+    names = lora.target_modules(model, LoraConfig(enabled=True))
+    assert {n.split(".")[-1] for n in names} == set(row.lora_targets)
+    if row.cache_kinds > {"key_value"}:     # every Gated DeltaNet layer gets its projections adapted
+        assert sum(".linear_attn." in n for n in names) == 3 * len(families.LINEAR_ATTENTION_TARGETS)
+
+
+def test_an_unknown_model_type_is_named(checkpoints):
+    from vlgrpo.model import families
+
+    with pytest.raises(families.UnknownFamily, match="'llava'.*qwen3_5_moe"):
+        families.family_of(type("Cfg", (), {"model_type": "llava"})())
+
+
+def _hybrid_prefill(checkpoints, scenes):
+    model, proc = loading.load_model(checkpoints["qwen3_5"])
+    root, items = scenes
+    batch = prompt_encoding.encode_prompts(proc, items[:2], root, **PIX)
+    with torch.no_grad():
+        return model(**batch, use_cache=True, logits_to_keep=1).past_key_values
+
+
+def test_cache_expansion_repeats_every_state_kind(checkpoints, scenes):
+    """Qwen3.5's cache: three linear-attention layers (conv + recurrent state) and one key/value layer; each
+    prompt's state becomes G consecutive rows, of every kind."""
+    from vlgrpo.model.caches import expand_cache
+
+    cache = _hybrid_prefill(checkpoints, scenes)
+    assert [type(layer).__name__ for layer in cache.layers] == ["LinearAttentionLayer"] * 3 + ["DynamicLayer"]
+    before = [[t.clone() for t in (*layer.conv_states.values(), *layer.recurrent_states.values())]
+              for layer in cache.layers[:3]] + [[cache.layers[3].keys.clone(), cache.layers[3].values.clone()]]
+    expand_cache(cache, 3)
+    after = [[*layer.conv_states.values(), *layer.recurrent_states.values()] for layer in cache.layers[:3]] \
+        + [[cache.layers[3].keys, cache.layers[3].values]]
+    for old, new in zip(before, after):
+        for a, b in zip(old, new):
+            assert a.shape[0] == 2 and torch.equal(b, a.repeat_interleave(3, 0))
+    assert cache.get_seq_length() == before[3][0].shape[-2]
+
+
+def test_an_unknown_cache_layer_type_is_named_before_anything_expands(checkpoints, scenes):
+    from transformers.cache_utils import DynamicLayer
+
+    from vlgrpo.model.caches import UnknownCacheLayer, expand_cache
+
+    class PagedLayer(DynamicLayer):       # a layer type transformers might add, with its own storage
+        pass
+
+    cache = _hybrid_prefill(checkpoints, scenes)
+    cache.layers[3].__class__ = PagedLayer
+    conv = cache.layers[0].conv_states[0]
+    with pytest.raises(UnknownCacheLayer, match="'PagedLayer'.*train.shared_work: false"):
+        expand_cache(cache, 4)
+    assert cache.layers[0].conv_states[0] is conv          # nothing was half-expanded
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_through_the_shared_path_equals_plain_generate(family, checkpoints, scenes):
+    """A nucleus of one token (top_p -> 0) makes the rollout greedy: its completions, decoded from the
+    expanded cache (key/value and linear-attention states), are transformers' own greedy ``generate`` of each
+    prompt alone, for all G copies of the prompt."""
+    from transformers import GenerationConfig
+
+    from vlgrpo.train.batches import PromptBatch
+    from vlgrpo.train.generation import SamplingSpec, generate_group_completions
+
+    model, proc = loading.load_model(checkpoints[family])
+    root, items = scenes
+    chosen = _mixed_items(root, items)[:2]
+    prompts = PromptBatch.from_encoded(prompt_encoding.encode_prompts(proc, chosen, root, **PIX),
+                                       [len(it.images) for it in chosen])
+    stops, banned, n, G = decoding.stop_token_ids(proc, model), decoding.vision_token_ids(proc, model), 8, 2
+    spec = SamplingSpec(G, n, 1.0, 1e-9, tuple(stops), proc.tokenizer.pad_token_id, tuple(banned))
+    got = generate_group_completions(model, prompts, spec, [torch.Generator().manual_seed(k) for k in range(2)])
+    gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=stops, suppress_tokens=banned,
+                          pad_token_id=proc.tokenizer.pad_token_id)
+    for p, it in enumerate(chosen):
+        batch = prompt_encoding.encode_prompts(proc, [it], root, **PIX)
+        with torch.no_grad():
+            want = model.generate(**batch, generation_config=gc)[0, batch["input_ids"].shape[1]:].tolist()
+        for row in range(p * G, (p + 1) * G):
+            assert got.ids[row][:int(got.mask[row].sum())].tolist() == want, (it.id, row)

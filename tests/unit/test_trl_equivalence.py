@@ -39,15 +39,26 @@ G, P, C = 4, 2, 8            # 2 prompts × 4 completions, up to 8 tokens
 N = P * G
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def synthetic_prompts():
+    """(items, images, tokenizer texts) of the P prompts every equivalence case scores."""
     pairs = list(generate(tuned_data(num_train=6, num_val=0, num_test=0, seed=3)))
     items = [p[0] for p in pairs][:P]
     images = [[p[1]] for p in pairs][:P]
-    texts = [it.question + " " + it.solution for it, _ in pairs] * 4
+    return items, images, [it.question + " " + it.solution for it, _ in pairs] * 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    items, images, texts = synthetic_prompts()
     model, proc = tiny_model.build_tiny(texts, TinyModelConfig(), seed=0)
     d = tmp_path_factory.mktemp("tiny")
     loading.save_model(model, proc, d)
+    return make_setup(d, items, images)
+
+
+def make_setup(d, items, images) -> dict:
+    """Completions, advantages, reference and old-policy log-probs of the checkpoint at ``d`` (loaded the way
+    ``base.model`` loads it): the inputs both TRL and our update score."""
     model, proc = loading.load_model(d)
     enc = prompt_encoding.encode_prompts(proc, items, None, 3136, 12544, images=images)
     prompts = PromptBatch.from_encoded(enc, [1] * P)
@@ -105,7 +116,10 @@ def _make_trl_trainer(setup, tmp_path_factory, temperature):
     args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=N,
                       num_generations=G, loss_type="grpo", beta=0.04, epsilon=0.2, epsilon_high=0.28,
                       max_completion_length=C, use_cpu=True, bf16=False, report_to=[],
-                      gradient_accumulation_steps=1, temperature=temperature, use_bias_correction_kl=False)
+                      gradient_accumulation_steps=1, temperature=temperature, use_bias_correction_kl=False,
+                      # TRL adds an MoE model's load-balancing loss (router_aux_loss_coef of its config); vlgrpo's
+                      # objective has no such term (docs/architecture.md), so the oracle runs without it
+                      router_aux_loss_coef=0.0)
     tr = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                      args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * N),
                      processing_class=setup["proc"])

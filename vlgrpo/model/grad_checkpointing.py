@@ -52,7 +52,7 @@ def _drop_cache_warning(record: logging.LogRecord) -> bool:
 
 def _cache_index(layer: nn.Module) -> int | None:
     """The KV-cache slot a decoder layer writes (its attention's ``layer_idx``); None for vision blocks."""
-    for name in ("self_attn", "attn", "attention"):
+    for name in ("self_attn", "attn", "attention", "linear_attn"):   # linear_attn: Qwen3.5's Gated DeltaNet
         idx = getattr(getattr(layer, name, None), "layer_idx", None)
         if isinstance(idx, int):
             return idx
@@ -79,9 +79,15 @@ def _snapshot(cache: Any, idx: int) -> dict | None:
     if layers is None:
         raise TypeError(f"train.gradient_checkpointing: unsupported cache type {type(cache).__name__} "
                         f"(expected a transformers Cache with per-layer state)")
-    # A cache layer's state is plain attributes (keys, values, is_initialized, ...); an update replaces the
-    # tensors (torch.cat), never writes into them, so a shallow copy is the whole state.
-    return dict(vars(layers[idx])) if idx < len(layers) else None
+    # A cache layer's state is plain attributes (keys, values, is_initialized, ...), and for a linear-attention
+    # layer dicts of them (conv / recurrent state per index, has_previous_state); an update replaces the
+    # tensors (torch.cat, or on an expanded cache vlgrpo.model.caches' assignment), never writes into one the
+    # forward read, so copying the attributes and those dicts is the whole state.
+    return _copy_state(vars(layers[idx])) if idx < len(layers) else None
+
+
+def _copy_state(state: dict) -> dict:
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in state.items()}
 
 
 def _restore(cache: Any, idx: int, state: dict | None) -> None:
@@ -92,4 +98,4 @@ def _restore(cache: Any, idx: int, state: dict | None) -> None:
         layer.reset()
         return
     vars(layer).clear()
-    vars(layer).update(state)
+    vars(layer).update(_copy_state(state))

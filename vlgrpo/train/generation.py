@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from vlgrpo.model.caches import expand_cache
 from vlgrpo.train.backbone import backbone_and_head, unwrap
 from vlgrpo.train.batches import PromptBatch
 from vlgrpo.train.sampling import SamplingSpec
@@ -58,7 +59,7 @@ def _prefill(model: nn.Module, prompts: PromptBatch, G: int, shared: bool):
                     mm_token_type_ids=prompts.mm_token_type_ids, use_cache=True, logits_to_keep=1,
                     **prompts.vision_kwargs())
         cache = out.past_key_values
-        cache.batch_repeat_interleave(G)
+        expand_cache(cache, G)
         return (cache, out.logits[:, -1].repeat_interleave(G, 0), prompts.attention_mask.repeat_interleave(G, 0),
                 completion_positions(model, prompts, 1).repeat_interleave(G, 1))
     rep = prompts.select([i for i in range(len(prompts)) for _ in range(G)])

@@ -24,6 +24,7 @@ from torch import nn
 
 from vlgrpo.config import TrainConfig
 from vlgrpo.algo.logprobs import completion_logprobs
+from vlgrpo.model.caches import expand_cache
 from vlgrpo.train.backbone import backbone_and_head
 from vlgrpo.train.batches import MicroBatch, PromptBatch, micro_batches
 from vlgrpo.train.generation import completion_positions, generate_group_completions
@@ -85,10 +86,11 @@ class CompletionScorer(nn.Module):
         C = c_ids.shape[1]
         if C == 1:
             return first
-        # 2) expand the cache to the r completions of each prompt (repeat_interleave is differentiable, so
-        #    gradients of all r completions flow back into the one prompt forward and the vision tower)
+        # 2) expand the cache (key/value and linear-attention states) to the r completions of each prompt
+        #    (repeat_interleave is differentiable, so gradients of all r completions flow back into the one
+        #    prompt forward and the vision tower)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(r)
+        expand_cache(cache, r)
         pos = completion_positions(self.model, p, C - 1).repeat_interleave(r, 1)       # (3, n, C-1)
         full_mask = torch.cat([p.attention_mask.repeat_interleave(r, 0), c_mask[:, :-1]], 1)  # (n, L + C - 1)
         rest = backbone(input_ids=c_ids[:, :-1], attention_mask=full_mask, position_ids=pos,
