@@ -86,6 +86,8 @@ def path_problems(cfg: Config, root: Path) -> list[str]:
     if cfg.rewards.clip_model and "clip_score" in cfg.rewards.weights:
         wanted.append(("rewards.clip_model", cfg.rewards.clip_model))
     wanted += [(f"rewards.models.{n}", p) for n, p in cfg.rewards.models.items()]
+    if cfg.train.launch.config:
+        wanted.append(("train.launch.config", cfg.train.launch.config))
     engine = cfg.train.rollout
     if engine.engine == "vllm" and not engine.vllm.url:  # the engine is started from its own interpreter
         wanted.append(("train.rollout.vllm.python", engine.vllm.python))

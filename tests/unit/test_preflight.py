@@ -82,9 +82,10 @@ def test_plugin_rewards_are_known_and_paths_are_checked(tmp_path):
 
     def edit3(raw):
         raw["train"]["rollout"] = {"engine": "vllm", "vllm": {"python": "no/such/venv/bin/python"}}
+        raw["train"]["launch"] = {"num_processes": 2, "config": "configs/accelerate/no_such.yaml"}
     with pytest.raises(PreflightFailed) as e:
         preflight(_params(tmp_path, edit3))
-    assert [p.split(":")[0] for p in e.value.problems] == ["train.rollout.vllm.python"]
+    assert [p.split(":")[0] for p in e.value.problems] == ["train.launch.config", "train.rollout.vllm.python"]
 
 
 @pytest.mark.parametrize("spelling", ["no", "false", "fp32", "'no'"])
