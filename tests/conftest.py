@@ -65,3 +65,14 @@ def _no_mlflow_store_leaks():
 def pytest_sessionfinish(session, exitstatus):
     if WORKER:
         shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def restore_registry():
+    """The reward registry as it was before the test: plugin files a test loads register into it."""
+    from vlgrpo.rewards.registry import REWARDS
+
+    saved = dict(REWARDS)
+    yield
+    REWARDS.clear()
+    REWARDS.update(saved)

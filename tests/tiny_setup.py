@@ -47,3 +47,22 @@ def tiny_train_cfg(project: Path, weights: dict[str, float], num_val: int = 2, *
     return tuned_config({"data": {"num_train": 16, "num_val": num_val, "num_test": 2},
                              "rewards": {"weights": weights, "plugins": [str(project / "plugin.py")]},
                              "train": {**TINY_TRAIN, **train}})
+
+
+def update_saving_bytes(model, batch, tc) -> tuple[dict, int]:
+    """One ``update_phase`` of ``model`` on ``batch`` -> (its metric sums, bytes of the tensors autograd saved
+    for backward): what gradient checkpointing is meant to shrink."""
+    import torch
+
+    from vlgrpo.train.scoring import CompletionScorer
+    from vlgrpo.train.update import update_phase
+
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sums = update_phase(CompletionScorer(model), batch, tc)
+    return sums, saved[0]

@@ -6,9 +6,9 @@ type on the default tiny model."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.families import FAMILIES, build_family
+from tests.tiny_setup import update_saving_bytes
 from tests.unit.test_trl_equivalence import (G, N, P, _assert_grads_close, _make_trl_trainer, _our_loss_and_grads,
                                              _trl_loss_and_grads, make_setup, synthetic_prompts)
 
@@ -37,8 +37,6 @@ def test_gradient_checkpointing_through_the_hybrid_cache_keeps_the_gradients(fam
     from vlgrpo.model import loading
     from vlgrpo.model.grad_checkpointing import enable_gradient_checkpointing
     from vlgrpo.train.batches import StepBatch
-    from vlgrpo.train.scoring import CompletionScorer
-    from vlgrpo.train.update import update_phase
     from tests.settings import tuned_train
 
     items, images, texts = synthetic_prompts()
@@ -53,16 +51,9 @@ def test_gradient_checkpointing_through_the_hybrid_cache_keeps_the_gradients(fam
         model.train()
         if ckpt:
             assert enable_gradient_checkpointing(model) == 4 + 3          # decoder layers + vision blocks
-        saved = [0]
-
-        def pack(t):
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            sums = update_phase(CompletionScorer(model), batch, tc)
+        sums, saved = update_saving_bytes(model, batch, tc)
         out[ckpt] = (sums["loss"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                     saved[0])
+                     saved)
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)
     _assert_grads_close(out[True][1], out[False][1], atol=1e-5)
     assert any(".linear_attn." in n for n in out[True][1])

@@ -25,6 +25,7 @@ from vlgrpo.train.batches import PromptBatch, StepBatch
 from vlgrpo.train.scoring import CompletionScorer, score_batch
 from vlgrpo.train.update import update_phase
 from tests.settings import tuned_config, tuned_data, tuned_train
+from tests.tiny_setup import update_saving_bytes
 
 G, P, C = 4, 2, 8
 N = P * G
@@ -172,16 +173,9 @@ def test_gradient_checkpointing_same_grads_fewer_saved_bytes(setup, shared):
             assert enable_gradient_checkpointing(model) == 4       # 2 decoder layers + 2 vision blocks
             assert {type(m).__name__ for m in model.modules() if getattr(m, "gradient_checkpointing", False)} \
                 == {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"} and not names
-        saved = [0]
-
-        def pack(t):
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            sums = update_phase(CompletionScorer(model), batch, tc)
+        sums, saved = update_saving_bytes(model, batch, tc)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        out[ckpt] = (sums["loss"], grads, saved[0])
+        out[ckpt] = (sums["loss"], grads, saved)
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-7)
     worst = _assert_close(out[True][1], out[False][1], 1e-5)
     print(f"checkpointing shared={shared}: max |Δgrad| {worst:.2g}, saved bytes {out[True][2]} vs {out[False][2]}")

@@ -22,14 +22,6 @@ SCENE = {"width": 112, "height": 112, "background": "gray", "objects": [
     {"shape": "square", "color": "blue", "size": 30, "x": 50, "y": 80}]}
 
 
-@pytest.fixture
-def restore_registry():
-    saved = dict(R.REWARDS)
-    yield
-    R.REWARDS.clear()
-    R.REWARDS.update(saved)
-
-
 def cols(n: int, **kw):
     base = {"id": [f"it{i}" for i in range(n)], "task": ["color"] * n, "solution": ["red"] * n,
             "references": [[] for _ in range(n)], "scene": [SCENE] * n, "images": [[] for _ in range(n)],

@@ -103,14 +103,6 @@ COLUMNS = {"id": ["a", "b", "c"], "task": ["color", "count", "exists"], "solutio
            "completion_ids": [[5, 9], [3, 4, 8], [11, 2]]}
 
 
-@pytest.fixture
-def restore_registry():
-    saved = dict(registry.REWARDS)
-    yield
-    registry.REWARDS.clear()
-    registry.REWARDS.update(saved)
-
-
 def setup(tmp_path, files: dict[str, str], names, **rewards_cfg):
     for fname, text in files.items():
         (tmp_path / fname).write_text(text)
