@@ -82,7 +82,19 @@ def project(tmp_path_factory):
     return root, p
 
 
-def test_repro_with_two_processes_registers_and_equals_the_manual_launch(project):
+@pytest.fixture(scope="module")
+def manual(project):
+    """The same training launched by hand (``accelerate launch ... -m vlgrpo.train``): what every stage run of
+    this module is compared with. A fixture, so no test depends on another having run first."""
+    root, _ = project
+    port = str(_free_port())
+    run([str(BIN / "accelerate"), "launch", "--config_file", str(root / "configs/accelerate/cpu_2proc.yaml"),
+         "--main_process_port", port, "-m", "vlgrpo.train", "params.yaml", "models/manual", "reports/manual.jsonl"],
+        root, timeout=900)
+    return _rows(root / "reports/manual.jsonl"), root / "models/manual/model.safetensors"
+
+
+def test_repro_with_two_processes_registers_and_equals_the_manual_launch(project, manual):
     root, p = project
     train = json.loads((root / "reports/train.json").read_text())
     assert train["num_processes"] == 2 and train["finished"] and train["steps"] == STEPS
@@ -94,13 +106,8 @@ def test_repro_with_two_processes_registers_and_equals_the_manual_launch(project
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert "candidate" in client.get_registered_model("vlgrpo-launch").aliases
 
-    port = str(_free_port())
-    run([str(BIN / "accelerate"), "launch", "--config_file", str(root / "configs/accelerate/cpu_2proc.yaml"),
-         "--main_process_port", port, "-m", "vlgrpo.train", "params.yaml", "models/manual", "reports/manual.jsonl"],
-        root, timeout=900)
-    stage_rows, manual_rows = _rows(root / "reports/train_metrics.jsonl"), _rows(root / "reports/manual.jsonl")
-    _assert_same_run(stage_rows, manual_rows, root / "models/candidate/model.safetensors",
-                     root / "models/manual/model.safetensors")
+    stage_rows, (manual_rows, manual_weights) = _rows(root / "reports/train_metrics.jsonl"), manual
+    _assert_same_run(stage_rows, manual_rows, root / "models/candidate/model.safetensors", manual_weights)
     # the stage's MLflow run holds the main process's metrics, each step once
     for key in ("loss", "reward"):
         history = sorted(client.get_metric_history(train["mlflow_run_id"], key), key=lambda m: m.step)
@@ -119,7 +126,7 @@ def _fault_params(root: Path) -> Path:
     return root / "fault.yaml"
 
 
-def test_a_failing_rank_fails_the_stage_with_its_error_and_the_rerun_resumes(project):
+def test_a_failing_rank_fails_the_stage_with_its_error_and_the_rerun_resumes(project, manual):
     root, _ = project
     params = str(_fault_params(root))
     out = root / "models/faulty"
@@ -170,11 +177,11 @@ def test_a_failing_rank_fails_the_stage_with_its_error_and_the_rerun_resumes(pro
     run(train, root, timeout=600)
     report = json.loads((root / "reports/train.json").read_text())
     assert report["resumed_from"] == 2 and report["finished"] and report["num_processes"] == 2
-    _assert_same_run(_rows(root / "reports/manual.jsonl"), _rows(root / "reports/train_metrics.jsonl"),
-                     root / "models/manual/model.safetensors", out / "model.safetensors")
+    _assert_same_run(manual[0], _rows(root / "reports/train_metrics.jsonl"),
+                     manual[1], out / "model.safetensors")
 
 
-def test_two_machines_on_loopback_equal_one_machine_with_two_processes(project, monkeypatch):
+def test_two_machines_on_loopback_equal_one_machine_with_two_processes(project, manual, monkeypatch):
     import dataclasses
 
     from tasks.launch import launched_grpo
@@ -206,8 +213,8 @@ def test_two_machines_on_loopback_equal_one_machine_with_two_processes(project, 
     assert results[0]["num_processes"] == 2 and results[0]["finished"] and results[1]["machine_rank"] == 1
     log1 = (root / "reports/machine1_launch.log").read_text()
     assert "--num_machines 2 --machine_rank 1" in log1
-    _assert_same_run(_rows(root / "reports/manual.jsonl"), _rows(root / "reports/tm.jsonl"),
-                     root / "models/manual/model.safetensors", root / "models/two-machines/model.safetensors")
+    _assert_same_run(manual[0], _rows(root / "reports/tm.jsonl"),
+                     manual[1], root / "models/two-machines/model.safetensors")
 
 
 def _free_port() -> int:
@@ -229,7 +236,7 @@ def _pids_running_in(root: Path):
                 yield int(d.name)
 
 
-def test_the_stage_with_the_fsdp2_config_shards_and_equals_the_manual_launch(project):
+def test_the_stage_with_the_fsdp2_config_shards_and_equals_the_manual_launch(project, manual):
     import dataclasses
 
     from tasks.launch import launched_grpo
@@ -244,5 +251,5 @@ def test_the_stage_with_the_fsdp2_config_shards_and_equals_the_manual_launch(pro
     summary = launched_grpo(cfg, paths, "fsdp2")
     assert summary["sharding"] == "fsdp2" and summary["num_processes"] == 2 and summary["finished"]
     assert "--config_file" in (root / "reports/fsdp2_launch.log").read_text()
-    _assert_same_run(_rows(root / "reports/manual.jsonl"), _rows(root / "reports/fsdp2.jsonl"),
-                     root / "models/manual/model.safetensors", root / "models/fsdp2/model.safetensors")
+    _assert_same_run(manual[0], _rows(root / "reports/fsdp2.jsonl"),
+                     manual[1], root / "models/fsdp2/model.safetensors")
