@@ -50,17 +50,19 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
 
 
 def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_steps: int = 10,
-                               family: str | None = None) -> dict:
+                               family: str | None = None, train: dict | None = None) -> dict:
     """The same 3-step run in one process and under ``accelerate launch --config_file accelerate_config`` with
     two processes: metrics and final weights must agree (tests/slow/test_sharded.py reuses it for FSDP2 and
     ZeRO-3). ``family``: the base is that tests/families.py checkpoint instead of the default tiny model.
+    ``train``: more ``train`` settings (e.g. ``lora``: then the final weights compared are the adapters).
     Returns the 2-process run's summary."""
     (tmp_path / "plugin.py").write_text(PLUGIN)
     raw = {"data": {"num_train": 16, "num_val": 2, "num_test": 2},
            "rewards": {"weights": {"text_length": 1.0, "format": 0.1}, "plugins": [str(tmp_path / "plugin.py")]},
            "train": {"max_steps": 3, "prompts_per_step": 4, "num_generations": 4, "micro_batch_size": 2,
                      "mixed_precision": "no", "max_completion_length": 5, "save_steps": save_steps,
-                     "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "dapo", "beta": 0.04}}
+                     "learning_rate": 0.01, "warmup_ratio": 0.0, "loss_type": "dapo", "beta": 0.04,
+                     **(train or {})}}
     cfg = tuned_config(raw)
     build_dataset(cfg, tmp_path)
     items = read_manifest(tmp_path / "data/manifest.jsonl")
@@ -92,10 +94,15 @@ def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_ste
         assert ra["reward_std"] > 0
         for k in ("loss", "kl", "entropy", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
-    w1 = load_file(tmp_path / "out1/model.safetensors")
-    w2 = load_file(tmp_path / "out2/model.safetensors")
-    base = load_file(tmp_path / "models/base/model.safetensors")
-    assert any(not torch.equal(base[k], w2[k]) for k in base)
+    adapters = (tmp_path / "out1/adapter_model.safetensors").is_file()
+    name = "adapter_model.safetensors" if adapters else "model.safetensors"
+    w1, w2 = load_file(tmp_path / "out1" / name), load_file(tmp_path / "out2" / name)
+    assert sorted(w2) == sorted(w1)
+    if adapters:                                          # peft starts every lora_B at zero
+        assert any(w2[k].abs().max() > 0 for k in w2 if "lora_B" in k)
+    else:
+        base = load_file(tmp_path / "models/base/model.safetensors")
+        assert any(not torch.equal(base[k], w2[k]) for k in base)
     for k in w1:
         # Adam divides by sqrt(v): where a gradient element is ~0, all-reduce rounding can move that
         # element's update by a visible fraction of lr (0.01); the chunked log-prob head (recomputed per

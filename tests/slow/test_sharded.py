@@ -65,7 +65,9 @@ def test_sharding_is_asked_by_the_fsdp2_launch_and_refuses_what_it_cannot_shard(
     assert sharding.fsdp2_requested()
     tc = tuned_config().train
     assert sharding.unsupported_with_sharding(tc) == []
-    for change, key in [({"lora": LoraConfig(enabled=True)}, "train.lora"), ({"eval_steps": 5}, "train.eval_steps"),
+    assert sharding.unsupported_with_sharding(dataclasses.replace(tc, lora=LoraConfig(enabled=True))) == []
+    qlora = LoraConfig(enabled=True, quantize_4bit=True)
+    for change, key in [({"lora": qlora}, "train.lora.quantize_4bit"), ({"eval_steps": 5}, "train.eval_steps"),
                         ({"keep_best_checkpoint": True, "eval_steps": 5}, "train.eval_steps"),
                         ({"sync_ref_model": True, "beta": 0.04}, "train.sync_ref_model")]:
         bad = sharding.unsupported_with_sharding(dataclasses.replace(tc, **change))
@@ -108,6 +110,42 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
     w3 = load_file(tmp_path / "out3/model.safetensors")
     assert sorted(w3) == sorted(w2)
     assert all(torch.equal(w3[k], w2[k]) for k in w2)
+
+
+@pytest.mark.slow
+def test_lora_on_an_fsdp2_base_matches_one_process_lora_and_resumes_exactly(tmp_path, monkeypatch):
+    """LoRA on a sharded base: the base and the adapters are FSDP2 units, the reference is the sharded root
+    with the adapters off. 2 CPU processes give the 1-process LoRA run's metrics and adapters; checkpoints
+    and the final model are the 1-process format (the adapters, gathered); a stopped run resumes exactly."""
+    from vlgrpo.model import loading
+
+    lora = {"enabled": True, "rank": 4, "alpha": 8.0}
+    summary = run_two_process_comparison(tmp_path, CONFIGS / "fsdp2.yaml", save_steps=1, train={"lora": lora})
+    assert summary["sharding"] == "fsdp2"
+    rows = _by_step(tmp_path / "reports/two.jsonl")
+    assert rows[1]["kl"] == 0.0 and rows[3]["kl"] > 0       # adapters start at 0; the reference stays the base
+
+    one, two = tmp_path / "out1/checkpoints/step-2", tmp_path / "out2/checkpoints/step-2"
+    assert not (two / "model.safetensors").exists()
+    assert sorted(load_file(two / "adapter.safetensors")) == sorted(load_file(one / "adapter.safetensors"))
+    o1, o2 = (torch.load(d / "optimizer.pt", weights_only=True) for d in (one, two))
+    assert sorted(o2["state"]) == sorted(o1["state"])
+    for i, st in o1["state"].items():
+        assert {k: tuple(v.shape) for k, v in o2["state"][i].items()} == {k: tuple(v.shape) for k, v in st.items()}
+    assert loading.is_adapter_dir(tmp_path / "out2") and not (tmp_path / "out2/model.safetensors").exists()
+    monkeypatch.chdir(tmp_path)                             # the adapter names its base as the run did
+    loading.load_model("out2")                              # base + gathered adapters, merged
+
+    (tmp_path / "driver.py").write_text(DRIVER)
+    stopped = accelerate_launch(tmp_path, CONFIGS / "fsdp2.yaml", ["driver.py", "out3", "reports/three.jsonl", "2"])
+    assert stopped["steps"] == 2 and not stopped["finished"]
+    resumed = accelerate_launch(tmp_path, CONFIGS / "fsdp2.yaml", ["driver.py", "out3", "reports/three.jsonl"])
+    assert resumed["resumed_from"] == 2 and resumed["finished"]
+    got = _by_step(tmp_path / "reports/three.jsonl")
+    for k in ("reward", "loss", "kl", "grad_norm", "entropy"):
+        assert got[3][k] == rows[3][k], k
+    w2, w3 = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("out2", "out3"))
+    assert sorted(w3) == sorted(w2) and all(torch.equal(w3[k], w2[k]) for k in w2)
 
 
 @pytest.mark.slow

@@ -122,14 +122,33 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights (what a LoRA checkpoint must hold), by peft's own names."""
+def trainable_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The adapter weights (what a LoRA checkpoint must hold), by peft's own names. ``state_dict``: the
+    model's weights by its ``state_dict`` names (e.g. gathered from shards), taken instead of its own."""
     from peft import get_peft_model_state_dict
 
     pm = peft_model(model)
     if pm is None:
         raise LoraError(f"{type(model).__name__}: not a LoRA model")
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(pm).items()}
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(pm, state_dict=state_dict).items()}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter parameters themselves (not copies), by the names of :func:`trainable_state`."""
+    from peft import get_peft_model_state_dict
+
+    pm = peft_model(model)
+    if pm is None:
+        raise LoraError(f"{type(model).__name__}: not a LoRA model")
+    return dict(get_peft_model_state_dict(pm, state_dict=pm.state_dict(keep_vars=True)))
+
+
+def check_adapter_names(want: set[str], got: set[str]) -> None:
+    """Raise LoraError naming the first missing / extra adapters when a checkpoint's names are not ``want``."""
+    if got != want:
+        missing, extra = sorted(want - got)[:3], sorted(got - want)[:3]
+        raise LoraError(f"adapter weights do not match this run's train.lora (missing {missing}, extra {extra})")
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -137,10 +156,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     from peft import set_peft_model_state_dict
 
     pm = peft_model(model)
-    want = set(trainable_state(pm))
-    if set(state) != want:
-        missing, extra = sorted(want - set(state))[:3], sorted(set(state) - want)[:3]
-        raise LoraError(f"adapter weights do not match this run's train.lora (missing {missing}, extra {extra})")
+    check_adapter_names(set(trainable_state(pm)), set(state))
     res = set_peft_model_state_dict(pm, state)
     if getattr(res, "unexpected_keys", None):
         raise LoraError(f"adapter weights: unexpected keys {res.unexpected_keys[:3]}")

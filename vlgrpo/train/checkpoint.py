@@ -132,10 +132,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
 
     # A full disk names the folder and the space needed: about what the previous checkpoint took.
     with atomic_dir(path, like=latest_checkpoint(path.parent.parent)) as tmp:
-        if gathered is not None:
+        if lora.peft_model(model) is not None:
+            weights = gathered.weights if gathered is not None else None
+            save_file(lora.trainable_state(model, weights), str(tmp / ADAPTER_FILE))
+        elif gathered is not None:
             save_file(sharding.unique_names(gathered.weights), str(tmp / "model.safetensors"))
-        elif lora.peft_model(model) is not None:
-            save_file(lora.trainable_state(model), str(tmp / ADAPTER_FILE))
         else:
             st_save(model, str(tmp / "model.safetensors"))
         if reference is not None:
@@ -189,7 +190,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
     from vlgrpo.model import lora
 
     try:
-        if sharded:
+        if lora.peft_model(model) is not None and sharded:
+            sharding.load_adapter_state(model, load_file(str(path / ADAPTER_FILE)))
+        elif sharded:
             sharding.load_full_state_dict(model, load_file(str(path / "model.safetensors")))
         elif lora.peft_model(model) is not None:
             lora.load_trainable_state(model, load_file(str(path / ADAPTER_FILE)))

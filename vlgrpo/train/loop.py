@@ -26,7 +26,7 @@ def save_step(run: Run, step: int, reward: float | None = None) -> None:
     main = run.accelerator.is_main_process
     gathered = None
     if run.sharded:       # every process takes part in gathering the shards; the main one writes them
-        weights = sharding.full_state_dict(run.policy, main)
+        weights = sharding.gather_weights(run.policy, main)
         opt = sharding.full_optimizer_state(run.optimizer, main)
         gathered = ckpt.Gathered(weights, opt) if main else None
     if main:
@@ -78,7 +78,7 @@ def train(run: Run, progress: bool = True, stop_after: int | None = None) -> dic
     summary = run_summary(run, history, len(history), time.perf_counter() - t_run)
     if summary["finished"]:
         summary["best"] = periodic_eval.load_best(run)    # keep_best: the final model is the best one
-    weights = sharding.full_state_dict(run.policy, main) if (summary["finished"] and run.sharded) else None
+    weights = sharding.gather_weights(run.policy, main) if (summary["finished"] and run.sharded) else None
     if summary["finished"] and main:
         ckpt.save_final(run.policy, run.processor, run.paths.out_dir, weights)
     run.accelerator.wait_for_everyone()

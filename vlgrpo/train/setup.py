@@ -159,6 +159,11 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     if sharded:       # shard first: the optimizer must hold the sharded parameters
         scorer = sharding.shard(CompletionScorer(model), accelerator.device)
         optimizer, scheduler = build_optimizer(model, tc)
+        if tc.lora.enabled and ref_scorer is not None:
+            # the reference must run through the sharded root too: it gathers the embeddings and the head
+            from vlgrpo.model import lora
+
+            ref_scorer = lora.AdaptersOff(scorer)
     else:
         optimizer, scheduler = build_optimizer(model, tc)
         scorer, optimizer = accelerator.prepare(CompletionScorer(model), optimizer)

@@ -23,10 +23,17 @@ Checkpoints have the unsharded format: the weights and the AdamW state are gathe
 sharded run's checkpoint resumes a sharded or an unsharded run alike; on resume each process cuts its own
 shards out of the full tensors (no communication).
 
-Not combined with sharding (set-up refuses them, naming the key): ``train.lora`` (adapters are ~1% of the
-weights: DDP is the tool), ``train.eval_steps`` / ``keep_best_checkpoint`` (evaluation runs on the main
-process only, a sharded forward needs all), ``train.sync_ref_model``. The frozen reference (beta > 0) is not
-sharded: each process holds it in the compute dtype.
+LoRA (``train.lora``) on a sharded base: the frozen base (in the compute dtype) and the fp32 adapters are
+sharded together, unit by unit (FSDP2 all-gathers a unit of mixed dtypes as bytes); only the adapters have
+gradients to reduce-scatter and AdamW state. The reference policy is the same sharded root run with the
+adapters switched off (``lora.AdaptersOff``), so its forward gathers the base like the policy's. Checkpoints
+and the final model hold the adapters only, gathered: ``adapter.safetensors`` and the adapter directory of a
+1-process LoRA run.
+
+Not combined with sharding (set-up refuses them, naming the key): ``train.lora.quantize_4bit`` (a 4-bit
+bitsandbytes base is not a tensor FSDP2 can cut), ``train.eval_steps`` / ``keep_best_checkpoint`` (evaluation
+runs on the main process only, a sharded forward needs all), ``train.sync_ref_model``. Without LoRA the frozen
+reference (beta > 0) is not sharded: each process holds it in the compute dtype.
 """
 from __future__ import annotations
 
@@ -47,8 +54,8 @@ def fsdp2_requested() -> bool:
 def unsupported_with_sharding(tc) -> list[str]:
     """The ``train`` settings of ``tc`` that sharded training does not support (empty when none)."""
     bad = []
-    if tc.lora.enabled:
-        bad.append("train.lora (use DDP: configs/accelerate/multi_gpu.yaml or cpu_2proc.yaml)")
+    if tc.lora.enabled and tc.lora.quantize_4bit:
+        bad.append("train.lora.quantize_4bit (QLoRA: use DDP, configs/accelerate/multi_gpu.yaml, or a bf16 base)")
     if tc.eval_steps is not None or tc.keep_best_checkpoint:
         bad.append("train.eval_steps / train.keep_best_checkpoint (evaluate the registered model instead)")
     if tc.sync_ref_model:
@@ -116,6 +123,31 @@ def full_state_dict(module: nn.Module, is_main: bool) -> dict[str, torch.Tensor]
     return out if is_main else None
 
 
+def full_adapter_state(module: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The unsharded adapters of the LoRA policy ``module`` as CPU tensors, by its ``state_dict`` names, on the
+    main process (None on the others); the frozen base is not gathered. A collective."""
+    from vlgrpo.model import lora
+
+    adapters = {id(p) for p in lora.adapter_parameters(module).values()}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict(keep_vars=True).items():      # the same order on every process
+        if id(t) in adapters:
+            full = (t.detach().full_tensor() if is_sharded(t) else t.detach()).cpu()
+            if is_main:
+                out[name] = full
+    return out if is_main else None
+
+
+def gather_weights(module: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """What a sharded policy's checkpoint and final model hold, gathered: its adapters when it is a LoRA
+    model (:func:`full_adapter_state`), else every weight (:func:`full_state_dict`). A collective."""
+    from vlgrpo.model import lora
+
+    if lora.peft_model(module) is not None:
+        return full_adapter_state(module, is_main)
+    return full_state_dict(module, is_main)
+
+
 def unique_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``sd`` with one name per shared tensor - the sorted-first one, the name safetensors' ``save_model``
     keeps - so ``save_file`` accepts it and ``load_model`` reads it back into a tied model."""
@@ -134,6 +166,16 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _copy_full(t: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """Copy the unsharded ``src`` into ``t`` (this process's shard of it when ``t`` is sharded)."""
+    if tuple(src.shape) != tuple(t.shape):
+        raise ValueError(f"weight {name}: shape {tuple(src.shape)}, the model has {tuple(t.shape)}")
+    if is_sharded(t):
+        t.to_local().copy_(_shard_like(src, t).to_local())
+    else:
+        t.copy_(src)
+
+
 def load_full_state_dict(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy unsharded ``weights`` (a name of each tied group is enough) into ``module``'s shards. Raises
     KeyError naming a weight the file lacks."""
@@ -142,14 +184,18 @@ def load_full_state_dict(module: nn.Module, weights: dict[str, torch.Tensor]) ->
         name = next((n for n in group if n in weights), None)
         if name is None:
             raise KeyError(f"missing weight {group[0]}")
-        t = sd[group[0]]
-        src = weights[name]
-        if tuple(src.shape) != tuple(t.shape):
-            raise ValueError(f"weight {name}: shape {tuple(src.shape)}, the model has {tuple(t.shape)}")
-        if is_sharded(t):
-            t.to_local().copy_(_shard_like(src, t).to_local())
-        else:
-            t.copy_(src)
+        _copy_full(sd[group[0]], weights[name], name)
+
+
+def load_adapter_state(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy unsharded adapter weights (by ``lora.trainable_state``'s names, as in ``adapter.safetensors``) into
+    the LoRA policy ``module``'s shards. Raises LoraError naming missing or extra adapters."""
+    from vlgrpo.model import lora
+
+    params = lora.adapter_parameters(module)
+    lora.check_adapter_names(set(params), set(weights))
+    for name, p in params.items():
+        _copy_full(p, weights[name], name)
 
 
 def full_optimizer_state(optimizer, is_main: bool) -> dict[str, Any] | None:
