@@ -210,13 +210,15 @@ def vision_token_ids(model_config) -> list[int]:
 
 def trl_grpo_args(spec: dict, batch: int, beta: float, learning_rate: float, **extra):
     """TRL's ``GRPOConfig`` with the settings both benchmarks give it (``batch`` completions a step in one
-    forward/backward, grpo loss, constant lr, no saving, the vision tokens suppressed); ``extra`` adds
+    forward/backward, grpo loss, constant lr, no saving, the vision tokens suppressed); the spec's ``G`` and
+    ``completion`` (when given) are its completions per prompt and tokens per completion; ``extra`` adds
     ``bf16``, ``gradient_checkpointing``, ``generation_kwargs``."""
     from trl import GRPOConfig
 
     return GRPOConfig(
         output_dir=spec["out"], max_steps=spec["total_steps"], per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, num_generations=NUM_GENERATIONS, max_completion_length=MAX_COMPLETION,
+        gradient_accumulation_steps=1, num_generations=spec.get("G", NUM_GENERATIONS),
+        max_completion_length=spec.get("completion", MAX_COMPLETION),
         loss_type="grpo", beta=beta, num_iterations=1, epsilon=0.2, scale_rewards="group",
         learning_rate=learning_rate, lr_scheduler_type="constant", temperature=1.0, top_p=1.0,
         use_cpu=spec["device"] == "cpu", fp16=False, report_to=[], save_strategy="no", logging_steps=1,

@@ -1,7 +1,7 @@
-"""Memory and speed at real width: full fine-tuning, LoRA and LoRA + gradient checkpointing, vlgrpo vs TRL (issue 11).
+"""Memory and speed at real width: full fine-tuning, LoRA and LoRA + gradient checkpointing, vlgrpo vs TRL.
 
     .venv/bin/python -m tests.benchmarks.bench_memory [--steps 2] [--warmup 1] [--threads 2] [--layers 2]
-        [--vision-depth 2] [--rows lora_ckpt,lora,full] [--device cpu|cuda] [--json out.json]
+        [--vision-depth 2] [--rows lora_ckpt,lora,full,qwen3_5_lora_ckpt] [--device cpu|cuda] [--json out.json]
 
 Not a pytest test (nothing is asserted); ``make bench`` runs it. The last line printed is
 ``memory_ratio_vs_trl=<vlgrpo LoRA+ckpt peak RSS ÷ TRL LoRA+ckpt peak RSS>`` (on a GPU: peak GPU memory).
@@ -24,6 +24,16 @@ the model given as the saved directory (both load fp32 master weights: vlgrpo al
   same module list for both: vlgrpo's ``train.lora``; TRL's ``peft_config``); the reference is the adapters
   switched off in both.
 - lora_ckpt: lora + gradient checkpointing (``train.gradient_checkpointing`` / TRL's ``gradient_checkpointing``).
+- qwen3_5_lora_ckpt: lora_ckpt on a Qwen3.5 at Qwen3.5-9B's real widths (transformers' ``Qwen3_5Config``
+  defaults, which it documents as the 9B shapes): hidden 4096, intermediate 12288, vocabulary 248,320 with an
+  untied output head, full attention 16 heads / 4 key-value heads of 256 (output gate, rotary on a quarter of
+  each head, M-RoPE sections 11/11/10 interleaved), Gated DeltaNet 16 key / 32 value heads of 128 and a
+  convolution of 4, vision hidden 1152, intermediate 4304, 16 heads, out 4096, patch 16 - with ``--layers``
+  layers of each kind (2: linear, full, linear, full; ~2.9B parameters, 2.03B of them the embedding and the
+  head) and ``--vision-depth`` vision blocks; its tokenizer and ``Qwen3VLProcessor`` are the tiny Qwen3.5's of
+  ``tests/families.py``. The 224x224 images are 49 visual tokens at 16 px patches. A smaller step than the
+  other rows (2 prompts x G=4, 8 completion tokens), so that the row runs in minutes on 2 cores; its full
+  fine-tuning (16 bytes x 2.9B parameters = 47 GB) does not fit a 24 GiB machine and is not a row.
 
 Each trainer of each row runs in its own process, one process at a time (the memory of two real-width full
 fine-tunings at once would not fit a shared 24 GiB machine); the order alternates (vlgrpo first in the first
@@ -55,9 +65,16 @@ BETA = 0.04
 LEARNING_RATE = 1e-5
 NUM_TRAIN = 32
 LORA = {"enabled": True, "rank": 16, "alpha": 32.0, "dropout": 0.0}
-ROWS = {"full": {"lora": False, "ckpt": False}, "lora": {"lora": True, "ckpt": False},
-        "lora_ckpt": {"lora": True, "ckpt": True}}
-ROW_TITLES = {"full": "full fine-tuning", "lora": "LoRA", "lora_ckpt": "LoRA + checkpointing"}
+# per row: the model, what is trained, and the step (prompts x G completions of `completion` tokens)
+_QWEN25_STEP = {"model": "qwen2_5_vl_3b", "prompts": PROMPTS_PER_STEP, "G": NUM_GENERATIONS,
+                "completion": MAX_COMPLETION}
+ROWS = {"full": {"lora": False, "ckpt": False, **_QWEN25_STEP}, "lora": {"lora": True, "ckpt": False, **_QWEN25_STEP},
+        "lora_ckpt": {"lora": True, "ckpt": True, **_QWEN25_STEP},
+        "qwen3_5_lora_ckpt": {"lora": True, "ckpt": True, "model": "qwen3_5_9b", "prompts": 2, "G": 4,
+                              "completion": 8}}
+ROW_TITLES = {"full": "full fine-tuning", "lora": "LoRA", "lora_ckpt": "LoRA + checkpointing",
+              "qwen3_5_lora_ckpt": "Qwen3.5-9B widths, LoRA + checkpointing (2 prompts x G=4, 8 tokens)"}
+MODEL_TITLES = {"qwen2_5_vl_3b": "Qwen2.5-VL-3B", "qwen3_5_9b": "Qwen3.5-9B"}
 
 
 def data_params() -> dict:
@@ -91,25 +108,27 @@ def qwen25_vl_3b_config(tokenizer, layers: int, vision_depth: int):
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
 
 
-def build_model(out: Path, texts: list[str], layers: int, vision_depth: int) -> int:
-    """Save the real-width model (bf16 safetensors + processor) to ``out``; returns its parameter count.
+def build_model(model_name: str, out: Path, texts: list[str], layers: int, vision_depth: int) -> int:
+    """Save the real-width model ``model_name`` (a key of :data:`MODEL_TITLES`; bf16 safetensors + processor)
+    to ``out``; returns its parameter count.
 
     Built directly in bf16 (initialised under the bf16 default dtype), so building never holds the fp32 model:
     the machine is shared."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (GenerationConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen3_5ForConditionalGeneration)
 
-    from vlgrpo.model import loading, tiny_model
-    from vlgrpo.config import TinyModelConfig
+    from vlgrpo.model import loading
 
-    _, processor = tiny_model.build_tiny(texts, TinyModelConfig(), seed=0)   # the tokenizer + processor only
-    tok = processor.tokenizer
-    cfg = qwen25_vl_3b_config(tok, layers, vision_depth)
+    tok, processor = _tokenizer_and_processor(model_name, texts, out.parent)
+    config, cls = ((qwen3_5_9b_config, Qwen3_5ForConditionalGeneration) if model_name == "qwen3_5_9b"
+                   else (qwen25_vl_3b_config, Qwen2_5_VLForConditionalGeneration))
+    cfg = config(tok, layers, vision_depth)
     old = torch.get_default_dtype()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        model = cls(cfg)
     finally:
         torch.set_default_dtype(old)
     eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
@@ -118,6 +137,50 @@ def build_model(out: Path, texts: list[str], layers: int, vision_depth: int) -> 
     n = sum(p.numel() for p in model.parameters())
     loading.save_model(model, processor, out)
     return n
+
+
+def qwen3_5_9b_config(tokenizer, layers: int, vision_depth: int):
+    """Qwen3.5-9B's config (transformers' ``Qwen3_5Config`` defaults) with ``layers`` linear-attention and
+    ``layers`` full-attention layers, alternating, and ``vision_depth`` vision blocks; the special-token ids
+    are the given tokenizer's."""
+    from transformers import Qwen3_5Config
+
+    from vlgrpo.model.tiny_model import SPECIAL_TOKENS
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    real = Qwen3_5Config()
+    text = real.text_config.to_dict()
+    for k in ("model_type", "transformers_version", "dtype", "architectures"):
+        text.pop(k, None)
+    text.update(num_hidden_layers=2 * layers, layer_types=["linear_attention", "full_attention"] * layers,
+                # the released checkpoints' rotary: 64 rotary dims of each 256-wide head, split 11/11/10
+                # over (time, height, width), interleaved
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = real.vision_config.to_dict()
+    for k in ("model_type", "transformers_version", "dtype", "architectures"):
+        vision.pop(k, None)
+    # the merger feeds the language model: its output is the text width (the bare default, 3584, is not)
+    vision.update(depth=vision_depth, out_hidden_size=text["hidden_size"])
+    return Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+
+
+def _tokenizer_and_processor(model: str, texts: list[str], tmp: Path):
+    """The small trained tokenizer and the family's processor (the tiny Qwen3.5's ``Qwen3VLProcessor`` with
+    16 px patches for Qwen3.5; vlgrpo's tiny Qwen2.5-VL processor otherwise)."""
+    from vlgrpo.config import TinyModelConfig
+    from vlgrpo.model import loading, tiny_model
+
+    if model == "qwen3_5_9b":
+        from tests.families import build_family
+
+        processor = loading.load_processor(build_family("qwen3_5", texts, tmp / "tiny_qwen3_5"))
+    else:
+        _, processor = tiny_model.build_tiny(texts, TinyModelConfig(), seed=0)
+    return processor.tokenizer, processor
 
 
 def lora_targets(model_dir: str) -> list[str]:
@@ -143,9 +206,9 @@ def _vlgrpo_worker(spec: dict, gate: Gate) -> None:
     cfg = tuned_config({
         "data": data_params(),
         "rewards": {"weights": {"accuracy": 1.0}},
-        "train": {"max_steps": spec["total_steps"], "save_steps": 10 ** 6, "prompts_per_step": PROMPTS_PER_STEP,
-                  "num_generations": NUM_GENERATIONS, "micro_batch_size": PROMPTS_PER_STEP * NUM_GENERATIONS,
-                  "max_completion_length": MAX_COMPLETION, "beta": BETA, "loss_type": "grpo",
+        "train": {"max_steps": spec["total_steps"], "save_steps": 10 ** 6, "prompts_per_step": spec["prompts"],
+                  "num_generations": spec["G"], "micro_batch_size": spec["prompts"] * spec["G"],
+                  "max_completion_length": spec["completion"], "beta": BETA, "loss_type": "grpo",
                   "num_iterations": 1, "mixed_precision": "bf16", "learning_rate": LEARNING_RATE,
                   "warmup_ratio": 0.0, "temperature": 1.0, "top_p": 1.0, "seed": 0, "max_prompt_tokens": 4096,
                   "gradient_checkpointing": spec["ckpt"], "lora": LORA if spec["lora"] else {"enabled": False}},
@@ -181,7 +244,7 @@ def _trl_worker(spec: dict, gate: Gate) -> None:
 
         peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                  target_modules=spec["lora_targets"], bias="none")
-    args = trl_grpo_args(spec, PROMPTS_PER_STEP * NUM_GENERATIONS, BETA, LEARNING_RATE, bf16=True,
+    args = trl_grpo_args(spec, spec["prompts"] * spec["G"], BETA, LEARNING_RATE, bf16=True,
                          gradient_checkpointing=spec["ckpt"], generation_kwargs={
                              "suppress_tokens": vision_token_ids(AutoConfig.from_pretrained(spec["model"]))})
     # the model as a path, like vlgrpo's: TRL loads it with its default dtype (float32), and its own reference
@@ -200,16 +263,17 @@ WORKERS = {"trl": _trl_worker, "vlgrpo": _vlgrpo_worker}
 # =============================================================================================== parent
 
 
-def prepare(tmp: Path, layers: int, vision_depth: int) -> tuple[Path, int]:
+def prepare(tmp: Path, models: list[str], layers: int, vision_depth: int) -> tuple[Path, dict[str, int]]:
+    """The dataset and each of ``models`` saved under ``tmp``; returns the dataset root and the parameter
+    counts."""
     from vlgrpo.data.build import build_dataset
     from vlgrpo.data.manifest import read_manifest
 
     root = tmp / "ds"
     build_dataset(tuned_config({"data": data_params()}), root)
     items = read_manifest(root / "data" / "manifest.jsonl")
-    n = build_model(tmp / "model", [t for it in items for t in (it.question, it.solution)] * 4, layers,
-                    vision_depth)
-    return root, n
+    texts = [t for it in items for t in (it.question, it.solution)] * 4
+    return root, {m: build_model(m, tmp / m, texts, layers, vision_depth) for m in models}
 
 
 def summarise(msg: dict, warmup: int, steps: int) -> dict:
@@ -224,11 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=2, help="measured steps per trainer and row (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=2, help="language-model layers (the 3B has 36)")
+    ap.add_argument("--layers", type=int, default=2,
+                    help="language-model layers (the 3B has 36); Qwen3.5: that many of each kind (the 9B: 24 + 8)")
     ap.add_argument("--vision-depth", type=int, default=2, help="vision blocks (the 3B has 32)")
     # LoRA rows first: the full fine-tuning row needs ~12 GB a process and is the one a shared machine may
     # not hold
-    ap.add_argument("--rows", default="lora_ckpt,lora,full")
+    ap.add_argument("--rows", default="lora_ckpt,lora,full,qwen3_5_lora_ckpt", help=f"of {', '.join(ROWS)}")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -237,6 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
         worker_main(json.loads(args.worker), WORKERS)
         return {}
     rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown row(s) {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
+    models = list(dict.fromkeys(ROWS[r]["model"] for r in rows))
     total = args.warmup + args.steps
     t0 = time.perf_counter()
     res: dict = {"machine": _machine(args.device), "device": args.device, "threads": args.threads,
@@ -245,17 +314,19 @@ def main(argv: list[str] | None = None) -> dict:
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         tmp = Path(tmp)
-        root, res["params"] = prepare(tmp, args.layers, args.vision_depth)
-        targets = lora_targets(str(tmp / "model"))
-        print(f"setup: {res['params'] / 1e9:.2f}B-parameter model saved, {len(targets)} LoRA targets "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        root, res["params"] = prepare(tmp, models, args.layers, args.vision_depth)
+        targets = {m: lora_targets(str(tmp / m)) for m in models}
+        print("setup: " + "; ".join(f"{MODEL_TITLES[m]} widths, {res['params'][m] / 1e9:.2f}B parameters, "
+                                    f"{len(targets[m])} LoRA targets" for m in models)
+              + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
         for i, row in enumerate(rows):
             order = ["vlgrpo", "trl"] if i % 2 == 0 else ["trl", "vlgrpo"]      # alternate who goes first
             res["rows"][row] = {}
             for kind in order:
-                spec = {"kind": kind, "root": str(root), "model": str(tmp / "model"), "total_steps": total,
+                spec = {"kind": kind, "root": str(root), "total_steps": total,
                         "out": str(tmp / "out" / f"{kind}-{row}"), "threads": args.threads,
-                        "device": args.device, "lora_targets": targets, **ROWS[row]}
+                        "device": args.device, "lora_targets": targets[ROWS[row]["model"]], **ROWS[row],
+                        "model": str(tmp / ROWS[row]["model"])}
                 t1 = time.perf_counter()
                 try:
                     got = run_group({kind: spec}, total, tmp, module="tests.benchmarks.bench_memory")
@@ -283,13 +354,20 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+def _layers(model: str, layers: int) -> str:
+    if model == "qwen3_5_9b":
+        return f"{layers} linear-attention + {layers} full-attention layers"
+    return f"{layers} language layers"
+
+
 def report(r: dict, key: str) -> str:
     loads = ", ".join(f"{la[0]:.1f}" for la in r["loadavg"])
     mem = "peak GPU MB" if key == "gpu_peak_mb" else "peak RSS MB"
     lines = [f"machine: {r['machine']}; device {r['device']}; torch threads {r['threads']}, OMP_WAIT_POLICY "
-             f"{r['omp_wait_policy']}; model: Qwen2.5-VL-3B "
-             f"widths, {r['layers']} language layers + {r['vision_depth']} vision blocks "
-             f"({r['params'] / 1e9:.2f}B parameters); {r['warmup']} warm-up + {r['steps']} measured steps per "
+             f"{r['omp_wait_policy']}; models: "
+             + "; ".join(f"{MODEL_TITLES[m]} widths, {_layers(m, r['layers'])} + {r['vision_depth']} vision "
+                         f"blocks ({n / 1e9:.2f}B parameters)" for m, n in r["params"].items())
+             + f"; {r['warmup']} warm-up + {r['steps']} measured steps per "
              f"run, one process at a time; 1-min load average before/after each run: {loads}; "
              f"wall {r['wall_s']:.0f}s", "",
              f"| row | vlgrpo {mem} | TRL {mem} | vlgrpo/TRL memory | vlgrpo step s | TRL step s | "
