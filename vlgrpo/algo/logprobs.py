@@ -28,29 +28,35 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-           temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           temperature: float, with_entropy: bool, exclude: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, H) hidden rows → (k,) log-probs of ``targets`` and (k,) entropies (zeros when not asked)."""
     logits = F.linear(hidden, weight, bias).float()          # compute dtype (autocast), then fp32
     if temperature != 1.0:
         logits = logits / temperature
+    if exclude is not None:
+        logits = logits.index_fill(-1, exclude, float("-inf"))
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = picked - torch.logsumexp(logits, dim=-1)
     if not with_entropy:
         return logp, torch.zeros_like(logp)
     with torch.no_grad():                                     # a metric: no gradient through it
         full = torch.log_softmax(logits.detach(), dim=-1)
-        ent = -(full.exp() * full).sum(-1)
+        ent = -(full.exp() * full.masked_fill(torch.isinf(full), 0.0)).sum(-1)     # excluded ids add 0
     return logp, ent
 
 
 def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                         temperature: float = 1.0, chunk_size: int = 512, bias: torch.Tensor | None = None,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False, exclude: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log softmax(head(hidden) / T)[targets], ``chunk_size`` positions at a time.
 
     hidden: (N, C, H), the hidden state at the position that predicts each target token; weight: (V, H)
     (and bias (V,)), the language-model head; targets: (N, C) token ids. Returns (log-probs (N, C) fp32,
-    entropies (N, C) fp32 or None). Differentiable in ``hidden`` and ``weight``.
+    entropies (N, C) fp32 or None). Differentiable in ``hidden`` and ``weight``. ``exclude`` (ids, long): the
+    distribution with those tokens removed (renormalised over the rest), as a sampler that never draws them
+    has it.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -59,7 +65,8 @@ def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logps, ents = [], []
     for s in range(0, n * c, chunk_size):
-        args = (flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size], temperature, with_entropy)
+        args = (flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size], temperature, with_entropy,
+                exclude)
         lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
         logps.append(lp)
         ents.append(ent)

@@ -99,23 +99,28 @@ class CompletionScorer(nn.Module):
 
 
 def score_micro_batch(scorer: nn.Module, mb: MicroBatch, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool = False,
+                      exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (n, C) of the micro-batch's completions at ``tc.temperature`` (and per-token
-    entropies, without gradients, when asked); ``tc.shared_work`` picks the shared or the plain path."""
+    entropies, without gradients, when asked); ``tc.shared_work`` picks the shared or the plain path.
+    ``exclude``: token ids taken out of the distribution (``completion_logprobs``)."""
     c_ids = completion_ids[mb.start:mb.end]
     c_mask = completion_mask[mb.start:mb.end]
     head = {"temperature": tc.temperature, "chunk_size": tc.logprob_chunk, "with_entropy": with_entropy}
+    if exclude is not None:
+        head["exclude"] = exclude
     return scorer(mb.prompts, c_ids, c_mask, mb.repeats, tc.shared_work, head)
 
 
 @torch.no_grad()
 def score_batch(scorer: nn.Module, prompts: PromptBatch, completion_ids: torch.Tensor,
-                completion_mask: torch.Tensor, tc: TrainConfig, accelerator=None) -> torch.Tensor:
-    """Log-probs (N, C) of all completions under ``scorer`` (old policy or reference), no gradients."""
+                completion_mask: torch.Tensor, tc: TrainConfig, accelerator=None,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs (N, C) of all completions under ``scorer`` (old policy or reference), no gradients;
+    ``exclude`` as in ``score_micro_batch``."""
     out = []
     for mb in micro_batches(prompts, tc.num_generations, tc.micro_batch_size):
         with (accelerator.autocast() if accelerator is not None else nullcontext()):
-            logp, _ = score_micro_batch(scorer, mb, completion_ids, completion_mask, tc)
+            logp, _ = score_micro_batch(scorer, mb, completion_ids, completion_mask, tc, exclude=exclude)
         out.append(logp.float())
     return torch.cat(out)
