@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlgrpo.algo import grpo
-from vlgrpo.algo.logprobs import completion_logprobs
+from vlgrpo.algo.logprobs import completion_logprobs, exclusion_bias
 from tests.settings import tuned_config
 
 N, C, H, V = 5, 7, 16, 97
@@ -128,7 +128,7 @@ def test_logprob_chunk_is_resume_neutral(tmp_path):
 
 
 def test_excluded_ids_are_taken_out_of_the_distribution():
-    """``exclude``: the distribution a sampler that never draws those ids samples from (the vision placeholder
+    """``exclusion_bias``: the distribution a sampler that never draws those ids samples from (the vision placeholder
     ids of the rollout engines): renormalised over the other ids, in every chunk, entropy included."""
     hidden, weight, _, targets = _inputs(3)
     banned = torch.tensor([2, 40, 96])
@@ -139,8 +139,8 @@ def test_excluded_ids_are_taken_out_of_the_distribution():
         want = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         p = torch.softmax(logits, -1)
         want_ent = -(p * torch.log_softmax(logits, -1).nan_to_num(neginf=0.0)).sum(-1)
-    got, ent = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=4, exclude=banned,
-                                   with_entropy=True)
+    got, ent = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=4, with_entropy=True,
+                                   bias=exclusion_bias(weight, None, banned))
     assert close(got.detach(), want) and close(ent, want_ent)
     plain, _ = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=4)
     assert (got.detach() > plain.detach()).all()          # the banned mass is gone from every position

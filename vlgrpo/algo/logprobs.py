@@ -28,14 +28,11 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-           temperature: float, with_entropy: bool, exclude: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, H) hidden rows → (k,) log-probs of ``targets`` and (k,) entropies (zeros when not asked)."""
     logits = F.linear(hidden, weight, bias).float()          # compute dtype (autocast), then fp32
     if temperature != 1.0:
         logits = logits / temperature
-    if exclude is not None:
-        logits = logits.index_fill(-1, exclude, float("-inf"))
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = picked - torch.logsumexp(logits, dim=-1)
     if not with_entropy:
@@ -48,15 +45,12 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                         temperature: float = 1.0, chunk_size: int = 512, bias: torch.Tensor | None = None,
-                        with_entropy: bool = False, exclude: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log softmax(head(hidden) / T)[targets], ``chunk_size`` positions at a time.
 
     hidden: (N, C, H), the hidden state at the position that predicts each target token; weight: (V, H)
     (and bias (V,)), the language-model head; targets: (N, C) token ids. Returns (log-probs (N, C) fp32,
-    entropies (N, C) fp32 or None). Differentiable in ``hidden`` and ``weight``. ``exclude`` (ids, long): the
-    distribution with those tokens removed (renormalised over the rest), as a sampler that never draws them
-    has it.
+    entropies (N, C) fp32 or None). Differentiable in ``hidden`` and ``weight``.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -65,8 +59,7 @@ def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logps, ents = [], []
     for s in range(0, n * c, chunk_size):
-        args = (flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size], temperature, with_entropy,
-                exclude)
+        args = (flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size], temperature, with_entropy)
         lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
         logps.append(lp)
         ents.append(ent)
@@ -77,4 +70,12 @@ def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     return logp, ent.detach()
 
 
-__all__ = ["completion_logprobs"]
+def exclusion_bias(weight: torch.Tensor, bias: torch.Tensor | None, exclude: torch.Tensor) -> torch.Tensor:
+    """A head bias (V,) that takes the ids ``exclude`` out of the distribution: ``bias`` (or zeros) with -inf
+    at those ids. Passed as ``completion_logprobs``' ``bias``, the log-probs are those of a sampler that never
+    draws them (renormalised over the other ids)."""
+    base = bias.detach().float() if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)
+    return base.index_fill(0, exclude.to(base.device), float("-inf")).to(weight.dtype)
+
+
+__all__ = ["completion_logprobs", "exclusion_bias"]
