@@ -39,7 +39,9 @@ def test_repro_on_the_vllm_engine_registers_a_candidate(tmp_path):
     if not PYTHON.exists():
         pytest.fail(f"the vLLM engine environment is missing ({PYTHON}): build it with `make vllm-env` "
                     f"(`make test` does)")
-    root = make_project(tmp_path / "proj", params={"train": {"rollout": ENGINE}}, model_name="vlgrpo-vllm")
+    # fewer items than the other project tests: the stages around the two engine runs cost what they must
+    params = {"data": {"num_train": 16, "num_val": 4, "num_test": 4}, "train": {"rollout": ENGINE}}
+    root = make_project(tmp_path / "proj", params=params, model_name="vlgrpo-vllm")
     tmp = tmp_path / "tmp"          # the engines' logs land here, one folder per engine started
     tmp.mkdir()
     p = run([str(BIN / "vlgrpo"), "repro"], root, timeout=1500, TMPDIR=str(tmp))
