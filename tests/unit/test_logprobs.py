@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlgrpo.algo import grpo
-from vlgrpo.algo.logprobs import completion_logprobs
+from vlgrpo.algo.logprobs import completion_logprobs, exclusion_bias
 from tests.settings import tuned_config
 
 N, C, H, V = 5, 7, 16, 97
@@ -125,3 +125,22 @@ def test_logprob_chunk_is_resume_neutral(tmp_path):
     cfg, items = tuned_config(), [SimpleNamespace(id="a")]
     smaller = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, logprob_chunk=64))
     assert run_fingerprint(cfg, init, items) == run_fingerprint(smaller, init, items)
+
+
+def test_excluded_ids_are_taken_out_of_the_distribution():
+    """``exclusion_bias``: the distribution a sampler that never draws those ids samples from (the vision placeholder
+    ids of the rollout engines): renormalised over the other ids, in every chunk, entropy included."""
+    hidden, weight, _, targets = _inputs(3)
+    banned = torch.tensor([2, 40, 96])
+    targets = targets.masked_fill(torch.isin(targets, banned), 0)
+    with torch.no_grad():
+        logits = F.linear(hidden, weight).float() / 0.7
+        logits[..., banned] = float("-inf")
+        want = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        p = torch.softmax(logits, -1)
+        want_ent = -(p * torch.log_softmax(logits, -1).nan_to_num(neginf=0.0)).sum(-1)
+    got, ent = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=4, with_entropy=True,
+                                   bias=exclusion_bias(weight, None, banned))
+    assert close(got.detach(), want) and close(ent, want_ent)
+    plain, _ = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=4)
+    assert (got.detach() > plain.detach()).all()          # the banned mass is gone from every position

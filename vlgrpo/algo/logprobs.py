@@ -39,7 +39,7 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return logp, torch.zeros_like(logp)
     with torch.no_grad():                                     # a metric: no gradient through it
         full = torch.log_softmax(logits.detach(), dim=-1)
-        ent = -(full.exp() * full).sum(-1)
+        ent = -(full.exp() * full.masked_fill(torch.isinf(full), 0.0)).sum(-1)     # excluded ids add 0
     return logp, ent
 
 
@@ -70,4 +70,12 @@ def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     return logp, ent.detach()
 
 
-__all__ = ["completion_logprobs"]
+def exclusion_bias(weight: torch.Tensor, bias: torch.Tensor | None, exclude: torch.Tensor) -> torch.Tensor:
+    """A head bias (V,) that takes the ids ``exclude`` out of the distribution: ``bias`` (or zeros) with -inf
+    at those ids. Passed as ``completion_logprobs``' ``bias``, the log-probs are those of a sampler that never
+    draws them (renormalised over the other ids)."""
+    base = bias.detach().float() if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)
+    return base.index_fill(0, exclude.to(base.device), float("-inf")).to(weight.dtype)
+
+
+__all__ = ["completion_logprobs", "exclusion_bias"]

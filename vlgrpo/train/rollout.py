@@ -129,8 +129,9 @@ def finish_rollout(run: Run, prompts: PromptBatch, completions: Completions, loc
                    clock: StepClock, extra: dict[str, float], sampler_logp: torch.Tensor | None = None) -> Rollout:
     """Group advantages over all processes' rewards (``local_r``: this process's (N_local, K)), then
     old-policy / reference log-probs → the Rollout. ``sampler_logp`` (N_local, C): a rollout engine's
-    log-probs of the sampled tokens; the trainer's own are then always computed, the mismatch logged and
-    (``train.rollout.vllm.importance_sampling``) corrected."""
+    log-probs of the sampled tokens; the trainer's own of the same sampling distribution (banned ids
+    removed) are then always computed, the mismatch logged and (``train.rollout.vllm.importance_sampling``)
+    corrected."""
     c_ids, c_mask, term = completions.ids, completions.mask, completions.terminated
     all_r = run.accelerator.gather(local_r).cpu()                                     # (N_global, K)
     total = grpo.total_rewards(all_r, run.rewards.weight_tensor())                    # (N_global,)
@@ -143,16 +144,27 @@ def finish_rollout(run: Run, prompts: PromptBatch, completions: Completions, loc
     mask = grpo.drop_truncated(c_mask, term) if run.tc.mask_truncated_completions else c_mask
     # old policy / reference log-probs only when the maths needs them
     old_logp = (score_batch(run.scorer, prompts, c_ids, mask, run.tc, run.accelerator)
-                if run.tc.num_iterations > 1 or sampler_logp is not None else None)
+                if run.tc.num_iterations > 1 else None)
     is_weight = None
     if sampler_logp is not None:
-        is_weight = sampler_weights(run, old_logp, sampler_logp.to(old_logp.device), mask, extra)
+        # the engine reports the log-probs of what it sampled from: the policy with the vision placeholder
+        # ids banned (as the trainer's own sampler bans them). Compared with the unbanned policy the ratio
+        # would carry the banned mass log(1 - m) on every token, a bias the correction must not apply.
+        sampler_view = score_batch(run.scorer, prompts, c_ids, mask, run.tc, run.accelerator,
+                                   exclude=banned_ids(run, c_ids.device))
+        is_weight = sampler_weights(run, sampler_view, sampler_logp.to(sampler_view.device), mask, extra)
     ref_logp = (score_batch(run.ref_scorer, prompts, c_ids, mask, run.tc, run.accelerator)
                 if run.ref_scorer is not None else None)
     global_tokens = float(run.accelerator.gather(mask.sum().reshape(1).float()).sum())
     batch = StepBatch(prompts, c_ids, mask, adv, old_logp, ref_logp, global_tokens, run.world, is_weight)
     clock.lap("score")
     return Rollout(batch, term, all_r, total, std, c_mask.sum(1), extra)
+
+
+def banned_ids(run: Run, device) -> torch.Tensor | None:
+    """The ids the rollout samplers never draw (``SamplingSpec.banned_ids``) as a tensor; None when none."""
+    ids = sorted(set(run.sampling.banned_ids))
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
 def sampler_weights(run: Run, trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,

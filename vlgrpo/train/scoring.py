@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vlgrpo.config import TrainConfig
-from vlgrpo.algo.logprobs import completion_logprobs
+from vlgrpo.algo.logprobs import completion_logprobs, exclusion_bias
 from vlgrpo.model.caches import expand_cache
 from vlgrpo.train.backbone import backbone_and_head
 from vlgrpo.train.batches import MicroBatch, PromptBatch, micro_batches
@@ -49,11 +49,14 @@ class CompletionScorer(nn.Module):
                 repeats: int, shared: bool, head: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts (p, L) each continued by ``repeats`` completions (p·repeats, C) → (log-probs, entropies)
         (p·repeats, C) fp32; ``head``: ``completion_logprobs`` keywords (temperature, chunk_size,
-        with_entropy)."""
+        with_entropy; and "exclude": token ids taken out of the distribution, ``exclusion_bias``)."""
         backbone, lm_head = backbone_and_head(self.model)
         run = self._shared if shared else self._plain
         hidden = run(backbone, prompts, completion_ids, completion_mask, repeats)     # (n, C, H)
-        logp, ent = completion_logprobs(hidden, lm_head.weight, completion_ids, bias=lm_head.bias, **head)
+        head = dict(head)
+        exclude = head.pop("exclude", None)
+        bias = lm_head.bias if exclude is None else exclusion_bias(lm_head.weight, lm_head.bias, exclude)
+        logp, ent = completion_logprobs(hidden, lm_head.weight, completion_ids, bias=bias, **head)
         # not a view: a sharded (FSDP2) root hooks its backward on this output, and a hook on a view can be
         # dropped by an in-place op downstream (torch warns); (n, C) floats cost nothing to copy
         return (logp.clone() if logp.requires_grad else logp), ent
@@ -99,23 +102,28 @@ class CompletionScorer(nn.Module):
 
 
 def score_micro_batch(scorer: nn.Module, mb: MicroBatch, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool = False,
+                      exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (n, C) of the micro-batch's completions at ``tc.temperature`` (and per-token
-    entropies, without gradients, when asked); ``tc.shared_work`` picks the shared or the plain path."""
+    entropies, without gradients, when asked); ``tc.shared_work`` picks the shared or the plain path.
+    ``exclude``: token ids taken out of the distribution (``exclusion_bias``)."""
     c_ids = completion_ids[mb.start:mb.end]
     c_mask = completion_mask[mb.start:mb.end]
     head = {"temperature": tc.temperature, "chunk_size": tc.logprob_chunk, "with_entropy": with_entropy}
+    if exclude is not None:
+        head["exclude"] = exclude
     return scorer(mb.prompts, c_ids, c_mask, mb.repeats, tc.shared_work, head)
 
 
 @torch.no_grad()
 def score_batch(scorer: nn.Module, prompts: PromptBatch, completion_ids: torch.Tensor,
-                completion_mask: torch.Tensor, tc: TrainConfig, accelerator=None) -> torch.Tensor:
-    """Log-probs (N, C) of all completions under ``scorer`` (old policy or reference), no gradients."""
+                completion_mask: torch.Tensor, tc: TrainConfig, accelerator=None,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs (N, C) of all completions under ``scorer`` (old policy or reference), no gradients;
+    ``exclude`` as in ``score_micro_batch``."""
     out = []
     for mb in micro_batches(prompts, tc.num_generations, tc.micro_batch_size):
         with (accelerator.autocast() if accelerator is not None else nullcontext()):
-            logp, _ = score_micro_batch(scorer, mb, completion_ids, completion_mask, tc)
+            logp, _ = score_micro_batch(scorer, mb, completion_ids, completion_mask, tc, exclude=exclude)
         out.append(logp.float())
     return torch.cat(out)
