@@ -69,7 +69,7 @@ def launched_grpo(cfg: Config, paths: RunPaths, stage: str) -> dict[str, Any]:
 
 
 def run_group(cmd: list[str], cwd: Path, log_path: Path) -> tuple[int, list[str]]:
-    """Run ``cmd`` in a new session, its output appended to ``log_path``; wait for it. Any exception while
+    """Run ``cmd`` in a process group of its own (setsid), its output appended to ``log_path``; wait for it. Any exception while
     waiting (cancellation, KeyboardInterrupt, SIGTERM turned into SystemExit) stops the whole group first.
     Returns the exit status and the output's last lines."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -94,7 +94,7 @@ def run_group(cmd: list[str], cwd: Path, log_path: Path) -> tuple[int, list[str]
 
 def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM the launcher's process group and every process below it (torchrun starts each rank in a
-    session of its own), then SIGKILL what is still alive after ``grace`` seconds."""
+    process group of its own), then SIGKILL what is still alive after ``grace`` seconds."""
     pids = [proc.pid, *_descendants(proc.pid)]
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)

@@ -97,7 +97,7 @@ def _origin(obj: Any) -> tuple[str, str]:
 def _add(name: str, factory: RewardFactory) -> None:
     old = REWARDS.get(name)
     # A plugin may replace a reward an earlier plugin file registered (another project's run in the same
-    # process, e.g. a test session or a long-lived worker); it may never shadow a built-in.
+    # process, e.g. a test run or a long-lived worker); it may never shadow a built-in.
     from_plugins = old is not None and all(_origin(f)[0].startswith(PLUGIN_PREFIX) for f in (old, factory))
     if old is not None and _origin(old) != _origin(factory) and not from_plugins:
         raise ValueError(f"reward {name!r} is already registered by {_origin(old)[0]}.{_origin(old)[1]}")
