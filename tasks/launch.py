@@ -69,8 +69,9 @@ def launched_grpo(cfg: Config, paths: RunPaths, stage: str) -> dict[str, Any]:
 
 
 def run_group(cmd: list[str], cwd: Path, log_path: Path) -> tuple[int, list[str]]:
-    """Run ``cmd`` in a process group of its own (setsid), its output appended to ``log_path``; wait for it. Any exception while
-    waiting (cancellation, KeyboardInterrupt, SIGTERM turned into SystemExit) stops the whole group first.
+    """Run ``cmd`` in a process group of its own (setsid), its output appended to ``log_path``; wait for it.
+    Any exception while waiting (cancellation, KeyboardInterrupt, SIGTERM turned into SystemExit) stops the
+    whole group first.
     Returns the exit status and the output's last lines."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")      # torchrun's own default; set here so it does not warn
