@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
 from vlgrpo.data.answers import WORD_TO_DIGIT
-from vlgrpo.rewards.columns import column, is_short_answer_item
+from vlgrpo.rewards.columns import column, is_short_answer_item, present
 from vlgrpo.rewards.registry import RewardContext, RewardFn, register, register_factory
 
 
@@ -152,8 +152,7 @@ def make_reference(corpus: Sequence[Sequence[str]] | None = None) -> RewardFn:
     fixed = [list(r) for r in corpus] if corpus is not None else None
 
     def reference(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
-        refs = column(columns, "references", len(completions))
-        idx = [i for i, r in enumerate(refs) if r]
+        refs, idx = present(columns, "references", len(completions))
         out: list[float | None] = [None] * len(completions)
         if not idx:
             return out

@@ -12,6 +12,13 @@ def column(columns: Mapping[str, Any], key: str, n: int) -> list[Any]:
     return list(columns.get(key) or [None] * n)
 
 
+def present(columns: Mapping[str, Any], key: str, n: int) -> tuple[list[Any], list[int]]:
+    """Column ``key`` (as :func:`column`) and the indices of the completions whose value is set: a reward
+    that needs the column scores those and leaves the others None."""
+    values = column(columns, key, n)
+    return values, [i for i, v in enumerate(values) if v]
+
+
 def terminated(columns: Mapping[str, Any], n: int) -> list[bool]:
     """The ``terminated`` column (finished with EOS, not cut at the length limit)."""
     # Without the column (e.g. scoring stored texts) every completion is taken as finished.

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlgrpo.io import under_root
-from vlgrpo.rewards.columns import column
+from vlgrpo.rewards.columns import column, present
 from vlgrpo.rewards.registry import RewardContext, RewardFn, register_factory
 
 
@@ -139,8 +139,7 @@ def make_clip_score(path: str | Path, root: str | Path = ".", device: str = "cpu
     def clip_score(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
         from PIL import Image
 
-        images = column(columns, "images", len(completions))
-        idx = [i for i, im in enumerate(images) if im]
+        images, idx = present(columns, "images", len(completions))
         out: list[float | None] = [None] * len(completions)
         if not idx:
             return out
