@@ -83,6 +83,14 @@ def test_first_run_runs_every_stage_registers_and_promotes(project):
     assert [m.step for m in history] == [1, 2, 3]  # every step forwarded, none twice
 
 
+def test_first_run_prints_no_warning(project):
+    # Users read a warning as a problem: a default run prints none that they cannot act on (DVC's "is empty"
+    # for a dependency file, MLflow's type-hint notes, library deprecations in our own calls).
+    _, p = project
+    warned = [line for line in (p.stdout + p.stderr).splitlines() if "warning" in line.lower()]
+    assert warned == [], "\n".join(warned[:20])
+
+
 def test_push_then_pull_in_a_fresh_clone_restores_data_and_models(project, tmp_path):
     root, _ = project
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@e"]

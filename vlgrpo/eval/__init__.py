@@ -1,0 +1,1 @@
+"""Evaluation: greedy scoring with bootstrap intervals, promotion gates, the report and its plots (layer 5)."""
