@@ -1,7 +1,7 @@
 """The served model's request checks (tasks/pyfunc_model.py): image decoding and the bounds on a request.
 
 Each hostile value is refused with a RequestError (the served model's HTTP 400) naming the record and the
-reason, before any pixel of an oversized image is decoded; tests/integration/test_serving_hostile.py sends
+reason, before any pixel of an oversized image is decoded; tests/reliability/test_serving_hostile.py sends
 the same requests to a real `mlflow models serve`.
 """
 import base64
