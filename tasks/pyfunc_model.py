@@ -25,6 +25,7 @@ import base64
 import binascii
 import io
 import logging
+import numbers
 import re
 import tempfile
 import warnings
@@ -120,7 +121,8 @@ def _int_param(params: dict, name: str, default: int, cap: int) -> int:
     value = params.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    # numbers.Real: MLflow's params schema may hand over numpy integers.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:
         raise RequestError(f"params.{name} must be an integer, got {str(value)[:40]!r}")
     if not 1 <= value <= cap:
         raise RequestError(f"params.{name} is {int(value)}; this model allows 1 to {cap}")
@@ -156,7 +158,7 @@ def prepare_items(records: list, limits: Limits, folder: Path) -> list:
     """Decode and check each record's image and question; writes the images, fitted into the pixel budget
     like the training data, to ``folder`` and returns the manifest items that name them."""
     from vlgrpo.data.images import png_bytes
-    from vlgrpo.data.manifest import IMAGE_TAG, Item
+    from vlgrpo.data.manifest import IMAGE_TAG, VIDEO_TAG, Item
 
     items = []
     for i, rec in enumerate(records):
@@ -168,6 +170,10 @@ def prepare_items(records: list, limits: Limits, folder: Path) -> list:
         if len(q) > limits.max_question_chars:
             raise RequestError(f"record {i}: question has {len(q)} characters; this model takes at most "
                                f"{limits.max_question_chars}")
+        if q.count(IMAGE_TAG) > 1 or VIDEO_TAG in q:
+            # Each tag is a place the prompt expects media: one image per record, no video.
+            raise RequestError(f"record {i}: question may hold one {IMAGE_TAG} tag (one image per record) "
+                               f"and no {VIDEO_TAG} tag")
         img = decode_image(rec.get("image"), limits, f"record {i}")
         name = f"img{i}.png"
         (folder / name).write_bytes(png_bytes(img))

@@ -138,6 +138,7 @@ def test_an_aspect_ratio_qwen_vl_refuses_is_a_request_error():
     ({"batch_size": "eight"}, r"params.batch_size must be an integer"),
     ({"batch_size": 2.5}, r"params.batch_size must be an integer"),
     ({"batch_size": True}, r"params.batch_size must be an integer"),
+    ({"batch_size": None, "max_new_tokens": np.int64(10**9)}, r"params.max_new_tokens is 1000000000"),
 ])
 def test_params_beyond_the_caps_are_refused(params, reason):
     with pytest.raises(RequestError, match=reason):
@@ -147,6 +148,7 @@ def test_params_beyond_the_caps_are_refused(params, reason):
 def test_params_within_the_caps_and_the_defaults():
     assert check_request([{}], None, Limits()) == (8, 32)
     assert check_request([{}], {"batch_size": 32, "max_new_tokens": 256}, Limits()) == (32, 256)
+    assert check_request([{}], {"batch_size": np.int64(4), "max_new_tokens": 5.0}, Limits()) == (4, 5)
     # Caps below the defaults lower the defaults with them.
     assert check_request([{}], {}, Limits(max_batch_size=2, max_new_tokens=4)) == (2, 4)
 
@@ -164,6 +166,9 @@ def test_questions_are_checked(tmp_path):
         prepare_items([{"image": ok, "question": "What?"}, {"image": ok, "question": "  "}], Limits(), tmp_path)
     with pytest.raises(RequestError, match="record 0: question has 5000 characters; this model takes at most 4096"):
         prepare_items([{"image": ok, "question": "x" * 5000}], Limits(), tmp_path)
+    for q in ("<image><image>What?", "<video>What?"):
+        with pytest.raises(RequestError, match="record 0: question may hold one <image> tag"):
+            prepare_items([{"image": ok, "question": q}], Limits(), tmp_path)
     items = prepare_items([{"image": ok, "question": "What colour?", "task": None}], Limits(), tmp_path)
     assert items[0].question == "<image>What colour?" and items[0].task == "vqa"
     assert Image.open(tmp_path / items[0].images[0]).size == (56, 56)      # 64 px fitted to the 28-px grid
