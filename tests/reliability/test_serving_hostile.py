@@ -26,7 +26,8 @@ import pytest
 from tests.servers import BIN, free_port, mlflow_server, wait_http
 from tests.unit.test_pyfunc_decode import bomb_png
 
-pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+# slow: registering and serving take 1-2 minutes on 2 shared cores before the first request.
+pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "What colour is the shape? Answer with one word."
 TIMEOUT_S = 120          # the client's bound on every answer; the refusals take far less (printed)
@@ -176,7 +177,6 @@ def test_a_huge_question_is_refused(served):
                     "record 0: question has 100000 characters; this model takes at most 4096")
 
 
-@pytest.mark.slow   # ~40 s on 2 cores: 64 answers of 256 tokens, served and in-process
 def test_a_request_at_every_cap_is_answered_like_the_checkpoint(served, tmp_path):
     """64 records, batch_size 32, max_new_tokens 256 (the shipped caps) are answered, exactly as the checkpoint
     answers them in-process. (That the params reach the model at all - MLflow drops params a model logged no
