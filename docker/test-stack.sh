@@ -334,7 +334,7 @@ check_serving() {
     local out
     out=$(check model-server serve 4) || { dc logs --tail 40 model-server; die "the served champion did not answer"; }
     log "served champion: $out"
-    ok "mlflow models serve -m models:/$MODEL@champion answers ($(json "sum(a.strip().lower() == s.strip().lower() for a, s in zip(d['answers'], d['solutions']))" <<<"$out")/4 equal to the solution)"
+    ok "mlflow models serve -m models:/$MODEL@champion answers ($(json "sum(a.strip().lower() == s.strip().lower() for a, s in zip(d['answers'], d['solutions']))" <<<"$out")/4 equal to the solution) and refuses with 400: $(json "', '.join(d['refused'])" <<<"$out")"
     dc --profile serve stop model-server >/dev/null 2>&1
     dc --profile serve rm -f model-server >/dev/null 2>&1
 }

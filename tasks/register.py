@@ -26,7 +26,8 @@ def register_task(root: Path, cfg: Config, evaluation: dict, run_id: str) -> dic
             "evaluate.primary_metric": cfg.evaluate.primary_metric}
     # Idempotent: a version an interrupted run created for these same files is finished, not duplicated.
     version, reused = register_candidate(client, name, root, under_root(root, cfg.train.out_dir), run_id, tags,
-                                         (cfg.data.min_pixels, cfg.data.max_pixels), cfg.register.merge_lora)
+                                         (cfg.data.min_pixels, cfg.data.max_pixels), cfg.register.merge_lora,
+                                         cfg.register.serving)
     out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
            "promoted": False, "decision": decision, "reused_version": reused}
     evaluated_against = evaluation.get("champion_version")

@@ -11,6 +11,7 @@ or tags finds that version on the next run and finishes it, instead of registeri
 """
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import hashlib
 import time
@@ -25,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.tracking import retry
+from vlgrpo.config import REQUEST_BATCH_SIZE, REQUEST_MAX_NEW_TOKENS, ServingConfig
 from vlgrpo.io import HASHES_FILE, disk_full, is_disk_full, sha256_file, tree_size
 
 CHAMPION, CANDIDATE = "champion", "candidate"
@@ -54,28 +56,45 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def _log_model(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int) -> Any:
+def serving_model_config(root: Path, min_pixels: int, max_pixels: int,
+                         serving: ServingConfig | None = None) -> dict[str, Any]:
+    """What the served model reads at load time (tasks/pyfunc_model.py Limits): the pixel budget it was
+    trained with and the ``register.serving`` caps on a request (the image folder as an absolute path)."""
+    serving = serving or ServingConfig()
+    out = {"min_pixels": min_pixels, "max_pixels": max_pixels, **dataclasses.asdict(serving)}
+    if serving.image_folder is not None:
+        out["image_folder"] = str((Path(root) / serving.image_folder).resolve())
+    return out
+
+
+def _log_model(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int,
+               serving: ServingConfig | None = None) -> Any:
     """The pyfunc model of ``checkpoint`` logged to the active run, with its signature and an example."""
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(root / "tasks" / "pyfunc_model.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(root / "vlgrpo")],
-        model_config={"min_pixels": min_pixels, "max_pixels": max_pixels},
+        model_config=serving_model_config(root, min_pixels, max_pixels, serving),
         pip_requirements=pip_requirements(),
         # What a request holds and returns; MLflow also answers the example once as a smoke test.
-        signature=serving_signature(), input_example=serving_example(min_pixels),
+        signature=serving_signature(serving), input_example=serving_example(min_pixels),
     )
 
 
-def serving_signature() -> Any:
-    """The served model's signature: rows of ``image`` (base64 or a path), ``question``, optional ``task``."""
+def serving_signature(serving: ServingConfig | None = None) -> Any:
+    """The served model's signature: rows of ``image`` (base64 image bytes), ``question``, optional ``task``;
+    params ``batch_size`` and ``max_new_tokens`` (without a params schema MLflow would drop them)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    serving = serving or ServingConfig()
     inputs = Schema([ColSpec("string", "image"), ColSpec("string", "question"),
                      ColSpec("string", "task", required=False)])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
+    params = ParamSchema([ParamSpec("batch_size", "long", min(REQUEST_BATCH_SIZE, serving.max_batch_size)),
+                          ParamSpec("max_new_tokens", "long",
+                                    min(REQUEST_MAX_NEW_TOKENS, serving.max_new_tokens))])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]), params=params)
 
 
 def serving_example(min_pixels: int) -> Any:
@@ -119,7 +138,7 @@ def champion_loader(name: str) -> Callable[[], Any] | None:
 
 
 def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int,
-                  merge_lora: bool = False) -> Any:
+                  merge_lora: bool = False, serving: ServingConfig | None = None) -> Any:
     """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ModelInfo.
 
     A LoRA candidate (a peft adapter directory) is logged as it is - the adapter, megabytes, which names its
@@ -141,7 +160,7 @@ def log_candidate(root: Path, checkpoint: Path, min_pixels: int, max_pixels: int
                 # MLflow's own pandas call when it saves the input example (`df.columns == range(...)`) is
                 # deprecated in pandas; nothing the user can change. Only that one message is hidden.
                 warnings.filterwarnings("ignore", message="Operation with range is deprecated", module="mlflow")
-                return _log_model(root, checkpoint, min_pixels, max_pixels)
+                return _log_model(root, checkpoint, min_pixels, max_pixels, serving)
         except Exception as e:  # noqa: BLE001 - MLflow wraps OS errors in several types
             if not is_disk_full(e):
                 raise
@@ -175,14 +194,14 @@ def find_version(client: MlflowClient, name: str, fingerprint: str) -> Any | Non
 
 
 def register_candidate(client: MlflowClient, name: str, root: Path, checkpoint: Path, run_id: str,
-                       tags: dict[str, str], pixels: tuple[int, int], merge_lora: bool = False
-                       ) -> tuple[str, bool]:
+                       tags: dict[str, str], pixels: tuple[int, int], merge_lora: bool = False,
+                       serving: ServingConfig | None = None) -> tuple[str, bool]:
     """Register the candidate once: re-use the version an earlier (interrupted) run created for the same
     files, or log the pyfunc model and create one. Returns (version, re_used)."""
     fingerprint = candidate_fingerprint(checkpoint)
     existing = find_version(client, name, fingerprint)
     if existing is None:
-        info = log_candidate(root, checkpoint, *pixels, merge_lora=merge_lora)
+        info = log_candidate(root, checkpoint, *pixels, merge_lora=merge_lora, serving=serving)
         version = register_version(client, name, info, run_id, {**tags, FINGERPRINT_TAG: fingerprint})
         return version, False
     version = str(existing.version)

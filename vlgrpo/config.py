@@ -880,6 +880,42 @@ class EvaluateConfig:
             _check_range(f"evaluate.guard_metrics.{name}", v, 0)
 
 
+# What a request to the served model gets when it passes no ``batch_size`` / ``max_new_tokens`` (at most the caps).
+REQUEST_BATCH_SIZE, REQUEST_MAX_NEW_TOKENS = 8, 32
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """``register.serving``: what a request to the served model may ask for (logged with the model; the served
+    model refuses, with a 400 answer, a request beyond any of these).
+
+    Attributes:
+        max_records: rows (questions) per request.
+        max_batch_size: largest ``batch_size`` a request may pass (prompts generated together).
+        max_new_tokens: largest ``max_new_tokens`` a request may pass (answer length in tokens).
+        max_question_chars: longest question (characters) a request may send.
+        max_image_pixels: largest image (width x height) a request may send, checked from the image header
+            before it is decoded; images above ``data.max_pixels`` are then downscaled to it. At least
+            ``data.max_pixels``.
+        image_folder: folder on the serving machine whose files a request may name instead of sending the
+            bytes (relative: to the project root at registration); null: only image bytes (base64) are
+            accepted and the served model opens no file a client names.
+    """
+    max_records: int = 64
+    max_batch_size: int = 32
+    max_new_tokens: int = 256
+    max_question_chars: int = 4096
+    # 4096 x 4096: a decoded RGB image of at most 48 MiB.
+    max_image_pixels: int = 16_777_216
+    image_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_records", "max_batch_size", "max_new_tokens", "max_question_chars", "max_image_pixels"):
+            _check_range(f"register.serving.{key}", getattr(self, key), 1)
+        if self.image_folder is not None and not self.image_folder.strip():
+            _fail("register.serving.image_folder", "must not be empty (null: no folder)")
+
+
 @dataclass(frozen=True)
 class RegisterConfig:
     """``register``: the MLflow model registry and experiment.
@@ -889,6 +925,7 @@ class RegisterConfig:
         experiment: MLflow experiment of the pipeline's runs.
         merge_lora: for a LoRA candidate, log the base with the adapter merged in (self-contained) instead
             of the adapter alone (small; needs the base it names where it is loaded).
+        serving: the bounds of a request to the served model (:class:`ServingConfig`).
     """
     model_name: str = "vlgrpo-qwen-vl"
     experiment: str = "vlgrpo"
@@ -896,6 +933,7 @@ class RegisterConfig:
     # base model it names, at the same path or hub id), true logs the base with the adapter merged into it (a
     # self-contained checkpoint the size of the base). Ignored for a fully fine-tuned candidate.
     merge_lora: bool = False
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
@@ -916,6 +954,9 @@ class Config:
 
     def __post_init__(self) -> None:
         self.pilot.train_config(self.train)  # the pilot's merged config must be valid too
+        if self.register.serving.max_image_pixels < self.data.max_pixels:
+            _fail("register.serving.max_image_pixels", f"must be >= data.max_pixels ({self.data.max_pixels}), "
+                  f"got {self.register.serving.max_image_pixels}: images of the model's own size would be refused")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

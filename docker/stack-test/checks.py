@@ -67,25 +67,40 @@ def registry(model: str = "vlgrpo-qwen-vl", experiment: str = "vlgrpo") -> dict:
 
 
 def serve(n: str = "4", url: str = "http://localhost:5001/invocations") -> dict:
-    """Ask the served champion about the first N test items of the worker's manifest.
+    """Ask the served champion about the first N test items of the worker's manifest (images as base64
+    bytes, the only input tasks/pyfunc_model.py takes), then send it hostile requests - a file path on the
+    worker's data volume (mounted read-only here), max_new_tokens 10**9, more records than it allows - each
+    of which must be a 400 with one message and no traceback, the good request answered alike after each."""
+    import urllib.error
 
-    Both image inputs that tasks/pyfunc_model.py documents: the even items as base64 image bytes (what a
-    remote client sends), the odd ones as file paths on the worker's data volume (mounted read-only here)."""
     data = Path("data")
     items = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line.strip()]
     items = [it for it in items if it["split"] == "test"][: int(n)]
-    records = []
-    for i, it in enumerate(items):
-        path = (data / it["images"][0]).resolve()
-        image = base64.b64encode(path.read_bytes()).decode() if i % 2 == 0 else str(path)
-        records.append({"image": image, "question": it["question"]})
+    paths = [(data / it["images"][0]).resolve() for it in items]
+    records = [{"image": base64.b64encode(p.read_bytes()).decode(), "question": it["question"]}
+               for p, it in zip(paths, items)]
     out = _get(url, {"dataframe_records": records}, timeout=300)
     answers = out["predictions"] if isinstance(out, dict) else out
     if len(answers) != len(records) or not all(isinstance(a, str) and a.strip() for a in answers):
         sys.exit(f"the served model gave {answers!r} for {len(records)} questions")
+    hostile = {"file path": {"dataframe_records": [{"image": str(paths[0]), "question": items[0]["question"]}]},
+               "max_new_tokens 10**9": {"dataframe_records": records[:1], "params": {"max_new_tokens": 10**9}},
+               "10000 records": {"dataframe_records": records[:1] * 10_000}}
+    refused = {}
+    for what, body in hostile.items():
+        try:
+            _get(url, body, timeout=120)
+            sys.exit(f"the served model answered a request with a {what} instead of refusing it")
+        except urllib.error.HTTPError as e:
+            text = e.read().decode()
+            if e.code != 400 or "Traceback" in text or "stack_trace" in text:
+                sys.exit(f"a request with a {what} got {e.code}: {text[-500:]}")
+            refused[what] = json.loads(text)["message"].split("Error: ")[-1]
+        again = _get(url, {"dataframe_records": records}, timeout=300)
+        if (again["predictions"] if isinstance(again, dict) else again) != answers:
+            sys.exit(f"after the request with a {what} the served model answered {again!r}, not {answers!r}")
     return {"answers": answers, "solutions": [it.get("solution", "") for it in items],
-            "questions": [it["question"] for it in items],
-            "inputs": ["base64" if i % 2 == 0 else "path" for i in range(len(records))]}
+            "questions": [it["question"] for it in items], "refused": refused}
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ def test_project_params_load_and_are_frozen():
     ({"rewards": {"overlong_buffer": 0}}, "rewards.overlong_buffer", "must be >= 1"),
     ({"rewards": {"models": {"judge": 3}}}, "rewards.models.judge", "must be a string"),
     ({"base": {"tiny": {"hidden_size": 130}}}, "base.tiny.hidden_size", "divisible by num_attention_heads"),
+    ({"register": {"serving": {"max_records": 0}}}, "register.serving.max_records", "must be >= 1"),
+    ({"register": {"serving": {"max_new_tokens": 10**9 * 1.5}}}, "register.serving.max_new_tokens",
+     "must be an integer"),
+    ({"register": {"serving": {"image_folder": " "}}}, "register.serving.image_folder", "must not be empty"),
+    ({"data": {"max_pixels": 50176}, "register": {"serving": {"max_image_pixels": 40000}}},
+     "register.serving.max_image_pixels", "must be >= data.max_pixels (50176)"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(raw, key, allowed):
     with pytest.raises(ConfigError) as e:
