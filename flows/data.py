@@ -4,7 +4,6 @@ Run: `vlgrpo data` (or `python -m flows.data`); under DVC: `dvc repro data`.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import flow
 

@@ -31,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory):
     return save_model(model, processor, tmp_path_factory.mktemp("ckpt") / "candidate")
 
 
-def _png_b64(color=(220, 40, 40)) -> tuple[str, "Image.Image"]:
+def _png_b64(color=(220, 40, 40)) -> tuple[str, object]:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (112, 112), (128, 128, 128))

@@ -7,7 +7,6 @@ undisturbed run of the same project: one version, aliases `candidate` and `champ
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -18,7 +18,6 @@ limit (``PIL.Image.MAX_IMAGE_PIXELS``), fails to decode, or decodes to fewer fra
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
