@@ -24,7 +24,8 @@ def grpo_task(cfg: Config, paths: RunPaths, artifact_key: str) -> dict[str, Any]
     from vlgrpo.model.precision import describe_precision
     from vlgrpo.train.launch import is_launched
 
-    get_run_logger().info(describe_precision(cfg.train.mixed_precision)[1])  # what "auto" became here
+    # what "auto" became here, for this model
+    get_run_logger().info(describe_precision(cfg.train.mixed_precision, paths.init_model_dir)[1])
     # The console bar (step, reward, KL, ETA) and the Prefect progress artifact both follow the metrics stream,
     # which the main process writes wherever it runs.
     desc = artifact_key.removesuffix("-progress")

@@ -626,8 +626,8 @@ class TrainConfig:
             (``none``).
         num_iterations: optimizer updates per rollout (> 1 uses the old policy's log-probs and clipping).
         mixed_precision: ``auto`` (default: bf16 on a GPU that has it, else fp16 on a GPU; on a CPU bf16
-            only where it has native bf16 instructions - AVX512-BF16 or AMX - else fp32; the choice is
-            logged), ``bf16``, ``fp16`` (GPU only) or ``no`` (fp32; ``fp32`` and ``false`` mean the same).
+            only where it has native bf16 instructions - AVX512-BF16 or AMX - and the model has 10M+
+            parameters, else fp32; the choice is logged), ``bf16``, ``fp16`` (GPU only) or ``no`` (fp32; ``fp32`` and ``false`` mean the same).
         save_steps: checkpoint every this many steps (and at the last one).
         save_total_limit: keep only the newest N complete checkpoints, deleting older ones after each save
             (null: keep all). The newest always stays, so a killed run still resumes.
@@ -681,10 +681,10 @@ class TrainConfig:
             float rounding (checked on 2 CPU processes).
     """
     seed: int = 0
-    max_steps: int = 200
+    max_steps: int = 150
     prompts_per_step: int = 8
     num_generations: int = 8
-    micro_batch_size: int = 16          # completions per forward/backward; the rest is accumulated
+    micro_batch_size: int = 32          # completions per forward/backward; the rest is accumulated
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05

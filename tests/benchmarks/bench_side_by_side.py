@@ -5,7 +5,7 @@
 
 Not a pytest test (timings are not asserted). Set-up: one tiny project (the default synthetic data with 64 train
 items, the default tiny Qwen2.5-VL, not warm-started) and the shipped ``train`` settings (the pilot's: 8 prompts
-x 8 completions a step, micro-batches of 16); each run is its own process (``--worker``), as two `vlgrpo`
+x 8 completions a step, micro-batches of 32); each run is its own process (``--worker``), as two `vlgrpo`
 commands would be. For each OpenMP wait policy in ``--policies`` (``OMP_WAIT_POLICY`` of the workers; PASSIVE
 is what vlgrpo sets unless the environment says otherwise): one run alone, then two at once. A run's figure
 is its median step time (``step_time_s`` of the metrics stream) over the steps after the first.

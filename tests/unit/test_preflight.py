@@ -111,6 +111,35 @@ def test_auto_precision_follows_the_hardware(flags, cuda, cuda_bf16, expected):
     assert choose_precision("bf16", cuda=cuda, cuda_bf16=cuda_bf16, flags=frozenset(flags))[0] == "bf16"
 
 
+@pytest.mark.parametrize("num_params, expected", [(600_000, "no"), (9_999_999, "no"), (10_000_000, "bf16"),
+                                                  (3_000_000_000, "bf16"), (None, "bf16")])
+def test_auto_precision_keeps_fp32_for_small_models_on_cpu(num_params, expected):
+    flags = frozenset({"avx512f", "avx512_bf16"})
+    precision, why = choose_precision("auto", cuda=False, cuda_bf16=False, flags=flags, num_params=num_params)
+    assert precision == expected
+    assert ("parameters" in why) == (expected == "no")
+    # the size matters only on a CPU with native bf16: a GPU and an AVX2-only CPU decide as before
+    assert choose_precision("auto", cuda=True, cuda_bf16=True, flags=frozenset(), num_params=num_params)[0] == "bf16"
+    assert choose_precision("auto", cuda=False, cuda_bf16=False, flags=frozenset({"avx2"}),
+                            num_params=num_params)[0] == "no"
+
+
+def test_checkpoint_num_params_reads_the_safetensors_headers(tmp_path):
+    from vlgrpo.config import TinyModelConfig
+    from vlgrpo.model import loading, tiny_model
+    from vlgrpo.model.precision import checkpoint_num_params
+
+    model, proc = tiny_model.build_tiny(["What colour is it? red green"], TinyModelConfig(), 0)
+    loading.save_model(model, proc, tmp_path / "ckpt")
+    # the saved tensors: tied weights are stored once, so count the unique parameters
+    assert checkpoint_num_params(tmp_path / "ckpt") == sum(p.numel() for p in model.parameters())
+    assert checkpoint_num_params(tmp_path / "absent") is None
+    assert checkpoint_num_params("Qwen/Qwen2.5-VL-3B-Instruct") is None       # a hub id: unknown
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"\x10")
+    assert checkpoint_num_params(tmp_path / "bad") is None
+
+
 def test_cpu_flags_read_from_cpuinfo(tmp_path):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\n"
                                       "flags\t\t: fpu sse avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu\n")

@@ -135,7 +135,8 @@ def setup(cfg: Config, paths: RunPaths) -> Run:
     resumed from its newest checkpoint when there is one. Raises TrainingError on a set-up that cannot train
     (fp16 on CPU, prompts_per_step not divisible by the processes, too few prompts)."""
     # "auto" becomes what this machine runs well; the run, its checkpoints and its metrics see the choice.
-    tc = dataclasses.replace(cfg.train, mixed_precision=resolve_precision(cfg.train.mixed_precision))
+    tc = dataclasses.replace(cfg.train, mixed_precision=resolve_precision(cfg.train.mixed_precision,
+                                                                          paths.init_model_dir))
     cfg = dataclasses.replace(cfg, train=tc)
     if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision: fp16 needs a GPU (loss scaling); use bf16 or no on CPU")
