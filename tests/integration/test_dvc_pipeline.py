@@ -78,7 +78,7 @@ def test_first_run_runs_every_stage_registers_and_promotes(project):
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     train = next(r for r in children if r.info.run_name == "train")
     assert train.data.params["train.learning_rate"] == "0.001"
-    assert len(train.data.tags["git_commit"]) == 40 and train.data.tags["data_md5"] != "unknown"
+    assert len(train.data.tags["mlflow.source.git.commit"]) == 40 and train.data.tags["data_md5"] != "unknown"
     history = client.get_metric_history(train.info.run_id, "reward")
     assert [m.step for m in history] == [1, 2, 3]  # every step forwarded, none twice
 
