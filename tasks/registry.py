@@ -205,7 +205,7 @@ def register_candidate(client: MlflowClient, name: str, root: Path, checkpoint: 
         version = register_version(client, name, info, source, {**tags, FINGERPRINT_TAG: fingerprint})
         model_id, reused = info.model_id, False
     else:
-        version, model_id, reused = str(existing.version), existing.model_id, True
+        version, model_id, reused = str(existing.version), model_id_of(existing), True
         _wait_ready(client, name, existing)
         # Finish what the interrupted run may not have done: its tags and the candidate alias.
         for k, v in tags.items():
@@ -214,6 +214,16 @@ def register_candidate(client: MlflowClient, name: str, root: Path, checkpoint: 
         retry(lambda: client.set_registered_model_alias(name, CANDIDATE, version), what="set candidate alias")
     describe_version(client, name, version, model_id, run_id, source, description, metrics or {})
     return version, reused
+
+
+def model_id_of(mv: Any) -> str | None:
+    """The logged model's id of a version: its ``model_id`` where the registry keeps it, else read from its
+    source ``models:/m-<id>`` (MLflow's SQL registry stores the source, not the id)."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = str(getattr(mv, "source", "") or "")
+    rest = source[len("models:/"):] if source.startswith("models:/") else ""
+    return rest.split("/")[0] if rest.startswith("m-") else None
 
 
 def link_logged_model(client: MlflowClient, model_id: str | None, name: str, version: str) -> None:

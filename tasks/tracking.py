@@ -54,6 +54,7 @@ PARENT_ENV = "VLGRPO_PARENT_RUN_ID"
 # MLflow's UI opens an experiment without this tag in its GenAI view; this value is its classic ML view.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+TRAIN_FLAGS_TAG = "vlgrpo.train_flags"
 MAX_DELAY = 30.0  # seconds between two tries of one MLflow call
 T = TypeVar("T")
 
@@ -345,8 +346,8 @@ def pipeline_summary(root: Path) -> tuple[dict[str, float], dict[str, str]]:
         tags["vlgrpo.registered_model"] = reg["model_uri"]
         tags["vlgrpo.promoted"] = str(bool(reg.get("promoted")))
     train = read_report(root, "train") or {}
-    if train.get("watch", {}).get("flags"):
-        tags["vlgrpo.train_flags"] = "; ".join(f["message"] for f in train["watch"]["flags"])[:5000]
+    if (train.get("watch") or {}).get("flags"):
+        tags[TRAIN_FLAGS_TAG] = "; ".join(f["message"] for f in train["watch"]["flags"])[:5000]
     return metrics, tags
 
 
@@ -403,6 +404,7 @@ def summary_metrics(data: dict[str, Any]) -> dict[str, float]:
     watch = data.get("watch")
     if isinstance(watch, dict):
         out["watch.flagged"] = float(bool(watch.get("flags")))
+        out["watch.stopped_early"] = float(bool(watch.get("stopped")))
     return out
 
 
@@ -417,6 +419,10 @@ def log_report(path: Path, run_id: str | None = None) -> None:
     for i in range(0, len(batch), 500):
         retry(lambda b=batch[i:i + 500]: client.log_batch(run_id, metrics=b), what="log report metrics")
     retry(lambda: client.log_artifact(run_id, str(path), "reports"), what="log report artifact")
+    flags = (data.get("watch") or {}).get("flags") if isinstance(data, dict) else None
+    if flags:  # the training watch's findings, in words, where the run list shows them
+        text = "; ".join(str(f.get("message")) for f in flags)[:5000]
+        retry(lambda: client.set_tag(run_id, TRAIN_FLAGS_TAG, text), what="tag watch flags")
 
 
 def _numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:

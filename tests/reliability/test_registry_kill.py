@@ -100,7 +100,9 @@ def test_kill_inside_registration_never_leaves_a_half_registered_or_duplicate_ve
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    model = client.get_logged_model(versions[0].model_id)
+    from tasks.registry import model_id_of
+
+    model = client.get_logged_model(model_id_of(versions[0]))
     assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": "1"}]
     assert {m.key: m.value for m in model.metrics} == {
         "test_accuracy": 0.5, "base_test_accuracy": 0.25, "test_accuracy_minus_base": 0.25}
