@@ -91,7 +91,8 @@ def evaluation_metrics(evaluation: dict) -> dict[str, float]:
 def version_description(cfg: Config, evaluation: dict, train: dict, metrics: dict[str, float]) -> str:
     """What the version is, in the words a registry page shows: base model, training, evaluation, decision."""
     d = evaluation.get("decision", {})
-    lines = [f"GRPO-tuned from `{cfg.base.model}` ({train.get('steps', '?')} steps"
+    base = f"`{cfg.base.model}`" if cfg.base.model else "the tiny offline model the base stage built"
+    lines = [f"GRPO-tuned from {base} ({train.get('steps', '?')} steps"
              + (f", train run {train['mlflow_run_id']}" if train.get("mlflow_run_id") else "") + ")."]
     primary = cfg.evaluate.primary_metric
     if f"test_{primary}" in metrics:

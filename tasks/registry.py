@@ -258,8 +258,10 @@ def describe_version(client: MlflowClient, name: str, version: str, model_id: st
     new = [Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items() if k not in have]
     if new:   # logged through the run that logged the model: MLflow keeps a logged model's metrics by run
         retry(lambda: client.log_batch(register_run, metrics=new), what="log model metrics")
-    retry(lambda: client.set_logged_model_tags(model_id, {TRAIN_RUN_TAG: train_run, REGISTER_RUN_TAG: register_run}),
-          what="tag logged model")
+    # mlflow.note.content: the description MLflow's UI shows on the logged model's page too.
+    notes = {"mlflow.note.content": description} if description else {}
+    retry(lambda: client.set_logged_model_tags(model_id, {TRAIN_RUN_TAG: train_run, REGISTER_RUN_TAG: register_run,
+                                                          **notes}), what="tag logged model")
     if train_run != register_run:
         try:
             outputs = retry(lambda: client.get_run(train_run), what="read train run").outputs
