@@ -10,20 +10,20 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import expected_failures, load, manifest_path, report_path, write_report
-from tasks.tracking import log_files, log_report, stage_run
+from tasks.tracking import log_report, stage_run
 
 
 @flow(name="evaluate", log_prints=True)
 @expected_failures
 def evaluate_flow(params: str = "params.yaml") -> dict:
-    from tasks.evaluate import evaluate_task
+    from tasks.evaluate import evaluate_task, log_evaluation
 
     cfg, root = load(params)
     with stage_run("evaluate", cfg, root) as run_id:
         result = evaluate_task(cfg, root, manifest_path(cfg, root), run_id)
         log_report(write_report(root, "evaluate", result))
         md = report_path(root, "evaluate", ".md")
-        link = log_files(run_id, {md: "reports", root / "plots": "plots"})
+        link = log_evaluation(run_id, root, manifest_path(cfg, root))
         create_markdown_artifact(markdown=md.read_text() + f"\n\nMLflow: {link}\n", key="evaluation-report",
                                  description="Evaluation: base vs candidate vs champion")
     d = result["decision"]

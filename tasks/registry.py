@@ -8,12 +8,22 @@ version reports READY, so it never points at a half-registered version.
 Registration is idempotent: each version is created with tag ``vlgrpo.candidate_sha256`` (a hash of the
 candidate's files) in the same call, so a stage killed between creating the version and setting its aliases
 or tags finds that version on the next run and finishes it, instead of registering the candidate twice.
+
+A version is what MLflow 3 shows as a registered model: it is created from the logged model
+(``models:/m-<id>``, with its signature and input example) and the logged model records the version
+(its ``mlflow.modelVersions`` tag, as ``mlflow.register_model`` writes it), so the model's page lists it.
+Its source run is the ``train`` run that produced the weights (the train run lists the logged model among
+its outputs); the ``register`` run that logged the files is tagged on the version. The version carries a
+description (what was trained, how it evaluated, the decision) and the evaluation's test metrics, as
+metrics of the logged model and as version tags. Every one of these steps is re-done, once, by a re-run
+that finds the version of a killed one.
 """
 from __future__ import annotations
 
 import dataclasses
 import getpass
 import hashlib
+import json
 import time
 import warnings
 from datetime import datetime, timezone
@@ -193,24 +203,100 @@ def find_version(client: MlflowClient, name: str, fingerprint: str) -> Any | Non
     return min(live, key=lambda mv: int(mv.version)) if live else None
 
 
+REGISTER_RUN_TAG, TRAIN_RUN_TAG = "vlgrpo.register_run_id", "vlgrpo.train_run_id"
+
+
 def register_candidate(client: MlflowClient, name: str, root: Path, checkpoint: Path, run_id: str,
-                       tags: dict[str, str], pixels: tuple[int, int], merge_lora: bool = False,
+                       tags: dict[str, str], pixels: tuple[int, int], merge_lora: bool = False, *,
+                       source_run_id: str | None = None, description: str | None = None,
+                       metrics: dict[str, float] | None = None,
                        serving: ServingConfig | None = None) -> tuple[str, bool]:
     """Register the candidate once: re-use the version an earlier (interrupted) run created for the same
-    files, or log the pyfunc model and create one. Returns (version, re_used)."""
+    files, or log the pyfunc model (in the active run, ``run_id``) and create one. Returns (version, re_used).
+
+    ``source_run_id``: the run that trained the weights (the version's source run; default ``run_id``).
+    ``description`` and ``metrics`` (evaluation results) go on the version and its logged model."""
     fingerprint = candidate_fingerprint(checkpoint)
     existing = find_version(client, name, fingerprint)
+    source = source_run_id or run_id
+    tags = {**tags, REGISTER_RUN_TAG: run_id, TRAIN_RUN_TAG: source}
     if existing is None:
         info = log_candidate(root, checkpoint, *pixels, merge_lora=merge_lora, serving=serving)
-        version = register_version(client, name, info, run_id, {**tags, FINGERPRINT_TAG: fingerprint})
-        return version, False
-    version = str(existing.version)
-    _wait_ready(client, name, existing)
-    # Finish what the interrupted run may not have done: its tags and the candidate alias.
-    for k, v in tags.items():
-        retry(lambda k=k, v=v: client.set_model_version_tag(name, version, k, v), what="tag version")
-    retry(lambda: client.set_registered_model_alias(name, CANDIDATE, version), what="set candidate alias")
-    return version, True
+        version = register_version(client, name, info, source, {**tags, FINGERPRINT_TAG: fingerprint})
+        model_id, reused = info.model_id, False
+    else:
+        version, model_id, reused = str(existing.version), model_id_of(existing), True
+        _wait_ready(client, name, existing)
+        # Finish what the interrupted run may not have done: its tags and the candidate alias.
+        for k, v in tags.items():
+            retry(lambda k=k, v=v: client.set_model_version_tag(name, version, k, v), what="tag version")
+        link_logged_model(client, model_id, name, version)
+        retry(lambda: client.set_registered_model_alias(name, CANDIDATE, version), what="set candidate alias")
+    describe_version(client, name, version, model_id, run_id, source, description, metrics or {})
+    return version, reused
+
+
+def model_id_of(mv: Any) -> str | None:
+    """The logged model's id of a version: its ``model_id`` where the registry keeps it, else read from its
+    source ``models:/m-<id>`` (MLflow's SQL registry stores the source, not the id)."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = str(getattr(mv, "source", "") or "")
+    rest = source[len("models:/"):] if source.startswith("models:/") else ""
+    return rest.split("/")[0] if rest.startswith("m-") else None
+
+
+def link_logged_model(client: MlflowClient, model_id: str | None, name: str, version: str) -> None:
+    """Record ``name``/``version`` on its logged model (tag ``mlflow.modelVersions``, the list MLflow's
+    ``register_model`` keeps), once: the model's page then shows it registered."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    if not model_id:
+        return
+    model = retry(lambda: client.get_logged_model(model_id), what="read logged model")
+    linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if any(str(v.get("name")) == name and str(v.get("version")) == str(version) for v in linked):
+        return
+    value = json.dumps(linked + [{"name": name, "version": str(version)}])
+    retry(lambda: client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: value}), what="link logged model")
+
+
+def describe_version(client: MlflowClient, name: str, version: str, model_id: str | None, register_run: str,
+                     train_run: str, description: str | None, metrics: dict[str, float]) -> None:
+    """The version's description, the evaluation metrics on its logged model (each once) and the link
+    from the train run to the logged model (its outputs)."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    if description:
+        retry(lambda: client.update_model_version(name, version, description=description),
+              what="describe version")
+    if not model_id:
+        return
+    model = retry(lambda: client.get_logged_model(model_id), what="read logged model")
+    have = {m.key for m in (model.metrics or [])}
+    now = int(time.time() * 1000)
+    new = [Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items() if k not in have]
+    if new:   # logged through the run that logged the model: MLflow keeps a logged model's metrics by run
+        retry(lambda: client.log_batch(register_run, metrics=new), what="log model metrics")
+    # mlflow.note.content: the description MLflow's UI shows on the logged model's page too.
+    notes = {"mlflow.note.content": description} if description else {}
+    retry(lambda: client.set_logged_model_tags(model_id, {TRAIN_RUN_TAG: train_run, REGISTER_RUN_TAG: register_run,
+                                                          **notes}), what="tag logged model")
+    if train_run != register_run:
+        try:
+            outputs = retry(lambda: client.get_run(train_run), what="read train run").outputs
+        except RuntimeError as e:  # the train run is gone (deleted, another store): the tags still name it
+            log_warning(f"train run {train_run} not found; the logged model is not listed on it: {e}")
+            return
+        if model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+            retry(lambda: client.log_outputs(train_run, [LoggedModelOutput(model_id, 0)]),
+                  what="link train run to the logged model")
+
+
+def log_warning(message: str) -> None:
+    import logging
+
+    logging.getLogger("vlgrpo.registry").warning(message)
 
 
 def _wait_ready(client: MlflowClient, name: str, mv: Any, timeout_s: float = 300) -> Any:
@@ -237,6 +323,7 @@ def register_version(client: MlflowClient, name: str, model_info: Any, run_id: s
                                                    model_id=model_info.model_id),
                what="create model version")
     mv = _wait_ready(client, name, mv, timeout_s)
+    link_logged_model(client, model_info.model_id, name, str(mv.version))
     retry(lambda: client.set_registered_model_alias(name, CANDIDATE, mv.version), what="set candidate alias")
     return str(mv.version)
 

@@ -13,6 +13,18 @@ process killed with SIGKILL cannot end its run, so each stage and pipeline run f
 whose owner on this host is gone and marks them KILLED (tag ``vlgrpo.killed_reason`` says when and why). A run
 whose process is alive, or that belongs to another host, is never touched: projects may share one server.
 
+What a run holds, so that the MLflow UI shows each thing where a user looks for it:
+
+- the experiment is tagged ``mlflow.experimentKind: custom_model_development`` (MLflow opens it in the
+  classic runs view, not the GenAI one);
+- every run carries MLflow's own ``mlflow.source.git.commit`` (and the DVC lock's hash, the data's md5);
+- a stage run logs only its own params (the ``params:`` list of its stage in dvc.yaml); the pipeline run
+  logs them all, so two executions compare at the top of the run list;
+- a stage's report is an artifact (``reports/<stage>.json``) with a few headline values as run metrics
+  (``summary_metrics``): curves are for values per step, the rest of a report is read in the file;
+- the pipeline run ends with the headline results of the execution (test metrics of base and candidate,
+  the decision, the registered version), the names of the stages that ran, and the evaluation report.
+
 MLflow is called only from tasks/ (this module, the registry and the stage tasks); flows/ go through them.
 """
 from __future__ import annotations
@@ -31,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from tasks.common import BackgroundLoop
@@ -39,6 +51,10 @@ from vlgrpo.config import Config
 
 log = logging.getLogger("vlgrpo.tracking")
 PARENT_ENV = "VLGRPO_PARENT_RUN_ID"
+# MLflow's UI opens an experiment without this tag in its GenAI view; this value is its classic ML view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+TRAIN_FLAGS_TAG = "vlgrpo.train_flags"
 MAX_DELAY = 30.0  # seconds between two tries of one MLflow call
 T = TypeVar("T")
 
@@ -72,11 +88,16 @@ def setup(root: Path, experiment: str) -> str:
     client = MlflowClient()
     exp = retry(lambda: client.get_experiment_by_name(experiment), what="get experiment")
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # an experiment made before the tag was set
+            retry(lambda: client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND),
+                  what="tag experiment")
         return exp.experiment_id
-    # A local store keeps artifacts beside mlflow.db; a server decides its own artifact root.
+    # A local store keeps artifacts beside mlflow.db; a server decides its own artifact root (MLflow turns
+    # a local location into an absolute one whatever it is given, so this one is absolute too).
     location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
     try:
-        return client.create_experiment(experiment, artifact_location=location)
+        return client.create_experiment(experiment, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:                 # not a concurrent creation by another stage: the store's own error
@@ -117,6 +138,20 @@ def flat_params(cfg: Config) -> dict[str, str]:
     return out
 
 
+def stage_params(cfg: Config, root: Path, stage: str) -> dict[str, str]:
+    """The params a stage reads: the entries of its ``params:`` list in dvc.yaml (a section such as ``train``
+    or one key such as ``data.min_pixels``); every param where dvc.yaml or the stage is missing."""
+    import yaml
+
+    params = flat_params(cfg)
+    try:
+        wanted = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {})["stages"][stage]["params"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return params
+    keys = [str(w) for w in wanted if isinstance(w, str)]
+    return {k: v for k, v in params.items() if any(k == w or k.startswith(w + ".") for w in keys)}
+
+
 def _git_commit(root: Path) -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -127,7 +162,7 @@ def _git_commit(root: Path) -> str:
 
 def provenance_tags(root: Path) -> dict[str, str]:
     """Which code, data and pipeline state produced this run."""
-    tags = {"git_commit": _git_commit(root)}
+    tags = {GIT_COMMIT_TAG: _git_commit(root)}
     lock = Path(root) / "dvc.lock"
     if lock.exists():
         tags["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
@@ -210,8 +245,9 @@ def reap_orphans(experiment_id: str, by: str) -> list[str]:
 def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None = None) -> Iterator[str]:
     """Open the stage's MLflow run (nested under the pipeline run when there is one); yield its id.
 
-    ``cfg`` is logged as the run's params: pass the config the stage really runs with (e.g. after the
-    pilot's auto-adjustments), and say what differs from params.yaml in ``tags``.
+    ``cfg`` is logged as the run's params (the stage's own: ``stage_params``): pass the config the stage
+    really runs with (e.g. after the pilot's auto-adjustments), and say what differs from params.yaml in
+    ``tags``.
     """
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by=f"stage {stage}")
@@ -223,7 +259,7 @@ def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None =
                                          log_system_metrics=stage in ("base", "pilot", "train")),
                 what=f"start the {stage} stage run")
     with _ending(run):
-        retry(lambda: mlflow.log_params(flat_params(cfg)), what="log stage params")
+        retry(lambda: mlflow.log_params(stage_params(cfg, root, stage)), what="log stage params")
         yield run.info.run_id
 
 
@@ -254,21 +290,90 @@ def _end_run(run_id: str, status: str) -> None:
 
 @contextlib.contextmanager
 def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
-    """The parent run of one pipeline execution; stage runs started inside it (same or child process) nest."""
+    """The parent run of one pipeline execution; stage runs started inside it (same or child process) nest.
+
+    It logs every param (what differs between two executions shows in MLflow's run comparison) and, when
+    the body ends, the execution's results (``summarize_pipeline``).
+    """
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by="pipeline")
     run = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags={
         "vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags()}), what="start the pipeline run")
+    run_id = run.info.run_id
     with _ending(run):
+        retry(lambda: mlflow.log_params(flat_params(cfg)), what="log pipeline params")
         old = os.environ.get(PARENT_ENV)
-        os.environ[PARENT_ENV] = run.info.run_id
+        os.environ[PARENT_ENV] = run_id
+        ok = False
         try:
-            yield run.info.run_id
+            yield run_id
+            ok = True
         finally:
             if old is None:
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = old
+            summarize_pipeline(run_id, exp_id, root, ok)
+
+
+HEADLINE_SPLIT = "test"
+
+
+def pipeline_summary(root: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The execution's headline results from reports/ → (metrics, tags): each evaluated model's test
+    metrics (``test.<model>.<metric>``), the paired difference to base, the decision and the version."""
+    from tasks.common import read_report
+
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    ev = read_report(root, "evaluate") or {}
+    for name in ev.get("metrics", []):
+        for model in ("base", "candidate", "champion"):
+            v = (ev.get(model) or {}).get(name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[f"{HEADLINE_SPLIT}.{model}.{name}"] = float(v)
+        v = (ev.get("delta_vs_base") or {}).get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            metrics[f"{HEADLINE_SPLIT}.candidate_minus_base.{name}"] = float(v)
+    decision = ev.get("decision") or {}
+    if "promote" in decision:
+        metrics["decision.promote"] = float(bool(decision["promote"]))
+        tags["vlgrpo.decision"] = ("promote" if decision["promote"] else "keep champion") + \
+            (f" (against {decision['against']})" if decision.get("against") else "")
+        tags["vlgrpo.decision_reasons"] = "; ".join(decision.get("reasons", []))[:5000]
+    reg = read_report(root, "register") or {}
+    if reg.get("model_uri"):
+        tags["vlgrpo.registered_model"] = reg["model_uri"]
+        tags["vlgrpo.promoted"] = str(bool(reg.get("promoted")))
+    train = read_report(root, "train") or {}
+    if (train.get("watch") or {}).get("flags"):
+        tags[TRAIN_FLAGS_TAG] = "; ".join(f["message"] for f in train["watch"]["flags"])[:5000]
+    return metrics, tags
+
+
+def summarize_pipeline(run_id: str, experiment_id: str, root: Path, ok: bool) -> None:
+    """End-of-execution record on the pipeline run: which stages ran (tag ``vlgrpo.stages_run``) and, after a
+    successful execution, the headline results (``pipeline_summary``) and the evaluation report (HTML).
+
+    After a failed execution the reports may be an earlier execution's: only the stages are recorded. A
+    failure here is logged, never raised: the execution's own outcome stands.
+    """
+    client = MlflowClient()
+    try:
+        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                      order_by=["attributes.start_time ASC"], max_results=100)
+        client.set_tag(run_id, "vlgrpo.stages_run", ",".join(r.info.run_name for r in children) or "none")
+        if not ok:
+            return
+        metrics, tags = pipeline_summary(Path(root))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(_metric_key(k), v, now, 0) for k, v in metrics.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        html = Path(root) / "reports" / "evaluate.html"
+        if html.exists():
+            client.log_artifact(run_id, str(html), "reports")
+    except Exception as e:  # noqa: BLE001 - a summary must never change the execution's outcome
+        log.warning("could not record the pipeline's results on MLflow run %s: %s", run_id, e)
 
 
 def log_files(run_id: str, files: dict[Path, str]) -> str:
@@ -282,10 +387,31 @@ def log_files(run_id: str, files: dict[Path, str]) -> str:
     return f"{mlflow.get_tracking_uri()} run {run_id}"
 
 
+def summary_metrics(data: dict[str, Any]) -> dict[str, float]:
+    """A report's headline values, logged as run metrics: its top-level numbers and flags and, in an
+    evaluation report, each model's headline metrics and the paired differences. Nested blocks (a
+    stage's last metrics row, per-task tables, intervals) stay in the report file only: one-point charts
+    of them would bury the training curves on the run page."""
+    out = {k: v for k, v in _numeric_leaves({k: v for k, v in data.items() if not isinstance(v, dict)}).items()}
+    for name in data.get("metrics", []) if isinstance(data.get("metrics"), list) else []:
+        for block in ("base", "candidate", "champion", "delta_vs_base", "delta_vs_champion"):
+            v = (data.get(block) or {}).get(name) if isinstance(data.get(block), dict) else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+                out[f"{block}.{name}"] = float(v)
+    decision = data.get("decision")
+    if isinstance(decision, dict) and "promote" in decision:
+        out["decision.promote"] = float(bool(decision["promote"]))
+    watch = data.get("watch")
+    if isinstance(watch, dict):
+        out["watch.flagged"] = float(bool(watch.get("flags")))
+        out["watch.stopped_early"] = float(bool(watch.get("stopped")))
+    return out
+
+
 def log_report(path: Path, run_id: str | None = None) -> None:
-    """Log a report JSON's numeric leaves as metrics and the file itself as an artifact."""
+    """Log a report JSON's headline values (``summary_metrics``) as metrics and the file as an artifact."""
     data = json.loads(Path(path).read_text())
-    metrics = {k: v for k, v in _numeric_leaves(data).items()}
+    metrics = summary_metrics(data) if isinstance(data, dict) else {}
     client = MlflowClient()
     run_id = run_id or mlflow.active_run().info.run_id
     now = int(time.time() * 1000)
@@ -293,6 +419,10 @@ def log_report(path: Path, run_id: str | None = None) -> None:
     for i in range(0, len(batch), 500):
         retry(lambda b=batch[i:i + 500]: client.log_batch(run_id, metrics=b), what="log report metrics")
     retry(lambda: client.log_artifact(run_id, str(path), "reports"), what="log report artifact")
+    flags = (data.get("watch") or {}).get("flags") if isinstance(data, dict) else None
+    if flags:  # the training watch's findings, in words, where the run list shows them
+        text = "; ".join(str(f.get("message")) for f in flags)[:5000]
+        retry(lambda: client.set_tag(run_id, TRAIN_FLAGS_TAG, text), what="tag watch flags")
 
 
 def _numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:

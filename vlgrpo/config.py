@@ -599,6 +599,41 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
+class WatchConfig:
+    """``train.watch``: what the full run keeps checking after the pilot's gate (``vlgrpo.eval.gates.watch``).
+
+    A 10-step pilot cannot see a KL that climbs after step 90, or a reward that saturates so that every group
+    ties; these are checked on every step of the run. A flag goes into ``reports/train.json`` (``watch``), the
+    MLflow train run (tag ``vlgrpo.train_flags``, metric ``watch.flagged``) and the evaluation report.
+
+    Attributes:
+        max_kl: flag when the KL to the reference stays above this for ``patience`` steps in a row (null: off).
+        collapse_frac: flag when ``frac_reward_zero_std`` (the share of groups whose G rewards all tie: no
+            learning signal, e.g. a saturated reward) stays at or above this for ``patience`` steps in a row
+            (null: off).
+        patience: how many steps in a row a condition must hold to be flagged (one spike is not).
+        stop_on: the flags that also stop the run at once: ``kl``, ``reward_collapse``. The final model is
+            then the ``keep_best`` one (with ``train.keep_best``), else the newest checkpoint saved before
+            the flagged stretch began, else the policy at the stop (``reports/train.json``: ``watch``).
+    """
+    max_kl: float | None = 1.0
+    collapse_frac: float | None = 1.0
+    patience: int = 10
+    stop_on: tuple[Literal["kl", "reward_collapse"], ...] = ()
+
+    def __post_init__(self) -> None:
+        k = "train.watch"
+        if self.max_kl is not None:
+            _check_range(f"{k}.max_kl", self.max_kl, 0, lo_open=True)
+        if self.collapse_frac is not None:
+            _check_range(f"{k}.collapse_frac", self.collapse_frac, 0, 1, lo_open=True)
+        _check_range(f"{k}.patience", self.patience, 1)
+        for kind, limit in (("kl", "max_kl"), ("reward_collapse", "collapse_frac")):
+            if kind in self.stop_on and getattr(self, limit) is None:
+                _fail(f"{k}.stop_on", f"{kind!r} needs train.watch.{limit} (it is null: that check is off)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """``train``: the GRPO run (the ``pilot`` stage runs it with ``pilot.overrides`` applied).
 
@@ -679,6 +714,7 @@ class TrainConfig:
 
         launch: processes and machines of the run (``LaunchConfig``); the result does not depend on it beyond
             float rounding (checked on 2 CPU processes).
+        watch: sustained KL and collapsed reward variance, flagged and optionally stopped on (``WatchConfig``).
     """
     seed: int = 0
     max_steps: int = 150
@@ -727,6 +763,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)   # see RolloutConfig
 
     launch: LaunchConfig = field(default_factory=LaunchConfig)   # see LaunchConfig
+    watch: WatchConfig = field(default_factory=WatchConfig)      # see WatchConfig
 
     def __post_init__(self) -> None:
         k = "train"

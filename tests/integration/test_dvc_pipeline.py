@@ -78,7 +78,7 @@ def test_first_run_runs_every_stage_registers_and_promotes(project):
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     train = next(r for r in children if r.info.run_name == "train")
     assert train.data.params["train.learning_rate"] == "0.001"
-    assert len(train.data.tags["git_commit"]) == 40 and train.data.tags["data_md5"] != "unknown"
+    assert len(train.data.tags["mlflow.source.git.commit"]) == 40 and train.data.tags["data_md5"] != "unknown"
     history = client.get_metric_history(train.info.run_id, "reward")
     assert [m.step for m in history] == [1, 2, 3]  # every step forwarded, none twice
 
@@ -89,6 +89,94 @@ def test_first_run_prints_no_warning(project):
     _, p = project
     warned = [line for line in (p.stdout + p.stderr).splitlines() if "warning" in line.lower()]
     assert warned == [], "\n".join(warned[:20])
+
+
+def _artifacts(client, run_id: str, path: str = "") -> set[str]:
+    """Every artifact file path of the run (recursively)."""
+    out = set()
+    for f in client.list_artifacts(run_id, path or None):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_mlflow_shows_the_execution_report_and_registered_model(project, tmp_path):
+    """What a user opens in the MLflow UI after the first run, read through MLflow's API."""
+    import re
+
+    import mlflow
+
+    from tasks.registry import model_id_of
+
+    root, _ = project
+    client = _client(root)
+    exp = client.get_experiment_by_name("vlgrpo")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"   # the classic runs view
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("vlgrpo.stage") == "pipeline")
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    evaluation = json.loads((root / "reports/evaluate.json").read_text())
+
+    # The parent run: every param, the headline results of the execution, the stages, the report.
+    assert parent.data.params["train.learning_rate"] == "0.001" and parent.data.params["data.num_train"] == "32"
+    m = parent.data.metrics
+    assert m["test.candidate.accuracy"] == evaluation["candidate"]["accuracy"]
+    assert m["test.base.accuracy"] == evaluation["base"]["accuracy"] and m["decision.promote"] == 1.0
+    assert parent.data.tags["vlgrpo.decision"].startswith("promote")
+    assert parent.data.tags["vlgrpo.registered_model"] == "models:/vlgrpo-dvc-test/1"
+    assert parent.data.tags["vlgrpo.stages_run"].split(",") == STAGES
+    assert "reports/evaluate.html" in _artifacts(client, parent.info.run_id)
+
+    # Stage runs: MLflow's commit tag, their own params only, summaries without one-point curves.
+    for r in [parent, *stages.values()]:
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40, r.info.run_name
+    assert "train.learning_rate" not in stages["data"].data.params and "data.num_train" in stages["data"].data.params
+    assert "data.num_train" not in stages["train"].data.params
+    # (MLflow adds the pyfunc's model_config, min_pixels / max_pixels, to the run that logs the model)
+    own = {k for k in stages["register"].data.params if "." in k}
+    assert own and own < set(parent.data.params) and not any(k.startswith("train.") for k in own)
+    train_metrics = stages["train"].data.metrics
+    assert not any(k.startswith("final.") for k in train_metrics) and train_metrics["steps"] == 3.0
+    assert "watch" in json.loads((root / "reports/train.json").read_text())
+    assert train_metrics["watch.flagged"] in (0.0, 1.0)
+
+    # The evaluate run: the HTML report with its pictures inside, the markdown whose image links resolve
+    # among the run's artifacts, and the samples as a table.
+    ev = stages["evaluate"].info.run_id
+    files = _artifacts(client, ev)
+    assert {"reports/evaluate.html", "reports/evaluate.md", "plots/train_curve.png",
+            "evaluation/samples.json"} <= files
+    md = Path(client.download_artifacts(ev, "reports/evaluate.md", str(tmp_path))).read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert any(link.startswith("evaluate_assets/") for link in links)
+    for link in links:
+        assert str(Path("reports", link)).replace("reports/../", "") in files, link
+    page = Path(client.download_artifacts(ev, "reports/evaluate.html", str(tmp_path))).read_text()
+    srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(srcs) == len(links) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    table = client.load_table(exp.experiment_id, "evaluation/samples.json", run_ids=[ev])
+    assert len(table) == evaluation["n_items"]
+    assert {"image", "question", "reference", "base_answer", "candidate_answer"} <= set(table.columns)
+
+    # The validate run holds the Great Expectations data docs.
+    assert "data_docs/index.html" in _artifacts(client, stages["validate"].info.run_id)
+
+    # The registered version, as MLflow 3 shows a registered model: linked to its logged model (signature,
+    # example), sourced from the train run (which lists the model), described, with the test metrics.
+    mv = client.get_model_version("vlgrpo-dvc-test", "1")
+    assert mv.run_id == stages["train"].info.run_id
+    assert mv.tags["vlgrpo.register_run_id"] == stages["register"].info.run_id
+    accuracy = evaluation["candidate"]["accuracy"]
+    assert mv.tags["evaluate.test_accuracy"] == f"{accuracy:.6g}"
+    assert f"Test accuracy: {accuracy:.3f}" in mv.description and "Decision: promote" in mv.description
+    model_id = model_id_of(mv)
+    logged = client.get_logged_model(model_id)
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "vlgrpo-dvc-test", "version": "1"}]
+    assert {x.key: x.value for x in logged.metrics}["test_accuracy"] == accuracy
+    info = mlflow.models.get_model_info(f"models:/{model_id}")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    outputs = client.get_run(stages["train"].info.run_id).outputs
+    assert model_id in {o.model_id for o in outputs.model_outputs}
 
 
 def test_push_then_pull_in_a_fresh_clone_restores_data_and_models(project, tmp_path):

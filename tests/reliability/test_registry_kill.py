@@ -39,7 +39,9 @@ def _ready_to_register(project: Path) -> None:
     shutil.copytree(project / "models/base", project / "models/candidate")
     (project / "reports").mkdir(exist_ok=True)
     (project / "reports/evaluate.json").write_text(json.dumps(
-        {"decision": {"promote": True, "reasons": ["candidate beats base"]}, "champion_version": None}))
+        {"decision": {"promote": True, "reasons": ["candidate beats base"]}, "champion_version": None,
+         "metrics": ["accuracy"], "n_items": 4, "candidate": {"accuracy": 0.5}, "base": {"accuracy": 0.25},
+         "delta_vs_base": {"accuracy": 0.25}}))
 
 
 def _register(root: Path, env: dict, kill_at: str | None = None):
@@ -50,7 +52,9 @@ def _register(root: Path, env: dict, kill_at: str | None = None):
 
 def _stable_tags(mv) -> dict:
     # When and by which run differ between any two runs; everything else must be equal.
-    return {k: v for k, v in mv.tags.items() if k != "promotion.at"}
+    from tasks.registry import REGISTER_RUN_TAG, TRAIN_RUN_TAG
+
+    return {k: v for k, v in mv.tags.items() if k not in ("promotion.at", REGISTER_RUN_TAG, TRAIN_RUN_TAG)}
 
 
 def test_kill_inside_registration_never_leaves_a_half_registered_or_duplicate_version(project, cli_env):
@@ -84,8 +88,23 @@ def test_kill_inside_registration_never_leaves_a_half_registered_or_duplicate_ve
     tags = versions[0].tags
     assert _stable_tags(versions[0]) == {
         "evaluate.promote": "True", "evaluate.reasons": "candidate beats base",
-        "evaluate.primary_metric": "accuracy",
+        "evaluate.primary_metric": "accuracy", "evaluate.test_accuracy": "0.5",
+        "evaluate.base_test_accuracy": "0.25", "evaluate.test_accuracy_minus_base": "0.25",
         FINGERPRINT_TAG: candidate_fingerprint(project / "models/candidate"),
         "promotion.reason": "candidate beats base", "promotion.by": "vlgrpo register (should_promote)",
         "promotion.previous_champion": "none"}
     assert report["promotion"]["promotion.at"] == tags["promotion.at"]
+    # The logged model records the version once (the model page shows it registered), with the evaluation's
+    # metrics; the version names the run that completed the registration.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    from tasks.registry import model_id_of
+
+    model = client.get_logged_model(model_id_of(versions[0]))
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": "1"}]
+    assert {m.key: m.value for m in model.metrics} == {
+        "test_accuracy": 0.5, "base_test_accuracy": 0.25, "test_accuracy_minus_base": 0.25}
+    assert tags["vlgrpo.register_run_id"] == report["mlflow_run_id"]
+    assert "Test accuracy: 0.500 (base 0.250)" in client.get_model_version(name, "1").description

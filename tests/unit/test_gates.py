@@ -227,3 +227,46 @@ def test_negative_min_improvement_accepts_a_tie_or_small_drop_but_not_a_larger_o
     assert should_promote({"accuracy": 0.5}, {"accuracy": 0.5}, None, cfg).promote
     assert should_promote({"accuracy": 0.46}, {"accuracy": 0.5}, None, cfg).promote
     assert not should_promote({"accuracy": 0.44}, {"accuracy": 0.5}, None, cfg).promote
+
+
+def _watch_cfg(**kw):
+    from vlgrpo.config import WatchConfig
+
+    return WatchConfig(**{"max_kl": 1.0, "collapse_frac": 1.0, "patience": 3, **kw})
+
+
+def test_watch_flags_sustained_kl_not_a_spike():
+    from vlgrpo.eval.gates import stop_reason, watch
+
+    kl = [0.1, 5.0, 0.2, 1.5, 2.0, 3.0, 8.0, 0.5, 4.0]     # a spike at 2, then steps 4-7 above 1.0
+    rows = [{"step": i + 1, "kl": v, "frac_reward_zero_std": 0.0} for i, v in enumerate(kl)]
+    flags = watch(rows, _watch_cfg())
+    assert [(f["kind"], f["first_step"], f["last_step"], f["steps"], f["peak"]) for f in flags] == \
+        [("kl", 4, 7, 4, 8.0)]
+    assert flags[0]["message"] == ("KL to the reference above train.watch.max_kl 1 for 4 steps in a row "
+                                   "(steps 4-7, peak 8)")
+    assert watch(rows, _watch_cfg(patience=5)) == [] and watch(rows, _watch_cfg(max_kl=None)) == []
+    assert stop_reason(flags, _watch_cfg()) is None
+    assert stop_reason(flags, _watch_cfg(stop_on=("kl",)))["first_step"] == 4
+
+
+def test_watch_flags_tied_rewards_to_the_last_row_and_skips_missing_metrics():
+    from vlgrpo.eval.gates import watch
+
+    fz = [0.5, 1.0, 1.0, None, 1.0, 1.0]                   # a row without the metric breaks no stretch
+    rows = [{"step": i + 1, "frac_reward_zero_std": v} for i, v in enumerate(fz)]
+    flags = watch(rows, _watch_cfg())
+    assert [(f["kind"], f["first_step"], f["last_step"], f["steps"]) for f in flags] == \
+        [("reward_collapse", 2, 6, 4)]
+    assert watch(rows, _watch_cfg(collapse_frac=None)) == []
+
+
+def test_watch_config_refuses_a_stop_on_a_check_that_is_off():
+    import pytest as _pytest
+
+    from vlgrpo.config import ConfigError, WatchConfig
+
+    with _pytest.raises(ConfigError, match=r"train.watch.stop_on.*'kl' needs train.watch.max_kl"):
+        WatchConfig(max_kl=None, stop_on=("kl",))
+    with _pytest.raises(ConfigError, match=r"train.watch.patience"):
+        WatchConfig(patience=0)

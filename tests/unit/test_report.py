@@ -123,3 +123,30 @@ def test_missing_image_does_not_sink_the_report(tmp_path):
 def test_metrics_only_drops_per_item_answers():
     m = metrics_only(RESULT)
     assert "items" not in m and m["candidate"]["accuracy"] == 0.75 and "items" in RESULT
+
+
+def test_html_report_embeds_every_picture_and_renders_the_tables(root):
+    import base64
+    import re
+
+    flags = [{"kind": "kl", "message": "KL above train.watch.max_kl 0.5 for 3 steps in a row (steps 2-4)"}]
+    paths = write_evaluation_outputs(RESULT, root, root / "data" / "manifest.jsonl",
+                                     root / "reports" / "train_metrics.jsonl", n_samples=4, train_flags=flags)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    assert paths["html"] == root / "reports" / "evaluate.html"
+    assert "## Training watch: flagged" in md and "KL above train.watch.max_kl 0.5" in page
+    srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    # one picture per markdown image (2 figures + 4 thumbnails), each a data: URI of that very file
+    assert len(srcs) == len(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) == 6
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    assert (root / "plots" / "train_curve.png").read_bytes() in embedded
+    assert (root / "reports" / "evaluate_assets" / "syn-test-3.png").read_bytes() in embedded
+    assert "<table>" in page and "<td>blue|x ❌</td>" in page and "could not be embedded" not in page
+
+
+def test_html_report_keeps_the_link_of_a_picture_it_cannot_read(tmp_path):
+    from vlgrpo.eval.report import render_html
+
+    page = render_html("# R\n\n![gone](plots/none.png)\n", tmp_path)
+    assert 'src="plots/none.png"' in page and "1 picture(s) could not be embedded: plots/none.png" in page

@@ -1,7 +1,7 @@
 """The trainer's options in the real training loop (vlgrpo.train) on a tiny Qwen2.5-VL: GSPO / entropy masking /
 truncation masking settings train, TR-DPO reference sync (TRL's schedule and mixing, checkpointed for an exact
 resume), dynamic sampling (tied groups replaced, logged, exact resume), evaluation during training and
-keep_best."""
+keep_best, and the run's watch stopping on tied rewards."""
 import json
 import textwrap
 
@@ -22,6 +22,13 @@ PLUGIN = textwrap.dedent('''
     @register("feat_text_length")
     def feat_text_length(prompts, completions, **columns):
         return [min(len(c), 20) / 20.0 for c in completions]
+
+    @register("late_tie")
+    def late_tie(prompts, completions, trainer_state, **columns):
+        # spread over the completions' text in steps 1-2, then every group ties (no signal)
+        if trainer_state.global_step >= 2:
+            return [0.5] * len(completions)
+        return [(sum(map(ord, c)) % 97) / 97.0 for c in completions]
 
     @register("half_tied")
     def half_tied(prompts, completions, id, **columns):
@@ -175,3 +182,21 @@ def test_eval_during_training_and_keep_best(project):
     for k in (1, 4):
         assert same(weights(project / f"out/evald/checkpoints/step-{k}/model.safetensors"),
                     weights(project / f"out/noeval/checkpoints/step-{k}/model.safetensors"))
+
+
+def test_watch_stops_on_tied_rewards_and_keeps_the_checkpoint_before_them(project):
+    cfg = make_cfg(project, {"late_tie": 1.0}, max_steps=8, save_steps=1, save_total_limit=None,
+                   watch={"max_kl": None, "collapse_frac": 1.0, "patience": 2, "stop_on": ["reward_collapse"]})
+    paths = RunPaths.under(project, "data/manifest.jsonl", "models/base", "out/watched", "reports/watched.jsonl")
+    s = train_grpo(cfg, paths, progress=False)
+    rs = rows(project, "watched")
+    assert [r["frac_reward_zero_std"] == 1.0 for r in rs] == [False, False, True, True]   # stopped at step 4
+    stop = s["watch"]["stopped"]
+    assert (stop["kind"], stop["first_step"], stop["at_step"]) == ("reward_collapse", 3, 4)
+    assert s["watch"]["flags"] == [{k: v for k, v in stop.items() if k != "at_step"}]
+    assert s["steps"] == 4 and not s["finished"]
+    assert s["watch"]["final_model"].startswith("checkpoint step-2")
+    # the published model is the policy of step 2, the last one before the rewards tied
+    final = loading.load_model(project / "out/watched")[0]
+    assert params_equal(final, loaded(project, project / "out/watched/checkpoints/step-2/model.safetensors"))
+    assert not params_equal(final, loaded(project, project / "out/watched/checkpoints/step-4/model.safetensors"))

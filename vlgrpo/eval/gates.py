@@ -2,6 +2,7 @@
 
     decision = pilot_passed(rows, cfg.pilot, cfg.train, full_steps=cfg.train.max_steps,
                             val_reward=None, reward_weights=cfg.rewards.weights)
+    flags = watch(rows, cfg.train.watch)          # the full run, every step: sustained KL, tied rewards
     new_train, changes = apply_adjustments(cfg.train, decision)    # when pilot.auto_adjust
     promo = should_promote(result["candidate"], result["base"], result.get("champion"), cfg.evaluate)
 
@@ -378,3 +379,57 @@ def should_promote(candidate: Mapping[str, Any], base: Mapping[str, Any], champi
             reasons.append(f"guard {name} broken: {gc:.4f} vs {against} {gr:.4f} drops {drop:.4f} > allowed "
                            f"{max_drop:g}")
     return PromotionDecision(promote, against, reasons, improvement, guards)
+
+
+# ----------------------------------------------------------------------------------- the full run's watch
+
+WATCHED = {   # flag kind -> (metric, the WatchConfig field holding its limit)
+    "kl": ("kl", "max_kl"),
+    "reward_collapse": ("frac_reward_zero_std", "collapse_frac"),
+}
+
+
+def watch(rows: Sequence[Mapping[str, Any]], watch_cfg: Any) -> list[dict[str, Any]]:
+    """What the full run's watch flags in a metrics stream (``train.watch``): for each check, its first
+    stretch of ``patience`` or more steps in a row over the limit → ``{"kind", "first_step", "last_step",
+    "steps", "peak", "limit", "message"}`` (``last_step``: where the stretch ended, or the last row).
+
+    ``kl``: ``kl`` above ``max_kl``. ``reward_collapse``: ``frac_reward_zero_std`` at or above
+    ``collapse_frac`` (every group's rewards tie: the advantages are 0 and the policy gets no signal). A row
+    without the metric (beta 0: no KL) breaks no stretch and extends none.
+    """
+    flags = []
+    for kind, (metric, limit_key) in WATCHED.items():
+        limit = getattr(watch_cfg, limit_key)
+        if limit is None:
+            continue
+        over = (lambda v: v > limit) if kind == "kl" else (lambda v: v >= limit)
+        run: list[tuple[float, float]] = []
+        found = None
+        for step, v in _series(rows, metric):
+            if over(v):
+                run.append((step, v))
+                continue
+            if len(run) >= watch_cfg.patience:
+                found = run
+                break
+            run = []
+        if found is None and len(run) >= watch_cfg.patience:
+            found = run
+        if found is None:
+            continue
+        first, last = found[0][0], found[-1][0]
+        peak = max(v for _, v in found)
+        what = (f"KL to the reference above train.watch.max_kl {limit:g}" if kind == "kl" else
+                f"frac_reward_zero_std (groups whose rewards all tie: no learning signal) at or above "
+                f"train.watch.collapse_frac {limit:g}")
+        flags.append({"kind": kind, "first_step": int(first), "last_step": int(last), "steps": len(found),
+                      "peak": peak, "limit": limit,
+                      "message": f"{what} for {len(found)} steps in a row (steps {first:g}-{last:g}, "
+                                 f"peak {peak:.4g})"})
+    return flags
+
+
+def stop_reason(flags: Sequence[Mapping[str, Any]], watch_cfg: Any) -> dict[str, Any] | None:
+    """The first flag ``train.watch.stop_on`` stops the run on, or None."""
+    return next((dict(f) for f in flags if f["kind"] in watch_cfg.stop_on), None)

@@ -4,17 +4,25 @@
     paths = write_evaluation_outputs(result, root=Path("."), manifest=Path("data/manifest.jsonl"),
                                      train_metrics=Path("reports/train_metrics.jsonl"))
     # -> plots/train_curve.{png,csv}, plots/accuracy_by_task.{png,csv}, reports/evaluate.md,
-    #    reports/evaluate_items.jsonl, reports/evaluate_assets/<item>.png (thumbnails)
+    #    reports/evaluate.html, reports/evaluate_items.jsonl, reports/evaluate_assets/<item>.png (thumbnails)
 
 ``result`` is what :func:`vlgrpo.eval.evaluate.evaluate_models` returns. The report holds a summary table
 (metric, each model with its 95% interval, the paired differences), the promotion decision with its
 reasons, the figures, and a sample of items: thumbnail, question, reference and each model's answer.
+
+``evaluate.md`` links its pictures by relative path (``../plots/...``, ``evaluate_assets/...``): they show
+where the files lie beside it (the project, or an artifact store holding the same folders).
+``evaluate.html`` is the same report with every picture embedded (``data:`` URIs): one file that shows
+its figures and thumbnails wherever it is opened - a browser, MLflow's artifact viewer, an e-mail.
 """
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -149,8 +157,18 @@ def samples_section(samples: Sequence[Mapping[str, Any]], out_path: Path, manife
     return lines
 
 
+def watch_section(flags: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """What the training watch flagged (sustained KL, collapsed reward variance), worded for the reader."""
+    if not flags:
+        return []
+    lines = ["## Training watch: flagged", ""]
+    lines += [f"- **{_cell(f.get('kind', '?'))}**: {_cell(f.get('message', ''))}" for f in flags]
+    return lines + [""]
+
+
 def render_markdown(result: Mapping[str, Any], plots: Mapping[str, Path], out_path: Path,
-                    manifest: Path | None, n_samples: int = 12) -> str:
+                    manifest: Path | None, n_samples: int = 12,
+                    train_flags: Sequence[Mapping[str, Any]] | None = None) -> str:
     out_path = Path(out_path)
     models = [m for m in MODEL_ORDER if isinstance(result.get(m), Mapping)]
     primary = result.get("primary_metric", "accuracy")
@@ -167,6 +185,7 @@ def render_markdown(result: Mapping[str, Any], plots: Mapping[str, Path], out_pa
         lines += [f"## Decision: **{verdict}** (candidate against the {d.get('against')})", ""]
         lines += [f"- {r}" for r in d.get("reasons", [])]
         lines.append("")
+    lines += watch_section(train_flags)
     lines += ["## Summary", ""] + summary_table(result) + [""]
     tt = task_table(result, primary)
     if tt:
@@ -183,11 +202,74 @@ def render_markdown(result: Mapping[str, Any], plots: Mapping[str, Path], out_pa
 
 
 def write_markdown_report(result: Mapping[str, Any], plots: Mapping[str, Path], out_path: str | Path,
-                          manifest: str | Path | None, n_samples: int = 12) -> Path:
+                          manifest: str | Path | None, n_samples: int = 12,
+                          train_flags: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write the report (and the sample thumbnails beside it, under ``<stem>_assets/``); returns its path."""
     out_path = Path(out_path)
-    text = render_markdown(result, plots, out_path, Path(manifest) if manifest else None, n_samples)
+    text = render_markdown(result, plots, out_path, Path(manifest) if manifest else None, n_samples,
+                           train_flags)
     atomic_write_text(out_path, text)
+    return out_path
+
+
+HTML_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 72em;
+       padding: 0 1em; color: #1f2328; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #d0d7de; padding: 0.3em 0.6em; vertical-align: top; text-align: left; }
+th { background: #f6f8fa; }
+img { max-width: 100%; }
+td img { max-width: 96px; }
+code { background: #f6f8fa; padding: 0 0.25em; border-radius: 3px; }
+"""
+_IMG_SRC = re.compile(r'(<img\b[^>]*?\bsrc=")([^"]+)(")')
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+         ".webp": "image/webp", ".svg": "image/svg+xml"}
+
+
+def embed_images(body: str, base_dir: Path) -> tuple[str, list[str]]:
+    """Replace each ``<img src="relative/path">`` by a ``data:`` URI of that file (relative to ``base_dir``)
+    → (html, the sources that could not be read; those keep their link)."""
+    missing: list[str] = []
+
+    def repl(m: re.Match) -> str:
+        src = html.unescape(m.group(2))
+        if re.match(r"^[a-z][a-z0-9+.-]*:", src, re.I):  # data:, http:, file: ... left as they are
+            return m.group(0)
+        path = (base_dir / src).resolve()
+        mime = _MIME.get(path.suffix.lower())
+        try:
+            data = path.read_bytes() if mime else None
+        except OSError:
+            data = None
+        if data is None:
+            missing.append(src)
+            return m.group(0)
+        return f"{m.group(1)}data:{mime};base64,{base64.b64encode(data).decode('ascii')}{m.group(3)}"
+
+    return _IMG_SRC.sub(repl, body), missing
+
+
+def render_html(markdown_text: str, base_dir: str | Path, title: str = "Evaluation report") -> str:
+    """The markdown report as one self-contained HTML page: tables rendered, every picture embedded."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+    body, missing = embed_images(body, Path(base_dir))
+    note = "" if not missing else (f"<p><em>{len(missing)} picture(s) could not be embedded: "
+                                   f"{html.escape(', '.join(missing[:5]))}</em></p>")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head>\n"
+            f"<body>\n{body}{note}</body></html>\n")
+
+
+def write_html_report(markdown_path: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write ``<report>.html`` beside the markdown report (its pictures embedded); returns its path."""
+    markdown_path = Path(markdown_path)
+    out_path = Path(out_path) if out_path else markdown_path.with_suffix(".html")
+    text = markdown_path.read_text(encoding="utf-8")
+    first = text.splitlines()[0].lstrip("# ").strip() if text.strip() else "Evaluation report"
+    atomic_write_text(out_path, render_html(text, markdown_path.parent, first))
     return out_path
 
 
@@ -197,8 +279,10 @@ def metrics_only(result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_evaluation_outputs(result: Mapping[str, Any], root: str | Path, manifest: str | Path | None,
-                             train_metrics: str | Path | None = None, n_samples: int = 12) -> dict[str, Path]:
-    """Write plots/ (PNG + CSV), reports/evaluate.md and reports/evaluate_items.jsonl under ``root``.
+                             train_metrics: str | Path | None = None, n_samples: int = 12,
+                             train_flags: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Path]:
+    """Write plots/ (PNG + CSV), reports/evaluate.md, reports/evaluate.html and reports/evaluate_items.jsonl
+    under ``root``. ``train_flags``: what the training watch flagged (``reports/train.json``: ``watch``).
 
     ``reports/evaluate.json`` itself is left to the caller (it adds run ids); use :func:`metrics_only`.
     Returns every written path by name.
@@ -224,5 +308,7 @@ def write_evaluation_outputs(result: Mapping[str, Any], root: str | Path, manife
     atomic_write_text(items_path, "".join(json.dumps(it, ensure_ascii=False) + "\n"
                                           for it in result.get("items", [])))
     paths["items"] = items_path
-    paths["markdown"] = write_markdown_report(result, figures, reports / "evaluate.md", manifest, n_samples)
+    paths["markdown"] = write_markdown_report(result, figures, reports / "evaluate.md", manifest, n_samples,
+                                              train_flags)
+    paths["html"] = write_html_report(paths["markdown"])
     return paths

@@ -30,8 +30,8 @@ ADAPTER_FILE = "adapter.safetensors"        # a LoRA run's checkpointed weights
 # (evaluation during training decodes greedily - no random draws - and changes no weight; logprob_chunk
 # changes only how many tokens are scored at once - memory - not the result beyond float rounding, so a run
 # that ran out of memory can resume with a smaller one; gradient checkpointing recomputes the same
-# operations: the same numbers, less memory.)
-_RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best", "logprob_chunk",
+# operations: the same numbers, less memory; the watch only reads the metrics and may end a run early.)
+_RESUME_NEUTRAL = ("save_steps", "out_dir", "eval_steps", "keep_best", "logprob_chunk", "watch",
                    "save_total_limit", "keep_best_checkpoint", "gradient_checkpointing")
 # Where the rollout engine runs and how much memory or time it is given: a run moved to another engine
 # process (a new URL, another interpreter, a longer timeout) samples the same maths and resumes.
