@@ -632,7 +632,8 @@ class TrainConfig:
         advantage_estimator: ``grpo`` (the group-normalised reward, per scale_rewards), ``rloo`` (reward
             minus the mean of the group's other rewards, unscaled) or ``reinforce_pp`` (REINFORCE++ with the
             group baseline: centred in the group, normalised over the batch); ``reinforce_plus_plus`` is read
-            as ``reinforce_pp``. rloo and reinforce_pp need scale_rewards ``group`` (unused by them).
+            as ``reinforce_pp``. rloo is never scaled and reinforce_pp always by the batch std (ms-swift's
+            defaults for them): scale_rewards is then ``group`` (the default, read as theirs) or that value.
         sapo_temperature_pos / sapo_temperature_neg: SAPO's gate temperatures for tokens with positive /
             non-positive advantage (TRL's names and defaults, verl's tau_pos / tau_neg).
         entropy_coef: weight of an entropy bonus: the loss minus entropy_coef x the mean token entropy of each
@@ -778,9 +779,11 @@ class TrainConfig:
         _check_range(f"{k}.top_entropy_quantile", self.top_entropy_quantile, 0, 1)
         if self.advantage_estimator == "reinforce_plus_plus":     # verl's / ms-swift's spelling
             object.__setattr__(self, "advantage_estimator", "reinforce_pp")
-        if self.advantage_estimator != "grpo" and self.scale_rewards != "group":
-            _fail(f"{k}.scale_rewards", f"{self.scale_rewards!r} applies to advantage_estimator grpo only; "
-                                        f"{self.advantage_estimator} sets its own scaling (leave scale_rewards: group)")
+        own = {"rloo": "none", "reinforce_pp": "batch"}.get(self.advantage_estimator)   # grpo.OWN_SCALING
+        if own is not None and self.scale_rewards not in ("group", own):
+            _fail(f"{k}.scale_rewards", f"{self.scale_rewards!r} does not apply to advantage_estimator "
+                                        f"{self.advantage_estimator}, which scales {own!r} (leave scale_rewards "
+                                        f"at group or set {own})")
         _check_range(f"{k}.sapo_temperature_pos", self.sapo_temperature_pos, 0, lo_open=True)
         _check_range(f"{k}.sapo_temperature_neg", self.sapo_temperature_neg, 0, lo_open=True)
         _check_range(f"{k}.entropy_coef", self.entropy_coef, 0)

@@ -67,8 +67,12 @@ def test_bad_values_name_the_key_and_what_is_allowed(raw, key, allowed):
 def test_objective_keys():
     assert config_from_dict({"train": {"advantage_estimator": "reinforce_plus_plus"}}).train.advantage_estimator \
         == "reinforce_pp"
-    with pytest.raises(ConfigError, match="train.scale_rewards: 'batch' applies to advantage_estimator grpo only"):
+    with pytest.raises(ConfigError, match="train.scale_rewards: 'batch' does not apply to advantage_estimator rloo"):
         config_from_dict({"train": {"advantage_estimator": "rloo", "scale_rewards": "batch"}})
+    from vlgrpo.algo import grpo
+    for est, own in grpo.OWN_SCALING.items():                  # ms-swift's settings for them are fine
+        assert config_from_dict({"train": {"advantage_estimator": est, "scale_rewards": own}}).train.scale_rewards \
+            == own
     with pytest.raises(ConfigError, match="train.entropy_coef: must be >= 0"):
         config_from_dict({"train": {"entropy_coef": -0.1}})
     with pytest.raises(ConfigError, match="train.sapo_temperature_neg: must be > 0"):

@@ -377,8 +377,10 @@ def test_compute_advantages_dispatches_and_refuses_mixed_scaling():
     assert torch.equal(grpo.compute_advantages(per, w, 4, "rloo")[0], grpo.rloo_advantages(torch.tensor(R8), 4))
     assert torch.equal(grpo.compute_advantages(per, w, 4, "grpo", "none")[0],
                        grpo.group_advantages(torch.tensor(R8), 4, "none")[0])
-    with pytest.raises(ValueError, match="grpo estimator only"):
+    with pytest.raises(ValueError, match="does not apply to 'rloo'"):
         grpo.compute_advantages(per, w, 4, "rloo", "batch")
+    assert torch.equal(grpo.compute_advantages(per, w, 4, "reinforce_pp", "batch")[0],
+                       grpo.compute_advantages(per, w, 4, "reinforce_pp", "group")[0])
     with pytest.raises(ValueError, match="advantage_estimator"):
         grpo.compute_advantages(per, w, 4, "ppo")
 

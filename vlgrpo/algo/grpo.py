@@ -41,6 +41,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")     # the clipped surrogate, aggregated four ways
 SCALE_REWARDS = ("group", "batch", "none", "gdpo")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+OWN_SCALING = {"rloo": "none", "reinforce_pp": "batch"}   # the estimators that fix their own reward scaling
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 STD_EPS = 1e-4        # added to the std before dividing (TRL and the DeepSeekMath paper use the same)
 KL_LOG_CLAMP = 20.0   # |ref − logp| is clamped here so exp() cannot overflow in low precision
@@ -116,8 +117,10 @@ def reinforce_pp_advantages(rewards: torch.Tensor, num_generations: int, eps: fl
     ``reinforce_plus_plus_baseline``, ms-swift 4's ``reinforce_plus_plus``): subtract the group mean, then
     normalise over the whole batch: A = (c − mean_batch(c)) / (std_batch(c) + eps), c_i = r_i − mean_group(r).
 
-    The batch statistics are over completions (each completion one sample); verl whitens the same centred
-    rewards over tokens, which weights a completion by its length. NaN rewards are left out and get 0.
+    The batch statistics are over completions (each completion one sample), as ms-swift 4.6
+    (``rl_core/advantage.py``: the centred rewards over their batch std + 1e-4; their batch mean is 0 already,
+    every group's centred rewards summing to 0, unless some are NaN); verl whitens the same centred rewards
+    over tokens, which weights a completion by its length. NaN rewards are left out and get 0.
     """
     grouped = rewards.view(-1, num_generations)
     centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).reshape(-1)   # (N,)
@@ -153,8 +156,10 @@ def compute_advantages(per_reward: torch.Tensor, weights: torch.Tensor, num_gene
     the group std of the weighted total, whatever the estimator; the batch std for ``scale_rewards: batch``).
 
     grpo + group / batch / none: :func:`group_advantages` of the weighted total; grpo + gdpo:
-    :func:`gdpo_advantages`; rloo: :func:`rloo_advantages`; reinforce_pp: :func:`reinforce_pp_advantages`
-    (these two define their own scaling, so they take ``scale_rewards`` group, the default, only).
+    :func:`gdpo_advantages`; rloo: :func:`rloo_advantages`; reinforce_pp: :func:`reinforce_pp_advantages`.
+    These two have their own scaling - none for rloo, the batch std for reinforce_pp (ms-swift 4's defaults
+    for them) - so they take that ``scale_rewards`` value or ``group``, the shared default, which they read
+    as their own.
     """
     total = total_rewards(per_reward, weights)
     if estimator == "grpo":
@@ -162,8 +167,9 @@ def compute_advantages(per_reward: torch.Tensor, weights: torch.Tensor, num_gene
             _, std = group_advantages(total, num_generations, "group", eps)
             return gdpo_advantages(per_reward, weights, num_generations, eps), std
         return group_advantages(total, num_generations, scale_rewards, eps)
-    if scale_rewards != "group":
-        raise ValueError(f"scale_rewards {scale_rewards!r} applies to the grpo estimator only, not {estimator!r}")
+    if scale_rewards not in ("group", OWN_SCALING.get(estimator)):
+        raise ValueError(f"scale_rewards {scale_rewards!r} does not apply to {estimator!r}, which scales "
+                         f"{OWN_SCALING.get(estimator)!r} (leave scale_rewards at group or set that)")
     _, std = group_advantages(total, num_generations, "group", eps)
     if estimator == "rloo":
         return rloo_advantages(total, num_generations), std
