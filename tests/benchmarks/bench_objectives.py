@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
