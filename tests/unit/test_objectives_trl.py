@@ -4,8 +4,8 @@
 Same tiny Qwen2.5-VL weights, prompts + images, sampled completions, advantages, reference and (noisy)
 old-policy log-probs: TRL's ``compute_loss`` with ``loss_type`` cispo / sapo (or ``entropy_coef`` set) and our
 ``update_phase`` with the same ``train.*`` settings must give the same loss and the same gradient of every
-parameter (fp32, 1e-5 on the plain path, 1e-4 on the shared-work path whose float order differs) - on one
-batch, under gradient accumulation, and with the step split between two processes as DDP does it.
+parameter (fp32, 1e-5 on the plain and the shared-work path alike; measured: <= 2.4e-7) - on one batch,
+under gradient accumulation, and with the step split between two processes as DDP does it.
 
 CISPO's clip: TRL caps the weight at its ``epsilon_high`` with no lower bound; ours clips to
 [1 - epsilon_low, 1 + epsilon_high] (verl's), so TRL's epsilon_high 1.28 is ours epsilon_low 1.0, epsilon_high
@@ -115,7 +115,7 @@ def _check(ours, trl, tol):
 def test_cispo_and_sapo_match_trl(setup, trl_trainer, loss_type, beta, with_old):
     trl = trl_run(trl_trainer, setup, loss_type, beta, with_old)
     _check(ours_run(setup, loss_type, beta, with_old), trl, 1e-5)
-    _check(ours_run(setup, loss_type, beta, with_old, shared=True), trl, 1e-4)
+    _check(ours_run(setup, loss_type, beta, with_old, shared=True), trl, 1e-5)
     if with_old:       # the noisy old policy moves ρ off 1: the objective is not the clipped surrogate's
         ppo_like = {"cispo": "dapo", "sapo": "grpo"}[loss_type]
         ppo_loss, ppo_grads = trl_run(trl_trainer, setup, ppo_like, beta, with_old)
@@ -139,7 +139,7 @@ def test_on_policy_cispo_and_sapo_have_the_clipped_surrogates_gradient(setup, lo
 @pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
 def test_cispo_and_sapo_under_gradient_accumulation_match_trl(setup, trl_trainer, loss_type):
     trl = trl_run(trl_trainer, setup, loss_type, 0.04, True, accumulate=2)
-    _check(ours_run(setup, loss_type, 0.04, True, shared=True, micro_batch_size=N // 2), trl, 1e-4)
+    _check(ours_run(setup, loss_type, 0.04, True, shared=True, micro_batch_size=N // 2), trl, 1e-5)
     # and four accumulated micro-batches are the whole batch (the step's normaliser, not the micro-batch's)
     full = ours_run(setup, loss_type, 0.04, True)
     acc = ours_run(setup, loss_type, 0.04, True, micro_batch_size=N // 4)
@@ -178,7 +178,7 @@ def test_entropy_coef_matches_trl(setup, trl_trainer, loss_type, quantile):
     worst = max((trl[1][n] - without[1][n]).abs().max().item() for n in without[1])
     assert worst > 1e-4, "the bonus must change the gradient (the entropies carry gradients)"
     _check(ours_run(setup, loss_type, 0.04, True, **kw), trl, 1e-5)
-    _check(ours_run(setup, loss_type, 0.04, True, shared=True, **kw), trl, 1e-4)
+    _check(ours_run(setup, loss_type, 0.04, True, shared=True, **kw), trl, 1e-5)
 
 
 def test_entropy_coef_under_accumulation_and_two_processes_matches_trl(setup, trl_trainer):
@@ -186,7 +186,7 @@ def test_entropy_coef_under_accumulation_and_two_processes_matches_trl(setup, tr
     the cut when micro-batches hold unequal token counts, as here)."""
     kw = dict(entropy_coef=0.05)
     trl = trl_run(trl_trainer, setup, "grpo", 0.04, True, accumulate=2, **kw)
-    _check(ours_run(setup, "grpo", 0.04, True, shared=True, micro_batch_size=N // 2, **kw), trl, 1e-4)
+    _check(ours_run(setup, "grpo", 0.04, True, shared=True, micro_batch_size=N // 2, **kw), trl, 1e-5)
     loss2, grads2 = _halves(setup, "grpo", **kw)
     _assert_grads_close(grads2, trl[1], atol=1e-5)
 
