@@ -148,7 +148,7 @@ def test_excluded_ids_are_taken_out_of_the_distribution():
 
 @pytest.mark.parametrize("chunk", [3, N * C])
 def test_entropy_grad_equals_the_full_logits_entropy_gradient(chunk):
-    """``entropy_grad`` (train.entropy_coef): the entropies carry the gradient of H = −Σ p log p of the full
+    """``with_entropy="grad"`` (train.entropy_coef): the entropies carry the gradient of H = −Σ p log p of the full
     logits; without it they are a detached metric."""
     hidden, weight, b, targets = _inputs(bias=True)
     params = [hidden, weight, b]
@@ -156,7 +156,7 @@ def test_entropy_grad_equals_the_full_logits_entropy_gradient(chunk):
     want = grpo.entropy_from_logits(F.linear(hidden, weight, b), 0.7)
     want_grads = torch.autograd.grad((want * g_out).sum(), params)
     _, ent = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=chunk, bias=b,
-                                 with_entropy=True, entropy_grad=True)
+                                 with_entropy="grad")
     assert close(ent, want)
     for a, w in zip(torch.autograd.grad((ent * g_out).sum(), params), want_grads):
         assert close(a, w, GRAD_TOL)

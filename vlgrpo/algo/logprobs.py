@@ -28,9 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-           temperature: float, with_entropy: bool, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           temperature: float, with_entropy: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, H) hidden rows → (k,) log-probs of ``targets`` and (k,) entropies (zeros when not asked;
-    differentiable with ``entropy_grad``, for the entropy bonus)."""
+    differentiable with ``with_entropy="grad"``, for the entropy bonus)."""
     logits = F.linear(hidden, weight, bias).float()          # compute dtype (autocast), then fp32
     if temperature != 1.0:
         logits = logits / temperature
@@ -38,7 +38,7 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     logp = picked - torch.logsumexp(logits, dim=-1)
     if not with_entropy:
         return logp, torch.zeros_like(logp)
-    if entropy_grad:
+    if with_entropy == "grad":
         full = torch.log_softmax(logits, dim=-1)
         return logp, -(full.exp() * full.masked_fill(torch.isinf(full), 0.0)).sum(-1)
     with torch.no_grad():                                     # a metric: no gradient through it
@@ -49,14 +49,13 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                         temperature: float = 1.0, chunk_size: int = 512, bias: torch.Tensor | None = None,
-                        with_entropy: bool = False, entropy_grad: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool | str = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log softmax(head(hidden) / T)[targets], ``chunk_size`` positions at a time.
 
     hidden: (N, C, H), the hidden state at the position that predicts each target token; weight: (V, H)
     (and bias (V,)), the language-model head; targets: (N, C) token ids. Returns (log-probs (N, C) fp32,
     entropies (N, C) fp32 or None). Differentiable in ``hidden`` and ``weight``; the entropies only with
-    ``entropy_grad`` (``train.entropy_coef``: otherwise they are a metric and carry no graph).
+    ``with_entropy="grad"`` (``train.entropy_coef``: otherwise they are a metric and carry no graph).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -65,8 +64,7 @@ def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logps, ents = [], []
     for s in range(0, n * c, chunk_size):
-        args = (flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size], temperature, with_entropy,
-                entropy_grad)
+        args = (flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size], temperature, with_entropy)
         lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
         logps.append(lp)
         ents.append(ent)
@@ -74,7 +72,7 @@ def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if not with_entropy:
         return logp, None
     ent = torch.cat(ents).view(n, c) if ents else torch.zeros_like(logp)
-    return logp, (ent if entropy_grad else ent.detach())
+    return logp, (ent if with_entropy == "grad" else ent.detach())
 
 
 def exclusion_bias(weight: torch.Tensor, bias: torch.Tensor | None, exclude: torch.Tensor) -> torch.Tensor:

@@ -102,18 +102,15 @@ class CompletionScorer(nn.Module):
 
 
 def score_micro_batch(scorer: nn.Module, mb: MicroBatch, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool = False,
-                      exclude: torch.Tensor | None = None, entropy_grad: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool | str = False,
+                      exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (n, C) of the micro-batch's completions at ``tc.temperature`` (and per-token
-    entropies when asked: without gradients unless ``entropy_grad``, the entropy bonus's case);
+    entropies when asked: without gradients unless ``with_entropy="grad"``, the entropy bonus's case);
     ``tc.shared_work`` picks the shared or the plain path. ``exclude``: token ids taken out of the
     distribution (``exclusion_bias``)."""
     c_ids = completion_ids[mb.start:mb.end]
     c_mask = completion_mask[mb.start:mb.end]
     head = {"temperature": tc.temperature, "chunk_size": tc.logprob_chunk, "with_entropy": with_entropy}
-    if entropy_grad:
-        head["entropy_grad"] = True
     if exclude is not None:
         head["exclude"] = exclude
     return scorer(mb.prompts, c_ids, c_mask, mb.repeats, tc.shared_work, head)

@@ -44,8 +44,8 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
         accumulate = accelerator is not None and not last and not sharding.is_fsdp(scorer)
         with (accelerator.no_sync(scorer) if accumulate else nullcontext()):
             with (accelerator.autocast() if accelerator is not None else nullcontext()):
-                logp, ent = score_micro_batch(scorer, mb, batch.completion_ids, mask, tc, with_entropy=True,
-                                              entropy_grad=bonus)
+                logp, ent = score_micro_batch(scorer, mb, batch.completion_ids, mask, tc,
+                                              with_entropy="grad" if bonus else True)
             old = batch.old_logp[sl] if batch.old_logp is not None else None
             ref = batch.ref_logp[sl] if batch.ref_logp is not None else None
             # train.top_entropy_quantile: the policy term only on this micro-batch's high-entropy tokens
