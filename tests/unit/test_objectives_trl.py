@@ -223,3 +223,22 @@ def test_gdpo_advantages_equal_trls_multi_objective_aggregation(setup, aggregati
     if scale == "gdpo":      # and it is not the plain group normalisation of the weighted sum
         plain, _ = grpo.compute_advantages(R, torch.tensor(w), G, "grpo", "group")
         assert (plain - ours).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def trl_trainer_t07(setup, tmp_path_factory):
+    return _make_trl_trainer(setup, tmp_path_factory, 0.7)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_cispo_and_sapo_at_sequence_level_and_the_shipped_temperature_match_trl(setup, trl_trainer,
+                                                                               trl_trainer_t07, loss_type):
+    """GSPO's sequence ratio under either loss (TRL warns for cispo, computes it all the same), and sampling
+    temperature 0.7 (log-probs and ratios of softmax(logits / 0.7) in both)."""
+    with _set(trl_trainer, importance_sampling_level="sequence"):
+        trl = trl_run(trl_trainer, setup, loss_type, 0.04, True)
+    _check(ours_run(setup, loss_type, 0.04, True, importance_sampling_level="sequence"), trl, 1e-5)
+    token = trl_run(trl_trainer, setup, loss_type, 0.04, True)
+    assert abs(token[0] - trl[0]) > 1e-4                     # not the token-level loss in disguise
+    trl = trl_run(trl_trainer_t07, setup, loss_type, 0.04, True)
+    _check(ours_run(setup, loss_type, 0.04, True, shared=True, temperature=0.7), trl, 1e-5)
