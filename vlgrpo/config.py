@@ -656,9 +656,24 @@ class TrainConfig:
         epsilon_low / epsilon_high: PPO clip range [1 - epsilon_low, 1 + epsilon_high] of the ratio.
         loss_type: how per-token losses are aggregated: ``grpo`` (mean over completions of their token mean),
             ``bnpo`` (token mean of each process's step), ``dr_grpo`` (sum / (completions x
-            max_completion_length)), ``dapo`` (token mean over the whole step, all processes).
+            max_completion_length)), ``dapo`` (token mean over the whole step, all processes); or another
+            per-token objective: ``cispo`` (MiniMax-M1: the importance weight clipped to [1 - epsilon_low,
+            1 + epsilon_high] and detached, times A log pi; aggregated as dapo) or ``sapo`` (a soft sigmoid
+            gate instead of the clip; aggregated as grpo). Both equal the clipped surrogate's gradient when
+            the policy has not moved since sampling (num_iterations 1).
         scale_rewards: advantages divide by the ``group``'s reward std, the ``batch``'s, or not at all
-            (``none``).
+            (``none``); ``gdpo``: each reward normalised in its group before the weighted sum, the sum then
+            normalised over the batch (GDPO; TRL's multi_objective_aggregation normalize_then_sum).
+        advantage_estimator: ``grpo`` (the group-normalised reward, per scale_rewards), ``rloo`` (reward
+            minus the mean of the group's other rewards, unscaled) or ``reinforce_pp`` (REINFORCE++ with the
+            group baseline: centred in the group, normalised over the batch); ``reinforce_plus_plus`` is read
+            as ``reinforce_pp``. rloo is never scaled and reinforce_pp always by the batch std (ms-swift's
+            defaults for them): scale_rewards is then ``group`` (the default, read as theirs) or that value.
+        sapo_temperature_pos / sapo_temperature_neg: SAPO's gate temperatures for tokens with positive /
+            non-positive advantage (TRL's names and defaults, verl's tau_pos / tau_neg).
+        entropy_coef: weight of an entropy bonus: the loss minus entropy_coef x the mean token entropy of each
+            micro-batch (averaged over the micro-batches; only the high-entropy tokens with
+            top_entropy_quantile < 1), as TRL's entropy_coef. 0: off.
         num_iterations: optimizer updates per rollout (> 1 uses the old policy's log-probs and clipping).
         mixed_precision: ``auto`` (default: bf16 on a GPU that has it, else fp16 on a GPU; on a CPU bf16
             only where it has native bf16 instructions - AVX512-BF16 or AMX - and the model has 10M+
@@ -732,8 +747,13 @@ class TrainConfig:
     beta: float = 0.04
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none", "gdpo"] = "group"
+    # reinforce_plus_plus (verl's, ms-swift's spelling) is normalised to reinforce_pp in __post_init__
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_plus_plus"] = "grpo"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    entropy_coef: float = 0.0
     num_iterations: int = 1
     # "auto" picks for the hardware at set-up; False is what YAML reads `no` as (normalised to "no").
     mixed_precision: Literal["auto", "bf16", "fp16", "no", "fp32"] | bool = "auto"
@@ -794,6 +814,16 @@ class TrainConfig:
         if self.subset is not None:
             _check_range(f"{k}.subset", self.subset, 1)
         _check_range(f"{k}.top_entropy_quantile", self.top_entropy_quantile, 0, 1)
+        if self.advantage_estimator == "reinforce_plus_plus":     # verl's / ms-swift's spelling
+            object.__setattr__(self, "advantage_estimator", "reinforce_pp")
+        own = {"rloo": "none", "reinforce_pp": "batch"}.get(self.advantage_estimator)   # grpo.OWN_SCALING
+        if own is not None and self.scale_rewards not in ("group", own):
+            _fail(f"{k}.scale_rewards", f"{self.scale_rewards!r} does not apply to advantage_estimator "
+                                        f"{self.advantage_estimator}, which scales {own!r} (leave scale_rewards "
+                                        f"at group or set {own})")
+        _check_range(f"{k}.sapo_temperature_pos", self.sapo_temperature_pos, 0, lo_open=True)
+        _check_range(f"{k}.sapo_temperature_neg", self.sapo_temperature_neg, 0, lo_open=True)
+        _check_range(f"{k}.entropy_coef", self.entropy_coef, 0)
         _check_range(f"{k}.ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0, 1)
         _check_range(f"{k}.ref_model_sync_steps", self.ref_model_sync_steps, 1)
         _check_range(f"{k}.max_resample_rounds", self.max_resample_rounds, 0)

@@ -57,10 +57,11 @@ def prepare(root: Path):
 
 
 def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: float | None,
-          overrides: dict | None = None) -> list[dict]:
+          overrides: dict | None = None, name: str | None = None) -> list[dict]:
     """Train one variant (one thread), evaluating on the test split every EVAL_EVERY steps, until
     ``max_steps`` or (``target`` not None) the first evaluation at ``target`` or more → the evaluations:
-    step, test accuracy, groups sampled so far. ``overrides``: ``train.*`` values for both variants."""
+    step, test accuracy, groups sampled so far. ``overrides``: ``train.*`` values for both variants;
+    ``name``: the run's folder and metrics file (default ``plain_s<seed>`` / ``dynamic_s<seed>``)."""
     import torch
 
     from vlgrpo.config import load_config
@@ -74,7 +75,7 @@ def curve(root: Path, seed: int, dynamic: bool, max_steps: int | None, target: f
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, **(overrides or {}), dynamic_sampling=dynamic, seed=seed, max_steps=steps,
         eval_steps=EVAL_EVERY, save_steps=steps))         # no checkpoints on the way: state stays in memory
-    name = f"{'dynamic' if dynamic else 'plain'}_s{seed}"
+    name = name or f"{'dynamic' if dynamic else 'plain'}_s{seed}"
     metrics = root / f"reports/{name}.jsonl"
     run = setup(cfg, RunPaths.under(root, EVAL_MANIFEST, "models/base", f"out/{name}", metrics))
     out, sampled = [], 0.0

@@ -49,6 +49,18 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     assert summary["sharding"] is None                    # DDP: every process holds the whole policy
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [
+    {"loss_type": "cispo", "advantage_estimator": "reinforce_pp", "entropy_coef": 0.01, "num_iterations": 2},
+    {"loss_type": "sapo", "scale_rewards": "gdpo", "num_iterations": 2},
+], ids=["cispo-reinforce_pp-entropy", "sapo-gdpo"])
+def test_two_processes_match_one_with_the_newer_objectives(tmp_path, train):
+    """The batch-level statistics (reinforce_pp, gdpo) are taken over all processes' rewards, cispo's
+    normaliser is dapo's, the entropy bonus is a mean per micro-batch (4 per process here, 8 in one process):
+    the 2-process run must still equal the 1-process one."""
+    run_two_process_comparison(tmp_path, REPO / "configs/accelerate/cpu_2proc.yaml", train=train)
+
+
 def run_two_process_comparison(tmp_path: Path, accelerate_config: Path, save_steps: int = 10,
                                family: str | None = None, train: dict | None = None) -> dict:
     """The same 3-step run in one process and under ``accelerate launch --config_file accelerate_config`` with

@@ -70,6 +70,23 @@ def test_bad_values_name_the_key_and_what_is_allowed(raw, key, allowed):
     assert allowed in str(e.value)
 
 
+def test_objective_keys():
+    assert config_from_dict({"train": {"advantage_estimator": "reinforce_plus_plus"}}).train.advantage_estimator \
+        == "reinforce_pp"
+    with pytest.raises(ConfigError, match="train.scale_rewards: 'batch' does not apply to advantage_estimator rloo"):
+        config_from_dict({"train": {"advantage_estimator": "rloo", "scale_rewards": "batch"}})
+    from vlgrpo.algo import grpo
+    for est, own in grpo.OWN_SCALING.items():                  # ms-swift's settings for them are fine
+        assert config_from_dict({"train": {"advantage_estimator": est, "scale_rewards": own}}).train.scale_rewards \
+            == own
+    with pytest.raises(ConfigError, match="train.entropy_coef: must be >= 0"):
+        config_from_dict({"train": {"entropy_coef": -0.1}})
+    with pytest.raises(ConfigError, match="train.sapo_temperature_neg: must be > 0"):
+        config_from_dict({"train": {"loss_type": "sapo", "sapo_temperature_neg": 0}})
+    with pytest.raises(ConfigError, match="train.loss_type: must be one of .*'cispo', 'sapo'"):
+        config_from_dict({"train": {"loss_type": "ppo"}})
+
+
 def test_file_errors_name_the_file(tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text("train: {learning_rate: [1, 2]}\n")

@@ -1,5 +1,8 @@
 """The GRPO maths against hand computations (vlgrpo.algo.grpo).
 
+The advantage estimators (rloo, reinforce_pp, GDPO) and the CISPO / SAPO token losses against the papers'
+definitions written out in plain Python, next to how verl 0.8 writes them.
+
 GSPO weights, the high-entropy mask, truncation masking and reference mixing: the tensor-level properties
 are checked by hand; the entropy mask and the reference mixing against TRL 1.16's own functions
 (``GRPOTrainer.get_high_entropy_mask`` on a real ``Accelerator``, ``SyncRefModelCallback``). Loss/gradient
@@ -122,6 +125,8 @@ MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
     ("bnpo", 10.0 / 4),               # token mean
     ("dr_grpo", 10.0 / (2 * 5)),      # / (B × max_completion_length=5)
     ("dapo", 10.0 / 20),              # / tokens in the whole generation batch (20, given)
+    ("sapo", (2.0 + 4.0) / 2),        # as grpo (TRL 1.16, verl 0.8)
+    ("cispo", 10.0 / 20),             # as dapo (TRL 1.16)
 ])
 def test_aggregation_by_hand(loss_type, expected):
     norm = grpo.loss_normalizer(loss_type, num_sequences=2, num_tokens=4, global_num_tokens=20,
@@ -308,3 +313,104 @@ def test_informative_groups():
     # agrees with the zero-std count the metrics stream logs
     _, std = grpo.group_advantages(r, 2)
     assert grpo.frac_zero_std(std) == pytest.approx(1 - grpo.informative_groups(r, 2).float().mean().item())
+
+
+# ---------------------------------------------------------------------------------- advantage estimators
+
+R8 = [1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0.2]      # two groups of four
+
+
+def _groups(r, g):
+    return [r[i:i + g] for i in range(0, len(r), g)]
+
+
+def test_rloo_by_hand_from_the_paper():
+    """RLOO (Ahmadian et al. 2024, eq. for the k-sample estimator): A_i = r_i − 1/(k−1) Σ_{j≠i} r_j."""
+    adv = grpo.rloo_advantages(torch.tensor(R8), 4)
+    want = [r - (sum(grp) - r) / 3 for grp in _groups(R8, 4) for r in grp]
+    assert adv.tolist() == pytest.approx(want)
+    assert adv[:4].tolist() == pytest.approx([0.5, -5 / 6, -1 / 6, 0.5])          # written out for group 1
+    # verl 0.8 compute_rloo_outcome_advantage writes the same as G/(G−1)·(r − mean): no std
+    mean = torch.tensor(R8).view(2, 4).mean(1).repeat_interleave(4)
+    assert torch.allclose(adv, 4 / 3 * (torch.tensor(R8) - mean))
+    # None rewards neither count as a sample nor get a signal; a group with one reward left gets 0
+    adv = grpo.rloo_advantages(torch.tensor([1.0, NAN, 0.0, 0.5, 1.0, NAN, NAN, NAN]), 4)
+    assert adv.tolist() == pytest.approx([1 - 0.25, 0.0, 0 - 0.75, 0.5 - 0.5, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_reinforce_pp_by_hand_from_the_paper():
+    """REINFORCE++-baseline (Hu et al. 2025): subtract the group mean, then normalise over the global batch."""
+    import statistics
+    centred = [r - statistics.mean(grp) for grp in _groups(R8, 4) for r in grp]
+    m, sd = statistics.mean(centred), statistics.stdev(centred)
+    want = [(c - m) / (sd + 1e-4) for c in centred]
+    adv = grpo.reinforce_pp_advantages(torch.tensor(R8), 4)
+    assert adv.tolist() == pytest.approx(want, abs=1e-6)
+    # unlike GRPO, a group's spread is kept: the low-variance group gets smaller advantages
+    g_adv, _ = grpo.group_advantages(torch.tensor(R8), 4)
+    assert abs(adv[4:]).sum() < abs(adv[:4]).sum() and not torch.allclose(adv, g_adv, atol=1e-2)
+
+
+def test_gdpo_by_hand_from_the_paper():
+    """GDPO (Liu et al. 2026): each reward normalised in its group, weighted sum, then batch normalisation."""
+    import statistics
+    per = [[1.0, 0.2], [0.0, 0.4], [0.5, 0.9], [1.0, 0.1], [0.0, 0.03], [0.0, 0.03], [1.0, 0.03], [0.2, 0.06]]
+    w = [1.0, 0.5]
+    normed = [[0.0] * 2 for _ in per]
+    for k in range(2):
+        for g in range(2):
+            col = [per[i][k] for i in range(g * 4, g * 4 + 4)]
+            mu, sd = statistics.mean(col), statistics.stdev(col)
+            for i in range(4):
+                normed[g * 4 + i][k] = (col[i] - mu) / (sd + 1e-4)
+    s = [sum(wk * n for wk, n in zip(w, row)) for row in normed]
+    want = [(x - statistics.mean(s)) / (statistics.stdev(s) + 1e-4) for x in s]
+    adv, std = grpo.compute_advantages(torch.tensor(per), torch.tensor(w), 4, "grpo", "gdpo")
+    assert adv.tolist() == pytest.approx(want, abs=1e-5)
+    # the second reward's tiny scale in group 2 no longer vanishes under the first's
+    assert std.tolist() == pytest.approx(grpo.group_advantages(grpo.total_rewards(torch.tensor(per),
+                                                                                  torch.tensor(w)), 4)[1].tolist())
+
+
+def test_compute_advantages_dispatches_and_refuses_mixed_scaling():
+    per, w = torch.tensor(R8).unsqueeze(1), torch.tensor([1.0])
+    assert torch.equal(grpo.compute_advantages(per, w, 4, "rloo")[0], grpo.rloo_advantages(torch.tensor(R8), 4))
+    assert torch.equal(grpo.compute_advantages(per, w, 4, "grpo", "none")[0],
+                       grpo.group_advantages(torch.tensor(R8), 4, "none")[0])
+    with pytest.raises(ValueError, match="does not apply to 'rloo'"):
+        grpo.compute_advantages(per, w, 4, "rloo", "batch")
+    assert torch.equal(grpo.compute_advantages(per, w, 4, "reinforce_pp", "batch")[0],
+                       grpo.compute_advantages(per, w, 4, "reinforce_pp", "group")[0])
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        grpo.compute_advantages(per, w, 4, "ppo")
+
+
+# ----------------------------------------------------------------------------------------- cispo / sapo
+
+
+def test_cispo_by_hand_weight_clipped_and_detached():
+    """CISPO (MiniMax-M1 eq. 4): −sg[clip(ρ, 1−ε_low, 1+ε_high)]·A·logπ; the gradient in logπ is the clipped
+    weight times −A even where PPO's clip would have zeroed it."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.5, -1.0, -0.5]])                # ρ = e^0.5 (clipped to 1.28), e^-1, 1
+    ratio = torch.exp(logp - old)
+    a = torch.tensor([[2.0]])
+    loss = grpo.cispo_token_loss(logp, ratio, a, 0.2, 0.28)
+    w = [min(max(math.exp(0.5), 0.8), 1.28), min(max(math.exp(-1.0), 0.8), 1.28), 1.0]
+    assert loss[0].tolist() == pytest.approx([-wi * 2.0 * lp for wi, lp in zip(w, [-1.0, -2.0, -0.5])])
+    loss.sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx([-2.0 * wi for wi in w])
+
+
+def test_sapo_by_hand_gate():
+    """SAPO: −(4/τ)·σ(τ(ρ−1))·A with τ_pos for A > 0, τ_neg otherwise; slope 1 at ρ = 1, flatter away from 1."""
+    ratio = torch.tensor([[1.0, 1.5], [1.0, 0.5]], requires_grad=True)
+    a = torch.tensor([[1.0], [-1.0]])
+    loss = grpo.sapo_token_loss(ratio, a, 1.0, 1.05)
+    sig = lambda x: 1 / (1 + math.exp(-x))                   # noqa: E731
+    want = [[-4 * sig(0.0), -4 * sig(0.5)], [4 / 1.05 * sig(0.0), 4 / 1.05 * sig(1.05 * -0.5)]]
+    assert loss.flatten().tolist() == pytest.approx([x for row in want for x in row])
+    loss.sum().backward()
+    g = ratio.grad
+    assert g[0, 0].item() == pytest.approx(-1.0) and g[1, 0].item() == pytest.approx(1.0)   # on-policy: ∓A
+    assert abs(g[0, 1].item()) < 1.0 and abs(g[1, 1].item()) < 1.0                          # gated off-policy

@@ -144,3 +144,22 @@ def test_excluded_ids_are_taken_out_of_the_distribution():
     assert close(got.detach(), want) and close(ent, want_ent)
     plain, _ = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=4)
     assert (got.detach() > plain.detach()).all()          # the banned mass is gone from every position
+
+
+@pytest.mark.parametrize("chunk", [3, N * C])
+def test_entropy_grad_equals_the_full_logits_entropy_gradient(chunk):
+    """``with_entropy="grad"`` (train.entropy_coef): the entropies carry the gradient of H = −Σ p log p of the full
+    logits; without it they are a detached metric."""
+    hidden, weight, b, targets = _inputs(bias=True)
+    params = [hidden, weight, b]
+    g_out = torch.randn(N, C, generator=torch.Generator().manual_seed(2))
+    want = grpo.entropy_from_logits(F.linear(hidden, weight, b), 0.7)
+    want_grads = torch.autograd.grad((want * g_out).sum(), params)
+    _, ent = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=chunk, bias=b,
+                                 with_entropy="grad")
+    assert close(ent, want)
+    for a, w in zip(torch.autograd.grad((ent * g_out).sum(), params), want_grads):
+        assert close(a, w, GRAD_TOL)
+    _, detached = completion_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=chunk, bias=b,
+                                      with_entropy=True)
+    assert not detached.requires_grad and torch.equal(detached, ent.detach())

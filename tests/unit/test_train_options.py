@@ -1,6 +1,7 @@
 """The trainer's options in the real training loop (vlgrpo.train) on a tiny Qwen2.5-VL: GSPO / entropy masking /
 truncation masking settings train, TR-DPO reference sync (TRL's schedule and mixing, checkpointed for an exact
-resume), dynamic sampling (tied groups replaced, logged, exact resume), evaluation during training and
+resume), dynamic sampling (tied groups replaced, logged, exact resume), the newer objectives (cispo / sapo,
+rloo / reinforce_pp, gdpo, entropy_coef: train and resume exactly), evaluation during training and
 keep_best, and the run's watch stopping on tied rewards."""
 import json
 import textwrap
@@ -119,6 +120,31 @@ def test_reference_sync_follows_trl_and_is_checkpointed(project):
     run(project, "sync_resumed", **kw)
     assert same(weights(project / "out/sync_resumed/model.safetensors"),
                 weights(project / "out/sync/model.safetensors"))
+
+
+@pytest.mark.parametrize("opts", [
+    dict(loss_type="cispo", advantage_estimator="rloo", epsilon_low=1.0, epsilon_high=4.0),
+    dict(loss_type="sapo", advantage_estimator="reinforce_pp"),
+    dict(scale_rewards="gdpo", entropy_coef=0.05, top_entropy_quantile=0.5),
+], ids=["cispo-rloo", "sapo-reinforce_pp", "gdpo-entropy_coef"])
+def test_newer_objectives_train_and_resume_exactly(project, opts):
+    """Each option on, 3 steps with two updates per rollout (so cispo / sapo are not the on-policy clipped
+    surrogate): it learns, and a run stopped after step 2 and resumed gives the same metric rows and the same
+    final weights bit for bit."""
+    name = "obj_" + "_".join(f"{v}" for v in opts.values()).replace(".", "")
+    kw = dict(num_iterations=2, beta=0.04, **opts)
+    run(project, name, **kw)
+    rs = rows(project, name)
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rs)
+    if opts.get("loss_type") == "cispo":
+        assert all("cispo_clip_ratio" in r and "clip_ratio/region_mean" not in r for r in rs)
+    assert not same(weights(project / f"out/{name}/model.safetensors"),
+                    weights(project / "models/base/model.safetensors"))
+    run(project, name + "_resumed", stop_after=2, **kw)
+    assert run(project, name + "_resumed", **kw)["resumed_from"] == 2
+    assert [without_timing(r) for r in rows(project, name + "_resumed")] == [without_timing(r) for r in rs]
+    assert same(weights(project / f"out/{name}_resumed/model.safetensors"),
+                weights(project / f"out/{name}/model.safetensors"))
 
 
 def test_dynamic_sampling_replaces_tied_groups_and_resumes_exactly(project):

@@ -10,6 +10,8 @@ objective is the plain k3 term, so the oracle runs with that correction off. ``e
 gradient accumulation (where ``bnpo`` differs by design, see docs/architecture.md), and with the step split
 between two processes as DDP would.
 
+The clipped-surrogate loss types here (``grpo.PPO_LOSS_TYPES``); cispo and sapo in test_objectives_trl.py.
+
 GSPO, high-entropy token masking and truncated-completion masking against TRL 1.16's ``GRPOTrainer``.
 
 With the same fixtures, TRL's ``compute_loss`` with ``importance_sampling_level`` / ``top_entropy_quantile`` set
@@ -186,7 +188,7 @@ def _assert_grads_close(a, b, atol):
     assert worst <= atol * max(1.0, scale), f"max |Δgrad| {worst:.3g} (grad scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", grpo.PPO_LOSS_TYPES)
 @pytest.mark.parametrize("beta,with_old", [(0.0, False), (0.04, True)])
 def test_loss_and_grads_match_trl(setup, trl_trainer, loss_type, beta, with_old):
     trl_loss, trl_grads = _trl_loss_and_grads(trl_trainer, setup, loss_type, beta, with_old)
@@ -226,7 +228,7 @@ def test_micro_batches_keep_each_samples_image_rows(setup, mbs):
         assert (mb.end - mb.start) == len(mb.prompts) * mb.repeats
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", grpo.PPO_LOSS_TYPES)
 def test_loss_and_grads_match_trl_at_the_shipped_temperature(setup, trl_trainer_t07, loss_type):
     """params.yaml samples at 0.7: log-probs, ratios and KL are those of softmax(logits / 0.7) in both."""
     trl_loss, trl_grads = _trl_loss_and_grads(trl_trainer_t07, setup, loss_type, 0.04, True)
@@ -312,7 +314,7 @@ def _ours(s, loss_type, beta, with_old, mask=None, shared=False, **train):
     return sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", grpo.PPO_LOSS_TYPES)
 @pytest.mark.parametrize("beta,with_old", [(0.0, False), (0.04, True)])
 def test_gspo_sequence_level_matches_trl(setup, trl_trainer, loss_type, beta, with_old):
     trl_loss, trl_grads = _trl(trl_trainer, setup, loss_type, beta, with_old, importance_sampling_level="sequence")
@@ -378,7 +380,7 @@ def test_truncated_completions_are_the_ones_trl_masks(truncation):
     assert masked[~term].sum() == 0 and torch.equal(masked[term], truncation["mask"][term])
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", grpo.PPO_LOSS_TYPES)
 def test_mask_truncated_completions_matches_trl(truncation, trl_trainer, loss_type):
     s = truncation
     trl_mask = s["mask"] * (~s["trl_truncated"]).unsqueeze(1).int()          # what TRL hands compute_loss

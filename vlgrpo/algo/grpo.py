@@ -12,7 +12,13 @@ T completion tokens; ``mask`` (N, T) is 1 on real completion tokens and 0 on pad
     ℓ_i,t   = −min(ρ·A_i, clip(ρ, 1−ε_low, 1+ε_high)·A_i) + β·KL_i,t
     KL_i,t  = exp(ref − logp) − (ref − logp) − 1        (k3 estimator; ref − logp clamped to ±20)
 
+    cispo:  ℓ_i,t = −sg[clip(ρ, 1−ε_low, 1+ε_high)]·A_i·logπθ(o_i,t) + β·KL   (MiniMax-M1: the weight is clipped,
+                                                                               never the gradient)
+    sapo:   ℓ_i,t = −(4/τ)·σ(τ(ρ − 1))·A_i + β·KL,  τ = τ_pos if A_i > 0 else τ_neg   (a soft gate for the clip)
+
 and the per-token losses are aggregated by ``loss_type`` (see :func:`loss_numerator` / :func:`loss_normalizer`).
+The advantage can also come from RLOO's leave-one-out baseline, REINFORCE++'s batch normalisation or GDPO's
+per-reward normalisation (:func:`compute_advantages`).
 
 How this departs from the textbook: nothing in the maths; the one engineering choice is that every
 aggregation is written as ``numerator(micro-batch) / normalizer(whole step)``, so the gradient of k
@@ -27,10 +33,15 @@ from typing import Callable, Literal
 
 import torch
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-ScaleRewards = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+ScaleRewards = Literal["group", "batch", "none", "gdpo"]
+AdvantageEstimator = Literal["grpo", "rloo", "reinforce_pp"]
 ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")     # the clipped surrogate, aggregated four ways
+SCALE_REWARDS = ("group", "batch", "none", "gdpo")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+OWN_SCALING = {"rloo": "none", "reinforce_pp": "batch"}   # the estimators that fix their own reward scaling
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 STD_EPS = 1e-4        # added to the std before dividing (TRL and the DeepSeekMath paper use the same)
 KL_LOG_CLAMP = 20.0   # |ref − logp| is clamped here so exp() cannot overflow in low precision
@@ -85,6 +96,86 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     if scale_rewards != "none":
         adv = adv / (std + eps)
     return torch.nan_to_num(adv, nan=0.0), std
+
+
+def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"): A_i = r_i − mean_{j≠i} r_j over the group's other
+    completions, not divided by any std (as the paper; verl 0.8 ``compute_rloo_outcome_advantage`` writes the
+    same as G/(G−1)·(r_i − mean)). NaN rewards count neither as a sample nor in a baseline and get
+    advantage 0; a group with fewer than two rewards gets 0. (N,) → (N,)."""
+    grouped = rewards.view(-1, num_generations)                            # (P, G)
+    ok = ~torch.isnan(grouped)
+    n = ok.sum(dim=1, keepdim=True)                                        # rewards that count per group
+    total = torch.where(ok, grouped, torch.zeros_like(grouped)).sum(dim=1, keepdim=True)
+    baseline = (total - grouped) / (n - 1).clamp(min=1)                    # mean of the others
+    adv = torch.where(ok & (n > 1), grouped - baseline, torch.zeros_like(grouped))
+    return adv.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, num_generations: int, eps: float = STD_EPS) -> torch.Tensor:
+    """REINFORCE++ with the group baseline (Hu et al. 2025, "REINFORCE++", the outcome-reward variant; verl 0.8
+    ``reinforce_plus_plus_baseline``, ms-swift 4's ``reinforce_plus_plus``): subtract the group mean, then
+    normalise over the whole batch: A = (c − mean_batch(c)) / (std_batch(c) + eps), c_i = r_i − mean_group(r).
+
+    The batch statistics are over completions (each completion one sample), as ms-swift 4.6
+    (``rl_core/advantage.py``: the centred rewards over their batch std + 1e-4; their batch mean is 0 already,
+    every group's centred rewards summing to 0, unless some are NaN); verl whitens the same centred rewards
+    over tokens, which weights a completion by its length. NaN rewards are left out and get 0.
+    """
+    grouped = rewards.view(-1, num_generations)
+    centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).reshape(-1)   # (N,)
+    adv = (centred - torch.nanmean(centred)) / (nan_std(centred) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def gdpo_advantages(per_reward: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                    eps: float = STD_EPS) -> torch.Tensor:
+    """GDPO (Liu et al. 2026, "Group reward-Decoupled Normalization"): each reward is normalised within its
+    group first, (R_ik − mean_group(R_k)) / (std_group(R_k) + eps), the normalised rewards are summed with
+    their weights, and the sum is normalised over the batch, (s − mean(s)) / (std(s) + eps). TRL 1.16's
+    ``multi_objective_aggregation="normalize_then_sum"``, ms-swift 4's ``scale_rewards: gdpo``.
+
+    per_reward (N, K) with NaN where a reward did not apply (left out of its statistics and of the sum);
+    a completion no reward applies to gets 0. Returns (N,).
+    """
+    N, K = per_reward.shape
+    grouped = per_reward.view(-1, num_generations, K)                      # (P, G, K)
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nan_std(grouped, dim=1).unsqueeze(1)                           # (P, 1, K)
+    normed = ((grouped - mean_k) / (std_k + eps)).view(N, K)
+    s = total_rewards(normed, weights)                                     # NaN where nothing applied
+    adv = (s - torch.nanmean(s)) / (nan_std(s) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def compute_advantages(per_reward: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                       estimator: AdvantageEstimator = "grpo", scale_rewards: ScaleRewards = "group",
+                       eps: float = STD_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The advantages (N,) of ``train.advantage_estimator`` / ``train.scale_rewards`` from the per-reward
+    scores (N, K) of the whole step, and the std (N,) that counts the tied groups (``frac_reward_zero_std``:
+    the group std of the weighted total, whatever the estimator; the batch std for ``scale_rewards: batch``).
+
+    grpo + group / batch / none: :func:`group_advantages` of the weighted total; grpo + gdpo:
+    :func:`gdpo_advantages`; rloo: :func:`rloo_advantages`; reinforce_pp: :func:`reinforce_pp_advantages`.
+    These two have their own scaling - none for rloo, the batch std for reinforce_pp (ms-swift 4's defaults
+    for them) - so they take that ``scale_rewards`` value or ``group``, the shared default, which they read
+    as their own.
+    """
+    total = total_rewards(per_reward, weights)
+    if estimator == "grpo":
+        if scale_rewards == "gdpo":
+            _, std = group_advantages(total, num_generations, "group", eps)
+            return gdpo_advantages(per_reward, weights, num_generations, eps), std
+        return group_advantages(total, num_generations, scale_rewards, eps)
+    if scale_rewards not in ("group", OWN_SCALING.get(estimator)):
+        raise ValueError(f"scale_rewards {scale_rewards!r} does not apply to {estimator!r}, which scales "
+                         f"{OWN_SCALING.get(estimator)!r} (leave scale_rewards at group or set that)")
+    _, std = group_advantages(total, num_generations, "group", eps)
+    if estimator == "rloo":
+        return rloo_advantages(total, num_generations), std
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(total, num_generations, eps), std
+    raise ValueError(f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got {estimator!r}")
 
 
 def informative_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -171,6 +262,9 @@ class LossSpec:
     epsilon_high: float
     beta: float
     importance_sampling_level: ImportanceSamplingLevel = "token"
+    loss_type: LossType = "grpo"             # cispo / sapo change the per-token term; the rest aggregate it
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
 
 
 def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
@@ -187,8 +281,13 @@ def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_log
         old_logp = logp.detach()
     ratio = torch.exp(log_importance_weights(logp, old_logp, mask, spec.importance_sampling_level))
     a = advantages.unsqueeze(1)                                            # (N, 1)
-    clipped = torch.clamp(ratio, 1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high)
-    loss = -torch.min(ratio * a, clipped * a).expand_as(logp)              # (N, T)
+    if spec.loss_type == "cispo":
+        loss = cispo_token_loss(logp, ratio, a, spec.epsilon_low, spec.epsilon_high)
+    elif spec.loss_type == "sapo":
+        loss = sapo_token_loss(ratio, a, spec.sapo_temperature_pos, spec.sapo_temperature_neg).expand_as(logp)
+    else:
+        clipped = torch.clamp(ratio, 1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high)
+        loss = -torch.min(ratio * a, clipped * a).expand_as(logp)          # (N, T)
     if keep is not None:
         loss = loss * keep.to(loss.dtype)
     kl = None
@@ -198,6 +297,31 @@ def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_log
         kl = k3_kl(logp, ref_logp)
         loss = loss + spec.beta * kl
     return loss, ratio.expand_as(logp), kl
+
+
+def cispo_token_loss(logp: torch.Tensor, ratio: torch.Tensor, a: torch.Tensor, epsilon_low: float,
+                     epsilon_high: float) -> torch.Tensor:
+    """CISPO (MiniMax-M1, 2025): −sg[clip(ρ, 1−ε_low, 1+ε_high)]·A·logπθ per token, (N, T).
+
+    The importance weight is clipped and detached, the gradient always flows through logπθ, so no token
+    loses its gradient to the clip (PPO's clip zeroes it). Bounds as verl 0.8 ``compute_policy_loss_cispo``
+    (1 ± its clip ratios); TRL 1.16 caps ρ at its ``epsilon_high`` with no lower bound, which is
+    ε_low = 1 here and TRL's epsilon_high = 1 + ε_high (the paper's ε_max = 5 is epsilon_high 4).
+    """
+    w = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high).detach()
+    return -(w * a) * logp
+
+
+def sapo_token_loss(ratio: torch.Tensor, a: torch.Tensor, temperature_pos: float,
+                    temperature_neg: float) -> torch.Tensor:
+    """SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization"): −(4/τ)·σ(τ(ρ − 1))·A per token, with
+    τ = τ_pos where A > 0 and τ_neg otherwise (TRL 1.16 ``sapo_temperature_pos/neg``, verl 0.8 ``tau_pos/neg``).
+
+    At ρ = 1 the gate's slope is 1, so on-policy the gradient is the plain policy gradient; as ρ leaves 1
+    the gate flattens smoothly instead of cutting off, faster for the larger τ (negative advantages).
+    """
+    tau = torch.where(a > 0, torch.full_like(a, temperature_pos), torch.full_like(a, temperature_neg))
+    return -(torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau) * a
 
 
 def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float,
@@ -247,13 +371,13 @@ def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: 
 def loss_numerator(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossType) -> torch.Tensor:
     """The part of the loss a micro-batch contributes before dividing by the step's normaliser.
 
-    grpo: Σ_i (Σ_t ℓ_it m_it / Σ_t m_it)   (each sequence's token mean, summed over sequences)
-    bnpo, dr_grpo, dapo: Σ_i Σ_t ℓ_it m_it (all tokens summed)
+    grpo, sapo: Σ_i (Σ_t ℓ_it m_it / Σ_t m_it)   (each sequence's token mean, summed over sequences)
+    bnpo, dr_grpo, dapo, cispo: Σ_i Σ_t ℓ_it m_it (all tokens summed)
     """
     m = mask.to(token_loss.dtype)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return ((token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum()
-    if loss_type in ("bnpo", "dr_grpo", "dapo"):
+    if loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
         return (token_loss * m).sum()
     raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
@@ -264,19 +388,20 @@ def loss_normalizer(loss_type: LossType, *, num_sequences: int, num_tokens: floa
 
     num_sequences / num_tokens: completions / completion tokens of this process's step batch (all its
     micro-batches); global_num_tokens: completion tokens of the whole generation batch over all processes.
-        grpo:    num_sequences                        → mean over sequences of the per-sequence mean
-        bnpo:    num_tokens                           → token mean over the local batch
-        dr_grpo: num_sequences × max_completion_length → a constant: no length bias
-        dapo:    global_num_tokens / num_processes    → token mean over the whole generation batch (DDP
-                                                        averages the processes' gradients, hence the ÷)
+        grpo, sapo:  num_sequences                    → mean over sequences of the per-sequence mean
+        bnpo:        num_tokens                       → token mean over the local batch
+        dr_grpo:     num_sequences × max_completion_length → a constant: no length bias
+        dapo, cispo: global_num_tokens / num_processes → token mean over the whole generation batch (DDP
+                                                         averages the processes' gradients, hence the ÷)
+    (sapo and cispo aggregate as TRL 1.16 does them: like grpo and like dapo.)
     """
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return float(num_sequences)
     if loss_type == "bnpo":
         return max(float(num_tokens), 1.0)
     if loss_type == "dr_grpo":
         return float(num_sequences * max_completion_length)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return max(float(global_num_tokens), 1.0) / num_processes
     raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
@@ -307,6 +432,27 @@ def clip_indicators(ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: 
     high = (ratio > 1.0 + epsilon_high) & (a > 0)
     return {"clip_ratio/low_mean": low.float(), "clip_ratio/high_mean": high.float(),
             "clip_ratio/region_mean": (low | high).float()}
+
+
+def loss_indicators(loss_type: LossType, ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+                    epsilon_high: float) -> dict[str, torch.Tensor]:
+    """The clip metrics of ``loss_type``: :func:`clip_indicators` for the clipped surrogate; for cispo
+    ``cispo_clip_ratio`` (TRL's name: ρ > 1+ε_high with A > 0, where the weight was capped); none for sapo
+    (nothing is clipped)."""
+    if loss_type == "cispo":
+        return {"cispo_clip_ratio": ((ratio > 1.0 + epsilon_high) & (advantages.unsqueeze(1) > 0)).float()}
+    if loss_type == "sapo":
+        return {}
+    return clip_indicators(ratio, advantages, epsilon_low, epsilon_high)
+
+
+def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor, num_micro_batches: int) -> torch.Tensor:
+    """The mean token entropy of one micro-batch over ``mask``'s tokens, divided by the step's micro-batch
+    count (TRL 1.16's ``entropy_coef`` term: subtracted from the loss times the coefficient, whatever the
+    loss_type). Summed over micro-batches it is the mean of their token means - the step's token mean when
+    they hold equally many tokens (as TRL, it depends on the cut otherwise)."""
+    m = mask.to(entropies.dtype)
+    return (entropies * m).sum() / m.sum().clamp(min=1.0) / num_micro_batches
 
 
 # ------------------------------------------------------------------------------------------- schedule

@@ -28,8 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-           temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, H) hidden rows → (k,) log-probs of ``targets`` and (k,) entropies (zeros when not asked)."""
+           temperature: float, with_entropy: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, H) hidden rows → (k,) log-probs of ``targets`` and (k,) entropies (zeros when not asked;
+    differentiable with ``with_entropy="grad"``, for the entropy bonus)."""
     logits = F.linear(hidden, weight, bias).float()          # compute dtype (autocast), then fp32
     if temperature != 1.0:
         logits = logits / temperature
@@ -37,6 +38,9 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     logp = picked - torch.logsumexp(logits, dim=-1)
     if not with_entropy:
         return logp, torch.zeros_like(logp)
+    if with_entropy == "grad":
+        full = torch.log_softmax(logits, dim=-1)
+        return logp, -(full.exp() * full.masked_fill(torch.isinf(full), 0.0)).sum(-1)
     with torch.no_grad():                                     # a metric: no gradient through it
         full = torch.log_softmax(logits.detach(), dim=-1)
         ent = -(full.exp() * full.masked_fill(torch.isinf(full), 0.0)).sum(-1)     # excluded ids add 0
@@ -45,12 +49,13 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                         temperature: float = 1.0, chunk_size: int = 512, bias: torch.Tensor | None = None,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool | str = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log softmax(head(hidden) / T)[targets], ``chunk_size`` positions at a time.
 
     hidden: (N, C, H), the hidden state at the position that predicts each target token; weight: (V, H)
     (and bias (V,)), the language-model head; targets: (N, C) token ids. Returns (log-probs (N, C) fp32,
-    entropies (N, C) fp32 or None). Differentiable in ``hidden`` and ``weight``.
+    entropies (N, C) fp32 or None). Differentiable in ``hidden`` and ``weight``; the entropies only with
+    ``with_entropy="grad"`` (``train.entropy_coef``: otherwise they are a metric and carry no graph).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -67,7 +72,7 @@ def completion_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if not with_entropy:
         return logp, None
     ent = torch.cat(ents).view(n, c) if ents else torch.zeros_like(logp)
-    return logp, ent.detach()
+    return logp, (ent if with_entropy == "grad" else ent.detach())
 
 
 def exclusion_bias(weight: torch.Tensor, bias: torch.Tensor | None, exclude: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from vlgrpo.algo import grpo
 from vlgrpo.train.errors import check_finite
 from vlgrpo.train.state import Rollout, Run, StepClock, UpdateResult
 
-_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+_MEAN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                 "cispo_clip_ratio")
 
 
 def _reduced_means(run: Run, sums: dict[str, float]) -> dict[str, float]:

@@ -134,8 +134,10 @@ def finish_rollout(run: Run, prompts: PromptBatch, completions: Completions, loc
     corrected."""
     c_ids, c_mask, term = completions.ids, completions.mask, completions.terminated
     all_r = run.accelerator.gather(local_r).cpu()                                     # (N_global, K)
-    total = grpo.total_rewards(all_r, run.rewards.weight_tensor())                    # (N_global,)
-    adv_all, std = grpo.group_advantages(total, run.tc.num_generations, run.tc.scale_rewards)
+    weights = run.rewards.weight_tensor()
+    total = grpo.total_rewards(all_r, weights)                                        # (N_global,)
+    adv_all, std = grpo.compute_advantages(all_r, weights, run.tc.num_generations, run.tc.advantage_estimator,
+                                           run.tc.scale_rewards)
     n_local = run.local_prompts * run.tc.num_generations
     adv = adv_all[run.rank * n_local:(run.rank + 1) * n_local].to(run.device)
     clock.lap("rewards")

@@ -102,11 +102,12 @@ class CompletionScorer(nn.Module):
 
 
 def score_micro_batch(scorer: nn.Module, mb: MicroBatch, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool = False,
+                      completion_mask: torch.Tensor, tc: TrainConfig, with_entropy: bool | str = False,
                       exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (n, C) of the micro-batch's completions at ``tc.temperature`` (and per-token
-    entropies, without gradients, when asked); ``tc.shared_work`` picks the shared or the plain path.
-    ``exclude``: token ids taken out of the distribution (``exclusion_bias``)."""
+    entropies when asked: without gradients unless ``with_entropy="grad"``, the entropy bonus's case);
+    ``tc.shared_work`` picks the shared or the plain path. ``exclude``: token ids taken out of the
+    distribution (``exclusion_bias``)."""
     c_ids = completion_ids[mb.start:mb.end]
     c_mask = completion_mask[mb.start:mb.end]
     head = {"temperature": tc.temperature, "chunk_size": tc.logprob_chunk, "with_entropy": with_entropy}

@@ -31,8 +31,10 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
                                 global_num_tokens=global_tokens,
                                 max_completion_length=tc.max_completion_length,
                                 num_processes=batch.num_processes)
-    spec = grpo.LossSpec(tc.epsilon_low, tc.epsilon_high, tc.beta, tc.importance_sampling_level)
+    spec = grpo.LossSpec(tc.epsilon_low, tc.epsilon_high, tc.beta, tc.importance_sampling_level, tc.loss_type,
+                         tc.sapo_temperature_pos, tc.sapo_temperature_neg)
     gather = values_gatherer(accelerator)
+    bonus = tc.entropy_coef != 0.0          # train.entropy_coef: the entropies then carry gradients
     sums: dict[str, float] = {"loss": 0.0}
     for i, mb in enumerate(mbs):
         last = i == len(mbs) - 1
@@ -42,17 +44,22 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
         accumulate = accelerator is not None and not last and not sharding.is_fsdp(scorer)
         with (accelerator.no_sync(scorer) if accumulate else nullcontext()):
             with (accelerator.autocast() if accelerator is not None else nullcontext()):
-                logp, ent = score_micro_batch(scorer, mb, batch.completion_ids, mask, tc, with_entropy=True)
+                logp, ent = score_micro_batch(scorer, mb, batch.completion_ids, mask, tc,
+                                              with_entropy="grad" if bonus else True)
             old = batch.old_logp[sl] if batch.old_logp is not None else None
             ref = batch.ref_logp[sl] if batch.ref_logp is not None else None
             # train.top_entropy_quantile: the policy term only on this micro-batch's high-entropy tokens
-            keep = (grpo.high_entropy_mask(ent, mask[sl], tc.top_entropy_quantile, gather)
+            high = (grpo.high_entropy_mask(ent.detach(), mask[sl], tc.top_entropy_quantile, gather)
                     if tc.top_entropy_quantile < 1.0 else None)
+            keep = high
             if batch.is_weight is not None:      # the rollout engine's importance weights, as TRL applies them
                 w = batch.is_weight[sl]
                 keep = w if keep is None else keep.to(w.dtype) * w
             tl, ratio, kl = grpo.policy_token_loss(logp, old, ref, batch.advantages[sl], mask[sl], spec, keep)
             loss = grpo.aggregate_loss(tl, mask[sl], tc.loss_type, norm)
+            if bonus:      # on the tokens the policy term acts on, as TRL (the high-entropy ones when masked)
+                on = mask[sl] if high is None else mask[sl] * high.to(mask.dtype)
+                loss = loss - tc.entropy_coef * grpo.entropy_bonus(ent, on, len(mbs))
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
@@ -62,7 +69,7 @@ def update_phase(scorer: nn.Module, batch: StepBatch, tc: TrainConfig, accelerat
         _add(sums, "entropy", grpo.masked_sum_count(ent, m))
         if kl is not None:
             _add(sums, "kl", grpo.masked_sum_count(kl, m))
-        for name, ind in grpo.clip_indicators(ratio.detach(), batch.advantages[sl], tc.epsilon_low,
+        for name, ind in grpo.loss_indicators(tc.loss_type, ratio.detach(), batch.advantages[sl], tc.epsilon_low,
                                               tc.epsilon_high).items():
             _add(sums, name, grpo.masked_sum_count(ind, m))
     return sums
