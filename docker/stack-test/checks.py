@@ -111,8 +111,11 @@ def dump(out: str, model: str = "vlgrpo-qwen-vl", experiment: str = "vlgrpo") ->
         folder.mkdir(parents=True)
         (folder / "run.json").write_text(json.dumps(
             {"params": r.data.params, "tags": r.data.tags, "metrics": sorted(r.data.metrics)}))
-        mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="", dst_path=str(folder / "artifacts"))
+        mlflow.artifacts.download_artifacts(run_id=r.info.run_id, dst_path=str(folder / "artifacts"))
+    # MLflow 3 keeps a logged model's files apart from its run's artifacts: each version's files too.
     versions = client.search_model_versions(f"name='{model}'")
+    for v in versions:
+        mlflow.artifacts.download_artifacts(f"models:/{model}/{v.version}", dst_path=str(root / "versions" / v.version))
     (root / "versions.json").write_text(json.dumps(
         [{"version": v.version, "tags": v.tags, "source": v.source, "run_id": v.run_id} for v in versions]))
     api = os.environ["PREFECT_API_URL"].rstrip("/")
@@ -124,6 +127,9 @@ def dump(out: str, model: str = "vlgrpo-qwen-vl", experiment: str = "vlgrpo") ->
         if len(page) < 200:
             break
     (root / "prefect-logs.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in logs))
+    # What the server keeps of each flow run and deployment (parameters, job variables, ...).
+    (root / "prefect-flow-runs.json").write_text(json.dumps(_get(f"{api}/flow_runs/filter", {"limit": 200})))
+    (root / "prefect-deployments.json").write_text(json.dumps(_get(f"{api}/deployments/filter", {"limit": 200})))
     files = [p for p in root.rglob("*") if p.is_file()]
     return {"runs": len(runs), "versions": len(versions), "prefect_log_lines": len(logs), "files": len(files),
             "bytes": sum(p.stat().st_size for p in files)}
