@@ -130,6 +130,10 @@ def test_role_matrix_on_the_experiment_and_the_registered_model(auth_server, tmp
                           json={"username": "viewer", "resource_type": "registered_model", "resource_id": MODEL,
                                 "permission": "MANAGE"})
         assert r.status_code == 403, r.text
+        made = requests.post(f"{auth_server.url}/api/2.0/mlflow/users/create", timeout=30,
+                             auth=("vlgrpo-pipeline", USERS["vlgrpo-pipeline"]),
+                             json={"username": "intruder", "password": "Intruder-pass-123"})
+        assert made.status_code == 403, made.text
     with signed_in("admin"):
         v2 = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
         registry._wait_ready(client, MODEL, v2)
