@@ -18,7 +18,7 @@ import requests
 
 from tests.servers import mlflow_server
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]   # a server and six mlflow_access.py runs: minutes on 2 busy cores
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL, EXPERIMENT = "vlgrpo-qwen-vl", "vlgrpo"
