@@ -320,11 +320,17 @@ check_roles() {  # who may move `champion`: the pipeline moved it; the viewer ma
 check_no_secrets() {  # no password or secret in logs, artifacts, Prefect's records or the worker's reports
     dc --profile serve logs --no-color >"$WORK/compose-logs.txt" 2>&1 || die "compose logs failed"
     cat "$WORK/model-server.log" >>"$WORK/compose-logs.txt" 2>/dev/null || true
+    grep -qF -f "$SECRETS" "$ENV_FILE" || die "the secret search does not find the passwords in the env file itself"
     if grep -qF -f "$SECRETS" "$WORK/compose-logs.txt"; then
         die "a password or secret is in the containers' logs ($(grep -cF -f "$SECRETS" "$WORK/compose-logs.txt") lines of $WORK/compose-logs.txt)"
     fi
-    local dumped rc=0
+    local dumped rc=0 control
     dumped=$(check prefect-worker dump /tmp/vlgrpo-secrets-dump) || die "dumping the servers' records failed"
+    # The search must be able to fail: a file holding the worker's own MLflow password is found, and only it.
+    dc exec -T prefect-worker sh -c 'echo "x${MLFLOW_TRACKING_PASSWORD}x" >/tmp/vlgrpo-secrets-dump/control'
+    control=$(dc exec -T prefect-worker grep -rlF -f - /tmp/vlgrpo-secrets-dump <"$SECRETS" || true)
+    [ "$control" = /tmp/vlgrpo-secrets-dump/control ] || die "the secret search missed a planted password: '$control'"
+    dc exec -T prefect-worker rm /tmp/vlgrpo-secrets-dump/control
     dc exec -T prefect-worker grep -rlF -f - /tmp/vlgrpo-secrets-dump /opt/vlgrpo/reports <"$SECRETS" \
         >"$WORK/secret-hits.txt" 2>&1 || rc=$?
     [ "$rc" = 1 ] || die "a password or secret in the servers' records or reports (grep exit $rc): $(head -5 "$WORK/secret-hits.txt")"
@@ -510,6 +516,11 @@ stack_up
 
 phase "survival checks (registry, flow run, logins, dvc pull)"
 check_logins
+# The new mlflow-access container found both users in PostgreSQL and only set their passwords again.
+dc logs --no-color mlflow-access >"$WORK/mlflow-access.log" 2>&1 || die "compose logs mlflow-access failed"
+[ "$(grep -c "(password set): " "$WORK/mlflow-access.log")" = 2 ] && ! grep -q "(created)" "$WORK/mlflow-access.log" \
+    || die "mlflow-access after down/up: $(grep mlflow-access: "$WORK/mlflow-access.log")"
+ok "users and grants survived down/up; mlflow-access ran again and only set the passwords from the env file"
 check_registry
 [ "$REGISTRY" = "$BEFORE" ] || die "the registry changed across down/up: before $BEFORE after $REGISTRY"
 ok "runs, versions, champion and the champion's artifacts ($(json "d['artifact_files']" <<<"$REGISTRY") files, sha256 $(json "d['artifact_sha256'][:12]" <<<"$REGISTRY")) survived down/up"
