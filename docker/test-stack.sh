@@ -14,11 +14,15 @@
 #  3. the pipeline image through docker/Dockerfile (`docker compose build`, BASE_IMAGE = the local base);
 #     checks: runs as a non-root user, no password in `docker history` or the image config;
 #  4. the stack from docker/compose.yaml + docker/stack-test/compose.override.yaml (every difference from
-#     the upstream stack is in that file), passwords only from a throwaway env file (mode 600, random);
-#     every service healthy; work pool, `prefect deploy --name scheduled`, `prefect deployment run
+#     the upstream stack is in that file), passwords only from a throwaway env file that docker/init_env.py
+#     fills (mode 600, random); every service healthy; both servers refuse requests without a valid login
+#     (401), the read-only viewer cannot move or delete `champion` (403), nor can the pipeline delete it;
+#     work pool, `prefect deploy --name scheduled`, `prefect deployment run
 #     'pipeline/scheduled'`; the flow run COMPLETED by the worker container; MLflow (on PostgreSQL) has the
 #     runs and `champion` on version 1; `mlflow models serve -m models:/...@champion` answers;
 #     `dvc push` of the data stage to the shared-volume DVC remote (no MinIO server can be had here);
+#     no password or secret in any container's log, the runs' artifacts, params and tags, the model
+#     versions, the Prefect flow runs and their logs, or the worker's reports;
 #  5. `docker compose down` + `up`: runs, registry, champion artifacts, flow runs and the DVC remote survive.
 # Only loopback is used (published ports on 127.0.0.1); every wait is bounded; the trap always takes the
 # stack down (volumes included) and stops an engine this script started. Prints each phase's time.
@@ -144,7 +148,7 @@ cleanup() {
         [ -z "$left" ] || { log "teardown: removing leftover containers"; docker rm -f $left >/dev/null; }
     fi
     stop_engine
-    rm -f "$ENV_FILE"
+    rm -f "$ENV_FILE" "$SECRETS"
     phase ""
     if [ -n "$STARTED_ENGINE" ]; then
         # What this script started must be gone: the engine, its containerd, and every container's shim.
@@ -219,7 +223,7 @@ image_checks() {
     ok "image runs as user $user (uid $uid)"
     # Neither this run's passwords nor any password-like assignment in the layers' commands or the config.
     leaks=$( { docker history --no-trunc --format '{{.CreatedBy}}' "$IMAGE"; docker image inspect "$IMAGE"; } \
-        | grep -nE "$(grep -E '_PASSWORD=' "$ENV_FILE" | cut -d= -f2 | paste -sd'|')|(PASSWORD|SECRET)[A-Z_]*=[^\"[:space:]]" \
+        | grep -nE "$(paste -sd'|' "$SECRETS")|(PASSWORD|SECRET)[A-Z_]*=[^\"[:space:]]" \
         || true)
     [ -z "$leaks" ] || die "secret-like text in the image: $leaks"
     ok "no password or secret in docker history / image config"
@@ -235,14 +239,9 @@ socks = [socket.socket() for _ in range(2)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
     umask 077
+    # This run's own settings first; docker/init_env.py then adds every other setting of .env.example and
+    # generates the passwords and secrets, as it does for a user's docker/.env.
     cat >"$ENV_FILE" <<EOF
-# Throwaway settings of one docker/test-stack.sh run (deleted at its end).
-POSTGRES_USER=vlgrpo
-POSTGRES_PASSWORD=pg-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
-MLFLOW_DB=mlflow
-PREFECT_DB=prefect
-MINIO_ROOT_USER=vlgrpo
-MINIO_ROOT_PASSWORD=minio-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 MLFLOW_PORT=${ports[0]}
 PREFECT_PORT=${ports[1]}
 PREFECT_UI_API_URL=http://127.0.0.1:${ports[1]}/api
@@ -251,9 +250,92 @@ BASE_IMAGE=$PYTHON_IMAGE
 POSTGRES_IMAGE=$POSTGRES_IMAGE
 TORCH_INDEX=
 EOF
+    python3 docker/init_env.py --out "$ENV_FILE" >"$WORK/init-env.log" 2>&1 \
+        || die "docker/init_env.py: $(tail -5 "$WORK/init-env.log")"
+    # The values a leak search looks for (one a line: grep -F -f), kept as private as the env file.
+    grep -E '^[A-Z_]+_(PASSWORD|SECRET)=.' "$ENV_FILE" | cut -d= -f2- >"$SECRETS"
     umask 022
+    [ "$(wc -l <"$SECRETS")" -ge 7 ] || die "init_env.py generated $(wc -l <"$SECRETS") secrets; expected 7"
+    ok "docker/init_env.py: $(sed "s|$WORK/||" "$WORK/init-env.log")"
     MLFLOW_PORT=${ports[0]}
     PREFECT_PORT=${ports[1]}
+}
+
+setting() { grep -E "^$1=" "$ENV_FILE" | cut -d= -f2-; }
+
+# HTTP status of a request; the login (USER:PASSWORD, optional) goes to curl on stdin, never on its command
+# line (where `ps` would show it).
+http_status() {  # http_status LOGIN METHOD URL [BODY]
+    local login=$1 method=$2 url=$3 body=${4:-}
+    local args=(-sS -o /dev/null -w '%{http_code}' --max-time 30 -X "$method" -K -)
+    [ -z "$body" ] || args+=(-H 'Content-Type: application/json' --data "$body")
+    if [ -n "$login" ]; then
+        curl "${args[@]}" "$url" <<<"user = \"$login\""
+    else
+        curl "${args[@]}" "$url" </dev/null
+    fi
+}
+
+expect_status() {  # expect_status WANT WHAT LOGIN METHOD URL [BODY]
+    local want=$1 what=$2 got; shift 2
+    got=$(http_status "$@") || got="curl error"
+    [ "$got" = "$want" ] || die "$what: HTTP $got, expected $want"
+}
+
+check_logins() {  # both servers refuse what comes without a valid login
+    local mlflow="http://127.0.0.1:$MLFLOW_PORT" prefect="http://127.0.0.1:$PREFECT_PORT/api" viewer pipeline
+    viewer="$(setting MLFLOW_VIEWER_USER):$(setting MLFLOW_VIEWER_PASSWORD)"
+    pipeline="$(setting PREFECT_API_USER):$(setting PREFECT_API_PASSWORD)"
+    expect_status 401 "MLflow REST without a login" "" GET "$mlflow/api/2.0/mlflow/experiments/search?max_results=5"
+    expect_status 401 "MLflow UI without a login" "" GET "$mlflow/"
+    expect_status 401 "MLflow artifacts without a login" "" GET "$mlflow/api/2.0/mlflow-artifacts/artifacts"
+    expect_status 401 "MLflow with a wrong password" "$(setting MLFLOW_VIEWER_USER):wrong-password" GET \
+        "$mlflow/api/2.0/mlflow/experiments/search?max_results=5"
+    expect_status 200 "MLflow REST as the viewer" "$viewer" GET "$mlflow/api/2.0/mlflow/experiments/search?max_results=5"
+    expect_status 401 "Prefect flow runs without a login" "" POST "$prefect/flow_runs/filter" '{}'
+    expect_status 401 "Prefect deployment create without a login" "" POST "$prefect/deployments/" '{}'
+    expect_status 401 "Prefect with a wrong password" "$(setting PREFECT_API_USER):wrong-password" POST \
+        "$prefect/flow_runs/filter" '{}'
+    expect_status 200 "Prefect flow runs with the login" "$pipeline" POST "$prefect/flow_runs/filter" '{}'
+    ok "no login, no entry: MLflow's REST API, UI and artifacts and Prefect's API answer 401 (a wrong password too); with the logins 200"
+}
+
+check_roles() {  # who may move `champion`: the pipeline moved it; the viewer may not, nor delete it
+    local base="http://127.0.0.1:$MLFLOW_PORT/api/2.0/mlflow" viewer pipeline now
+    viewer="$(setting MLFLOW_VIEWER_USER):$(setting MLFLOW_VIEWER_PASSWORD)"
+    pipeline="$(setting MLFLOW_PIPELINE_USER):$(setting MLFLOW_PIPELINE_PASSWORD)"
+    expect_status 200 "the viewer reads champion" "$viewer" GET "$base/registered-models/alias?name=$MODEL&alias=champion"
+    expect_status 403 "the viewer moves champion" "$viewer" POST "$base/registered-models/alias" \
+        "{\"name\": \"$MODEL\", \"alias\": \"champion\", \"version\": \"1\"}"
+    expect_status 403 "the viewer deletes champion" "$viewer" DELETE "$base/registered-models/alias?name=$MODEL&alias=champion"
+    expect_status 403 "the viewer registers a version" "$viewer" POST "$base/model-versions/create" \
+        "{\"name\": \"$MODEL\", \"source\": \"mlflow-artifacts:/x\"}"
+    expect_status 403 "the pipeline deletes champion" "$pipeline" DELETE "$base/registered-models/alias?name=$MODEL&alias=champion"
+    expect_status 403 "the pipeline deletes the registered model" "$pipeline" DELETE "$base/registered-models/delete?name=$MODEL"
+    now=$(check prefect-worker registry) || die "reading the registry again failed"
+    [ "$(json "d['champion']" <<<"$now")" = 1 ] || die "champion moved: $now"
+    ok "roles: the pipeline's login moved champion to 1; the viewer may read it but not move, delete or register (403); the pipeline may not delete it or the model (403); champion still 1"
+}
+
+check_no_secrets() {  # no password or secret in logs, artifacts, Prefect's records or the worker's reports
+    dc --profile serve logs --no-color >"$WORK/compose-logs.txt" 2>&1 || die "compose logs failed"
+    cat "$WORK/model-server.log" >>"$WORK/compose-logs.txt" 2>/dev/null || true
+    grep -qF -f "$SECRETS" "$ENV_FILE" || die "the secret search does not find the passwords in the env file itself"
+    if grep -qF -f "$SECRETS" "$WORK/compose-logs.txt"; then
+        die "a password or secret is in the containers' logs ($(grep -cF -f "$SECRETS" "$WORK/compose-logs.txt") lines of $WORK/compose-logs.txt)"
+    fi
+    local dumped rc=0 control
+    dumped=$(check prefect-worker dump /tmp/vlgrpo-secrets-dump) || die "dumping the servers' records failed"
+    # The search must be able to fail: a file holding the worker's own MLflow password is found, and only it.
+    dc exec -T prefect-worker sh -c 'echo "x${MLFLOW_TRACKING_PASSWORD}x" >/tmp/vlgrpo-secrets-dump/control'
+    control=$(dc exec -T prefect-worker grep -rlF -f - /tmp/vlgrpo-secrets-dump <"$SECRETS" || true)
+    [ "$control" = /tmp/vlgrpo-secrets-dump/control ] || die "the secret search missed a planted password: '$control'"
+    dc exec -T prefect-worker rm /tmp/vlgrpo-secrets-dump/control
+    dc exec -T prefect-worker grep -rlF -f - /tmp/vlgrpo-secrets-dump /opt/vlgrpo/reports <"$SECRETS" \
+        >"$WORK/secret-hits.txt" 2>&1 || rc=$?
+    [ "$rc" = 1 ] || die "a password or secret in the servers' records or reports (grep exit $rc): $(head -5 "$WORK/secret-hits.txt")"
+    dc exec -T prefect-worker rm -rf /tmp/vlgrpo-secrets-dump
+    ok "none of the $(wc -l <"$SECRETS") passwords and secrets in $(wc -l <"$WORK/compose-logs.txt") log lines of every container, nor in $(json "d['files']" <<<"$dumped") files ($(json "d['runs']" <<<"$dumped") runs' artifacts, params and tags, $(json "d['versions']" <<<"$dumped") versions, $(json "d['prefect_log_lines']" <<<"$dumped") Prefect log lines, flow runs, deployments) or the worker's reports"
 }
 
 check() {  # check NAME SERVICE ARGS...: run docker/stack-test/checks.py in a service, print its JSON
@@ -334,6 +416,7 @@ check_serving() {
     local out
     out=$(check model-server serve 4) || { dc logs --tail 40 model-server; die "the served champion did not answer"; }
     log "served champion: $out"
+    dc --profile serve logs --no-color model-server >"$WORK/model-server.log" 2>&1 || true
     ok "mlflow models serve -m models:/$MODEL@champion answers ($(json "sum(a.strip().lower() == s.strip().lower() for a, s in zip(d['answers'], d['solutions']))" <<<"$out")/4 equal to the solution) and refuses with 400: $(json "', '.join(d['refused'])" <<<"$out")"
     dc --profile serve stop model-server >/dev/null 2>&1
     dc --profile serve rm -f model-server >/dev/null 2>&1
@@ -375,6 +458,7 @@ EOF
 [ "$(id -u)" = 0 ] || die "run as root (it may install and start a Docker engine)"
 mkdir -p "$WORK"
 ENV_FILE=$(mktemp "$WORK/env.XXXXXX")
+SECRETS=$(mktemp "$WORK/secrets.XXXXXX")
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -407,6 +491,8 @@ image_checks
 
 phase "stack up"
 stack_up
+phase "login checks (401)"
+check_logins
 
 phase "deployment run (pipeline flow)"
 run_deployment
@@ -414,8 +500,12 @@ run_deployment
 phase "registry check"
 check_registry
 BEFORE=$REGISTRY
+phase "role checks (403)"
+check_roles
 phase "serving check (mlflow models serve)"
 check_serving
+phase "secrets check (logs, artifacts)"
+check_no_secrets
 phase "dvc push"
 dvc_push
 
@@ -424,7 +514,13 @@ dc down --timeout 30 >"$WORK/down1.log" 2>&1 || die "compose down: $(tail -5 "$W
 [ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")" ] || die "containers left after down"
 stack_up
 
-phase "survival checks (registry, flow run, dvc pull)"
+phase "survival checks (registry, flow run, logins, dvc pull)"
+check_logins
+# The new mlflow-access container found both users in PostgreSQL and only set their passwords again.
+dc logs --no-color mlflow-access >"$WORK/mlflow-access.log" 2>&1 || die "compose logs mlflow-access failed"
+[ "$(grep -c "(password set): " "$WORK/mlflow-access.log")" = 2 ] && ! grep -q "(created)" "$WORK/mlflow-access.log" \
+    || die "mlflow-access after down/up: $(grep mlflow-access: "$WORK/mlflow-access.log")"
+ok "users and grants survived down/up; mlflow-access ran again and only set the passwords from the env file"
 check_registry
 [ "$REGISTRY" = "$BEFORE" ] || die "the registry changed across down/up: before $BEFORE after $REGISTRY"
 ok "runs, versions, champion and the champion's artifacts ($(json "d['artifact_files']" <<<"$REGISTRY") files, sha256 $(json "d['artifact_sha256'][:12]" <<<"$REGISTRY")) survived down/up"

@@ -3,10 +3,12 @@
     docker compose ... exec -T prefect-worker python - flow-run ID   < docker/stack-test/checks.py
     docker compose ... exec -T prefect-worker python - registry      < docker/stack-test/checks.py
     docker compose ... exec -T model-server   python - serve N       < docker/stack-test/checks.py
+    docker compose ... exec -T prefect-worker python - dump DIR      < docker/stack-test/checks.py
 
 Each prints one JSON object on its last line (the script reads it) and exits non-zero with the reason when a
 check fails. The URLs come from the container's own environment (PREFECT_API_URL, MLFLOW_TRACKING_URI), so
-the checks talk to the servers exactly as the pipeline does.
+the checks talk to the servers exactly as the pipeline does - with its logins too (PREFECT_API_AUTH_STRING,
+MLFLOW_TRACKING_USERNAME / _PASSWORD).
 """
 from __future__ import annotations
 
@@ -24,8 +26,12 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 def _get(url: str, body: dict | None = None, timeout: float = 60) -> dict | list:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
+    headers = {"Content-Type": "application/json"}
+    login = os.environ.get("PREFECT_API_AUTH_STRING")
+    if login and url.startswith(os.environ.get("PREFECT_API_URL", "\0")):
+        # What Prefect's own client sends (HTTP basic).
+        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -103,7 +109,48 @@ def serve(n: str = "4", url: str = "http://localhost:5001/invocations") -> dict:
             "questions": [it["question"] for it in items], "refused": refused}
 
 
+def dump(out: str, model: str = "vlgrpo-qwen-vl", experiment: str = "vlgrpo") -> dict:
+    """Everything the pipeline left on the servers, as files under OUT, for a search for secrets: every
+    run's artifacts, params, tags and metrics keys, the model versions with their tags, and every flow
+    run log line the Prefect server holds."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    for r in runs:
+        folder = root / "runs" / r.info.run_id
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps(
+            {"params": r.data.params, "tags": r.data.tags, "metrics": sorted(r.data.metrics)}))
+        mlflow.artifacts.download_artifacts(run_id=r.info.run_id, dst_path=str(folder / "artifacts"))
+    # MLflow 3 keeps a logged model's files apart from its run's artifacts: each version's files too.
+    versions = client.search_model_versions(f"name='{model}'")
+    for v in versions:
+        mlflow.artifacts.download_artifacts(f"models:/{model}/{v.version}", dst_path=str(root / "versions" / v.version))
+    (root / "versions.json").write_text(json.dumps(
+        [{"version": v.version, "tags": v.tags, "source": v.source, "run_id": v.run_id} for v in versions]))
+    api = os.environ["PREFECT_API_URL"].rstrip("/")
+    logs, offset = [], 0
+    while True:
+        page = _get(f"{api}/logs/filter", {"offset": offset, "limit": 200})
+        logs += page
+        offset += len(page)
+        if len(page) < 200:
+            break
+    (root / "prefect-logs.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in logs))
+    # What the server keeps of each flow run and deployment (parameters, job variables, ...).
+    (root / "prefect-flow-runs.json").write_text(json.dumps(_get(f"{api}/flow_runs/filter", {"limit": 200})))
+    (root / "prefect-deployments.json").write_text(json.dumps(_get(f"{api}/deployments/filter", {"limit": 200})))
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return {"runs": len(runs), "versions": len(versions), "prefect_log_lines": len(logs), "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files)}
+
+
 if __name__ == "__main__":
     what, *args = sys.argv[1:]
-    result = {"flow-run": flow_run, "registry": registry, "serve": serve}[what](*args)
+    result = {"flow-run": flow_run, "registry": registry, "serve": serve, "dump": dump}[what](*args)
     print(json.dumps(result))

