@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import os
 import subprocess
-import threading
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -142,9 +141,8 @@ def repro(params: str, dvc_args: list[str]) -> int:
     from vlgrpo.io import project_lock
 
     cfg, root = load(params)
-    with project_lock(root, "dvc repro"), one_prefect_server(lazy=True) as server, pipeline_run(cfg, root):
-        if _would_run(root, dvc_args):
-            server.wait()  # it was starting while the MLflow run and `dvc status` were set up
+    with project_lock(root, "dvc repro"), pipeline_run(cfg, root), \
+            (one_prefect_server() if _would_run(root, dvc_args) else contextlib.nullcontext()):
         # The child stages see VLGRPO_PARENT_RUN_ID and nest their runs under this one, and PREFECT_API_URL.
         rc = subprocess.run([_dvc(), "repro", *dvc_args], cwd=root, env=os.environ.copy()).returncode
         if rc != 0:
@@ -153,74 +151,26 @@ def repro(params: str, dvc_args: list[str]) -> int:
     return rc
 
 
-class _PrefectServer:
-    """A temporary Prefect server started on a thread, so that its start-up (~4-10 s on 2 cores: imports,
-    database migrations) overlaps the caller's other set-up. ``wait`` joins it and points PREFECT_API_URL at
-    it; ``stop`` stops it, without waiting for a start-up that nobody waited for."""
-
-    def __init__(self) -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        self.server = SubprocessASGIServer()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._start, name="vlgrpo-prefect-server", daemon=True)
-        self.thread.start()
-
-    def _start(self) -> None:
-        try:
-            self.server.start()
-        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread by wait()
-            self.error = e
-
-    def wait(self) -> str:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        os.environ["PREFECT_API_URL"] = self.server.api_url
-        return self.server.api_url
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            # Never waited for (nothing to run): do not wait for its start-up either. Prefect's own atexit
-            # hook stops a process that the thread launches after this.
-            if self.server.server_process is not None:
-                self.server.server_process.terminate()
-            return
-        self.server.stop()
-
-
-class _ConfiguredServer:
-    """PREFECT_API_URL is set: the stages use that server; nothing to start or stop."""
-
-    def wait(self) -> str:
-        return os.environ["PREFECT_API_URL"]
-
-    def stop(self) -> None:
-        pass
-
-
 @contextlib.contextmanager
-def one_prefect_server(lazy: bool = False) -> Iterator[_PrefectServer | _ConfiguredServer]:
+def one_prefect_server() -> Iterator[None]:
     """One temporary Prefect server for a whole run, when no server is configured (PREFECT_API_URL unset).
 
     Without it every stage process of `dvc repro` starts and stops a temporary server of its own (~5-10 s
     each on 2 cores). This is the same server Prefect would start (its SubprocessASGIServer, SQLite under
     PREFECT_HOME); the stages find it through PREFECT_API_URL, in this process and in child processes.
-    ``lazy``: yield while the server is still starting; call ``wait()`` before anything needs it (child
-    processes only: this process's own Prefect settings are not switched over).
     """
     if os.environ.get("PREFECT_API_URL"):
-        yield _ConfiguredServer()
+        yield
         return
-    server = _PrefectServer()
-    try:
-        if lazy:
-            yield server
-        else:
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-            with temporary_settings(updates={PREFECT_API_URL: server.wait()}):
-                yield server
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
