@@ -145,6 +145,24 @@ def _data_md5(lock: Path) -> str:
     return "unknown"
 
 
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run this MLflow run belongs to (id, name, UI address); empty outside a flow run."""
+    import sys
+
+    if "prefect" not in sys.modules:     # no flow runs in a process that never imported prefect
+        return {}
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return {}
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    try:
+        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    except Exception:  # noqa: BLE001 - no UI address configured: the id is enough to find the run
+        pass
+    return tags
+
+
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "vlgrpo.host", "vlgrpo.pid", "vlgrpo.pid_started"
 KILLED_TAG = "vlgrpo.killed_reason"
 
@@ -216,7 +234,7 @@ def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None =
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by=f"stage {stage}")
     parent = os.environ.get(PARENT_ENV)
-    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags(), **(tags or {})}
+    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags(), **prefect_tags(), **(tags or {})}
     # A tracking-server or database restart at this moment must not fail the stage: retry opening the run.
     run = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent,
                                          nested=bool(parent), tags=tags,
@@ -258,7 +276,8 @@ def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by="pipeline")
     run = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags={
-        "vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags()}), what="start the pipeline run")
+        "vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags(), **prefect_tags()}),
+        what="start the pipeline run")
     with _ending(run):
         old = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id
