@@ -17,7 +17,7 @@ from flows.lineage import run_name
 from tasks.artifacts import link_mlflow_run, markdown_table, publish_result
 from tasks.common import StageFailed, expected_failures, load, manifest_path, report_path
 from tasks.data import validate_task
-from tasks.tracking import log_files, log_report, stage_run
+from tasks.tracking import log_report, stage_run
 
 
 @flow(name="validate", flow_run_name=run_name("validate"), log_prints=True)
@@ -34,8 +34,6 @@ def validate_flow(params: str = "params.yaml", data: str | None = None, report: 
         finally:
             if report_file.exists():  # the findings are the point, also when validation fails
                 log_report(report_file)
-            if docs is not None and (docs / "index.html").exists():
-                log_files(run_id, {docs: "data_docs"})
     publish_validation(report_file, docs, url)
     print(out["summary"], file=sys.stderr)
     if not out["ok"]:

@@ -54,7 +54,8 @@ def project(tmp_path_factory):
     # min_improvement -1: the tiny 3-step candidate is promoted on the first run, exercising promotion.
     root = make_project(tmp_path_factory.mktemp("dvcproj") / "proj",
                         params={"evaluate": {"min_improvement": -1.0}}, model_name="vlgrpo-dvc-test")
-    p = run([str(BIN / "vlgrpo"), "repro"], root, timeout=1500)
+    # The run's temporary Prefect server keeps its runs under this PREFECT_HOME; `ui_servers` serves them.
+    p = run([str(BIN / "vlgrpo"), "repro"], root, timeout=1500, PREFECT_HOME=str(root.parent / "prefect-home"))
     return root, p
 
 
