@@ -177,6 +177,7 @@ def repro(params: str, dvc_args: list[str]) -> int:
 
 
 _temporary_prefect = False  # whether this process ran a temporary Prefect server (gone once the run ends)
+TEMPORARY_SERVER_UI = "http://127.0.0.1:4200"  # where `prefect server start` serves the UI by default
 
 
 @contextlib.contextmanager
@@ -191,19 +192,38 @@ def one_prefect_server() -> Iterator[None]:
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     global _temporary_prefect
     server = SubprocessASGIServer()
     server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+    # The server is gone once the run ends; its runs stay in PREFECT_HOME's database, where `prefect server
+    # start` shows them on its default address. Links to the runs (the MLflow tag prefect.flow_run_url,
+    # Prefect's own "View at") point there, unless the user set a UI address.
+    ui = os.environ.get("PREFECT_UI_URL") or TEMPORARY_SERVER_UI
+    saved_ui = os.environ.get("PREFECT_UI_URL")
+    os.environ["PREFECT_API_URL"], os.environ["PREFECT_UI_URL"] = server.api_url, ui
     _temporary_prefect = True
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ui}):
             yield
     finally:
+        _send_prefect_logs()  # before the server goes: what is still queued would fail to send after
         os.environ.pop("PREFECT_API_URL", None)
+        if saved_ui is None:
+            os.environ.pop("PREFECT_UI_URL", None)
+        else:
+            os.environ["PREFECT_UI_URL"] = saved_ui
         server.stop()
+
+
+def _send_prefect_logs() -> None:
+    from prefect.logging.handlers import APILogHandler
+
+    try:
+        APILogHandler().flush()
+    except Exception:  # noqa: BLE001 - losing a last log line must not fail a finished run
+        pass
 
 
 def check_data(params: str | None, data: str, report: str | None) -> dict:
@@ -282,7 +302,7 @@ def where(params: str) -> None:
         print(f"  {'Prefect UI':18s} {api.rstrip('/').removesuffix('/api')}   (flow run `pipeline @ <commit>`)")
     else:
         # A temporary server keeps its runs in PREFECT_HOME's database; a server started later shows them.
-        print(f"  {'Prefect UI':18s} prefect server start   (then http://127.0.0.1:4200, flow run "
+        print(f"  {'Prefect UI':18s} prefect server start   (then {TEMPORARY_SERVER_UI}, flow run "
               "`pipeline @ <commit>`)")
     print(f"  {'champion':18s} models:/{cfg.register.model_name}@champion")
 

@@ -6,7 +6,9 @@ nothing and doubles nothing: what could not be sent is sent on the next flush.
 
 Default tracking URI: ``sqlite:///<project>/mlflow.db`` (absolute; MLflow 3 refuses a bare ./mlruns store);
 ``MLFLOW_TRACKING_URI`` set by the user overrides it (MLflow's own export of the URI to that variable is undone,
-see ``_use_store``). ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run.
+see ``_use_store``). ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run. A run opened inside a
+Prefect flow run carries its id, name and UI address (tags ``prefect.flow_run_id``, ``prefect.flow_run_name``,
+``prefect.flow_run_url``).
 
 Every run records the process that owns it (tags ``vlgrpo.host``, ``vlgrpo.pid``, ``vlgrpo.pid_started``). A
 process killed with SIGKILL cannot end its run, so each stage and pipeline run first looks for RUNNING runs
@@ -155,11 +157,12 @@ def prefect_tags() -> dict[str, str]:
 
     if not flow_run.id:
         return {}
+    from prefect.utilities.urls import url_for
+
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
-    try:
-        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
-    except Exception:  # noqa: BLE001 - no UI address configured: the id is enough to find the run
-        pass
+    url = url_for("flow-run", obj_id=flow_run.id)  # the UI's page of the run; None without a UI address
+    if url:
+        tags["prefect.flow_run_url"] = url
     return tags
 
 
