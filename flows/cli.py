@@ -18,7 +18,8 @@ Every command first runs the pre-flight check (tasks/preflight.py: keys, types, 
 files, data and model paths) and stops with all the problems listed, before Prefect, MLflow or a stage starts.
 
 With PREFECT_API_URL unset, `repro` and `pipeline` start one temporary Prefect server for the whole run and
-hand it to every stage; a stage command run alone starts its own, as Prefect does. Modules are imported
+hand it to every stage; a stage command run alone starts its own, as Prefect does. Either way one execution
+is one `pipeline @ <commit>` flow run with the stages' runs inside it (flows/lineage.py). Modules are imported
 where a command needs them, so each stage pays only for what it uses.
 """
 from __future__ import annotations
@@ -289,9 +290,9 @@ def where(params: str) -> None:
     cfg, root = load(params or "params.yaml")
     uri = tracking_uri(root)
     print("\nResults:")
-    for label, rel in [("reports", "reports/"), ("evaluation report", "reports/evaluate.md"),
-                       ("data docs", "reports/validate_docs/index.html"), ("plots", "plots/"),
-                       ("candidate model", cfg.train.out_dir)]:
+    docs = [("data docs", "reports/validate_docs/index.html")] if cfg.validate.data_docs else []
+    for label, rel in [("reports", "reports/"), ("evaluation report", "reports/evaluate.md"), *docs,
+                       ("plots", "plots/"), ("candidate model", cfg.train.out_dir)]:
         print(f"  {label:18s} {root / rel}")
     if uri.startswith(("http://", "https://")):
         print(f"  {'MLflow UI':18s} {uri}")
