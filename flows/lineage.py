@@ -83,27 +83,42 @@ def run_stage(stage_flow: Any, **parameters: Any) -> Any:
     call does). A parent that this server does not know (a stale variable, another server) is ignored: the
     stage runs as a top-level flow run rather than not at all.
     """
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not os.environ.get("PREFECT_API_URL"):
-        return stage_flow(**parameters)
-    from prefect import Task, get_client
+    from prefect import get_client
+    from prefect import tags as tagged
     from prefect.exceptions import ObjectNotFound
     from prefect.flow_engine import run_flow
-    from prefect.states import Pending
 
+    def alone() -> Any:
+        with tagged(*pipeline_tags(parameters.get("params"))):
+            return stage_flow(**parameters)
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not os.environ.get("PREFECT_API_URL"):
+        return alone()
     tags = json.loads(os.environ.get(TAGS_ENV) or "[]")
     name = name_for(stage_flow.name, parameters.get("params"))
     with get_client(sync_client=True) as client:
         try:
             client.read_flow_run(uuid.UUID(parent))
         except (ObjectNotFound, ValueError):
-            return stage_flow(**parameters)
-        # What the engine creates for an in-process subflow: a task run in the parent standing for the child;
-        # the server moves its state along with the child's (child_flow_run_id), so the parent's graph and
-        # task list show the stage and its outcome.
-        tracker = Task(name=stage_flow.name, fn=stage_flow.fn, version=stage_flow.version)
-        task_run = client.create_task_run(tracker, flow_run_id=uuid.UUID(parent), name=name, extra_tags=tags,
-                                          dynamic_key=f"{stage_flow.name}-{uuid.uuid4().hex[:8]}", state=Pending())
-        flow_run = client.create_flow_run(stage_flow, name=name, tags=tags, parent_task_run_id=task_run.id,
-                                          parameters=stage_flow.serialize_parameters(parameters), state=Pending())
+            flow_run = None
+        else:
+            flow_run = _subflow_run(client, stage_flow, uuid.UUID(parent), name, tags, parameters)
+    if flow_run is None:
+        return alone()
     return run_flow(stage_flow, flow_run=flow_run, parameters=parameters)
+
+
+def _subflow_run(client: Any, stage_flow: Any, parent: uuid.UUID, name: str, tags: list[str],
+                 parameters: dict[str, Any]) -> Any:
+    from prefect import Task
+    from prefect.states import Pending
+
+    """The stage's flow run as a subflow of ``parent``: what the engine creates for a flow called inside
+    another flow, a task run in the parent standing for the child; the server moves that task run's state
+    along with the child's (``child_flow_run_id``), so the parent's graph and lists show the stage's outcome."""
+    tracker = Task(name=stage_flow.name, fn=stage_flow.fn, version=stage_flow.version)
+    task_run = client.create_task_run(tracker, flow_run_id=parent, name=name, extra_tags=tags,
+                                      dynamic_key=f"{stage_flow.name}-{uuid.uuid4().hex[:8]}", state=Pending())
+    return client.create_flow_run(stage_flow, name=name, tags=tags, parent_task_run_id=task_run.id,
+                                  parameters=stage_flow.serialize_parameters(parameters), state=Pending())
