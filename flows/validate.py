@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows.lineage import run_name
 
-from tasks.artifacts import link_mlflow_run, markdown_table, publish_result
+from tasks.artifacts import best_effort, link_mlflow_run, markdown_table, publish_result
 from tasks.common import StageFailed, expected_failures, load, manifest_path, report_path
 from tasks.data import validate_task
 from tasks.tracking import log_report, stage_run
@@ -41,6 +41,7 @@ def validate_flow(params: str = "params.yaml", data: str | None = None, report: 
     return out
 
 
+@best_effort
 def publish_validation(report_file: Path, docs: Path | None, mlflow_url: str | None) -> None:
     """The ``validate-result`` artifact: the counts, every expectation with its outcome, where the docs are."""
     if not report_file.exists():

@@ -8,13 +8,30 @@ Outside a Prefect flow run nothing is published.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import quote
 
 log = logging.getLogger("vlgrpo.artifacts")
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def best_effort(fn: F) -> F:
+    """An artifact is a view of results kept elsewhere (reports/, MLflow): a Prefect or MLflow server that
+    is away at that moment must not fail a stage whose work is done. The failure is logged."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - network and server errors come in many types
+            log.warning("Prefect artifact not published (%s): %s", fn.__name__, e)
+            return None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def in_flow_run() -> bool:
@@ -48,6 +65,7 @@ def _how_to_open(root: Path) -> str:
     return f"open it with `mlflow ui --backend-store-uri {uri}`"
 
 
+@best_effort
 def link_mlflow_run(stage: str, root: Path, run_id: str) -> str | None:
     """A Prefect link artifact (key ``mlflow-run``) to the stage's MLflow run; returns the URL."""
     if not in_flow_run():
@@ -64,6 +82,7 @@ def link_mlflow_run(stage: str, root: Path, run_id: str) -> str | None:
     return url
 
 
+@best_effort
 def link_model_version(root: Path, name: str, version: str | int) -> str | None:
     """A Prefect link artifact (key ``mlflow-model-version``) to a registered model version."""
     if not in_flow_run():
@@ -90,6 +109,7 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+@best_effort
 def publish_result(stage: str, title: str, facts: dict[str, Any], extra: str = "") -> None:
     """A Prefect markdown artifact ``<stage>-result``: a title, a two-column table of facts, more markdown."""
     if not in_flow_run():
@@ -125,6 +145,7 @@ def train_metrics_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+@best_effort
 def publish_train_metrics(rows: list[dict[str, Any]], run_url: str | None) -> None:
     """The train stage's ``train-metrics`` table artifact (first/last/min/max/mean per metric)."""
     if not in_flow_run() or not rows:
