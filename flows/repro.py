@@ -34,7 +34,21 @@ def repro_flow(params: str = "params.yaml", dvc_args: list[str] | None = None) -
         restore(old)
     register = read_report(root, "register") or {}
     publish_result("pipeline", "Pipeline execution", {
-        "MLflow parent run": url, "stages (dvc runs the stale ones)": " -> ".join(STAGES),
+        "MLflow parent run": url, "stages run": ", ".join(_stages_run(flow_run.id)) or "none (all up to date)",
         "registered version (latest register stage)": register.get("model_uri"),
         "promoted to champion": register.get("promoted")})
     return {"mlflow_parent_run_id": run_id, "dvc_exit": rc}
+
+
+def _stages_run(flow_run_id: str) -> list[str]:
+    """The stages DVC ran in this execution: the subflow runs under this flow run, in the pipeline's order."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    except Exception:  # noqa: BLE001 - only the summary artifact needs it
+        return []
+    names = {t.name.split(" @ ")[0] for t in runs}
+    return [s for s in STAGES if s in names]

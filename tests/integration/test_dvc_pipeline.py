@@ -164,6 +164,7 @@ def test_prefect_one_pipeline_run_with_its_stages_and_links_to_mlflow(project, u
     assert "| val accuracy |" in by_key["base-result"]["data"]
     assert "| model | models:/vlgrpo-dvc-test/1 |" in by_key["register-result"]["data"]
     assert by_key["mlflow-model-version"]["data"].endswith("/#/models/vlgrpo-dvc-test/versions/1)")
+    assert f"| stages run | {', '.join(STAGES)} |" in by_key["pipeline-result"]["data"]
 
 
 @pytest.fixture(scope="module")
