@@ -18,7 +18,8 @@ Every command first runs the pre-flight check (tasks/preflight.py: keys, types, 
 files, data and model paths) and stops with all the problems listed, before Prefect, MLflow or a stage starts.
 
 With PREFECT_API_URL unset, `repro` and `pipeline` start one temporary Prefect server for the whole run and
-hand it to every stage; a stage command run alone starts its own, as Prefect does. Modules are imported
+hand it to every stage; a stage command run alone starts its own, as Prefect does. Either way one execution
+is one `pipeline @ <commit>` flow run with the stages' runs inside it (flows/lineage.py). Modules are imported
 where a command needs them, so each stage pays only for what it uses.
 """
 from __future__ import annotations
@@ -93,30 +94,35 @@ def _run(args: argparse.Namespace) -> object:
     cmd = args.command
     if cmd == "validate" and args.data:
         return check_data(args.params, args.data, args.report)
+    # A stage runs as a subflow of `vlgrpo repro`'s pipeline flow run when it runs under one (flows/lineage.py).
     if cmd == "data":
         from flows.data import data_flow
-        return data_flow(params)
+        return _stage(data_flow, params=params)
     if cmd == "validate":
         from flows.validate import validate_flow
-        return validate_flow(params, data=args.data, report=args.report)
+        return _stage(validate_flow, params=params, data=args.data, report=args.report)
     if cmd == "base":
         from flows.base import base_flow
-        return base_flow(params)
+        return _stage(base_flow, params=params)
     if cmd == "pilot":
         from flows.pilot import pilot_flow
-        return pilot_flow(params)
+        return _stage(pilot_flow, params=params)
     if cmd == "train":
         from flows.train import train_flow
-        return train_flow(params, force=args.force)
+        return _stage(train_flow, params=params, force=args.force)
     if cmd == "evaluate":
         from flows.evaluate import evaluate_flow
-        return evaluate_flow(params)
+        return _stage(evaluate_flow, params=params)
     if cmd == "register":
         from flows.register import register_flow
-        return register_flow(params)
+        return _stage(register_flow, params=params)
     if cmd == "pipeline":
         from flows.pipeline import pipeline_flow
-        with one_prefect_server():
+        from prefect import tags
+
+        from flows.lineage import pipeline_tags
+
+        with one_prefect_server(), tags(*pipeline_tags(params)):
             out = pipeline_flow(params, force_train=args.force_train)
         where(params)
         return out
@@ -135,20 +141,44 @@ def _run(args: argparse.Namespace) -> object:
     raise AssertionError(cmd)
 
 
+def _stage(stage_flow: object, **parameters: object) -> object:
+    from flows.lineage import run_stage
+
+    return run_stage(stage_flow, **parameters)
+
+
 def repro(params: str, dvc_args: list[str]) -> int:
+    """`dvc repro` as one pipeline execution: the `pipeline` flow run (flows/repro.py) with its stages inside,
+    under the project lock. When every stage is up to date no Prefect server is started: the MLflow parent
+    run still records the (empty) execution."""
     from tasks.common import load
-    from tasks.tracking import pipeline_run
     from vlgrpo.io import project_lock
 
     cfg, root = load(params)
-    with project_lock(root, "dvc repro"), pipeline_run(cfg, root), \
-            (one_prefect_server() if _would_run(root, dvc_args) else contextlib.nullcontext()):
-        # The child stages see VLGRPO_PARENT_RUN_ID and nest their runs under this one, and PREFECT_API_URL.
-        rc = subprocess.run([_dvc(), "repro", *dvc_args], cwd=root, env=os.environ.copy()).returncode
-        if rc != 0:
-            raise SystemExit(f"dvc repro failed (exit {rc}); earlier outputs and the registry are unchanged")
+    with project_lock(root, "dvc repro"):
+        if _would_run(root, dvc_args):
+            from prefect import tags
+
+            from flows.lineage import pipeline_tags
+            from flows.repro import repro_flow
+
+            with one_prefect_server(), tags(*pipeline_tags(params)):
+                repro_flow(params, dvc_args)   # a failed stage raises FailedRun: main() prints its reason
+        else:
+            from flows.dvc_run import dvc_repro
+            from tasks.tracking import pipeline_run
+
+            with pipeline_run(cfg, root):
+                rc = dvc_repro(root, dvc_args)
+                if rc != 0:
+                    raise SystemExit(f"dvc repro failed (exit {rc}); earlier outputs and the registry are "
+                                     "unchanged")
     where(params)
-    return rc
+    return 0
+
+
+_temporary_prefect = False  # whether this process ran a temporary Prefect server (gone once the run ends)
+TEMPORARY_SERVER_UI = "http://127.0.0.1:4200"  # where `prefect server start` serves the UI by default
 
 
 @contextlib.contextmanager
@@ -163,17 +193,38 @@ def one_prefect_server() -> Iterator[None]:
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
+    global _temporary_prefect
     server = SubprocessASGIServer()
     server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+    # The server is gone once the run ends; its runs stay in PREFECT_HOME's database, where `prefect server
+    # start` shows them on its default address. Links to the runs (the MLflow tag prefect.flow_run_url,
+    # Prefect's own "View at") point there, unless the user set a UI address.
+    ui = os.environ.get("PREFECT_UI_URL") or TEMPORARY_SERVER_UI
+    saved_ui = os.environ.get("PREFECT_UI_URL")
+    os.environ["PREFECT_API_URL"], os.environ["PREFECT_UI_URL"] = server.api_url, ui
+    _temporary_prefect = True
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ui}):
             yield
     finally:
+        _send_prefect_logs()  # before the server goes: what is still queued would fail to send after
         os.environ.pop("PREFECT_API_URL", None)
+        if saved_ui is None:
+            os.environ.pop("PREFECT_UI_URL", None)
+        else:
+            os.environ["PREFECT_UI_URL"] = saved_ui
         server.stop()
+
+
+def _send_prefect_logs() -> None:
+    from prefect.logging.handlers import APILogHandler
+
+    try:
+        APILogHandler().flush()
+    except Exception:  # noqa: BLE001 - losing a last log line must not fail a finished run
+        pass
 
 
 def check_data(params: str | None, data: str, report: str | None) -> dict:
@@ -213,16 +264,13 @@ def _would_run(root: Path, dvc_args: list[str]) -> bool:
         return True
     import json
 
-    p = subprocess.run([_dvc(), "status", "--json"], cwd=root, capture_output=True, text=True)
+    from flows.dvc_run import dvc_executable
+
+    p = subprocess.run([dvc_executable(), "status", "--json"], cwd=root, capture_output=True, text=True)
     try:
         return p.returncode != 0 or json.loads(p.stdout or "{}") != {}
     except ValueError:
         return True
-
-
-def _dvc() -> str:
-    local = Path(sys.executable).with_name("dvc")
-    return str(local) if local.exists() else "dvc"
 
 
 def promote_cmd(params: str | None, version: str, reason: str, name: str | None) -> dict:
@@ -242,10 +290,21 @@ def where(params: str) -> None:
     cfg, root = load(params or "params.yaml")
     uri = tracking_uri(root)
     print("\nResults:")
-    for label, rel in [("reports", "reports/"), ("evaluation report", "reports/evaluate.md"),
+    docs = [("data docs", "reports/validate_docs/index.html")] if cfg.validate.data_docs else []
+    for label, rel in [("reports", "reports/"), ("evaluation report", "reports/evaluate.md"), *docs,
                        ("plots", "plots/"), ("candidate model", cfg.train.out_dir)]:
         print(f"  {label:18s} {root / rel}")
-    print(f"  {'MLflow UI':18s} mlflow ui --backend-store-uri {uri}")
+    if uri.startswith(("http://", "https://")):
+        print(f"  {'MLflow UI':18s} {uri}")
+    else:
+        print(f"  {'MLflow UI':18s} mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    api = os.environ.get("PREFECT_API_URL")
+    if api and not _temporary_prefect:
+        print(f"  {'Prefect UI':18s} {api.rstrip('/').removesuffix('/api')}   (flow run `pipeline @ <commit>`)")
+    else:
+        # A temporary server keeps its runs in PREFECT_HOME's database; a server started later shows them.
+        print(f"  {'Prefect UI':18s} prefect server start   (then {TEMPORARY_SERVER_UI}, flow run "
+              "`pipeline @ <commit>`)")
     print(f"  {'champion':18s} models:/{cfg.register.model_name}@champion")
 
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.lineage import run_name
+
+from tasks.artifacts import link_mlflow_run
 from tasks.common import expected_failures, load, manifest_path, report_path, write_report
 from tasks.tracking import log_report, stage_run
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name=run_name("evaluate"), log_prints=True)
 @expected_failures
 def evaluate_flow(params: str = "params.yaml") -> dict:
     from tasks.evaluate import evaluate_task, log_evaluation
 
     cfg, root = load(params)
     with stage_run("evaluate", cfg, root) as run_id:
+        link_mlflow_run("evaluate", root, run_id)
         result = evaluate_task(cfg, root, manifest_path(cfg, root), run_id)
         log_report(write_report(root, "evaluate", result))
         md = report_path(root, "evaluate", ".md")

@@ -13,13 +13,16 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.lineage import run_name
+
+from tasks.artifacts import link_mlflow_run
 from tasks.common import StageFailed, expected_failures, load, manifest_path, report_path, write_report
 from tasks.grpo import grpo_task, publish_pilot, val_reward_task
 from tasks.tracking import StreamForwarder, log_report, stage_run
 from vlgrpo.train.paths import RunPaths
 
 
-@flow(name="pilot", log_prints=True)
+@flow(name="pilot", flow_run_name=run_name("pilot"), log_prints=True)
 @expected_failures
 def pilot_flow(params: str = "params.yaml") -> dict:
     from vlgrpo.eval.gates import pilot_passed
@@ -29,6 +32,7 @@ def pilot_flow(params: str = "params.yaml") -> dict:
     metrics = report_path(root, "pilot_metrics", ".jsonl")
     metrics.unlink(missing_ok=True)  # a pilot is always a fresh run
     with stage_run("pilot", cfg, root) as run_id, tempfile.TemporaryDirectory(dir=root) as tmp:
+        link_mlflow_run("pilot", root, run_id)
         with StreamForwarder(metrics, run_id):
             paths = RunPaths.under(root, manifest_path(cfg, root), cfg.base.out_dir, Path(tmp) / "pilot-model",
                                    metrics)

@@ -8,8 +8,14 @@ changed, from what to what). A killed run resumes from its last complete checkpo
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import flow
 
+from flows.lineage import run_name
+
+from tasks.artifacts import link_mlflow_run, publish_train_metrics
 from tasks.common import (StageFailed, expected_failures, load, manifest_path, read_report, report_path,
                           write_report)
 from tasks.grpo import grpo_task
@@ -17,7 +23,7 @@ from tasks.tracking import StreamForwarder, log_report, stage_run
 from vlgrpo.train.paths import RunPaths
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", flow_run_name=run_name("train"), log_prints=True)
 @expected_failures
 def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
     from vlgrpo.eval.gates import PilotDecision, apply_adjustments
@@ -39,6 +45,7 @@ def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
     metrics = report_path(root, "train_metrics", ".jsonl")
     tags = {"forced": str(force), "auto_adjust_changes": "; ".join(changes) or "none"}
     with stage_run("train", cfg, root, tags=tags) as run_id:      # params: the effective values
+        url = link_mlflow_run("train", root, run_id)
         with StreamForwarder(metrics, run_id):
             paths = RunPaths.under(root, manifest_path(cfg, root), cfg.base.out_dir, cfg.train.out_dir, metrics)
             summary = grpo_task(cfg, paths, "train-progress")
@@ -50,10 +57,15 @@ def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
     if (summary.get("watch") or {}).get("stopped"):
         print(f"train: stopped early at step {summary['watch']['stopped']['at_step']} (train.watch.stop_on); "
               f"final model: {summary['watch'].get('final_model')}")
+        publish_train_metrics(_rows(metrics), url)
     final = (summary.get("final") or {}).get("reward")
     print(f"train: {summary.get('steps')} steps; final reward "
           + (f"{final:.4f}" if final is not None else "none (no step ran)"))
     return report
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 if __name__ == "__main__":

@@ -25,6 +25,19 @@ def build_dataset_task(cfg: Config, root: Path) -> dict[str, Any]:
         return {"error": str(e)}
 
 
+def summary_rows(result: Any) -> list[dict[str, Any]]:
+    """The validation in numbers: rows, valid and error rows, expectations passed, then each check's count."""
+    passed = sum(e["success"] for e in result.expectations)
+    rows = [{"what": "verdict", "value": "OK" if result.ok else "FAILED"},
+            {"what": "rows checked", "value": result.rows},
+            {"what": "valid rows", "value": result.valid_rows},
+            {"what": "rows with errors", "value": result.error_rows},
+            {"what": "error fraction", "value": round(result.error_fraction, 6)},
+            {"what": "expectations passed", "value": f"{passed}/{len(result.expectations)}"}]
+    rows += [{"what": f"finding: {check}", "value": n} for check, n in sorted(result.counts.items())]
+    return rows
+
+
 @task(name="validate-dataset", cache_policy=NO_CACHE)
 def validate_task(cfg: Config, data: Path, report: Path, docs: Path) -> dict[str, Any]:
     """Run the suite and publish the summary table as a Prefect artifact.
@@ -38,9 +51,7 @@ def validate_task(cfg: Config, data: Path, report: Path, docs: Path) -> dict[str
         result = validate_file(data, cfg, report_path=report, data_docs_dir=docs)
     except ValueError as e:  # the readers' channel for a missing or malformed document; names the file
         return {"ok": False, "summary": f"validate FAILED: {e}", "error": str(e)}
-    rows = [{"check": check, "count": n} for check, n in sorted(result.counts.items())]
-    create_table_artifact(table=rows or [{"check": "(no findings)", "count": 0}],
-                          key="validation-summary", description=f"Validation of {data}")
+    create_table_artifact(table=summary_rows(result), key="validation-summary", description=f"Validation of {data}")
     out = {"ok": result.ok, "summary": format_summary(result), "report": str(report)}
     if not result.ok:
         out["error"] = (f"validation failed for {data}: {result.error_rows} of {result.rows} rows with errors, "

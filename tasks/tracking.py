@@ -6,7 +6,9 @@ nothing and doubles nothing: what could not be sent is sent on the next flush.
 
 Default tracking URI: ``sqlite:///<project>/mlflow.db`` (absolute; MLflow 3 refuses a bare ./mlruns store);
 ``MLFLOW_TRACKING_URI`` set by the user overrides it (MLflow's own export of the URI to that variable is undone,
-see ``_use_store``). ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run.
+see ``_use_store``). ``VLGRPO_PARENT_RUN_ID`` nests stage runs under a pipeline run. A run opened inside a
+Prefect flow run carries its id, name and UI address (tags ``prefect.flow_run_id``, ``prefect.flow_run_name``,
+``prefect.flow_run_url``).
 
 Every run records the process that owns it (tags ``vlgrpo.host``, ``vlgrpo.pid``, ``vlgrpo.pid_started``). A
 process killed with SIGKILL cannot end its run, so each stage and pipeline run first looks for RUNNING runs
@@ -180,6 +182,25 @@ def _data_md5(lock: Path) -> str:
     return "unknown"
 
 
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run this MLflow run belongs to (id, name, UI address); empty outside a flow run."""
+    import sys
+
+    if "prefect" not in sys.modules:     # no flow runs in a process that never imported prefect
+        return {}
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return {}
+    from prefect.utilities.urls import url_for
+
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    url = url_for("flow-run", obj_id=flow_run.id)  # the UI's page of the run; None without a UI address
+    if url:
+        tags["prefect.flow_run_url"] = url
+    return tags
+
+
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "vlgrpo.host", "vlgrpo.pid", "vlgrpo.pid_started"
 KILLED_TAG = "vlgrpo.killed_reason"
 
@@ -252,7 +273,7 @@ def stage_run(stage: str, cfg: Config, root: Path, tags: dict[str, str] | None =
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by=f"stage {stage}")
     parent = os.environ.get(PARENT_ENV)
-    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags(), **(tags or {})}
+    tags = {"vlgrpo.stage": stage, **provenance_tags(root), **owner_tags(), **prefect_tags(), **(tags or {})}
     # A tracking-server or database restart at this moment must not fail the stage: retry opening the run.
     run = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent,
                                          nested=bool(parent), tags=tags,
@@ -298,7 +319,8 @@ def pipeline_run(cfg: Config, root: Path) -> Iterator[str]:
     exp_id = setup(root, cfg.register.experiment)
     reap_orphans(exp_id, by="pipeline")
     run = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags={
-        "vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags()}), what="start the pipeline run")
+        "vlgrpo.stage": "pipeline", **provenance_tags(root), **owner_tags(), **prefect_tags()}),
+        what="start the pipeline run")
     run_id = run.info.run_id
     with _ending(run):
         retry(lambda: mlflow.log_params(flat_params(cfg)), what="log pipeline params")

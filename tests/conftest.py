@@ -62,6 +62,15 @@ def _no_mlflow_store_leaks():
             os.environ[k] = v
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (``item.rep_call``...), for fixtures that act on a failure
+    (the browser tests keep a screenshot of the page)."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if WORKER:
         shutil.rmtree(_PREFECT_HOME, ignore_errors=True)

@@ -119,11 +119,14 @@ def mlflow_server(tmp: Path, backend_uri: str, extra_args: list[str] | None = No
 
 
 @contextlib.contextmanager
-def prefect_server(tmp: Path) -> Iterator[Server]:
+def prefect_server(tmp: Path, ui: bool = False, home: Path | None = None) -> Iterator[Server]:
+    """`prefect server start` on a free port. ``home``: its PREFECT_HOME (default ``tmp/prefect-home``), e.g.
+    the one a temporary server of `vlgrpo repro` wrote its runs to; ``ui``: serve the web UI too."""
     port = free_port()
-    home = tmp / "prefect-home"
+    home = home or tmp / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
-    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_UI_ENABLED": "false"}
+    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_UI_ENABLED": "true" if ui else "false"}
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     log = tmp / f"prefect-{port}.log"
     srv = Server(env["PREFECT_API_URL"], _spawn(cmd, env, log), log, cmd, env,

@@ -12,6 +12,7 @@ from tests.project import make_project
 from tests.servers import prefect_server
 
 pytestmark = pytest.mark.integration
+STAGE_NAMES = ("data", "validate", "base", "pilot", "train", "evaluate", "register")
 
 
 def test_scheduled_deployment_runs_the_pipeline(tmp_path):
@@ -41,7 +42,14 @@ def test_scheduled_deployment_runs_the_pipeline(tmp_path):
         assert "# Pilot: PASSED" in by_key["pilot-diagnosis"]["data"]
         # the verdict line itself ("promote" alone also matches "DO NOT PROMOTE")
         assert "## Decision: **PROMOTE** (candidate against the base)" in by_key["evaluation-report"]["data"]
-        assert {row["check"] for row in json.loads(by_key["validation-summary"]["data"])}
+        summary = {row["what"]: row["value"] for row in json.loads(by_key["validation-summary"]["data"])}
+        assert summary["verdict"] == "OK" and summary["rows checked"] == summary["valid rows"] > 0
+        # Named stage runs inside the pipeline's run (in-process subflows), each linked to its MLflow run.
+        pipeline = next(r for r in runs if flows[r["flow_id"]] == "pipeline")
+        stages = [r for r in runs if r["parent_task_run_id"] and r["name"].split(" @ ")[0] in STAGE_NAMES]
+        assert pipeline["name"].startswith("pipeline @ ") and len(stages) == len(STAGE_NAMES)
+        links = [a for a in api(srv.url, "/artifacts/filter", {}) if a.get("key") == "mlflow-run"]
+        assert {a["flow_run_id"] for a in links} == {pipeline["id"], *(r["id"] for r in stages)}
 
     # It really ran the pipeline: a new registered version in the project's MLflow store, promoted.
     from mlflow.tracking import MlflowClient

@@ -5,7 +5,8 @@
 - an expected failure ends a flow function as a Failed state with its reason; a crash still raises;
 - a run's owner process is recognised as dead (exited, or its pid reused) or alive;
 - the train stage's console progress bar reads step, reward and KL from the metrics stream;
-- the pilot's diagnoses print as a table.
+- the pilot's diagnoses print as a table;
+- `vlgrpo where` names both UIs and how to open them.
 """
 from __future__ import annotations
 
@@ -164,3 +165,20 @@ def test_refused_promotion_is_one_line_and_exit_1(nowhere, capsys):
     # MLflow may log its own start-up lines first (only on the first use in a process): the reason is the last line.
     assert err.splitlines()[-1] == ("vlgrpo promote: error: refusing to promote vlgrpo-cli-test version 7: no such "
                                     "registered version") and "Traceback" not in err
+
+
+def test_where_names_both_uis_and_how_to_open_them(nowhere, capsys, monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        monkeypatch.delenv(var, raising=False)
+    (nowhere / "params.yaml").write_text("{}\n")
+    assert main(["where"]) == 0
+    out = capsys.readouterr().out
+    assert f"mlflow ui --backend-store-uri sqlite:///{nowhere.resolve() / 'mlflow.db'}" in out
+    assert "Prefect UI" in out and "prefect server start" in out and "http://127.0.0.1:4200" in out
+    # With servers configured, their addresses.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.internal:4200/api")
+    assert main(["where"]) == 0
+    out = capsys.readouterr().out
+    assert "MLflow UI          http://mlflow.internal:5000" in out
+    assert "Prefect UI         http://prefect.internal:4200 " in out

@@ -232,8 +232,37 @@ def test_validate_file_clean_manifest_writes_report_and_data_docs(tmp_path):
     names = [e["expectation"] for e in on_disk["expectations"]]
     assert "expect_column_values_to_be_unique" in names and all(e["success"] for e in on_disk["expectations"])
     assert (docs / "index.html").is_file()
-    assert list(docs.glob("validations/**/*.html"))
+    pages = list(docs.glob("validations/**/*.html"))
+    assert pages
     assert "validate OK" in format_summary(res)
+    # The validation run is named after the data, not GE's `__none__`.
+    assert [p.parent.parent.name for p in pages] == [f"{path.stem}-6-rows"]
+    assert "__none__" not in (docs / "index.html").read_text()
+
+
+def test_data_docs_load_nothing_from_the_network(tmp_path):
+    """Every page's styles and scripts resolve to files of the site itself (docs_offline), so the pages render
+    offline; the full check in a browser is tests/integration/test_dvc_pipeline.py's."""
+    import re
+
+    from vlgrpo.data.docs_offline import make_offline
+
+    path, _ = _manifest(tmp_path)
+    docs = tmp_path / "docs"
+    validate_file(path, CFG, None, docs)
+    pages = list(docs.rglob("*.html"))
+    assert len(pages) == 3  # index, the suite, the validation run
+    for page in pages:
+        text = page.read_text()
+        refs = re.findall(r'<(?:link|script)\b[^>]*?\b(?:href|src)="([^"]+)"', text)
+        refs += re.findall(r'<img\b[^>]*?\bsrc="([^"]+)"', text, re.S)
+        assert refs, page
+        remote = [r for r in refs if r.startswith(("http:", "https:", "//"))]
+        assert not remote, (page, remote)
+        missing = [r for r in refs if not (page.parent / r).is_file()]
+        assert not missing, (page, missing)
+    assert "vlgrpo-table.js" in (docs / "index.html").read_text()
+    assert make_offline(docs) == []          # idempotent: a second pass finds nothing left to replace
 
 
 def test_validate_file_failures_and_threshold(ds, tmp_path):

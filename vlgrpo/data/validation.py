@@ -356,9 +356,13 @@ def _expectations(max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def run_suite(table: dict[str, list[Any]], max_tokens: int, data_docs_dir: Path | None = None
-              ) -> tuple[bool, list[dict[str, Any]]]:
-    """Run the suite over the per-row table; write Data Docs (HTML) to ``data_docs_dir`` atomically."""
+def run_suite(table: dict[str, list[Any]], max_tokens: int, data_docs_dir: Path | None = None,
+              run_name: str | None = None) -> tuple[bool, list[dict[str, Any]]]:
+    """Run the suite over the per-row table; write Data Docs (HTML) to ``data_docs_dir`` atomically.
+
+    ``run_name`` names the validation run in the Data Docs (GE's default is ``__none__``); the pages load
+    nothing from the network (vlgrpo.data.docs_offline).
+    """
     offline.apply()                                 # no analytics call home, also when used as a library
     import great_expectations as gx  # lazy: ~3 s import
     import pandas as pd
@@ -385,13 +389,18 @@ def run_suite(table: dict[str, list[Any]], max_tokens: int, data_docs_dir: Path 
             actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["vlgrpo"])]
         cp = ctx.checkpoints.add(gx.Checkpoint(name="validate", validation_definitions=[vd], actions=actions,
                                                result_format={"result_format": "SUMMARY"}))
-        return cp.run(batch_parameters={"dataframe": df})
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        return cp.run(batch_parameters={"dataframe": df}, run_id=RunIdentifier(run_name=run_name))
 
     if data_docs_dir is None:
         res = run(None)
     else:
+        from vlgrpo.data.docs_offline import make_offline
+
         with atomic_dir(data_docs_dir) as tmp:  # old docs stay whole until the new site is complete
             res = run(tmp)
+            make_offline(tmp)
     out = []
     for vr in res.run_results.values():
         for r in vr.results:
@@ -522,7 +531,8 @@ def validate_file(path: str | Path, cfg: Config, report_path: Path | None = None
     valid_rows = len(kept)
     table = rows_table(kept)
     del kept  # 100k items with nested dicts would make every garbage collection inside GX slow
-    suite_ok, expectations = run_suite(table, cfg.train.max_prompt_tokens, data_docs_dir)
+    suite_ok, expectations = run_suite(table, cfg.train.max_prompt_tokens, data_docs_dir,
+                                       run_name=f"{path.stem}-{rows}-rows")
     ok = error_fraction <= cfg.validate.max_error_fraction and suite_ok
     result = ValidationResult(ok=ok, input=str(path), kind=kind, rows=rows, valid_rows=valid_rows,
                               error_rows=stats["error_rows"], error_fraction=error_fraction,
