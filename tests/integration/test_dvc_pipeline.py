@@ -338,7 +338,6 @@ def _html_report_loads(page, shots, ml: str, run, name: str) -> None:
     assert ok >= 1 and not bad, f"{ok} pictures loaded, not loaded: {bad} (screenshot {shot})"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the MLflow report/registration change")
 def test_browser_mlflow_html_report_shows_its_pictures(project, ui_servers, page, shots):
     root, _ = project
     ml, _ = ui_servers
@@ -346,7 +345,6 @@ def test_browser_mlflow_html_report_shows_its_pictures(project, ui_servers, page
     _html_report_loads(page, shots, ml, _run_of(root, "pipeline"), "mlflow-pipeline-report")
 
 
-@pytest.mark.xfail(strict=True, reason="needs the MLflow report/registration change")
 def test_browser_mlflow_logged_model_page_shows_the_registered_version(project, ui_servers, page, shots):
     root, _ = project
     ml, _ = ui_servers
