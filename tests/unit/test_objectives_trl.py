@@ -21,12 +21,9 @@ import torch
 from vlgrpo.algo import grpo
 from vlgrpo.model import loading, tiny_model
 from vlgrpo.config import TinyModelConfig
-from vlgrpo.train.batches import StepBatch
-from vlgrpo.train.scoring import CompletionScorer
-from vlgrpo.train.update import update_phase
 from tests.settings import tuned_train
 from tests.unit.test_trl_equivalence import (C, G, N, P, _assert_grads_close, _make_trl_trainer, _trl_inputs,
-                                             make_setup, synthetic_prompts)
+                                             make_setup, synthetic_prompts, update_with)
 
 CISPO_OURS = dict(epsilon_low=1.0, epsilon_high=0.28)       # = TRL's cispo with epsilon_high 1.28
 CISPO_TRL = dict(epsilon_high=1.28)
@@ -86,8 +83,6 @@ def trl_run(tr, s, loss_type, beta, with_old, accumulate=1, **kw):
 
 def ours_run(s, loss_type, beta, with_old, shared=False, micro_batch_size=N, rows=slice(0, N), world=1, **train):
     """Our ``update_phase``, on the whole batch or on the rows one of ``world`` DDP processes holds."""
-    model, _ = loading.load_model(s["dir"])
-    model.train()
     kw = dict(epsilon_low=0.2, epsilon_high=0.28)
     if loss_type == "cispo":
         kw.update(CISPO_OURS)
@@ -96,12 +91,7 @@ def ours_run(s, loss_type, beta, with_old, shared=False, micro_batch_size=N, row
     kw.update(train)
     tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=micro_batch_size, loss_type=loss_type,
                      beta=beta, max_completion_length=C, mixed_precision="no", shared_work=shared, **kw)
-    first = rows.start // G
-    batch = StepBatch(s["prompts"].select(range(first, rows.stop // G)), s["ids"][rows], s["mask"][rows],
-                      s["adv"][rows], s["old_logp"][rows] if with_old else None,
-                      s["ref_logp"][rows] if beta else None, float(s["mask"].sum()), world)
-    sums = update_phase(CompletionScorer(model), batch, tc)
-    return sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return update_with(s, tc, with_old, beta, rows, world)
 
 
 def _check(ours, trl, tol):

@@ -166,12 +166,18 @@ def _trl_loss_and_grads(tr, s, loss_type, beta, with_old, accumulate=1):
 def _our_loss_and_grads(s, loss_type, beta, with_old, shared, micro_batch_size=N, **train):
     """Our ``update_phase`` on the whole batch (or, with ``rows`` / ``num_processes`` in ``train``, on the
     rows one of ``num_processes`` DDP processes holds, normalised as that process would)."""
-    model, _ = loading.load_model(s["dir"])
-    model.train()
     rows, world = train.pop("rows", slice(0, N)), train.pop("num_processes", 1)
     tc = tuned_train(prompts_per_step=P, num_generations=G, micro_batch_size=micro_batch_size,
                      loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
                      max_completion_length=C, mixed_precision="no", shared_work=shared, **train)
+    return update_with(s, tc, with_old, beta, rows, world)
+
+
+def update_with(s, tc, with_old, beta, rows=slice(0, N), world=1):
+    """Our ``update_phase`` with the train section ``tc`` on ``rows`` of the batch (as one of ``world`` DDP
+    processes): (loss sums, gradients) of a freshly loaded copy of the set-up's model."""
+    model, _ = loading.load_model(s["dir"])
+    model.train()
     first = rows.start // G
     batch = StepBatch(s["prompts"].select(range(first, rows.stop // G)), s["ids"][rows], s["mask"][rows],
                       s["adv"][rows], s["old_logp"][rows] if with_old else None,
