@@ -291,7 +291,7 @@ def where(params: str) -> None:
     uri = tracking_uri(root)
     print("\nResults:")
     docs = [("data docs", "reports/validate_docs/index.html")] if cfg.validate.data_docs else []
-    for label, rel in [("reports", "reports/"), ("evaluation report", "reports/evaluate.md"), *docs,
+    for label, rel in [("reports", "reports/"), ("evaluation report", "reports/evaluate.html"), *docs,
                        ("plots", "plots/"), ("candidate model", cfg.train.out_dir)]:
         print(f"  {label:18s} {root / rel}")
     if uri.startswith(("http://", "https://")):
