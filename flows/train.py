@@ -52,12 +52,12 @@ def train_flow(params: str = "params.yaml", force: bool = False) -> dict:
         report = {**summary, "forced": force, "pilot_passed": bool(pilot and pilot.get("passed")),
                   "auto_adjust_changes": changes, "mlflow_run_id": run_id}
         log_report(write_report(root, "train", report))
+        publish_train_metrics(_rows(metrics), url)
     for flag in (summary.get("watch") or {}).get("flags", []):
         print(f"train: watch flagged {flag['kind']}: {flag['message']}")
     if (summary.get("watch") or {}).get("stopped"):
         print(f"train: stopped early at step {summary['watch']['stopped']['at_step']} (train.watch.stop_on); "
               f"final model: {summary['watch'].get('final_model')}")
-        publish_train_metrics(_rows(metrics), url)
     final = (summary.get("final") or {}).get("reward")
     print(f"train: {summary.get('steps')} steps; final reward "
           + (f"{final:.4f}" if final is not None else "none (no step ran)"))
