@@ -90,7 +90,8 @@ def test_role_matrix_on_the_experiment_and_the_registered_model(auth_server, tmp
     from tasks import registry
 
     monkeypatch.setenv("VLGRPO_MLFLOW_RETRIES", "1")     # a refusal is final: no backoff to wait through
-    client = MlflowClient(auth_server.url)
+    # Both URIs explicit: an earlier test in this worker may have set MLflow's process-wide registry URI.
+    client = MlflowClient(tracking_uri=auth_server.url, registry_uri=auth_server.url)
     api = f"{auth_server.url}/api/2.0/mlflow"
     # Nobody gets in without a valid login (the UI's start page included).
     assert requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": EXPERIMENT},

@@ -26,8 +26,10 @@ def registry(root: Path):
 
 
 def _tags(mv) -> dict:
-    # When it was promoted and the candidate's file hash (its config records the project's path) differ.
-    return {k: v for k, v in mv.tags.items() if k not in ("promotion.at", "vlgrpo.candidate_sha256")}
+    # When it was promoted, the candidate's file hash (its config records the project's path) and the ids of
+    # the runs that trained and registered it differ between any two executions.
+    return {k: v for k, v in mv.tags.items()
+            if k not in ("promotion.at", "vlgrpo.candidate_sha256", "vlgrpo.register_run_id", "vlgrpo.train_run_id")}
 
 
 def _untimed(obj):
