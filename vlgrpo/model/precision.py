@@ -8,7 +8,7 @@ has native bf16 instructions (AVX512-BF16 or AMX on x86, the ``bf16`` feature on
 enough for it to pay; elsewhere fp32 (``no``). Without native bf16, bf16 autocast is emulated and runs slower
 than fp32 (a 10-step pilot took 60 s in bf16 and 32 s in fp32 on an AVX2-only CPU). With it, a small model's
 matrices are too small for the faster maths to pay for autocast's casts: on a 2-core AMD EPYC with
-avx512_bf16, runs alternating, fp32 was 1.4x faster than bf16 at 0.6M parameters (the default tiny model),
+avx512_bf16, runs alternating, fp32 was 1.4-2.5x faster than bf16 at 0.6M parameters (the default tiny model; about equal in a third try),
 about equal at 6M, and 1.8x slower at 23M; so below ``CPU_BF16_MIN_PARAMS`` ``auto`` keeps fp32. An explicit
 ``bf16`` / ``fp16`` / ``no`` is kept as given.
 """
